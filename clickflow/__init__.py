@@ -1,0 +1,1 @@
+"""clickflow: ingest website clickstream data into analytic tables."""

@@ -1,0 +1,3 @@
+from clickflow.cli import main
+
+main()

@@ -1,0 +1,205 @@
+"""The interfaces a plugin implements: sources, sinks and their options.
+
+A plugin's public face is a class with a ``type_name``, an ``Options`` model and
+ordinary async methods. Pluggy only registers the classes; the hot path never
+goes through it.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, NamedTuple, Protocol
+
+from pydantic import BaseModel, BeforeValidator, ByteSize, ConfigDict, PositiveInt
+
+from clickflow.schema import TABLE_NAMES, TABLES
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _parse_duration(value: Any) -> Any:
+    """Accept ``250ms``, ``30s``, ``5m``, ``1h`` or a number of seconds."""
+    if isinstance(value, str):
+        text = value.strip()
+        for unit in ("ms", "s", "m", "h"):
+            number = text.removesuffix(unit)
+            if number != text:
+                try:
+                    return timedelta(seconds=float(number) * _DURATION_UNITS[unit])
+                except ValueError:
+                    break
+        raise ValueError(f"{value!r} is not a duration; write e.g. 250ms, 30s, 5m or 1h")
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_parse_duration)]
+"""A length of time written as ``250ms``, ``30s``, ``5m``, ``1h`` or seconds."""
+
+
+class PluginOptions(BaseModel):
+    """Base of every plugin's options: unknown keys are errors, so typos surface."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchLimits(PluginOptions):
+    """A sink is handed a batch once any of these limits is reached."""
+
+    max_rows: PositiveInt = 50_000
+    max_bytes: ByteSize = ByteSize(16 * 1024 * 1024)
+    max_age: Duration = timedelta(seconds=1)
+
+
+class RetryPolicy(PluginOptions):
+    """How often a failing write is retried before its messages are given up."""
+
+    attempts: PositiveInt = 5
+    initial_backoff: Duration = timedelta(milliseconds=200)
+    max_backoff: Duration = timedelta(seconds=10)
+
+
+class SourceOptions(PluginOptions):
+    pass
+
+
+class SinkOptions(PluginOptions):
+    batch: BatchLimits = BatchLimits()
+    retry: RetryPolicy = RetryPolicy()
+
+
+class Message(NamedTuple):
+    """One raw visit message as a source received it (a tuple: cheap to make by the million)."""
+
+    data: bytes
+    message_id: str
+    """Stable across redeliveries, so derived row ids are deterministic."""
+
+
+class Acknowledger(Protocol):
+    """Settles a batch of messages once the sinks have (or have not) stored them.
+
+    Both methods must return quickly; a source that needs I/O to settle queues it.
+    """
+
+    def ack(self) -> None: ...
+
+    def nack(self, error: BaseException) -> None: ...
+
+
+class NoAck:
+    """For sources that cannot redeliver (files, the simulator)."""
+
+    def ack(self) -> None:
+        pass
+
+    def nack(self, error: BaseException) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class RowBatch:
+    """Rows for each analytic table, as tuples in the schema's column order."""
+
+    tables: dict[str, list[tuple[Any, ...]]] = field(
+        default_factory=lambda: {name: [] for name in TABLE_NAMES}
+    )
+
+    def add(self, other: RowBatch) -> None:
+        for name, rows in other.tables.items():
+            self.tables[name].extend(rows)
+
+    def __len__(self) -> int:
+        return sum(len(rows) for rows in self.tables.values())
+
+    def counts(self) -> dict[str, int]:
+        return {name: len(rows) for name, rows in self.tables.items()}
+
+    def dicts(self, table: str) -> Iterator[dict[str, Any]]:
+        """Rows of one table as dicts; convenient for simple sinks, slower than tuples."""
+        names = TABLES[table].column_names
+        for row in self.tables[table]:
+            yield dict(zip(names, row, strict=True))
+
+
+class SinkBatch(Protocol):
+    """What a sink gathers rows into between writes: a RowBatch unless the sink says otherwise."""
+
+    def add(self, rows: RowBatch) -> None:
+        """Take in the rows of one parsed batch (do not keep a reference to ``rows``)."""
+
+    def __len__(self) -> int:
+        """Rows gathered so far."""
+
+    def counts(self) -> dict[str, int]:
+        """Rows gathered so far, per table."""
+
+
+class SourceContext(Protocol):
+    """What the runtime gives a running source."""
+
+    async def emit(self, messages: list[Message], ack: Acknowledger) -> None:
+        """Hand a batch to the parser; waits while the pipeline is full (backpressure)."""
+
+    def heartbeat(self) -> None:
+        """Prove the source's loop is alive; feeds ``/healthz``."""
+
+    def progress(self, *, files_done: int = 0, files_total: int = 0, bytes_read: int = 0) -> None:
+        """Report cumulative batch progress for the terminal display."""
+
+
+Handler = Callable[["web.Request"], Awaitable["web.StreamResponse"]]
+
+
+class Source(abc.ABC):
+    """Produces raw messages. Finite sources return from ``run`` when exhausted."""
+
+    type_name: ClassVar[str]
+    Options: ClassVar[type[SourceOptions]]
+
+    def __init__(self, name: str, options: Any) -> None:
+        self.name = name
+        self.options = options
+
+    def routes(self) -> list[tuple[str, str, Handler]]:
+        """``(method, path, handler)`` to mount on the monitoring server before it starts."""
+        return []
+
+    @abc.abstractmethod
+    async def run(self, context: SourceContext) -> None:
+        """Emit batches until exhausted or cancelled. Cancellation must be safe at any await."""
+
+
+class Sink(abc.ABC):
+    """Writes row batches durably. ``write`` returning means the rows are stored."""
+
+    type_name: ClassVar[str]
+    Options: ClassVar[type[SinkOptions]]
+
+    def __init__(self, name: str, options: Any) -> None:
+        self.name = name
+        self.options = options
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Connect and create tables; called once before the first write."""
+
+    def new_batch(self) -> SinkBatch:
+        """An empty batch to gather rows into; override to encode rows as they arrive."""
+        return RowBatch()
+
+    @abc.abstractmethod
+    async def write(self, batch: Any) -> None:
+        """Store every row of a batch from ``new_batch`` or raise.
+
+        Returning means the rows are durable. Must be idempotent: rows seen before
+        (same keys) are not stored twice.
+        """
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources; called once, after the last write."""

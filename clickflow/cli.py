@@ -1,0 +1,127 @@
+"""The ``clickflow`` command: run, validate, plugins, plus commands plugins add."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from contextlib import AsyncExitStack
+
+import anyio
+import click
+
+from clickflow import monitor
+from clickflow.config import ConfigError, Pipeline, load_pipeline
+from clickflow.logs import setup_logging
+from clickflow.plugins import PluginError, Registry, load_plugins
+from clickflow.report import format_summary, show_progress
+from clickflow.runtime import PipelineError, Runtime, RunSummary
+
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+
+
+def _registry() -> Registry:
+    try:
+        return load_plugins()
+    except PluginError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _load(path: str, registry: Registry) -> Pipeline:
+    try:
+        return load_pipeline(path, registry)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        sys.exit(EXIT_INVALID)
+
+
+async def _watch_signals(runtime: Runtime, scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if runtime.ready and not scope.cancel_called:
+                click.echo(f"\n{signal.Signals(signum).name}: finishing in-flight work (again to abort)", err=True)
+                runtime.request_stop()
+                async for _ in signals:
+                    scope.cancel()
+                    return
+            scope.cancel()
+            return
+
+
+async def run_pipeline(pipeline: Pipeline, progress: bool) -> RunSummary | None:
+    """Run with signal handling, the monitoring server and progress; None if aborted."""
+    runtime = Runtime(pipeline)
+    summary = None
+    async with AsyncExitStack() as stack:
+        if pipeline.monitor:
+            await stack.enter_async_context(monitor.serve(runtime, pipeline.monitor))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_signals, runtime, tg.cancel_scope)
+            if progress:
+                tg.start_soon(show_progress, runtime)
+            summary = await runtime.run()
+            tg.cancel_scope.cancel()
+    return summary
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="clickflow")
+def cli() -> None:
+    """Ingest website clickstream data into analytic tables."""
+
+
+@cli.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--log-level", default="INFO", show_default=True)
+@click.option("--progress/--no-progress", default=None, help="Live status line (default: on a terminal).")
+def run(pipeline: str, log_format: str, log_level: str, progress: bool | None) -> None:
+    """Run PIPELINE until its sources are exhausted or a signal stops it."""
+    setup_logging(log_format, log_level)  # type: ignore[arg-type]
+    loaded = _load(pipeline, _registry())
+    show = sys.stderr.isatty() if progress is None else progress
+    try:
+        summary = anyio.run(run_pipeline, loaded, show)
+    except PipelineError as exc:
+        click.echo(f"clickflow: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    if summary is None:
+        click.echo("clickflow: aborted; unacknowledged messages will be redelivered", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(format_summary(summary))
+
+
+@cli.command()
+@click.argument("pipelines", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def validate(pipelines: tuple[str, ...]) -> None:
+    """Check pipeline files without running them; exit 2 if any is invalid."""
+    registry = _registry()
+    failed = False
+    for path in pipelines:
+        try:
+            load_pipeline(path, registry)
+        except ConfigError as exc:
+            failed = True
+            for problem in exc.problems:
+                click.echo(str(problem), err=True)
+        else:
+            click.echo(f"{path}: ok")
+    if failed:
+        sys.exit(EXIT_INVALID)
+
+
+@cli.command(name="plugins")
+def list_plugins() -> None:
+    """List every source and sink type, with the distribution that provides it."""
+    registry = _registry()
+    for kind, table in (("source", registry.sources), ("sink", registry.sinks)):
+        for name, registered in sorted(table.items()):
+            doc = (registered.cls.__doc__ or "").strip().splitlines()[0:1]
+            click.echo(f"{kind:<7} {name:<20} {registered.distribution:<28} {doc[0] if doc else ''}".rstrip())
+
+
+def main() -> None:
+    registry = _registry()
+    registry.manager.hook.register_commands(cli=cli)
+    cli(prog_name="clickflow")

@@ -1,0 +1,162 @@
+"""Acknowledge-after-sink bookkeeping, and the per-sink batching worker.
+
+A source batch becomes a ``Delivery`` that every sink must confirm. It is
+acknowledged once the last sink has durably written all its rows (dead letters
+included) and negatively acknowledged as soon as any sink gives up on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+from anyio.abc import ObjectReceiveStream
+
+from clickflow.api import Acknowledger, BatchLimits, RetryPolicy, RowBatch, Sink, SinkBatch
+from clickflow.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class SinkFailed(Exception):
+    """A sink kept failing after every retry; the run must stop."""
+
+    def __init__(self, sink: str, cause: BaseException) -> None:
+        super().__init__(f"sink {sink!r} failed: {cause}")
+        self.sink = sink
+        self.cause = cause
+
+
+class Delivery:
+    """One batch of source messages on its way through every sink; settled exactly once."""
+
+    __slots__ = ("_ack", "_on_settled", "_pending", "messages", "settled", "source")
+
+    def __init__(
+        self,
+        source: str,
+        ack: Acknowledger,
+        messages: int,
+        sinks: int,
+        on_settled: Callable[[Delivery, bool], None],
+    ) -> None:
+        self.source = source
+        self.messages = messages
+        self.settled = False
+        self._ack = ack
+        self._pending = sinks
+        self._on_settled = on_settled
+
+    def sink_done(self) -> None:
+        self._pending -= 1
+        if self._pending == 0 and not self.settled:
+            self.settled = True
+            self._ack.ack()
+            self._on_settled(self, True)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.settled:
+            self.settled = True
+            self._ack.nack(error)
+            self._on_settled(self, False)
+
+
+@dataclass(slots=True)
+class Parsed:
+    """The rows parsed from one delivery, as handed to each sink."""
+
+    rows: RowBatch
+    delivery: Delivery
+    size: int
+    """Bytes of the raw messages; a cheap stand-in for the rows' size."""
+
+
+class SinkWorker:
+    """Feeds one sink: gathers parsed batches until a limit is reached, writes with retries.
+
+    One write runs at a time, in the background, so the next batch is gathered
+    (and the parser keeps working) while the previous one is being written.
+    """
+
+    def __init__(self, sink: Sink, limits: BatchLimits, retry: RetryPolicy, metrics: Metrics) -> None:
+        self.sink = sink
+        self._limits = limits
+        self._retry = retry
+        self._metrics = metrics
+        self._batch = sink.new_batch()
+        self._deliveries: list[Delivery] = []
+        self._rows = 0
+        self._bytes = 0
+        self._deadline = 0.0
+        self._writing = anyio.Semaphore(1)
+
+    async def run(self, receive: ObjectReceiveStream[Parsed]) -> None:
+        async with receive, anyio.create_task_group() as writes:
+            while True:
+                try:
+                    item = await self._next(receive)
+                except anyio.EndOfStream:
+                    break
+                if item is not None:
+                    self._add(item)
+                if item is None or self._rows >= self._limits.max_rows or self._bytes >= self._limits.max_bytes:
+                    await self._start_write(writes)
+            await self._start_write(writes)
+
+    async def _next(self, receive: ObjectReceiveStream[Parsed]) -> Parsed | None:
+        """The next batch, or None once the oldest gathered batch reaches ``max_age``."""
+        if not self._deliveries:
+            return await receive.receive()
+        with anyio.move_on_after(self._deadline - anyio.current_time()):
+            return await receive.receive()
+        return None
+
+    def _add(self, item: Parsed) -> None:
+        if not self._deliveries:
+            self._deadline = anyio.current_time() + self._limits.max_age.total_seconds()
+        self._batch.add(item.rows)
+        self._deliveries.append(item.delivery)
+        self._rows += len(item.rows)
+        self._bytes += item.size
+
+    async def _start_write(self, writes: anyio.abc.TaskGroup) -> None:
+        if not self._deliveries:
+            return
+        await self._writing.acquire()
+        batch, deliveries = self._batch, self._deliveries
+        self._batch, self._deliveries, self._rows, self._bytes = self.sink.new_batch(), [], 0, 0
+        writes.start_soon(self._write, batch, deliveries)
+
+    async def _write(self, batch: SinkBatch, deliveries: list[Delivery]) -> None:
+        try:
+            await self.write_with_retries(batch, deliveries)
+        finally:
+            self._writing.release()
+
+    async def write_with_retries(self, batch: SinkBatch, deliveries: list[Delivery]) -> None:
+        name = self.sink.name
+        backoff = self._retry.initial_backoff.total_seconds()
+        started = anyio.current_time()
+        for attempt in range(1, self._retry.attempts + 1):
+            try:
+                await self.sink.write(batch)
+                break
+            except Exception as exc:
+                self._metrics.write_failures.labels(name).inc()
+                if attempt == self._retry.attempts:
+                    for delivery in deliveries:
+                        delivery.fail(exc)
+                    raise SinkFailed(name, exc) from exc
+                log.warning("sink %s: write failed (attempt %d of %d): %s", name, attempt, self._retry.attempts, exc)
+                await anyio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, self._retry.max_backoff.total_seconds())
+        self._metrics.write_seconds.labels(name).observe(anyio.current_time() - started)
+        for table, count in batch.counts().items():
+            if count:
+                self._metrics.rows_written.labels(name, table).inc(count)
+        for delivery in deliveries:
+            delivery.sink_done()

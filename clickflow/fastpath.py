@@ -1,0 +1,80 @@
+"""Typed decoding of well-formed visits: the parser's fast path.
+
+msgspec decodes and type-checks a clean visit in one C pass, several times
+faster than decoding to dicts and checking fields in Python. Anything these
+types do not accept (a wrong type, an unknown event type, a wrapper with extra
+keys) is not an error here: the parser falls back to its reference rules, which
+decide what is rejected and why. A test checks that both paths agree.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+
+class PageViewDetails(msgspec.Struct, gc=False):
+    page_url: str
+    referrer_url: str | None = None
+
+
+class Product(msgspec.Struct, gc=False):
+    product_id: str
+    product_name: str | None = None
+    category: str | None = None
+    price: float | None = None
+    quantity: Int64 | None = None
+
+
+class PurchaseDetails(msgspec.Struct, gc=False):
+    order_id: str
+    amount: float | None = None
+    currency: str | None = None
+    items: list[Product] = msgspec.field(default_factory=list)
+
+
+class PageView(msgspec.Struct, gc=False, tag_field="event_type", tag="page_view"):
+    timestamp: str
+    details: PageViewDetails
+
+
+class AddItemToCart(msgspec.Struct, gc=False, tag_field="event_type", tag="add_item_to_cart"):
+    timestamp: str
+    details: Product
+
+
+class Purchase(msgspec.Struct, gc=False, tag_field="event_type", tag="purchase"):
+    timestamp: str
+    details: PurchaseDetails
+
+
+Event = PageView | AddItemToCart | Purchase
+
+
+class WrappedEvent(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+    """The real export's ``{"event": {...}}``; extra keys go to the reference rules."""
+
+    event: Event
+
+
+class _VisitFields(msgspec.Struct, gc=False):
+    session_id: str
+    user_id: str | None = None
+    device_type: str | None = None
+    geolocation: str | None = None
+    user_agent: str | None = None
+
+
+class WrappedVisit(_VisitFields):
+    events: list[WrappedEvent] = msgspec.field(default_factory=list)
+
+
+class BareVisit(_VisitFields):
+    events: list[Event] = msgspec.field(default_factory=list)
+
+
+wrapped_decoder = msgspec.json.Decoder(WrappedVisit)
+bare_decoder = msgspec.json.Decoder(BareVisit)

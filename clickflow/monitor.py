@@ -1,0 +1,68 @@
+"""The one HTTP server of a clickflow process: metrics, health, and plugin routes.
+
+``/metrics`` serves Prometheus text, ``/healthz`` reports whether every running
+source's loop is alive (for an instance group's health check), ``/readyz``
+whether the sinks are connected. Push-style sources mount their routes here too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from clickflow.config import MonitorOptions
+from clickflow.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[RUNTIME].metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    if runtime.healthy():
+        return web.json_response({"status": "ok", "sources": sorted(runtime.heartbeats)})
+    return web.json_response({"status": "stalled", "heartbeats": runtime.heartbeats}, status=503)
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    if request.app[RUNTIME].ready:
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "not ready"}, status=503)
+
+
+def build_app(runtime: Runtime) -> web.Application:
+    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app[RUNTIME] = runtime
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    for source in runtime.sources:
+        for method, path, handler in source.routes():
+            app.router.add_route(method, path, handler)
+    return app
+
+
+@asynccontextmanager
+async def serve(runtime: Runtime, options: MonitorOptions) -> AsyncIterator[str]:
+    """Serve the monitoring app while the block runs; yields its base URL."""
+    runner = web.AppRunner(build_app(runtime), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, options.host, options.port)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        url = f"http://{host}:{port}"
+        log.info("monitoring on %s (/metrics /healthz /readyz)", url)
+        yield url
+    finally:
+        await runner.cleanup()

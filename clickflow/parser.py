@@ -1,0 +1,352 @@
+"""The one shared stage: raw visit messages become rows and dead letters.
+
+Every message yields either a ``visits`` row or a message-level dead letter, and
+every element of its ``events`` array yields either an ``events`` row or an
+event-level dead letter. Nothing raises and nothing is dropped. The rules are
+listed in ARCHITECTURE.md; the reason codes are the ``REASON_*`` constants.
+
+Clean visits take a typed fast path (``clickflow.fastpath``); anything it does
+not accept is decided by the reference rules in ``_reference``. Rows are plain
+tuples in the schema's column order (see ``clickflow.schema``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+
+from clickflow import fastpath
+from clickflow.api import Message, RowBatch
+
+REASON_INVALID_UTF8 = "invalid_utf8"
+REASON_INVALID_JSON = "invalid_json"
+REASON_NOT_AN_OBJECT = "not_an_object"
+REASON_INVALID_SESSION_ID = "invalid_session_id"
+REASON_INVALID_EVENTS = "invalid_events"
+REASON_INVALID_EVENT = "invalid_event"
+REASON_UNKNOWN_EVENT_TYPE = "unknown_event_type"
+REASON_INVALID_TIMESTAMP = "invalid_timestamp"
+REASON_INVALID_DETAILS = "invalid_details"
+REASON_MISSING_PAGE_URL = "missing_page_url"
+REASON_MISSING_PRODUCT_ID = "missing_product_id"
+REASON_INVALID_PRICE = "invalid_price"
+REASON_INVALID_QUANTITY = "invalid_quantity"
+REASON_MISSING_ORDER_ID = "missing_order_id"
+REASON_INVALID_AMOUNT = "invalid_amount"
+REASON_INVALID_ITEMS = "invalid_items"
+
+EVENT_TYPES = frozenset({"page_view", "add_item_to_cart", "purchase"})
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_TIMESTAMP_CACHE_SIZE = 65_536
+_NO_EVENTS: list[Any] = []  # a missing "events" is a visit without events; never mutated
+_json_decode = msgspec.json.decode
+_json_encode = msgspec.json.encode
+_astuple = msgspec.structs.astuple
+_PageView, _AddItemToCart = fastpath.PageView, fastpath.AddItemToCart
+_INDEX_TEXT_SIZE = 256
+_INDEX_TEXT = tuple(str(i) for i in range(_INDEX_TEXT_SIZE))  # "12" without formatting per event
+
+Row = tuple[Any, ...]
+Product = tuple[str, str | None, str | None, float | None, int | None]
+
+
+class EventRejected(Exception):
+    """Internal signal: this event goes to dead_letter with ``reason``."""
+
+    def __init__(self, reason: str, error: str) -> None:
+        super().__init__(error)
+        self.reason = reason
+        self.error = error
+
+
+def visit_id_for(message_id: str) -> str:
+    """The deterministic id of a visit: every delivery of a message shares it."""
+    return hashlib.blake2b(message_id.encode(), digest_size=16).hexdigest()
+
+
+def parse_timestamp_us(value: str) -> int:
+    """ISO-8601 text to microseconds since the epoch; a time without a zone is UTC."""
+    dt = datetime.fromisoformat(value)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return (dt - _EPOCH) // _MICROSECOND
+
+
+def geolocation(value: Any) -> tuple[float | None, float | None]:
+    """``"lat,lon"`` to floats; anything else (or out of range) is (None, None)."""
+    if type(value) is not str:
+        return None, None
+    lat_text, sep, lon_text = value.partition(",")
+    try:
+        lat, lon = float(lat_text), float(lon_text)
+    except ValueError:
+        return None, None
+    if sep and -90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0:
+        return lat, lon
+    return None, None
+
+
+# Row builders shared by both paths; ``head`` is the first eight events columns.
+def _page_view_row(head: Row, page_url: str, referrer: str | None, now: int) -> Row:
+    return (*head, page_url, referrer or None, None, None, None, None, None, None, None, None, now)
+
+
+def _cart_row(head: Row, product: Product, now: int) -> Row:
+    return (*head, None, None, *product, None, None, None, now)
+
+
+def _purchase_row(head: Row, order_id: str, amount: float | None, currency: Any, now: int) -> Row:
+    return (*head, None, None, None, None, None, None, None, order_id, amount, currency, now)
+
+
+def _item_row(head: Row, index: int, order_id: str, product: Product) -> Row:
+    event_id, visit_id, session_id = head[0], head[1], head[2]
+    return (event_id, index, visit_id, order_id, session_id, *product, head[7])
+
+
+def _str(value: Any) -> str | None:
+    return value if type(value) is str else None
+
+
+def _payload(data: bytes) -> tuple[str, str]:
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return base64.b64encode(data).decode("ascii"), "base64"
+
+
+class VisitParser:
+    """Turns batches of raw messages into rows. Keep one per pipeline: it caches."""
+
+    def __init__(self) -> None:
+        self._timestamps: dict[str, int] = {}
+        self._decoders = [fastpath.wrapped_decoder, fastpath.bare_decoder]
+
+    def timestamp_us(self, value: str) -> int | None:
+        """Cached ``parse_timestamp_us``; None when the text is not ISO-8601."""
+        cached = self._timestamps.get(value)
+        if cached is None:
+            try:
+                cached = parse_timestamp_us(value)
+            except ValueError:
+                return None
+            if len(self._timestamps) >= _TIMESTAMP_CACHE_SIZE:
+                self._timestamps.clear()
+            self._timestamps[value] = cached
+        return cached
+
+    def parse(self, messages: Iterable[Message], source: str, received_at_us: int) -> RowBatch:
+        batch = RowBatch()
+        for message in messages:
+            visit_id = visit_id_for(message.message_id)
+            if not self._fast(message, visit_id, source, received_at_us, batch):
+                self._reference(message, visit_id, source, received_at_us, batch)
+        return batch
+
+    def _decode_typed(self, data: bytes) -> fastpath.WrappedVisit | fastpath.BareVisit | None:
+        first, second = self._decoders
+        try:
+            return first.decode(data)
+        except msgspec.DecodeError:
+            pass
+        try:
+            visit = second.decode(data)
+        except msgspec.DecodeError:
+            return None
+        self._decoders.reverse()  # the stream's format changed; try this one first
+        return visit
+
+    def _fast(self, message: Message, visit_id: str, source: str, now: int, batch: RowBatch) -> bool:
+        """Rows for a visit the typed decoders accept; False leaves it to ``_reference``.
+
+        Written for speed: row tuples are spelled out here rather than built by helpers.
+        """
+        visit = self._decode_typed(message.data)
+        if visit is None or not visit.session_id:
+            return False
+        session_id, user_id, device = visit.session_id, visit.user_id, visit.device_type
+        wrapped = type(visit) is fastpath.WrappedVisit
+        timestamps = self._timestamps
+        event_rows: list[Row] = []
+        add_event = event_rows.append
+        item_rows: list[Row] = []
+        id_prefix = visit_id + ":"
+        start = end = None
+        for index, event in enumerate(visit.events):
+            if wrapped:
+                event = event.event
+            ts = timestamps.get(event.timestamp) or self.timestamp_us(event.timestamp)
+            if ts is None:
+                return False
+            details = event.details
+            kind = event.__class__
+            event_id = id_prefix + _INDEX_TEXT[index] if index < _INDEX_TEXT_SIZE else f"{id_prefix}{index}"
+            if kind is _PageView:
+                add_event((
+                    event_id, visit_id, session_id, user_id, device, index, "page_view", ts,
+                    details.page_url, details.referrer_url or None,
+                    None, None, None, None, None, None, None, None, now,
+                ))  # fmt: skip
+            elif kind is _AddItemToCart:
+                if not details.product_id:
+                    return False
+                add_event((
+                    event_id, visit_id, session_id, user_id, device, index, "add_item_to_cart", ts,
+                    None, None, *_astuple(details), None, None, None, now,
+                ))  # fmt: skip
+            else:
+                order_id = details.order_id
+                if not order_id:
+                    return False
+                add_event((
+                    event_id, visit_id, session_id, user_id, device, index, "purchase", ts,
+                    None, None, None, None, None, None, None, order_id, details.amount, details.currency, now,
+                ))  # fmt: skip
+                for item_index, item in enumerate(details.items):
+                    if not item.product_id:
+                        return False
+                    item_rows.append((
+                        event_id, item_index, visit_id, order_id, session_id, *_astuple(item), ts, now,
+                    ))  # fmt: skip
+            if start is None:
+                start = end = ts
+            elif ts < start:
+                start = ts
+            elif ts > end:  # type: ignore[operator]
+                end = ts
+        lat, lon = geolocation(visit.geolocation)
+        t = batch.tables
+        t["visits"].append((
+            visit_id, session_id, user_id, device, lat, lon, visit.user_agent, start, end,
+            len(event_rows), 0, source, message.message_id, now,
+        ))  # fmt: skip
+        t["events"].extend(event_rows)
+        t["purchase_items"].extend(item_rows)
+        return True
+
+    def _reference(self, message: Message, visit_id: str, source: str, now: int, batch: RowBatch) -> None:
+        """The rules, applied field by field to an untyped decode; decides every rejection."""
+        t = batch.tables
+        data, message_id = message.data, message.message_id
+        reason = error = ""
+        try:
+            visit = _json_decode(data)
+        except msgspec.DecodeError as exc:
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as uexc:
+                reason, error = REASON_INVALID_UTF8, f"message is not valid UTF-8: {uexc}"
+            else:
+                reason, error = REASON_INVALID_JSON, f"message is not valid JSON: {exc}"
+        else:
+            if type(visit) is not dict:
+                reason, error = REASON_NOT_AN_OBJECT, f"message is JSON {type(visit).__name__}, not an object"
+            elif type(visit.get("session_id")) is not str or not visit["session_id"]:
+                reason, error = REASON_INVALID_SESSION_ID, "session_id must be a non-empty string"
+            elif type(visit.get("events", _NO_EVENTS)) is not list:
+                reason, error = REASON_INVALID_EVENTS, "events must be a list"
+        if reason:
+            t["dead_letter"].append((visit_id, now, source, message_id, None, reason, error, *_payload(data)))
+            return
+
+        session_id, user_id, device = visit["session_id"], _str(visit.get("user_id")), _str(visit.get("device_type"))
+        start = end = None
+        accepted = rejected = 0
+        for index, element in enumerate(visit.get("events", _NO_EVENTS)):
+            head = (f"{visit_id}:{index}", visit_id, session_id, user_id, device, index)
+            try:
+                ts = self._reference_event(element, head, now, t["events"], t["purchase_items"])
+            except EventRejected as exc:
+                rejected += 1
+                t["dead_letter"].append((
+                    head[0], now, source, message_id, index, exc.reason, f"event {index}: {exc.error}",
+                    _json_encode(element).decode(), "utf-8",
+                ))  # fmt: skip
+                continue
+            accepted += 1
+            start = ts if start is None else min(start, ts)
+            end = ts if end is None else max(end, ts)
+        lat, lon = geolocation(visit.get("geolocation"))
+        t["visits"].append((
+            visit_id, session_id, user_id, device, lat, lon, _str(visit.get("user_agent")),
+            start, end, accepted, rejected, source, message_id, now,
+        ))  # fmt: skip
+
+    def _reference_event(self, element: Any, head6: Row, now: int, events: list[Row], items: list[Row]) -> int:
+        """Append one event's rows and return its timestamp, or raise EventRejected."""
+        event = element
+        if type(event) is dict and "event_type" not in event and "event" in event:
+            event = event["event"]
+        if type(event) is not dict:
+            raise EventRejected(REASON_INVALID_EVENT, f"event is JSON {type(event).__name__}, not an object")
+        event_type = event.get("event_type")
+        if type(event_type) is not str or event_type not in EVENT_TYPES:
+            raise EventRejected(
+                REASON_UNKNOWN_EVENT_TYPE, f"event_type {event_type!r} is not one of {', '.join(sorted(EVENT_TYPES))}"
+            )
+        raw_ts = event.get("timestamp")
+        ts = self.timestamp_us(raw_ts) if type(raw_ts) is str else None
+        if ts is None:
+            raise EventRejected(REASON_INVALID_TIMESTAMP, f"timestamp {raw_ts!r} is not ISO-8601 text")
+        details = event.get("details")
+        if type(details) is not dict:
+            raise EventRejected(REASON_INVALID_DETAILS, "details must be an object")
+        head = (*head6, event_type, ts)
+
+        if event_type == "page_view":
+            page_url = details.get("page_url")
+            if type(page_url) is not str:
+                raise EventRejected(REASON_MISSING_PAGE_URL, "page_view needs a string page_url")
+            events.append(_page_view_row(head, page_url, _str(details.get("referrer_url")), now))
+        elif event_type == "add_item_to_cart":
+            events.append(_cart_row(head, _reference_product(details, "add_item_to_cart"), now))
+        else:
+            order_id = details.get("order_id")
+            if type(order_id) is not str or not order_id:
+                raise EventRejected(REASON_MISSING_ORDER_ID, "purchase needs a non-empty string order_id")
+            amount = _reference_number(details.get("amount"), REASON_INVALID_AMOUNT, "amount")
+            raw_items = details.get("items", [])
+            if type(raw_items) is not list:
+                raise EventRejected(REASON_INVALID_ITEMS, "purchase items must be a list")
+            products = []
+            for item_index, item in enumerate(raw_items):
+                if type(item) is not dict:
+                    raise EventRejected(REASON_INVALID_ITEMS, f"item {item_index} is not an object")
+                try:
+                    products.append(_reference_product(item, f"item {item_index}"))
+                except EventRejected as exc:
+                    raise EventRejected(REASON_INVALID_ITEMS, exc.error) from None
+            events.append(_purchase_row(head, order_id, amount, _str(details.get("currency")), now))
+            for item_index, product in enumerate(products):
+                items.append((*_item_row(head, item_index, order_id, product), now))
+        return ts
+
+
+def _reference_number(value: Any, reason: str, field: str) -> float | None:
+    if value is None:
+        return None
+    if type(value) is float or type(value) is int:
+        try:
+            return float(value)
+        except OverflowError:
+            pass
+    raise EventRejected(reason, f"{field} must be a number, got {value!r}")
+
+
+def _reference_product(details: dict[str, Any], where: str) -> Product:
+    """Product fields shared by cart events and purchase items."""
+    product_id = details.get("product_id")
+    if type(product_id) is not str or not product_id:
+        raise EventRejected(REASON_MISSING_PRODUCT_ID, f"{where}: product_id must be a non-empty string")
+    price = _reference_number(details.get("price"), REASON_INVALID_PRICE, f"{where}: price")
+    quantity = details.get("quantity")
+    if quantity is not None and not (type(quantity) is int and _INT64_MIN <= quantity <= _INT64_MAX):
+        raise EventRejected(REASON_INVALID_QUANTITY, f"{where}: quantity must be an integer, got {quantity!r}")
+    return product_id, _str(details.get("product_name")), _str(details.get("category")), price, quantity

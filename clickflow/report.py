@@ -1,0 +1,58 @@
+"""What a run shows a person: live progress on a terminal, and the closing summary."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+import anyio
+
+from clickflow.runtime import Runtime, RunSummary
+
+
+def _progress_line(runtime: Runtime, started: float) -> str:
+    summary = runtime.summary
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    parts = []
+    if runtime.progress:
+        done = sum(p.files_done for p in runtime.progress.values())
+        total = sum(p.files_total for p in runtime.progress.values())
+        megabytes = sum(p.bytes_read for p in runtime.progress.values()) / 1e6
+        parts.append(f"files {done}/{total}" if total else "")
+        parts.append(f"{megabytes:,.1f} MB")
+    events = summary.rows["events"]
+    parts.append(f"{sum(summary.messages.values()):,} messages")
+    parts.append(f"{events:,} events")
+    parts.append(f"{events / elapsed:,.0f} events/s")
+    return " · ".join(p for p in parts if p)
+
+
+async def show_progress(runtime: Runtime, stream: TextIO = sys.stderr, interval: float = 0.5) -> None:
+    """Redraw one status line until cancelled; call only when ``stream`` is a terminal."""
+    started = time.perf_counter()
+    try:
+        while True:
+            await anyio.sleep(interval)
+            stream.write("\r\x1b[2K" + _progress_line(runtime, started))
+            stream.flush()
+    finally:
+        stream.write("\r\x1b[2K")
+        stream.flush()
+
+
+def format_summary(summary: RunSummary) -> str:
+    messages = sum(summary.messages.values())
+    per_source = ", ".join(f"{name}: {count:,}" for name, count in sorted(summary.messages.items()))
+    lines = [
+        f"finished in {summary.seconds:.1f}s",
+        f"  messages        {messages:>12,}  ({per_source or 'none'})",
+    ]
+    for table in ("visits", "events", "purchase_items", "dead_letter"):
+        lines.append(f"  {table:<15} {summary.rows[table]:>12,}")
+    for reason, count in summary.dead_letters.most_common():
+        lines.append(f"    {reason:<24} {count:>9,}")
+    lines.append(f"  events/s        {summary.events_per_second:>12,.0f}")
+    if summary.not_acknowledged:
+        lines.append(f"  not acknowledged {summary.not_acknowledged:>11,}  (left for redelivery)")
+    return "\n".join(lines)

@@ -1,0 +1,249 @@
+"""Runs a pipeline: sources -> parser -> sinks, linked by small bounded channels.
+
+Each source emits batches of messages into one channel; the parser turns every
+batch into rows and hands the same rows to each sink's channel; each sink's
+worker gathers batches and writes them. Full channels make the upstream stage
+wait, so a slow sink slows the sources instead of filling memory.
+
+A finite run ends when every source has returned and everything is written. A
+stop request (SIGINT/SIGTERM) cancels the sources, then lets the in-flight
+batches drain for at most ``runtime.shutdown_timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from clickflow.api import Acknowledger, Message, Sink, SinkOptions, Source
+from clickflow.config import Pipeline
+from clickflow.delivery import Delivery, Parsed, SinkFailed, SinkWorker
+from clickflow.metrics import Metrics
+from clickflow.parser import VisitParser
+
+log = logging.getLogger(__name__)
+
+RawBatch = tuple[list[Message], Delivery, int]
+
+
+class PipelineError(Exception):
+    """The run could not finish: a source or sink failed in a way retries did not fix."""
+
+
+class SourceFailed(PipelineError):
+    def __init__(self, source: str, cause: BaseException) -> None:
+        super().__init__(f"source {source!r} failed: {cause}")
+        self.cause = cause
+
+
+@dataclass
+class RunSummary:
+    messages: Counter[str] = field(default_factory=Counter)
+    """Messages received, per source."""
+    rows: Counter[str] = field(default_factory=Counter)
+    """Rows produced, per table (dead_letter included)."""
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    """Dead letters, per reason."""
+    acknowledged: int = 0
+    not_acknowledged: int = 0
+    seconds: float = 0.0
+
+    @property
+    def events_per_second(self) -> float:
+        return self.rows["events"] / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class SourceProgress:
+    files_done: int = 0
+    files_total: int = 0
+    bytes_read: int = 0
+
+
+class _Context:
+    """The ``SourceContext`` one source runs with."""
+
+    def __init__(self, runtime: Runtime, source: Source, send: ObjectSendStream[RawBatch]) -> None:
+        self._runtime = runtime
+        self._name = source.name
+        self._send = send
+        self._received = runtime.metrics.messages_received.labels(source.name)
+
+    async def emit(self, messages: list[Message], ack: Acknowledger) -> None:
+        runtime = self._runtime
+        delivery = Delivery(self._name, ack, len(messages), len(runtime.sinks), runtime._settled)
+        runtime._in_flight.add(delivery)
+        runtime.metrics.in_flight.inc(len(messages))
+        runtime.summary.messages[self._name] += len(messages)
+        self._received.inc(len(messages))
+        try:
+            await self._send.send((messages, delivery, time.time_ns() // 1000))
+        except BaseException as exc:
+            delivery.fail(exc)
+            raise
+        self.heartbeat()
+
+    def heartbeat(self) -> None:
+        now = time.time()
+        self._runtime.heartbeats[self._name] = now
+        self._runtime.metrics.heartbeat.labels(self._name).set(now)
+
+    def progress(self, *, files_done: int = 0, files_total: int = 0, bytes_read: int = 0) -> None:
+        self._runtime.progress[self._name] = SourceProgress(files_done, files_total, bytes_read)
+
+
+class Runtime:
+    """One pipeline in this process. ``run()`` once; ``request_stop()`` from a signal handler."""
+
+    def __init__(self, pipeline: Pipeline, metrics: Metrics | None = None) -> None:
+        self.pipeline = pipeline
+        self.metrics = metrics or Metrics()
+        self.sources: list[Source] = [c.cls(c.name, c.options) for c in pipeline.sources]  # type: ignore[misc]
+        self.sinks: list[Sink] = [c.cls(c.name, c.options) for c in pipeline.sinks]  # type: ignore[misc]
+        self.summary = RunSummary()
+        self.heartbeats: dict[str, float] = {}
+        self.progress: dict[str, SourceProgress] = {}
+        self.ready = False
+        self._parser = VisitParser()
+        self._in_flight: set[Delivery] = set()
+        self._source_scope: anyio.CancelScope | None = None
+        self._stop_requested = False
+        self._stop: anyio.Event | None = None
+
+    def healthy(self, now: float | None = None) -> bool:
+        """Every running source has reported within ``heartbeat_max_age``."""
+        limit = (now or time.time()) - self.pipeline.runtime.heartbeat_max_age.total_seconds()
+        return all(beat >= limit for beat in self.heartbeats.values())
+
+    def request_stop(self) -> None:
+        """Stop taking input, drain what is in flight, then return from ``run()``."""
+        self._stop_requested = True
+        if self._stop is not None:
+            self._stop.set()
+
+    async def run(self) -> RunSummary:
+        self._stop = anyio.Event()
+        self._source_scope = anyio.CancelScope()
+        if self._stop_requested:
+            self._stop.set()
+        started = time.perf_counter()
+        async with AsyncExitStack() as stack:
+            for sink in self.sinks:
+                try:
+                    await sink.open()
+                except Exception as exc:
+                    raise PipelineError(f"sink {sink.name!r} could not start: {exc}") from exc
+                stack.push_async_callback(self._close, sink)
+            self.ready = True
+            try:
+                async with anyio.create_task_group() as outer:
+                    outer.start_soon(self._enforce_shutdown_deadline, outer.cancel_scope)
+                    await self._flow()
+                    outer.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                raise _first_pipeline_error(group) from None
+            finally:
+                self.ready = False
+                for delivery in list(self._in_flight):
+                    delivery.fail(PipelineError("the run stopped before this batch was written"))
+        self.summary.seconds = time.perf_counter() - started
+        return self.summary
+
+    async def _close(self, sink: Sink) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+            try:
+                await sink.close()
+            except Exception:
+                log.exception("sink %s: close failed", sink.name)
+
+    async def _enforce_shutdown_deadline(self, scope: anyio.CancelScope) -> None:
+        assert self._stop is not None and self._source_scope is not None
+        await self._stop.wait()
+        self._source_scope.cancel()
+        timeout = self.pipeline.runtime.shutdown_timeout.total_seconds()
+        await anyio.sleep(timeout)
+        log.error(
+            "shutdown deadline of %.0fs passed with %d messages in flight; they are not acknowledged",
+            timeout,
+            sum(d.messages for d in self._in_flight),
+        )
+        scope.cancel()
+
+    async def _flow(self) -> None:
+        capacity = self.pipeline.runtime.channel_capacity
+        raw_send, raw_receive = anyio.create_memory_object_stream[RawBatch](capacity)
+        sink_sends = []
+        async with anyio.create_task_group() as tg:
+            for sink in self.sinks:
+                send, receive = anyio.create_memory_object_stream[Parsed](capacity)
+                sink_sends.append(send)
+                options = sink.options
+                assert isinstance(options, SinkOptions)
+                worker = SinkWorker(sink, options.batch, options.retry, self.metrics)
+                tg.start_soon(worker.run, receive)
+            tg.start_soon(self._parse, raw_receive, sink_sends)
+            tg.start_soon(self._run_sources, raw_send)
+
+    async def _run_sources(self, send: ObjectSendStream[RawBatch]) -> None:
+        assert self._source_scope is not None
+        async with send:
+            with self._source_scope:
+                async with anyio.create_task_group() as tg:
+                    for source in self.sources:
+                        tg.start_soon(self._run_source, source, send.clone())
+
+    async def _run_source(self, source: Source, send: ObjectSendStream[RawBatch]) -> None:
+        async with send:
+            context = _Context(self, source, send)
+            context.heartbeat()
+            try:
+                await source.run(context)
+            except Exception as exc:
+                raise SourceFailed(source.name, exc) from exc
+            finally:
+                self.heartbeats.pop(source.name, None)
+
+    async def _parse(self, receive: ObjectReceiveStream[RawBatch], sends: list[ObjectSendStream[Parsed]]) -> None:
+        summary, metrics = self.summary, self.metrics
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(receive)
+            for send in sends:
+                await stack.enter_async_context(send)
+            async for messages, delivery, received_us in receive:
+                rows = self._parser.parse(messages, delivery.source, received_us)
+                for table, table_rows in rows.tables.items():
+                    summary.rows[table] += len(table_rows)
+                metrics.events_parsed.labels(delivery.source).inc(len(rows.tables["events"]))
+                for reason in (row[5] for row in rows.tables["dead_letter"]):
+                    summary.dead_letters[reason] += 1
+                    metrics.dead_letters.labels(delivery.source, reason).inc()
+                parsed = Parsed(rows, delivery, sum(len(m.data) for m in messages))
+                for send in sends:
+                    await send.send(parsed)
+
+    def _settled(self, delivery: Delivery, ok: bool) -> None:
+        self._in_flight.discard(delivery)
+        self.metrics.in_flight.dec(delivery.messages)
+        self.metrics.acknowledged.labels(delivery.source, "ack" if ok else "nack").inc(delivery.messages)
+        if ok:
+            self.summary.acknowledged += delivery.messages
+        else:
+            self.summary.not_acknowledged += delivery.messages
+
+
+def _first_pipeline_error(group: BaseExceptionGroup) -> BaseException:
+    """The user-facing failure inside a task group's exceptions (or the group itself)."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            exc = _first_pipeline_error(exc)
+        if isinstance(exc, PipelineError):
+            return exc
+        if isinstance(exc, SinkFailed):
+            return PipelineError(str(exc))
+    return group

@@ -1,0 +1,72 @@
+"""Gathers a DuckDB batch as newline-delimited JSON files, one per table.
+
+Rows are encoded the moment they arrive (one C call per table per parsed
+batch), so a large batch costs disk (page cache), not Python objects. DuckDB
+later reads the files in its own threads, without the GIL.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, BinaryIO
+
+import msgspec
+
+from clickflow.api import RowBatch
+from clickflow.schema import TABLE_NAMES
+
+_encode_lines = msgspec.json.Encoder().encode_lines
+
+
+class JsonSpool:
+    """One batch for the DuckDB sink; ``close`` before reading, ``discard`` after."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = tempfile.mkdtemp(prefix="batch-", dir=directory)
+        self.paths = {name: os.path.join(self.directory, f"{name}.ndjson") for name in TABLE_NAMES}
+        self._files: dict[str, BinaryIO] = {}
+        self._counts = dict.fromkeys(TABLE_NAMES, 0)
+        self._visit_ids: set[str] = set()
+
+    def add(self, rows: RowBatch) -> None:
+        tables = rows.tables
+        visit_ids = [row[0] for row in tables["visits"]]
+        if not self._visit_ids.isdisjoint(visit_ids):
+            tables = _without_visits(tables, self._visit_ids)  # redelivered within this batch
+        self._visit_ids.update(visit_ids)
+        for name, table_rows in tables.items():
+            if table_rows:
+                spool = self._files.get(name)
+                if spool is None:
+                    spool = self._files[name] = open(self.paths[name], "wb")  # noqa: SIM115
+                spool.write(_encode_lines(table_rows))
+                self._counts[name] += len(table_rows)
+
+    def __len__(self) -> int:
+        return sum(self._counts.values())
+
+    def counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def close(self) -> None:
+        for spool in self._files.values():
+            spool.close()
+
+    def discard(self) -> None:
+        self.close()
+        for path in self.paths.values():
+            if os.path.exists(path):
+                os.unlink(path)
+        os.rmdir(self.directory)
+
+
+def _without_visits(tables: dict[str, list[tuple[Any, ...]]], seen: set[str]) -> dict[str, list[tuple[Any, ...]]]:
+    """Drop every row of visits already in ``seen``; dead letters too, by their id prefix."""
+    kept = {
+        "visits": [r for r in tables["visits"] if r[0] not in seen],
+        "events": [r for r in tables["events"] if r[1] not in seen],
+        "purchase_items": [r for r in tables["purchase_items"] if r[2] not in seen],
+        "dead_letter": [r for r in tables["dead_letter"] if r[0].partition(":")[0] not in seen],
+    }
+    return kept

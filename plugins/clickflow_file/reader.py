@@ -1,0 +1,124 @@
+"""Streaming readers for visit files: JSON lines or one JSON array, optionally gzip'd.
+
+Both yield ``(message_id, raw_bytes)`` pairs in constant memory. Message ids are
+``PATH:LINE`` for JSON lines and ``PATH:[INDEX]`` for arrays, so a re-run of
+the same file produces the same ids (and so the same row ids).
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import json
+import logging
+from collections.abc import Iterator
+from typing import BinaryIO
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+MAX_ELEMENT = 64 << 20
+"""An array element larger than this is treated as malformed rather than read on."""
+MAX_REMAINDER = 16 << 20
+"""How much of a malformed array's unread rest goes into its dead letter."""
+_WHITESPACE = " \t\r\n"
+
+
+class CountingReader:
+    """Opens a file (gunzipping ``.gz``) and counts the bytes read from disk."""
+
+    def __init__(self, path: str) -> None:
+        self._raw = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self.stream: BinaryIO = gzip.GzipFile(fileobj=self._raw) if path.endswith(".gz") else self._raw  # type: ignore[assignment]
+
+    @property
+    def bytes_read(self) -> int:
+        return self._raw.tell()
+
+    def close(self) -> None:
+        self.stream.close()
+        self._raw.close()
+
+
+def first_significant_byte(stream: BinaryIO) -> bytes:
+    """Peek past leading whitespace (and a UTF-8 BOM) without consuming it."""
+    head = stream.peek(4096)[:4096] if hasattr(stream, "peek") else b""  # type: ignore[attr-defined]
+    stripped = head.removeprefix(codecs.BOM_UTF8).lstrip()
+    return stripped[:1]
+
+
+def iter_lines(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
+    for number, line in enumerate(stream, 1):
+        line = line.strip()
+        if line:
+            yield f"{path}:{number}", line
+
+
+def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
+    """Each element of a top-level JSON array as its original bytes.
+
+    A malformed element ends the file: what is left (up to ``MAX_REMAINDER``)
+    becomes one final message, which the parser turns into a dead letter.
+    """
+    decode = codecs.getincrementaldecoder("utf-8")("surrogateescape").decode
+    scan = json.JSONDecoder().raw_decode
+    buf, pos, eof, index = "", 0, False, 0
+
+    def more() -> bool:
+        nonlocal buf, pos, eof
+        chunk = stream.read(CHUNK)
+        eof = not chunk
+        buf = buf[pos:] + decode(chunk, final=eof)
+        pos = 0
+        return not eof
+
+    def skip_whitespace() -> bool:
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in _WHITESPACE:
+                pos += 1
+            if pos < len(buf) or not more():
+                return pos < len(buf)
+
+    def remainder() -> tuple[str, bytes]:
+        rest = buf[pos:].encode("utf-8", "surrogateescape")
+        rest += stream.read(max(0, MAX_REMAINDER - len(rest)))
+        log.warning("%s: malformed JSON array at element %d; its rest goes to dead_letter", path, index)
+        return f"{path}:[{index}]", rest[:MAX_REMAINDER]
+
+    if not skip_whitespace():
+        return
+    if buf.startswith("\ufeff", pos):
+        pos += 1
+        skip_whitespace()
+    if buf[pos] != "[":
+        yield remainder()
+        return
+    pos += 1
+    expect_element = True
+    while skip_whitespace():
+        char = buf[pos]
+        if char == "]" and (index == 0 or not expect_element):
+            return
+        if not expect_element:
+            if char != ",":
+                yield remainder()
+                return
+            pos += 1
+            expect_element = True
+            continue
+        while True:
+            try:
+                _, end = scan(buf, pos)
+            except json.JSONDecodeError:
+                end = -1
+            if (end == -1 or end == len(buf)) and not eof and len(buf) - pos < MAX_ELEMENT:
+                more()
+                continue
+            break
+        if end == -1:
+            yield remainder()
+            return
+        yield f"{path}:[{index}]", buf[pos:end].encode("utf-8", "surrogateescape")
+        pos, index, expect_element = end, index + 1, False
+    yield remainder()  # truncated: the closing bracket never came

@@ -1,0 +1,142 @@
+"""The ``simulator`` source and the ``clickflow simulate`` command: synthetic traffic."""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Literal
+
+import anyio
+import click
+from pydantic import Field, PositiveFloat, PositiveInt
+
+from clickflow.api import Duration, Message, NoAck, Source, SourceContext, SourceOptions
+from clickflow.hookspecs import hookimpl
+from clickflow_simulator.generator import VisitGenerator
+
+__all__ = ["SimulatorSource", "VisitGenerator", "simulated_messages"]
+
+
+class SimulatorOptions(SourceOptions):
+    visits_per_minute: PositiveFloat | None = None
+    """Throttle to this rate; unset means as fast as the pipeline takes them."""
+    duration: Duration | None = None
+    count: PositiveInt | None = None
+    seed: int | None = None
+    start: datetime | None = None
+    """Virtual time of the first visit; defaults to now."""
+    event_format: Literal["wrapped", "bare"] = "wrapped"
+    malformed_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of messages deliberately broken, to exercise dead letters."""
+    batch_size: PositiveInt = 1000
+
+
+def simulated_messages(
+    options: SimulatorOptions, clock: Callable[[], float] = time.monotonic
+) -> Iterator[tuple[float, list[bytes]]]:
+    """Batches of messages with the clock time each batch is due (0 when unthrottled).
+
+    Stops after ``count`` messages or ``duration`` of run time, whichever comes first.
+    """
+    generator = VisitGenerator(
+        seed=options.seed,
+        start=options.start,
+        visits_per_minute=options.visits_per_minute,
+        event_format=options.event_format,
+        malformed_rate=options.malformed_rate,
+    )
+    interval = 60.0 / options.visits_per_minute if options.visits_per_minute else 0.0
+    started = clock()
+    ends = started + options.duration.total_seconds() if options.duration else float("inf")
+    index = 0
+    while options.count is None or index < options.count:
+        now = clock()
+        if now >= ends:
+            return
+        size = options.batch_size
+        if interval:
+            due = started + index * interval
+            if due >= ends:
+                return
+            size = max(1, min(size, int((now - due) / interval) + 1)) if now >= due else 1
+        else:
+            due = 0.0
+        if options.count is not None:
+            size = min(size, options.count - index)
+        yield due, [generator.message(index + i) for i in range(size)]
+        index += size
+
+
+class SimulatorSource(Source):
+    """Generates visits; finite when ``count`` or ``duration`` is set."""
+
+    type_name = "simulator"
+    Options = SimulatorOptions
+    options: SimulatorOptions
+
+    async def run(self, context: SourceContext) -> None:
+        run_id = self.options.seed if self.options.seed is not None else uuid.uuid4().hex[:12]
+        index = 0
+        for due, batch in simulated_messages(self.options):
+            delay = due - time.monotonic()
+            if delay > 0:
+                context.heartbeat()
+                await anyio.sleep(delay)
+            messages = [Message(data, f"simulator:{run_id}:{index + i}") for i, data in enumerate(batch)]
+            index += len(batch)
+            await context.emit(messages, NoAck())
+
+
+@click.command()
+@click.option("--visits-per-minute", type=float, help="Throttle to this rate (default: unthrottled).")
+@click.option("--duration", help="Stop after this long, e.g. 30s or 5m.")
+@click.option("--count", type=int, help="Stop after this many visits.")
+@click.option("--seed", type=int, help="Make the output reproducible.")
+@click.option("--format", "event_format", type=click.Choice(["wrapped", "bare"]), default="wrapped")
+@click.option("--malformed-rate", type=float, default=0.0, help="Share of deliberately broken messages.")
+def simulate(
+    visits_per_minute: float | None,
+    duration: str | None,
+    count: int | None,
+    seed: int | None,
+    event_format: str,
+    malformed_rate: float,
+) -> None:
+    """Print simulated visits as JSON lines."""
+    from pydantic import ValidationError
+
+    try:
+        options = SimulatorOptions(
+            visits_per_minute=visits_per_minute,
+            duration=duration,  # type: ignore[arg-type]
+            count=count,
+            seed=seed,
+            event_format=event_format,  # type: ignore[arg-type]
+            malformed_rate=malformed_rate,
+        )
+    except ValidationError as exc:
+        raise click.UsageError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+    out = sys.stdout.buffer
+    try:
+        for due, batch in simulated_messages(options):
+            delay = due - time.monotonic()
+            if delay > 0:
+                out.flush()
+                time.sleep(delay)
+            out.write(b"\n".join(batch) + b"\n")
+        out.flush()
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (e.g. `| head`); not an error
+
+
+@hookimpl
+def register_sources(register: Callable[[type[Source]], None]) -> None:
+    register(SimulatorSource)
+
+
+@hookimpl
+def register_commands(cli: click.Group) -> None:
+    cli.add_command(simulate)

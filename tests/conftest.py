@@ -1,0 +1,75 @@
+"""Shared fixtures: plugin registry, pipelines built from YAML text, visit builders."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import duckdb
+import pytest
+
+from clickflow.config import Pipeline, parse_pipeline
+from clickflow.plugins import Registry, load_plugins
+from clickflow.runtime import Runtime, RunSummary
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+VALID_VISIT: dict[str, Any] = {
+    "session_id": "SID-1",
+    "user_id": "UID-1",
+    "device_type": "mobile",
+    "geolocation": "37.7749,-122.4194",
+    "user_agent": "Mozilla/5.0",
+    "events": [
+        {"event_type": "page_view", "timestamp": "2024-07-01T09:00:00",
+         "details": {"page_url": "https://example.com/home", "referrer_url": None}},
+        {"event_type": "add_item_to_cart", "timestamp": "2024-07-01T09:00:05Z",
+         "details": {"product_id": "P-1", "product_name": "Mouse", "category": "peripherals",
+                     "price": 29.99, "quantity": 2}},
+        {"event_type": "purchase", "timestamp": "2024-07-01T11:00:10+02:00",
+         "details": {"order_id": "O-1", "amount": 59.98, "currency": "USD",
+                     "items": [{"product_id": "P-1", "product_name": "Mouse", "category": "peripherals",
+                                "price": 29.99, "quantity": 2}]}},
+    ],
+}  # fmt: skip
+
+
+@pytest.fixture
+def visit() -> Callable[..., dict[str, Any]]:
+    """A fresh valid visit (bare events); keyword arguments replace top-level fields."""
+
+    def build(**fields: Any) -> dict[str, Any]:
+        result = copy.deepcopy(VALID_VISIT)
+        result.update(fields)
+        return result
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def registry() -> Registry:
+    return load_plugins()
+
+
+@pytest.fixture
+def pipeline(registry: Registry) -> Callable[..., Pipeline]:
+    def build(text: str, environ: dict[str, str] | None = None) -> Pipeline:
+        return parse_pipeline(text, registry, "test.yaml", environ or {})
+
+    return build
+
+
+def run_pipeline(pipeline: Pipeline) -> RunSummary:
+    return anyio.run(Runtime(pipeline).run)
+
+
+def table_counts(path: str | Path) -> dict[str, int]:
+    with duckdb.connect(str(path), read_only=True) as con:
+        return {
+            name: con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]  # type: ignore[index]
+            for name in ("visits", "events", "purchase_items", "dead_letter")
+        }
