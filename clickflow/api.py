@@ -11,7 +11,7 @@ import abc
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol
 
 from pydantic import BaseModel, BeforeValidator, ByteSize, ConfigDict, PositiveInt
 
@@ -74,8 +74,9 @@ class SinkOptions(PluginOptions):
     retry: RetryPolicy = RetryPolicy()
 
 
-class Message(NamedTuple):
-    """One raw visit message as a source received it (a tuple: cheap to make by the million)."""
+@dataclass(slots=True)
+class Message:
+    """One raw visit message as a source received it."""
 
     data: bytes
     message_id: str
@@ -107,9 +108,7 @@ class NoAck:
 class RowBatch:
     """Rows for each analytic table, as tuples in the schema's column order."""
 
-    tables: dict[str, list[tuple[Any, ...]]] = field(
-        default_factory=lambda: {name: [] for name in TABLE_NAMES}
-    )
+    tables: dict[str, list[tuple[Any, ...]]] = field(default_factory=lambda: {name: [] for name in TABLE_NAMES})
 
     def add(self, other: RowBatch) -> None:
         for name, rows in other.tables.items():

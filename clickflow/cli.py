@@ -14,7 +14,7 @@ from clickflow.config import ConfigError, Pipeline, load_pipeline
 from clickflow.logs import setup_logging
 from clickflow.plugins import PluginError, Registry, load_plugins
 from clickflow.report import format_summary, show_progress
-from clickflow.runtime import PipelineError, Runtime, RunSummary
+from clickflow.runtime import PipelineError, RunSummary, Runtime, pipeline_error_in
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -53,15 +53,20 @@ async def run_pipeline(pipeline: Pipeline, progress: bool) -> RunSummary | None:
     """Run with signal handling, the monitoring server and progress; None if aborted."""
     runtime = Runtime(pipeline)
     summary = None
-    async with AsyncExitStack() as stack:
-        if pipeline.monitor:
-            await stack.enter_async_context(monitor.serve(runtime, pipeline.monitor))
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_watch_signals, runtime, tg.cancel_scope)
-            if progress:
-                tg.start_soon(show_progress, runtime)
-            summary = await runtime.run()
-            tg.cancel_scope.cancel()
+    try:
+        async with AsyncExitStack() as stack:
+            if pipeline.monitor:
+                await stack.enter_async_context(monitor.serve(runtime, pipeline.monitor))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_watch_signals, runtime, tg.cancel_scope)
+                if progress:
+                    tg.start_soon(show_progress, runtime)
+                summary = await runtime.run()
+                tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise pipeline_error_in(group) from None
+    except OSError as exc:  # e.g. the monitoring port is taken
+        raise PipelineError(str(exc)) from exc
     return summary
 
 

@@ -135,7 +135,7 @@ class _Document:
         if isinstance(node, yaml.ScalarNode) and "$" in node.value:
             node.value = self._interpolate(node.value, loc)
             if node.style is None:  # plain scalar: type it again, so ${PORT} can be an int
-                node.tag = loader.resolve(yaml.ScalarNode, node.value, (True, False))
+                node.tag = loader.resolve(yaml.ScalarNode, node.value, (True, False))  # type: ignore[no-untyped-call]
         return loader.construct_object(node, deep=True)
 
     def _interpolate(self, text: str, loc: Loc) -> str:
@@ -147,7 +147,7 @@ class _Document:
             if value is None or (value == "" and default is not None):
                 if default is None:
                     self.problems.append(
-                        self.problem(loc, f"environment variable {name} is not set; set it or write ${{{name}:-default}}")
+                        self.problem(loc, f"environment variable {name} is not set; set it or use ${{{name}:-default}}")
                     )
                     return ""
                 return default

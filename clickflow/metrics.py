@@ -9,18 +9,12 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.messages_received = Counter(
-            "clickflow_messages_received", "Raw messages received", ["source"], registry=r
-        )
-        self.events_parsed = Counter(
-            "clickflow_events_parsed", "Events accepted by the parser", ["source"], registry=r
-        )
+        self.messages_received = Counter("clickflow_messages_received", "Raw messages received", ["source"], registry=r)
+        self.events_parsed = Counter("clickflow_events_parsed", "Events accepted by the parser", ["source"], registry=r)
         self.dead_letters = Counter(
             "clickflow_dead_letters", "Rejected messages and events", ["source", "reason"], registry=r
         )
-        self.rows_written = Counter(
-            "clickflow_rows_written", "Rows durably written", ["sink", "table"], registry=r
-        )
+        self.rows_written = Counter("clickflow_rows_written", "Rows durably written", ["sink", "table"], registry=r)
         self.write_seconds = Histogram(
             "clickflow_batch_write_seconds",
             "Time to write one batch, retries included",
@@ -28,12 +22,8 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
-        self.write_failures = Counter(
-            "clickflow_sink_write_failures", "Failed write attempts", ["sink"], registry=r
-        )
-        self.in_flight = Gauge(
-            "clickflow_messages_in_flight", "Messages received but not yet settled", registry=r
-        )
+        self.write_failures = Counter("clickflow_sink_write_failures", "Failed write attempts", ["sink"], registry=r)
+        self.in_flight = Gauge("clickflow_messages_in_flight", "Messages received but not yet settled", registry=r)
         self.acknowledged = Counter(
             "clickflow_messages_acknowledged", "Messages settled", ["source", "outcome"], registry=r
         )

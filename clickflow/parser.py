@@ -22,6 +22,7 @@ import msgspec
 
 from clickflow import fastpath
 from clickflow.api import Message, RowBatch
+from clickflow.fastpath import AddItemToCart, PageView, Purchase, WrappedVisit
 
 REASON_INVALID_UTF8 = "invalid_utf8"
 REASON_INVALID_JSON = "invalid_json"
@@ -49,7 +50,6 @@ _NO_EVENTS: list[Any] = []  # a missing "events" is a visit without events; neve
 _json_decode = msgspec.json.decode
 _json_encode = msgspec.json.encode
 _astuple = msgspec.structs.astuple
-_PageView, _AddItemToCart = fastpath.PageView, fastpath.AddItemToCart
 _INDEX_TEXT_SIZE = 256
 _INDEX_TEXT = tuple(str(i) for i in range(_INDEX_TEXT_SIZE))  # "12" without formatting per event
 
@@ -127,7 +127,7 @@ class VisitParser:
 
     def __init__(self) -> None:
         self._timestamps: dict[str, int] = {}
-        self._decoders = [fastpath.wrapped_decoder, fastpath.bare_decoder]
+        self._decoders: list[msgspec.json.Decoder[Any]] = [fastpath.wrapped_decoder, fastpath.bare_decoder]
 
     def timestamp_us(self, value: str) -> int | None:
         """Cached ``parse_timestamp_us``; None when the text is not ISO-8601."""
@@ -153,7 +153,8 @@ class VisitParser:
     def _decode_typed(self, data: bytes) -> fastpath.WrappedVisit | fastpath.BareVisit | None:
         first, second = self._decoders
         try:
-            return first.decode(data)
+            visit: fastpath.WrappedVisit | fastpath.BareVisit = first.decode(data)
+            return visit
         except msgspec.DecodeError:
             pass
         try:
@@ -172,64 +173,67 @@ class VisitParser:
         if visit is None or not visit.session_id:
             return False
         session_id, user_id, device = visit.session_id, visit.user_id, visit.device_type
-        wrapped = type(visit) is fastpath.WrappedVisit
-        timestamps = self._timestamps
-        event_rows: list[Row] = []
-        add_event = event_rows.append
-        item_rows: list[Row] = []
+        wrapped = type(visit) is WrappedVisit
+        cached_timestamp = self._timestamps.get
+        tables = batch.tables
+        events, items = tables["events"], tables["purchase_items"]
+        events_before, items_before = len(events), len(items)
+        add_event = events.append
         id_prefix = visit_id + ":"
-        start = end = None
-        for index, event in enumerate(visit.events):
-            if wrapped:
-                event = event.event
-            ts = timestamps.get(event.timestamp) or self.timestamp_us(event.timestamp)
+        start = end = 0
+        for index, element in enumerate(visit.events):
+            event: fastpath.Event = element.event if wrapped else element  # type: ignore[union-attr,assignment]
+            ts = cached_timestamp(event.timestamp)
             if ts is None:
-                return False
-            details = event.details
-            kind = event.__class__
+                ts = self.timestamp_us(event.timestamp)
+                if ts is None:
+                    break
             event_id = id_prefix + _INDEX_TEXT[index] if index < _INDEX_TEXT_SIZE else f"{id_prefix}{index}"
-            if kind is _PageView:
+            if type(event) is PageView:
+                details = event.details
                 add_event((
                     event_id, visit_id, session_id, user_id, device, index, "page_view", ts,
                     details.page_url, details.referrer_url or None,
                     None, None, None, None, None, None, None, None, now,
                 ))  # fmt: skip
-            elif kind is _AddItemToCart:
-                if not details.product_id:
-                    return False
+            elif type(event) is AddItemToCart:
+                product = event.details
+                if not product.product_id:
+                    break
                 add_event((
                     event_id, visit_id, session_id, user_id, device, index, "add_item_to_cart", ts,
-                    None, None, *_astuple(details), None, None, None, now,
+                    None, None, *_astuple(product), None, None, None, now,
                 ))  # fmt: skip
-            else:
-                order_id = details.order_id
-                if not order_id:
-                    return False
+            elif type(event) is Purchase:
+                purchase = event.details
+                order_id = purchase.order_id
+                if not order_id or not all(item.product_id for item in purchase.items):
+                    break
                 add_event((
                     event_id, visit_id, session_id, user_id, device, index, "purchase", ts,
-                    None, None, None, None, None, None, None, order_id, details.amount, details.currency, now,
+                    None, None, None, None, None, None, None, order_id, purchase.amount, purchase.currency, now,
                 ))  # fmt: skip
-                for item_index, item in enumerate(details.items):
-                    if not item.product_id:
-                        return False
-                    item_rows.append((
+                for item_index, item in enumerate(purchase.items):
+                    items.append((
                         event_id, item_index, visit_id, order_id, session_id, *_astuple(item), ts, now,
                     ))  # fmt: skip
-            if start is None:
+            if index == 0:  # on this path every event is accepted
                 start = end = ts
             elif ts < start:
                 start = ts
-            elif ts > end:  # type: ignore[operator]
+            elif ts > end:
                 end = ts
-        lat, lon = geolocation(visit.geolocation)
-        t = batch.tables
-        t["visits"].append((
-            visit_id, session_id, user_id, device, lat, lon, visit.user_agent, start, end,
-            len(event_rows), 0, source, message.message_id, now,
-        ))  # fmt: skip
-        t["events"].extend(event_rows)
-        t["purchase_items"].extend(item_rows)
-        return True
+        else:
+            accepted = len(events) - events_before
+            lat, lon = geolocation(visit.geolocation)
+            tables["visits"].append((
+                visit_id, session_id, user_id, device, lat, lon, visit.user_agent,
+                start if accepted else None, end if accepted else None,
+                accepted, 0, source, message.message_id, now,
+            ))  # fmt: skip
+            return True
+        del events[events_before:], items[items_before:]  # leave this visit to the reference rules
+        return False
 
     def _reference(self, message: Message, visit_id: str, source: str, now: int, batch: RowBatch) -> None:
         """The rules, applied field by field to an untyped decode; decides every rejection."""

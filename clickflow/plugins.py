@@ -44,9 +44,7 @@ class Registry:
         return self.sinks[type_name].cls  # type: ignore[return-value]
 
 
-def _collector(
-    table: dict[str, Registered], base: type[Any], distribution: str
-) -> Callable[[type[Any]], None]:
+def _collector(table: dict[str, Registered], base: type[Any], distribution: str) -> Callable[[type[Any]], None]:
     def register(cls: type[Any]) -> None:
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise PluginError(f"{distribution}: {cls!r} is not a {base.__name__} subclass")

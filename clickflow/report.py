@@ -8,7 +8,7 @@ from typing import TextIO
 
 import anyio
 
-from clickflow.runtime import Runtime, RunSummary
+from clickflow.runtime import RunSummary, Runtime
 
 
 def _progress_line(runtime: Runtime, started: float) -> str:

@@ -13,7 +13,7 @@ import pytest
 
 from clickflow.config import Pipeline, parse_pipeline
 from clickflow.plugins import Registry, load_plugins
-from clickflow.runtime import Runtime, RunSummary
+from clickflow.runtime import RunSummary, Runtime
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

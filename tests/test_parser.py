@@ -18,9 +18,7 @@ NOW = 1_700_000_000_000_000
 
 
 def parse(*payloads: bytes | dict[str, Any] | Any) -> RowBatch:
-    messages = [
-        Message(p if isinstance(p, bytes) else json.dumps(p).encode(), f"m{i}") for i, p in enumerate(payloads)
-    ]
+    messages = [Message(p if isinstance(p, bytes) else json.dumps(p).encode(), f"m{i}") for i, p in enumerate(payloads)]
     return VisitParser().parse(messages, "test", NOW)
 
 

@@ -75,7 +75,7 @@ class DuckDBSink(Sink):
 
     def _open(self) -> None:
         self._spool_root = tempfile.mkdtemp(prefix="clickflow-duckdb-")
-        config: dict[str, str | int] = {"memory_limit": self.options.memory_limit}
+        config: dict[str, str | bool | int | float | list[str]] = {"memory_limit": self.options.memory_limit}
         if self.options.threads:
             config["threads"] = self.options.threads
         con = self._connection = duckdb.connect(self.options.path, config=config)
@@ -97,27 +97,30 @@ class DuckDBSink(Sink):
     def _write(self, batch: JsonSpool) -> None:
         assert self._connection is not None
         con = self._connection.cursor()
-        counts, paths = batch.counts(), batch.paths
+        counts = batch.counts()
+
+        def spooled(name: str) -> str:
+            return f"({select_spooled(TABLES[name], batch.paths[name])}) b"
+
         con.begin()
         try:
             if counts["visits"]:
                 con.execute(
                     "CREATE OR REPLACE TEMP TABLE clickflow_new_visits AS "
-                    f"SELECT b.* FROM ({select_spooled(TABLES['visits'], paths['visits'])}) b "
-                    "ANTI JOIN visits t ON b.visit_id = t.visit_id"
+                    f"SELECT b.* FROM {spooled('visits')} ANTI JOIN visits t ON b.visit_id = t.visit_id"
                 )
                 con.execute("INSERT INTO visits SELECT * FROM clickflow_new_visits")
                 (new_visits,) = con.fetchone() or (0,)
                 for name in ("events", "purchase_items"):
                     if counts[name]:
-                        sql = f"INSERT INTO {name} SELECT b.* FROM ({select_spooled(TABLES[name], paths[name])}) b"
+                        sql = f"INSERT INTO {name} SELECT b.* FROM {spooled(name)}"
                         if new_visits < counts["visits"]:  # some were written before: keep only new visits' rows
                             sql += " SEMI JOIN clickflow_new_visits n ON b.visit_id = n.visit_id"
                         con.execute(sql)
                 con.execute("DROP TABLE clickflow_new_visits")
             if counts["dead_letter"]:
                 con.execute(
-                    f"INSERT INTO dead_letter SELECT b.* FROM ({select_spooled(TABLES['dead_letter'], paths['dead_letter'])}) b "
+                    f"INSERT INTO dead_letter SELECT b.* FROM {spooled('dead_letter')} "
                     "ANTI JOIN dead_letter t ON b.dead_letter_id = t.dead_letter_id"
                 )
             con.commit()
@@ -137,5 +140,3 @@ class DuckDBSink(Sink):
 @hookimpl
 def register_sinks(register: Callable[[type[Sink]], None]) -> None:
     register(DuckDBSink)
-
-

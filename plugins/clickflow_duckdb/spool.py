@@ -27,14 +27,16 @@ class JsonSpool:
         self.paths = {name: os.path.join(self.directory, f"{name}.ndjson") for name in TABLE_NAMES}
         self._files: dict[str, BinaryIO] = {}
         self._counts = dict.fromkeys(TABLE_NAMES, 0)
-        self._visit_ids: set[str] = set()
+        self._messages: set[str] = set()
 
     def add(self, rows: RowBatch) -> None:
         tables = rows.tables
-        visit_ids = [row[0] for row in tables["visits"]]
-        if not self._visit_ids.isdisjoint(visit_ids):
-            tables = _without_visits(tables, self._visit_ids)  # redelivered within this batch
-        self._visit_ids.update(visit_ids)
+        # every message yields a visits row or a whole-message dead letter keyed by its visit id
+        messages = [row[0] for row in tables["visits"]]
+        messages += [row[0] for row in tables["dead_letter"] if row[4] is None]
+        if not self._messages.isdisjoint(messages):
+            tables = _without_messages(tables, self._messages)  # redelivered within this batch
+        self._messages.update(messages)
         for name, table_rows in tables.items():
             if table_rows:
                 spool = self._files.get(name)
@@ -61,12 +63,11 @@ class JsonSpool:
         os.rmdir(self.directory)
 
 
-def _without_visits(tables: dict[str, list[tuple[Any, ...]]], seen: set[str]) -> dict[str, list[tuple[Any, ...]]]:
-    """Drop every row of visits already in ``seen``; dead letters too, by their id prefix."""
-    kept = {
+def _without_messages(tables: dict[str, list[tuple[Any, ...]]], seen: set[str]) -> dict[str, list[tuple[Any, ...]]]:
+    """Drop every row derived from a message (visit id) in ``seen``."""
+    return {
         "visits": [r for r in tables["visits"] if r[0] not in seen],
         "events": [r for r in tables["events"] if r[1] not in seen],
         "purchase_items": [r for r in tables["purchase_items"] if r[2] not in seen],
         "dead_letter": [r for r in tables["dead_letter"] if r[0].partition(":")[0] not in seen],
     }
-    return kept

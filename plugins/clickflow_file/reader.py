@@ -42,7 +42,7 @@ class CountingReader:
 
 def first_significant_byte(stream: BinaryIO) -> bytes:
     """Peek past leading whitespace (and a UTF-8 BOM) without consuming it."""
-    head = stream.peek(4096)[:4096] if hasattr(stream, "peek") else b""  # type: ignore[attr-defined]
+    head = stream.peek(4096)[:4096] if hasattr(stream, "peek") else b""
     stripped = head.removeprefix(codecs.BOM_UTF8).lstrip()
     return stripped[:1]
 

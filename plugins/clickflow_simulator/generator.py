@@ -138,16 +138,19 @@ class VisitGenerator:
             second += int(rand() * 20)
         if rand() < 0.35:
             cart = []
+            total = 0.0
             for _ in range(1 + int(rand() * 3)):
                 product_id, name, category, price = PRODUCTS[int(rand() * len(PRODUCTS))]
+                quantity = 1 + int(rand() * 3)
                 item = {
                     "product_id": product_id,
                     "product_name": name,
                     "category": category,
                     "price": price,
-                    "quantity": 1 + int(rand() * 3),
+                    "quantity": quantity,
                 }
                 cart.append(item)
+                total += price * quantity
                 event = {"event_type": "add_item_to_cart", "timestamp": stamp(second), "details": item}
                 events.append({"event": event} if wrapped else event)
                 second += int(rand() * 15)
@@ -155,7 +158,7 @@ class VisitGenerator:
                 self._orders += 1
                 details = {
                     "order_id": f"ORD-{self._orders:07d}",
-                    "amount": round(sum(i["price"] * i["quantity"] for i in cart), 2),
+                    "amount": round(total, 2),
                     "currency": "USD",
                     "items": cart,
                 }

@@ -33,7 +33,7 @@ class NdjsonSink(Sink):
     options: NdjsonSinkOptions
 
     async def open(self) -> None:
-        Path(self.options.directory).mkdir(parents=True, exist_ok=True)
+        await anyio.Path(self.options.directory).mkdir(parents=True, exist_ok=True)
 
     async def write(self, batch: RowBatch) -> None:
         await anyio.to_thread.run_sync(self._write, batch)

@@ -1,0 +1,130 @@
+"""In-process fake plugins for runtime unit tests (never used for integration tests)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+from clickflow.api import Message, RowBatch, Sink, SinkOptions, Source, SourceContext, SourceOptions
+from clickflow.hookspecs import hookimpl
+
+
+@dataclass
+class RecordingAck:
+    acked: int = 0
+    nacked: list[BaseException] = field(default_factory=list)
+
+    def ack(self) -> None:
+        self.acked += 1
+
+    def nack(self, error: BaseException) -> None:
+        self.nacked.append(error)
+
+
+class ScriptOptions(SourceOptions):
+    batches: int = 1
+    per_batch: int = 1
+    forever: bool = False
+
+
+class ScriptSource(Source):
+    """Emits numbered valid visits; records one acknowledger per batch in ``acks``."""
+
+    type_name = "script"
+    Options = ScriptOptions
+    acks: list[RecordingAck] = []  # noqa: RUF012 - shared with the test on purpose
+    emitted: list[int] = []  # noqa: RUF012
+    _waiting: tuple[int, anyio.Event] | None = None
+
+    @classmethod
+    async def wait_for_emitted(cls, count: int) -> None:
+        """Return once ``count`` batches have entered the pipeline."""
+        if len(cls.emitted) < count:
+            cls._waiting = (count, anyio.Event())
+            await cls._waiting[1].wait()
+
+    async def run(self, context: SourceContext) -> None:
+        number = 0
+        while self.options.forever or number < self.options.batches:
+            messages = [
+                Message(json.dumps({"session_id": f"S{number}-{i}"}).encode(), f"{self.name}:{number}:{i}")
+                for i in range(self.options.per_batch)
+            ]
+            ack = RecordingAck()
+            ScriptSource.acks.append(ack)
+            await context.emit(messages, ack)
+            ScriptSource.emitted.append(number)
+            if ScriptSource._waiting and len(ScriptSource.emitted) >= ScriptSource._waiting[0]:
+                ScriptSource._waiting[1].set()
+            number += 1
+            await anyio.lowlevel.checkpoint()
+
+
+class FailingSourceOptions(SourceOptions):
+    pass
+
+
+class FailingSource(Source):
+    type_name = "failing"
+    Options = FailingSourceOptions
+
+    async def run(self, context: SourceContext) -> None:
+        raise FileNotFoundError("no such file: visits.jsonl")
+
+
+class MemoryOptions(SinkOptions):
+    fail_first: int = 0
+    gated: bool = False
+
+
+class MemorySink(Sink):
+    """Keeps written batches in ``writes``; can fail its first writes or wait for ``gate``."""
+
+    type_name = "memory"
+    Options = MemoryOptions
+    writes: list[tuple[str, RowBatch]] = []  # noqa: RUF012
+    gate: anyio.Event | None = None
+    written: anyio.Event | None = None
+    """Set after the first successful write, when a test created it."""
+    attempts = 0
+
+    async def write(self, batch: RowBatch) -> None:
+        MemorySink.attempts += 1
+        if MemorySink.attempts <= self.options.fail_first:
+            raise ConnectionError(f"sink unavailable (attempt {MemorySink.attempts})")
+        if self.options.gated:
+            assert MemorySink.gate is not None
+            await MemorySink.gate.wait()
+        MemorySink.writes.append((self.name, batch))
+        if MemorySink.written is not None:
+            MemorySink.written.set()
+
+
+def reset() -> None:
+    ScriptSource.acks, ScriptSource.emitted, ScriptSource._waiting = [], [], None
+    MemorySink.writes, MemorySink.gate, MemorySink.written, MemorySink.attempts = [], None, None, 0
+
+
+@hookimpl
+def register_sources(register: Callable[[type[Source]], None]) -> None:
+    register(ScriptSource)
+    register(FailingSource)
+
+
+@hookimpl
+def register_sinks(register: Callable[[type[Sink]], None]) -> None:
+    register(MemorySink)
+
+
+def counts(writes: list[tuple[str, RowBatch]], sink: str) -> dict[str, int]:
+    total: dict[str, Any] = {}
+    for name, batch in writes:
+        if name == sink:
+            for table, n in batch.counts().items():
+                total[table] = total.get(table, 0) + n
+    return total

@@ -1,0 +1,119 @@
+"""Pipeline files: typed validation with FILE:LINE errors, env interpolation, examples."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from clickflow.config import ConfigError, Pipeline, load_pipeline, parse_pipeline
+from clickflow.plugins import Registry
+from tests.conftest import REPO
+
+MINIMAL = """\
+sources:
+  - type: simulator
+    count: 10
+sinks:
+  - type: duckdb
+    path: out.duckdb
+"""
+
+
+def problems(registry: Registry, text: str, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_pipeline(text, registry, "p.yaml", environ or {})
+    return [str(p) for p in caught.value.problems]
+
+
+def test_minimal_pipeline_is_typed(pipeline: Callable[..., Pipeline]) -> None:
+    loaded = pipeline(MINIMAL)
+    (source,), (sink,) = loaded.sources, loaded.sinks
+    assert (source.name, source.options.count) == ("simulator", 10)  # type: ignore[attr-defined]
+    assert sink.options.path == "out.duckdb"  # type: ignore[attr-defined]
+    assert loaded.monitor is None
+
+
+def test_unknown_plugin_type_lists_the_known_ones(registry: Registry) -> None:
+    text = MINIMAL.replace("type: simulator", "type: kafka")
+    assert problems(registry, text) == [
+        "p.yaml:2: sources[0].type: unknown source type 'kafka'; known source types: file, simulator"
+    ]
+
+
+def test_unknown_option_names_file_line_and_field(registry: Registry) -> None:
+    text = MINIMAL.replace("    count: 10", "    count: 10\n    visits_per_minit: 5")
+    assert problems(registry, text) == ["p.yaml:4: sources[0].visits_per_minit: unknown option"]
+
+
+def test_wrong_type_names_the_field(registry: Registry) -> None:
+    text = MINIMAL.replace("count: 10", "count: lots")
+    (problem,) = problems(registry, text)
+    assert problem.startswith("p.yaml:3: sources[0].count: Input should be a valid integer")
+
+
+def test_every_problem_is_reported_at_once(registry: Registry) -> None:
+    text = MINIMAL.replace("count: 10", "count: -1").replace("path: out.duckdb", "paht: x")
+    assert [p.split(":")[1] for p in problems(registry, text)] == ["3", "6"]
+
+
+def test_missing_variable_is_an_error_with_its_line(registry: Registry) -> None:
+    text = MINIMAL.replace("path: out.duckdb", "path: ${OUT_DIR}/x.duckdb")
+    (problem,) = problems(registry, text)
+    assert problem.startswith("p.yaml:6: sinks[0].path: environment variable OUT_DIR is not set")
+
+
+def test_variables_and_defaults_are_interpolated_and_typed(pipeline: Callable[..., Pipeline]) -> None:
+    text = MINIMAL.replace("count: 10", "count: ${COUNT}").replace("out.duckdb", "${DIR:-/tmp}/$${literal}.db")
+    text += "monitor:\n  port: ${PORT:-9000}\n"
+    loaded = pipeline(text, {"COUNT": "25"})
+    assert loaded.sources[0].options.count == 25  # type: ignore[attr-defined]
+    assert loaded.sinks[0].options.path == "/tmp/${literal}.db"  # type: ignore[attr-defined]
+    assert loaded.monitor is not None and loaded.monitor.port == 9000
+
+
+def test_durations_accept_human_units(pipeline: Callable[..., Pipeline]) -> None:
+    text = MINIMAL + "    batch:\n      max_age: 250ms\n" + "runtime:\n  shutdown_timeout: 2m\n"
+    loaded = pipeline(text)
+    assert loaded.sinks[0].options.batch.max_age == timedelta(milliseconds=250)  # type: ignore[attr-defined]
+    assert loaded.runtime.shutdown_timeout == timedelta(minutes=2)
+
+
+def test_unknown_section_is_rejected(registry: Registry) -> None:
+    assert problems(registry, MINIMAL + "sinkz: []\n") == ["p.yaml:7: sinkz: unknown section"]
+
+
+def test_sources_and_sinks_are_required(registry: Registry) -> None:
+    assert problems(registry, "sources: []\n") == [
+        "p.yaml:1: sources: List should have at least 1 item after validation, not 0",
+        "p.yaml:1: sinks: Field required",
+    ]
+
+
+def test_invalid_yaml_reports_its_line(registry: Registry) -> None:
+    (problem,) = problems(registry, "sources:\n  - type: [unclosed\n")
+    assert problem.startswith("p.yaml:3: invalid YAML")
+
+
+def test_duplicate_types_get_distinct_names(pipeline: Callable[..., Pipeline]) -> None:
+    text = MINIMAL.replace("sinks:", "  - type: simulator\n    count: 1\nsinks:")
+    assert [s.name for s in pipeline(text).sources] == ["simulator", "simulator-2"]
+
+
+def test_explicit_names_must_be_unique(registry: Registry) -> None:
+    text = MINIMAL.replace("sinks:", "  - type: simulator\n    name: simulator\nsinks:")
+    text = text.replace("  - type: simulator\n    count: 10", "  - type: simulator\n    name: simulator")
+    assert problems(registry, text) == ["p.yaml:5: sources[1].name: name 'simulator' is used twice"]
+
+
+def test_unreadable_file_is_a_config_error(registry: Registry, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read pipeline"):
+        load_pipeline(tmp_path / "missing.yaml", registry)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "config").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_pipeline_is_valid(registry: Registry, path: Path) -> None:
+    loaded = load_pipeline(path, registry, environ={})
+    assert loaded.sources and loaded.sinks

@@ -1,0 +1,106 @@
+"""The DuckDB sink against a real DuckDB file: bulk writes, idempotency, types."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+import duckdb
+import pytest
+from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions
+
+from clickflow.api import Message, RowBatch
+from clickflow.parser import VisitParser
+from tests.conftest import table_counts
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def parsed(visits: list[Any], prefix: str = "m") -> RowBatch:
+    messages = [Message(json.dumps(v).encode(), f"{prefix}{i}") for i, v in enumerate(visits)]
+    return VisitParser().parse(messages, "test", 1_719_824_400_000_000)
+
+
+async def write(path: Path, *batches: RowBatch) -> None:
+    """Write each list of parsed batches as one sink batch, like the runtime does."""
+    sink = DuckDBSink("duckdb", DuckDBSinkOptions(path=str(path)))
+    await sink.open()
+    try:
+        for rows in batches:
+            batch = sink.new_batch()
+            batch.add(rows)
+            await sink.write(batch)
+    finally:
+        await sink.close()
+
+
+async def test_creates_the_four_tables_with_the_schema_columns(tmp_path: Path) -> None:
+    from clickflow.schema import TABLES
+
+    await write(tmp_path / "db.duckdb")
+    with duckdb.connect(str(tmp_path / "db.duckdb"), read_only=True) as con:
+        for table in TABLES.values():
+            names = [row[0] for row in con.execute(f"DESCRIBE {table.name}").fetchall()]
+            assert names == list(table.column_names)
+
+
+async def test_rows_round_trip_with_types_and_utc_times(tmp_path: Path, visit: Callable[..., dict[str, Any]]) -> None:
+    await write(tmp_path / "db.duckdb", parsed([visit(user_agent='quote " comma , newline \n é 😀')]))
+    with duckdb.connect(str(tmp_path / "db.duckdb"), read_only=True) as con:
+        con.execute("SET TimeZone = 'America/New_York'")
+        agent, start, lat = con.execute("SELECT user_agent, visit_start, latitude FROM visits").fetchone()  # type: ignore[misc]
+        price, qty, ts = con.execute(
+            "SELECT price, quantity, event_timestamp FROM events WHERE event_type = 'add_item_to_cart'"
+        ).fetchone()  # type: ignore[misc]
+    assert agent == 'quote " comma , newline \n é 😀'
+    assert start.astimezone(UTC) == datetime(2024, 7, 1, 9, 0, tzinfo=UTC)
+    assert (lat, price, qty) == (37.7749, 29.99, 2)
+    assert ts.astimezone(UTC) == datetime(2024, 7, 1, 9, 0, 5, tzinfo=UTC)
+
+
+async def test_redelivered_messages_are_not_written_twice(tmp_path: Path, visit: Callable[..., dict[str, Any]]) -> None:
+    first = parsed([visit(), b"not json".decode(), visit()])
+    overlapping = parsed([visit(), b"not json".decode(), visit(), visit()])  # m0..m2 again, m3 new
+    await write(tmp_path / "db.duckdb", first, overlapping)
+    assert table_counts(tmp_path / "db.duckdb") == {"visits": 3, "events": 9, "purchase_items": 3, "dead_letter": 1}
+
+
+async def test_a_message_twice_in_one_batch_is_written_once(
+    tmp_path: Path, visit: Callable[..., dict[str, Any]]
+) -> None:
+    sink = DuckDBSink("duckdb", DuckDBSinkOptions(path=str(tmp_path / "db.duckdb")))
+    await sink.open()
+    batch = sink.new_batch()
+    batch.add(parsed([visit(), "garbage"]))
+    batch.add(parsed([visit(), "garbage"]))
+    await sink.write(batch)
+    await sink.close()
+    assert table_counts(tmp_path / "db.duckdb") == {"visits": 1, "events": 3, "purchase_items": 1, "dead_letter": 1}
+
+
+async def test_a_failed_write_leaves_nothing_behind(tmp_path: Path, visit: Callable[..., dict[str, Any]]) -> None:
+    sink = DuckDBSink("duckdb", DuckDBSinkOptions(path=str(tmp_path / "db.duckdb")))
+    await sink.open()
+    batch = sink.new_batch()
+    batch.add(parsed([visit()]))
+    batch.close()
+    await anyio.Path(batch.paths["events"]).write_text("this is not JSON\n")  # the events insert will fail
+    with pytest.raises(duckdb.Error):
+        await sink.write(batch)
+    await sink.close()
+    assert table_counts(tmp_path / "db.duckdb") == {"visits": 0, "events": 0, "purchase_items": 0, "dead_letter": 0}
+
+
+async def test_unwritable_path_fails_at_open(tmp_path: Path) -> None:
+    sink = DuckDBSink("duckdb", DuckDBSinkOptions(path=str(tmp_path / "no-such-dir" / "db.duckdb")))
+    with pytest.raises(duckdb.Error):
+        await sink.open()

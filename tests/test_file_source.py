@@ -1,0 +1,129 @@
+"""The file source: JSON lines, JSON arrays, gzip, globs, stable ids; real files end to end."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from clickflow_file import expand_paths
+from clickflow_file.reader import iter_array, iter_lines
+
+from clickflow.config import Pipeline
+from clickflow.runtime import PipelineError
+from tests.conftest import run_pipeline, table_counts
+
+
+def lines(*visits: Any) -> bytes:
+    return b"".join((v if isinstance(v, bytes) else json.dumps(v).encode()) + b"\n" for v in visits)
+
+
+def test_json_lines_skip_blank_lines_and_number_by_line() -> None:
+    stream = io.BytesIO(b'{"a": 1}\n\n   \n{"b": 2}\r\n')
+    assert list(iter_lines(stream, "f.jsonl")) == [("f.jsonl:1", b'{"a": 1}'), ("f.jsonl:4", b'{"b": 2}')]
+
+
+def test_array_elements_keep_their_original_bytes() -> None:
+    text = '\ufeff [ {"a": [1, {"b": "]"}]} ,\n"x" , 3.5,{"c":"\\u00e9 \u00e9"} ]  '
+    stream = io.BytesIO(text.encode())
+    assert list(iter_array(stream, "f.json")) == [
+        ("f.json:[0]", b'{"a": [1, {"b": "]"}]}'),
+        ("f.json:[1]", b'"x"'),
+        ("f.json:[2]", b"3.5"),
+        ("f.json:[3]", '{"c":"\\u00e9 \u00e9"}'.encode()),
+    ]
+
+
+def test_array_elements_larger_than_a_read_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    import clickflow_file.reader as reader
+
+    monkeypatch.setattr(reader, "CHUNK", 7)
+    elements = [{"session_id": "S" * 30, "n": i} for i in range(5)]
+    found = [json.loads(data) for _, data in iter_array(io.BytesIO(json.dumps(elements).encode()), "f")]
+    assert found == elements
+
+
+def test_empty_array_yields_nothing() -> None:
+    assert list(iter_array(io.BytesIO(b" [ ] "), "f")) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "expected_last"),
+    [
+        (b'[{"a": 1}, {"b": ', ("f:[1]", b'{"b": ')),
+        (b'[{"a": 1} {"b": 2}]', ("f:[1]", b'{"b": 2}]')),
+        (b'[{"a": 1},', ("f:[1]", b"")),
+    ],
+)
+def test_malformed_array_ends_with_its_remainder(text: bytes, expected_last: tuple[str, bytes]) -> None:
+    found = list(iter_array(io.BytesIO(text), "f"))
+    assert found[0] == ("f:[0]", b'{"a": 1}')
+    assert found[-1] == expected_last
+
+
+def test_paths_globs_and_lists_expand_in_order(tmp_path: Path) -> None:
+    for name in ("b.jsonl", "a.jsonl", "sub/c.jsonl.gz"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    found = expand_paths([str(tmp_path / "*.jsonl"), str(tmp_path / "**/*.gz"), str(tmp_path / "a.jsonl")])
+    assert [Path(p).relative_to(tmp_path).as_posix() for p in found] == ["a.jsonl", "b.jsonl", "sub/c.jsonl.gz"]
+
+
+@pytest.mark.parametrize("pattern", ["missing.jsonl", "nothing-*.jsonl"])
+def test_unmatched_path_is_an_error(tmp_path: Path, pattern: str) -> None:
+    with pytest.raises(FileNotFoundError):
+        expand_paths(str(tmp_path / pattern))
+
+
+def write_inputs(tmp_path: Path, visit: Callable[..., dict[str, Any]]) -> dict[str, int]:
+    """Four files of every format, valid and malformed mixed; returns what they must produce."""
+    good, bad_event = visit(), visit()
+    bad_event["events"].append({"event_type": "hover", "timestamp": "2024-07-01T09:00:00", "details": {}})
+    (tmp_path / "a.jsonl").write_bytes(lines(good, b"{oops", good, b"", bad_event))
+    with gzip.open(tmp_path / "b.jsonl.gz", "wb") as out:
+        out.write(lines(good, [1, 2], {"events": []}))
+    (tmp_path / "c.json").write_text(json.dumps([good, bad_event, "text"]))
+    with gzip.open(tmp_path / "d.json.gz", "wt") as text_out:
+        json.dump([good], text_out)
+    # 10 messages: 7 visits (5 good + 2 with a bad event), 3 rejected whole (bad JSON, array, no session)
+    # plus "text" in c.json: 4 rejected whole in total, 7 visits, 2 event-level dead letters
+    return {"visits": 7, "events": 21, "purchase_items": 7, "dead_letter": 4 + 2}
+
+
+def test_every_message_of_every_format_is_accounted_for(
+    tmp_path: Path, visit: Callable[..., dict[str, Any]], pipeline: Callable[..., Pipeline]
+) -> None:
+    expected = write_inputs(tmp_path, visit)
+    db = tmp_path / "out.duckdb"
+    text = (
+        f"sources: [{{type: file, path: '{tmp_path}/*.json*', batch_size: 2}}]\nsinks: [{{type: duckdb, path: '{db}'}}]"
+    )
+    summary = run_pipeline(pipeline(text))
+    assert sum(summary.messages.values()) == 11
+    assert table_counts(db) == expected
+    assert summary.dead_letters == {"invalid_json": 1, "not_an_object": 2, "invalid_session_id": 1,
+                                    "unknown_event_type": 2}  # fmt: skip
+
+
+def test_rerunning_the_same_files_changes_no_count(
+    tmp_path: Path, visit: Callable[..., dict[str, Any]], pipeline: Callable[..., Pipeline]
+) -> None:
+    expected = write_inputs(tmp_path, visit)
+    db = tmp_path / "out.duckdb"
+    text = f"sources: [{{type: file, path: '{tmp_path}/*.json*'}}]\nsinks: [{{type: duckdb, path: '{db}'}}]"
+    run_pipeline(pipeline(text))
+    run_pipeline(pipeline(text))
+    assert table_counts(db) == expected
+
+
+def test_a_missing_file_fails_the_run_clearly(tmp_path: Path, pipeline: Callable[..., Pipeline]) -> None:
+    text = (
+        f"sources: [{{type: file, path: '{tmp_path}/none.jsonl'}}]\n"
+        f"sinks: [{{type: duckdb, path: '{tmp_path}/o.duckdb'}}]"
+    )
+    with pytest.raises(PipelineError, match=r"source 'file' failed: .*none\.jsonl' does not exist"):
+        run_pipeline(pipeline(text))

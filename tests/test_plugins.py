@@ -1,0 +1,73 @@
+"""Plugin discovery: built-ins and third-party packages register through the same entry points."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from clickflow.api import Sink
+from clickflow.hookspecs import hookimpl
+from clickflow.plugins import PluginError, Registry, load_plugins
+from tests.conftest import REPO
+
+
+def test_builtins_are_registered_through_entry_points(registry: Registry) -> None:
+    sources = {name: r.distribution for name, r in registry.sources.items()}
+    assert sources == {"file": "clickflow", "simulator": "clickflow"}
+    assert {name: r.distribution for name, r in registry.sinks.items()} == {"duckdb": "clickflow"}
+
+
+def test_a_plugin_registering_something_else_is_an_error() -> None:
+    class Broken:
+        @hookimpl
+        def register_sinks(self, register: Callable[[type[Sink]], None]) -> None:
+            register(dict)  # type: ignore[arg-type]
+
+    with pytest.raises(PluginError, match="broken-dist: <class 'dict'> is not a Sink subclass"):
+        load_plugins(extra=[(Broken(), "broken-dist")])
+
+
+def test_a_misspelled_hook_is_an_error() -> None:
+    class Typo:
+        @hookimpl
+        def register_sink(self, register: object) -> None:
+            pass
+
+    with pytest.raises(Exception, match="unknown hook 'register_sink'"):
+        load_plugins(extra=[(Typo(), "typo-dist")])
+
+
+@pytest.fixture(scope="module")
+def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The example third-party plugin, installed for real into a directory of its own."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(REPO / "plugins" / "clickflow-example-sink")],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_installed_plugin_is_listed_with_its_distribution(example_plugin: dict[str, str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "clickflow", "plugins"], capture_output=True, text=True,
+                            env=example_plugin, check=True)  # fmt: skip
+    assert any(line.split()[:3] == ["sink", "ndjson", "clickflow-example-sink"] for line in result.stdout.splitlines())
+
+
+def test_a_pipeline_can_use_the_installed_plugin(example_plugin: dict[str, str], tmp_path: Path) -> None:
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(
+        f"sources: [{{type: simulator, count: 20, seed: 1}}]\nsinks: [{{type: ndjson, directory: '{tmp_path}/out'}}]\n"
+    )
+    subprocess.run([sys.executable, "-m", "clickflow", "run", str(pipeline)], env=example_plugin, check=True,
+                   capture_output=True, timeout=120)  # fmt: skip
+    visits = (tmp_path / "out" / "visits.ndjson").read_text().splitlines()
+    assert len(visits) == 20
+    assert json.loads(visits[0])["ingested_at"].endswith("+00:00")

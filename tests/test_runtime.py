@@ -1,0 +1,172 @@
+"""Runtime behaviour with fake plugins: acknowledge after sink, backpressure, batching, shutdown."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+
+import anyio
+import pytest
+
+from clickflow.config import Pipeline, parse_pipeline
+from clickflow.plugins import Registry, load_plugins
+from clickflow.runtime import PipelineError, Runtime
+from tests import fakes
+from tests.fakes import MemorySink, ScriptSource
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def fake_registry() -> Registry:
+    return load_plugins(extra=[(sys.modules["tests.fakes"], "tests")])
+
+
+@pytest.fixture
+def make(fake_registry: Registry) -> Iterator[Callable[[str], Pipeline]]:
+    fakes.reset()
+    yield lambda text: parse_pipeline(text, fake_registry, "t.yaml", {})
+    fakes.reset()
+
+
+async def test_batches_are_acknowledged_after_every_sink_wrote_them(make: Callable[[str], Pipeline]) -> None:
+    MemorySink.gate, MemorySink.written = anyio.Event(), anyio.Event()
+    runtime = Runtime(make("""
+sources: [{type: script, batches: 3, per_batch: 2}]
+sinks: [{type: memory, name: fast}, {type: memory, name: slow, gated: true, batch: {max_rows: 1}}]
+"""))  # fmt: skip
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(runtime.run)
+        await MemorySink.written.wait()
+        assert all(ack.acked == 0 for ack in ScriptSource.acks), "acknowledged before the gated sink wrote"
+        MemorySink.gate.set()
+    assert [ack.acked for ack in ScriptSource.acks] == [1, 1, 1]
+    assert fakes.counts(MemorySink.writes, "fast") == fakes.counts(MemorySink.writes, "slow") == {
+        "visits": 6, "events": 0, "purchase_items": 0, "dead_letter": 0,
+    }  # fmt: skip
+    assert runtime.summary.acknowledged == 6
+
+
+async def test_transient_sink_failures_are_retried(make: Callable[[str], Pipeline]) -> None:
+    summary = await Runtime(make("""
+sources: [{type: script, batches: 2}]
+sinks: [{type: memory, fail_first: 2, retry: {attempts: 3, initial_backoff: 1ms}}]
+""")).run()  # fmt: skip
+    assert MemorySink.attempts == 3
+    assert fakes.counts(MemorySink.writes, "memory")["visits"] == 2
+    assert summary.acknowledged == 2 and summary.not_acknowledged == 0
+
+
+async def test_persistent_sink_failure_nacks_and_fails_the_run(make: Callable[[str], Pipeline]) -> None:
+    runtime = Runtime(make("""
+sources: [{type: script, batches: 2}]
+sinks: [{type: memory, fail_first: 100, retry: {attempts: 2, initial_backoff: 1ms}}]
+"""))  # fmt: skip
+    with pytest.raises(PipelineError, match=r"sink 'memory' failed: sink unavailable \(attempt 2\)"):
+        await runtime.run()
+    assert sum(a.acked for a in ScriptSource.acks) == 0
+    assert all(len(a.nacked) == 1 for a in ScriptSource.acks)
+    assert runtime.summary.not_acknowledged == 2
+
+
+async def test_a_blocked_sink_stops_the_source(make: Callable[[str], Pipeline]) -> None:
+    MemorySink.gate = anyio.Event()
+    runtime = Runtime(make("""
+sources: [{type: script, forever: true}]
+sinks: [{type: memory, gated: true, batch: {max_rows: 1}}]
+runtime: {channel_capacity: 2}
+"""))  # fmt: skip
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(runtime.run)
+        await anyio.sleep(0.3)
+        emitted = len(ScriptSource.emitted)
+        # two channels of 2, one batch in the parser, one gathered, one being written
+        assert emitted <= 8, f"source ran ahead of a blocked sink: {emitted} batches"
+        await anyio.sleep(0.2)
+        assert len(ScriptSource.emitted) == emitted
+        MemorySink.gate.set()
+        runtime.request_stop()
+    # everything that entered the pipeline is written and acknowledged; the batch the source
+    # was blocked on when it was stopped never entered, and is handed back (nacked)
+    assert runtime.summary.acknowledged == fakes.counts(MemorySink.writes, "memory")["visits"] == emitted
+    assert runtime.summary.not_acknowledged == 0
+    assert len(ScriptSource.acks[-1].nacked) == 1
+
+
+async def test_sinks_get_batches_bounded_by_rows(make: Callable[[str], Pipeline]) -> None:
+    await Runtime(make("""
+sources: [{type: script, batches: 10, per_batch: 3}]
+sinks: [{type: memory, batch: {max_rows: 6, max_age: 1h}}]
+""")).run()  # fmt: skip
+    sizes = [len(batch) for _, batch in MemorySink.writes]
+    assert sum(sizes) == 30
+    assert all(size == 6 for size in sizes)
+
+
+async def test_a_partial_batch_is_written_when_it_reaches_max_age(make: Callable[[str], Pipeline]) -> None:
+    runtime = Runtime(make("""
+sources: [{type: script, forever: true, per_batch: 1}]
+sinks: [{type: memory, batch: {max_rows: 1000000, max_age: 50ms}}]
+"""))  # fmt: skip
+    MemorySink.written = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(runtime.run)
+        with anyio.fail_after(5):
+            await MemorySink.written.wait()
+        runtime.request_stop()
+    assert len(MemorySink.writes) >= 1
+
+
+async def test_stop_drains_and_acknowledges_everything_in_flight(make: Callable[[str], Pipeline]) -> None:
+    runtime = Runtime(make("""
+sources: [{type: script, forever: true, per_batch: 5}]
+sinks: [{type: memory, batch: {max_rows: 100000, max_age: 1h}}]
+"""))  # fmt: skip
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(runtime.run)
+        await ScriptSource.wait_for_emitted(20)
+        runtime.request_stop()
+    summary = runtime.summary
+    assert summary.not_acknowledged == 0
+    assert summary.acknowledged == sum(summary.messages.values()) == fakes.counts(MemorySink.writes, "memory")["visits"]
+
+
+async def test_stop_gives_up_after_the_shutdown_deadline(make: Callable[[str], Pipeline]) -> None:
+    MemorySink.gate = anyio.Event()  # never set: the sink hangs
+    runtime = Runtime(make("""
+sources: [{type: script, forever: true}]
+sinks: [{type: memory, gated: true, batch: {max_rows: 1}}]
+runtime: {shutdown_timeout: 200ms}
+"""))  # fmt: skip
+
+    async def stop_once_running() -> None:
+        await ScriptSource.wait_for_emitted(1)
+        runtime.request_stop()
+        nonlocal stopped
+        stopped = anyio.current_time()
+
+    stopped = 0.0
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(stop_once_running)
+        with anyio.fail_after(5):
+            await runtime.run()
+    assert 0.15 < anyio.current_time() - stopped < 3
+    assert runtime.summary.acknowledged == 0
+    assert runtime.summary.not_acknowledged == sum(runtime.summary.messages.values()) > 0
+
+
+async def test_a_failing_source_fails_the_run_with_its_reason(make: Callable[[str], Pipeline]) -> None:
+    with pytest.raises(PipelineError, match=r"source 'failing' failed: no such file: visits\.jsonl"):
+        await Runtime(make("sources: [{type: failing}]\nsinks: [{type: memory}]")).run()
+
+
+async def test_health_follows_source_heartbeats(make: Callable[[str], Pipeline]) -> None:
+    runtime = Runtime(make("sources: [{type: script}]\nsinks: [{type: memory}]\nruntime: {heartbeat_max_age: 10s}"))
+    runtime.heartbeats["script"] = 1000.0
+    assert runtime.healthy(now=1005.0)
+    assert not runtime.healthy(now=1011.0)

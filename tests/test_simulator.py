@@ -1,0 +1,93 @@
+"""The simulator: realistic, reproducible, bounded by count or duration, throttled on request."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import msgspec
+import pytest
+from clickflow_simulator import SimulatorOptions, VisitGenerator, simulated_messages
+
+from clickflow.api import Message
+from clickflow.config import Pipeline
+from clickflow.parser import VisitParser
+from tests.conftest import run_pipeline, table_counts
+
+START = datetime(2024, 7, 1, 9, tzinfo=UTC)
+
+
+def test_same_seed_same_output() -> None:
+    first = list(VisitGenerator(seed=3, start=START).messages(50))
+    again = list(VisitGenerator(seed=3, start=START).messages(50))
+    other = list(VisitGenerator(seed=4, start=START).messages(50))
+    assert first == again != other
+
+
+def test_visits_look_like_the_real_data() -> None:
+    visits = list(VisitGenerator(seed=1, start=START).visits(2000))
+    devices = Counter(v["device_type"] for v in visits)
+    types = Counter(e["event"]["event_type"] for v in visits for e in v["events"])
+    assert set(devices) == {"desktop", "mobile", "tablet"} and devices["desktop"] > devices["tablet"]
+    assert types["page_view"] > types["add_item_to_cart"] > types["purchase"] > 0
+    for visit in visits:
+        for event in visit["events"]:
+            if event["event"]["event_type"] == "purchase":
+                details = event["event"]["details"]
+                total = sum(i["price"] * i["quantity"] for i in details["items"])
+                assert abs(details["amount"] - total) < 0.01
+
+
+def test_generated_visits_parse_cleanly() -> None:
+    messages = [Message(data, str(i)) for i, data in enumerate(VisitGenerator(seed=2).messages(500))]
+    assert VisitParser().parse(messages, "sim", 0).counts()["dead_letter"] == 0
+
+
+def test_bare_format_matches_the_published_schema() -> None:
+    visit = next(VisitGenerator(seed=1, event_format="bare").visits(1))
+    assert "event_type" in visit["events"][0]
+
+
+def test_malformed_rate_produces_dead_letters() -> None:
+    messages = [Message(d, str(i)) for i, d in enumerate(VisitGenerator(seed=5, malformed_rate=0.2).messages(1000))]
+    dead = VisitParser().parse(messages, "sim", 0).counts()["dead_letter"]
+    assert 120 < dead < 280
+
+
+def test_count_bounds_the_stream() -> None:
+    batches = list(simulated_messages(SimulatorOptions(count=2500, batch_size=1000)))
+    assert [len(b) for _, b in batches] == [1000, 1000, 500]
+
+
+def test_throttled_stream_schedules_visits_at_the_rate() -> None:
+    now = [100.0]
+    options = SimulatorOptions(visits_per_minute=600, duration=timedelta(seconds=2))
+    schedule = []
+    for due, batch in simulated_messages(options, clock=lambda: now[0]):
+        schedule.append((due, len(batch)))
+        now[0] = max(now[0], due)  # a caller sleeps until each batch is due
+    assert sum(n for _, n in schedule) == 20
+    assert schedule[1][0] - schedule[0][0] == pytest.approx(0.1)
+
+
+def test_simulator_pipeline_ingests_every_visit(pipeline: Callable[..., Pipeline], tmp_path: object) -> None:
+    db = f"{tmp_path}/sim.duckdb"
+    summary = run_pipeline(pipeline(f"sources: [{{type: simulator, count: 3000, seed: 9, malformed_rate: 0.05}}]\n"
+                                    f"sinks: [{{type: duckdb, path: '{db}'}}]"))  # fmt: skip
+    counts = table_counts(db)
+    whole_message_dead = summary.dead_letters["invalid_json"] + summary.dead_letters["invalid_session_id"]
+    assert counts["visits"] + whole_message_dead == 3000
+    assert counts["dead_letter"] == sum(summary.dead_letters.values()) > 0
+
+
+def test_simulate_command_prints_json_lines() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "clickflow", "simulate", "--count", "5", "--seed", "1"],
+        capture_output=True, check=True, timeout=60,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    assert len(lines) == 5
+    assert all(msgspec.json.decode(line)["session_id"].startswith("SID-") for line in lines)
