@@ -48,6 +48,7 @@ EXTERNAL_REFERRERS = (
     "https://newsletter.example.com",
 )
 DEVICE_POOL = ("desktop",) * 5 + ("mobile",) * 4 + ("tablet",)  # 50/40/10 mix
+_N_DEVICES, _N_PAGES, _N_PRODUCTS = len(DEVICE_POOL), len(PAGES), len(PRODUCTS)
 USER_AGENTS = {
     "desktop": (
         "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -119,28 +120,34 @@ class VisitGenerator:
         """
         rand = self._rng.random
         second = self._start_s + int(index * self._spacing_s)
-        device = DEVICE_POOL[int(rand() * len(DEVICE_POOL))]
+        device = DEVICE_POOL[int(rand() * _N_DEVICES)]
         wrapped = self._wrapped
+        stamps = self._stamps
         stamp = self._stamp
         events: list[dict[str, Any]] = []
+        add = events.append
 
         previous = EXTERNAL_REFERRERS[int(rand() * 4)] if rand() < 0.6 else None
         for _ in range(1 + int(rand() * 10)):
-            page = PAGES[int(rand() * len(PAGES))]
-            details: dict[str, Any] = {"page_url": page, "referrer_url": previous}
-            if previous is None and rand() < 0.5:
-                del details["referrer_url"]  # real data also omits it, or sends ""
-            elif previous is None and rand() < 0.5:
-                details["referrer_url"] = ""
-            event = {"event_type": "page_view", "timestamp": stamp(second), "details": details}
-            events.append({"event": event} if wrapped else event)
+            page = PAGES[int(rand() * _N_PAGES)]
+            if previous is not None:
+                details: dict[str, Any] = {"page_url": page, "referrer_url": previous}
+            else:  # real data sends null, "" or nothing at all
+                quirk = rand()
+                details = (
+                    {"page_url": page}
+                    if quirk < 0.5
+                    else {"page_url": page, "referrer_url": "" if quirk < 0.75 else None}
+                )
+            event = {"event_type": "page_view", "timestamp": stamps.get(second) or stamp(second), "details": details}
+            add({"event": event} if wrapped else event)
             previous = page
             second += int(rand() * 20)
         if rand() < 0.35:
             cart = []
             total = 0.0
             for _ in range(1 + int(rand() * 3)):
-                product_id, name, category, price = PRODUCTS[int(rand() * len(PRODUCTS))]
+                product_id, name, category, price = PRODUCTS[int(rand() * _N_PRODUCTS)]
                 quantity = 1 + int(rand() * 3)
                 item = {
                     "product_id": product_id,
@@ -151,8 +158,12 @@ class VisitGenerator:
                 }
                 cart.append(item)
                 total += price * quantity
-                event = {"event_type": "add_item_to_cart", "timestamp": stamp(second), "details": item}
-                events.append({"event": event} if wrapped else event)
+                event = {
+                    "event_type": "add_item_to_cart",
+                    "timestamp": stamps.get(second) or stamp(second),
+                    "details": item,
+                }
+                add({"event": event} if wrapped else event)
                 second += int(rand() * 15)
             if rand() < 0.4:
                 self._orders += 1
@@ -162,8 +173,8 @@ class VisitGenerator:
                     "currency": "USD",
                     "items": cart,
                 }
-                event = {"event_type": "purchase", "timestamp": stamp(second), "details": details}
-                events.append({"event": event} if wrapped else event)
+                event = {"event_type": "purchase", "timestamp": stamps.get(second) or stamp(second), "details": details}
+                add({"event": event} if wrapped else event)
         return {
             "session_id": f"SID-{int(rand() * 10_000_000)}",
             "user_id": f"UID-{int(rand() * 1_000_000)}",
