@@ -8,7 +8,8 @@ goes through it.
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol
@@ -19,6 +20,7 @@ from clickflow.schema import TABLE_NAMES, TABLES
 
 if TYPE_CHECKING:
     from aiohttp import web
+    from prometheus_client import CollectorRegistry
 
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -143,6 +145,9 @@ class SinkBatch(Protocol):
 class SourceContext(Protocol):
     """What the runtime gives a running source."""
 
+    registry: CollectorRegistry
+    """Where a source may register metrics of its own; served on ``/metrics``."""
+
     async def emit(self, messages: list[Message], ack: Acknowledger) -> None:
         """Hand a batch to the parser; waits while the pipeline is full (backpressure)."""
 
@@ -169,6 +174,15 @@ class Source(abc.ABC):
     def routes(self) -> list[tuple[str, str, Handler]]:
         """``(method, path, handler)`` to mount on the monitoring server before it starts."""
         return []
+
+    @asynccontextmanager
+    async def lifespan(self, context: SourceContext) -> AsyncIterator[None]:
+        """Resources that outlive ``run``: entered before it, left once every sink is flushed.
+
+        A source that acknowledges over the network keeps its acknowledger alive here,
+        so the acknowledgements of a draining pipeline still reach the server.
+        """
+        yield
 
     @abc.abstractmethod
     async def run(self, context: SourceContext) -> None:

@@ -83,15 +83,19 @@ class SourceProgress:
 class _Context:
     """The ``SourceContext`` one source runs with."""
 
-    def __init__(self, runtime: Runtime, source: Source, send: MemoryObjectSendStream[RawBatch]) -> None:
+    def __init__(self, runtime: Runtime, source: Source) -> None:
         self._runtime = runtime
         self._name = source.name
-        self._send = send
+        self._send: MemoryObjectSendStream[RawBatch] | None = None
         self._received = runtime.metrics.messages_received.labels(source.name)
+        self.registry = runtime.metrics.registry
 
     async def emit(self, messages: list[Message], ack: Acknowledger) -> None:
         runtime = self._runtime
         delivery = Delivery(self._name, ack, len(messages), len(runtime.sinks), runtime._settled)
+        if self._send is None:
+            ack.nack(PipelineError("the pipeline is not running"))
+            raise PipelineError(f"source {self._name!r} emitted while the pipeline is not running")
         try:
             await self._send.send((messages, delivery, time.time_ns() // 1000))
         except BaseException as exc:
@@ -121,6 +125,7 @@ class Runtime:
         self.metrics = metrics or Metrics()
         self.sources: list[Source] = [c.cls(c.name, c.options) for c in pipeline.sources]  # type: ignore[misc]
         self.sinks: list[Sink] = [c.cls(c.name, c.options) for c in pipeline.sinks]  # type: ignore[misc]
+        self._contexts = {source.name: _Context(self, source) for source in self.sources}
         self.summary = RunSummary()
         self.heartbeats: dict[str, float] = {}
         self.progress: dict[str, SourceProgress] = {}
@@ -156,6 +161,8 @@ class Runtime:
                 except Exception as exc:
                     raise PipelineError(f"sink {sink.name!r} could not start: {exc}") from exc
                 stack.push_async_callback(self._close, sink)
+            for source in self.sources:
+                await stack.enter_async_context(source.lifespan(self._contexts[source.name]))
             self.ready = True
             try:
                 async with anyio.create_task_group() as outer:
@@ -215,14 +222,16 @@ class Runtime:
                         tg.start_soon(self._run_source, source, send.clone())
 
     async def _run_source(self, source: Source, send: MemoryObjectSendStream[RawBatch]) -> None:
+        context = self._contexts[source.name]
         async with send:
-            context = _Context(self, source, send)
+            context._send = send
             context.heartbeat()
             try:
                 await source.run(context)
             except Exception as exc:
                 raise SourceFailed(source.name, exc) from exc
             finally:
+                context._send = None
                 self.heartbeats.pop(source.name, None)
 
     async def _parse(

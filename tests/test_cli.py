@@ -125,14 +125,14 @@ def test_a_signal_drains_in_flight_work_and_exits_0(tmp_path: Path, signum: int)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                status, body = _get(f"http://127.0.0.1:{port}/metrics")
+                if _get(f"http://127.0.0.1:{port}/readyz")[0] == 200:
+                    break
             except OSError:
-                status, body = 0, ""
-            if status == 200 and 'clickflow_messages_received_total{source="simulator"}' in body:
-                break
+                pass  # not listening yet
             time.sleep(0.1)
         assert _get(f"http://127.0.0.1:{port}/healthz")[0] == 200
-        assert _get(f"http://127.0.0.1:{port}/readyz")[0] == 200
+        status, body = _get(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200 and 'clickflow_messages_received_total{source="simulator"}' in body
         process.send_signal(signum)
         stdout, stderr = process.communicate(timeout=30)
     finally:
