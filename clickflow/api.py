@@ -65,6 +65,9 @@ class RetryPolicy(PluginOptions):
     attempts: PositiveInt = 5
     initial_backoff: Duration = timedelta(milliseconds=200)
     max_backoff: Duration = timedelta(seconds=10)
+    give_up_after: Duration = timedelta(minutes=5)
+    """With redelivering sources a failed batch is handed back and the sink tried again
+    with the next one; the run fails once the sink has not succeeded for this long."""
 
 
 class SourceOptions(PluginOptions):
@@ -89,7 +92,11 @@ class Acknowledger(Protocol):
     """Settles a batch of messages once the sinks have (or have not) stored them.
 
     Both methods must return quickly; a source that needs I/O to settle queues it.
+    ``redelivers`` says whether a nacked batch comes back (Pub/Sub) or is gone
+    (files): a sink failure is survivable only in the first case.
     """
+
+    redelivers: bool
 
     def ack(self) -> None: ...
 
@@ -98,6 +105,8 @@ class Acknowledger(Protocol):
 
 class NoAck:
     """For sources that cannot redeliver (files, the simulator)."""
+
+    redelivers = False
 
     def ack(self) -> None:
         pass
@@ -122,6 +131,9 @@ class RowBatch:
     def counts(self) -> dict[str, int]:
         return {name: len(rows) for name, rows in self.tables.items()}
 
+    def discard(self) -> None:
+        pass
+
     def dicts(self, table: str) -> Iterator[dict[str, Any]]:
         """Rows of one table as dicts; convenient for simple sinks, slower than tuples."""
         names = TABLES[table].column_names
@@ -140,6 +152,9 @@ class SinkBatch(Protocol):
 
     def counts(self) -> dict[str, int]:
         """Rows gathered so far, per table."""
+
+    def discard(self) -> None:
+        """Release what the batch holds; called when it is given up without being written."""
 
 
 class SourceContext(Protocol):

@@ -58,6 +58,10 @@ class Delivery:
             self._ack.ack()
             self._on_settled(self, True)
 
+    @property
+    def redelivers(self) -> bool:
+        return bool(getattr(self._ack, "redelivers", False))
+
     def fail(self, error: BaseException) -> None:
         if not self.settled:
             self.settled = True
@@ -93,6 +97,7 @@ class SinkWorker:
         self._bytes = 0
         self._deadline = 0.0
         self._writing = anyio.Semaphore(1)
+        self._failing_since: float | None = None
 
     async def run(self, receive: ObjectReceiveStream[Parsed]) -> None:
         async with receive, anyio.create_task_group() as writes:
@@ -148,15 +153,29 @@ class SinkWorker:
             except Exception as exc:
                 self._metrics.write_failures.labels(name).inc()
                 if attempt == self._retry.attempts:
-                    for delivery in deliveries:
-                        delivery.fail(exc)
-                    raise SinkFailed(name, exc) from exc
+                    batch.discard()
+                    self._give_back(deliveries, exc)
+                    return
                 log.warning("sink %s: write failed (attempt %d of %d): %s", name, attempt, self._retry.attempts, exc)
                 await anyio.sleep(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, self._retry.max_backoff.total_seconds())
+        self._failing_since = None
         self._metrics.write_seconds.labels(name).observe(anyio.current_time() - started)
         for table, count in batch.counts().items():
             if count:
                 self._metrics.rows_written.labels(name, table).inc(count)
         for delivery in deliveries:
             delivery.sink_done()
+
+    def _give_back(self, deliveries: list[Delivery], error: Exception) -> None:
+        """Nack a batch the sink could not write; fatal unless its sources redeliver."""
+        for delivery in deliveries:
+            delivery.fail(error)
+        now = anyio.current_time()
+        if self._failing_since is None:
+            self._failing_since = now
+        survivable = all(d.redelivers for d in deliveries)
+        if not survivable or now - self._failing_since > self._retry.give_up_after.total_seconds():
+            raise SinkFailed(self.sink.name, error) from error
+        log.error("sink %s: giving the batch back for redelivery after %d attempts: %s",
+                  self.sink.name, self._retry.attempts, error)  # fmt: skip

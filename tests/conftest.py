@@ -15,6 +15,8 @@ from clickflow.config import Pipeline, parse_pipeline
 from clickflow.plugins import Registry, load_plugins
 from clickflow.runtime import RunSummary, Runtime
 
+pytest_plugins = ["tests.emulators"]
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

@@ -18,6 +18,7 @@ from clickflow.hookspecs import hookimpl
 class RecordingAck:
     acked: int = 0
     nacked: list[BaseException] = field(default_factory=list)
+    redelivers: bool = False
 
     def ack(self) -> None:
         self.acked += 1
@@ -30,6 +31,7 @@ class ScriptOptions(SourceOptions):
     batches: int = 1
     per_batch: int = 1
     forever: bool = False
+    redelivers: bool = False
 
 
 class ScriptSource(Source):
@@ -55,7 +57,7 @@ class ScriptSource(Source):
                 Message(json.dumps({"session_id": f"S{number}-{i}"}).encode(), f"{self.name}:{number}:{i}")
                 for i in range(self.options.per_batch)
             ]
-            ack = RecordingAck()
+            ack = RecordingAck(redelivers=self.options.redelivers)
             ScriptSource.acks.append(ack)
             await context.emit(messages, ack)
             ScriptSource.emitted.append(number)

@@ -39,7 +39,7 @@ def test_minimal_pipeline_is_typed(pipeline: Callable[..., Pipeline]) -> None:
 def test_unknown_plugin_type_lists_the_known_ones(registry: Registry) -> None:
     text = MINIMAL.replace("type: simulator", "type: kafka")
     assert problems(registry, text) == [
-        "p.yaml:2: sources[0].type: unknown source type 'kafka'; known source types: file, simulator"
+        "p.yaml:2: sources[0].type: unknown source type 'kafka'; known source types: file, pubsub_pull, simulator"
     ]
 
 

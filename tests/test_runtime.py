@@ -74,6 +74,24 @@ sinks: [{type: memory, fail_first: 100, retry: {attempts: 2, initial_backoff: 1m
     assert runtime.summary.not_acknowledged == 2
 
 
+async def test_a_failing_sink_hands_batches_back_to_a_redelivering_source(make: Callable[[str], Pipeline]) -> None:
+    summary = await Runtime(make("""
+sources: [{type: script, batches: 5, redelivers: true}]
+sinks: [{type: memory, fail_first: 2, batch: {max_rows: 1}, retry: {attempts: 1}}]
+""")).run()  # fmt: skip
+    assert [len(a.nacked) for a in ScriptSource.acks] == [1, 1, 0, 0, 0]
+    assert [a.acked for a in ScriptSource.acks] == [0, 0, 1, 1, 1]
+    assert (summary.acknowledged, summary.not_acknowledged) == (3, 2)
+
+
+async def test_a_sink_failing_too_long_fails_even_a_redelivering_run(make: Callable[[str], Pipeline]) -> None:
+    with pytest.raises(PipelineError, match="sink 'memory' failed"):
+        await Runtime(make("""
+sources: [{type: script, forever: true, redelivers: true}]
+sinks: [{type: memory, fail_first: 1000000, batch: {max_rows: 1}, retry: {attempts: 1, give_up_after: 50ms}}]
+""")).run()  # fmt: skip
+
+
 async def test_a_blocked_sink_stops_the_source(make: Callable[[str], Pipeline]) -> None:
     MemorySink.gate = anyio.Event()
     runtime = Runtime(make("""

@@ -1,0 +1,20 @@
+"""Google Cloud Pub/Sub sources: ``pubsub_pull`` (a subscriber) and, later, ``pubsub_push``.
+
+The GCP client library is imported only when a pipeline uses these sources,
+so clickflow works without the ``gcp`` extra until then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from clickflow.api import Source
+from clickflow.hookspecs import hookimpl
+from clickflow_pubsub.pull import PubSubPullSource
+
+__all__ = ["PubSubPullSource"]
+
+
+@hookimpl
+def register_sources(register: Callable[[type[Source]], None]) -> None:
+    register(PubSubPullSource)

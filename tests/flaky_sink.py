@@ -1,0 +1,33 @@
+"""A DuckDB sink whose first writes fail: the 'injected' failure of the Pub/Sub tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions
+from clickflow_duckdb.spool import JsonSpool
+
+from clickflow.api import Sink
+from clickflow.hookspecs import hookimpl
+
+
+class FlakyOptions(DuckDBSinkOptions):
+    fail_first: int = 0
+
+
+class FlakyDuckDBSink(DuckDBSink):
+    type_name = "flaky_duckdb"
+    Options = FlakyOptions
+    options: FlakyOptions
+    attempts = 0
+
+    async def write(self, batch: JsonSpool) -> None:
+        self.attempts += 1
+        if self.attempts <= self.options.fail_first:
+            raise ConnectionError(f"injected failure {self.attempts}")
+        await super().write(batch)
+
+
+@hookimpl
+def register_sinks(register: Callable[[type[Sink]], None]) -> None:
+    register(FlakyDuckDBSink)
