@@ -166,8 +166,8 @@ class SourceContext(Protocol):
     async def emit(self, messages: list[Message], ack: Acknowledger) -> None:
         """Hand a batch to the parser; waits while the pipeline is full (backpressure)."""
 
-    def heartbeat(self) -> None:
-        """Prove the source's loop is alive; feeds ``/healthz``."""
+    def heartbeat(self, loop: str = "") -> None:
+        """Prove a loop of the source is alive; feeds ``/healthz``. Name loops that run side by side."""
 
     def progress(self, *, files_done: int = 0, files_total: int = 0, bytes_read: int = 0) -> None:
         """Report cumulative batch progress for the terminal display."""

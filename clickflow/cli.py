@@ -52,6 +52,8 @@ async def _watch_signals(runtime: Runtime, scope: anyio.CancelScope) -> None:
 async def run_pipeline(pipeline: Pipeline, progress: bool) -> RunSummary | None:
     """Run with signal handling, the monitoring server and progress; None if aborted."""
     runtime = Runtime(pipeline)
+    if not pipeline.monitor and (served := [s.name for s in runtime.sources if s.routes()]):
+        raise PipelineError(f"source {served[0]!r} receives requests: add a monitor: section to serve its endpoint")
     summary = None
     try:
         async with AsyncExitStack() as stack:

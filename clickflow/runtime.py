@@ -108,9 +108,9 @@ class _Context:
         self._received.inc(len(messages))
         self.heartbeat()
 
-    def heartbeat(self) -> None:
+    def heartbeat(self, loop: str = "") -> None:
         now = time.time()
-        self._runtime.heartbeats[self._name] = now
+        self._runtime.heartbeats[f"{self._name}/{loop}" if loop else self._name] = now
         self._runtime.metrics.heartbeat.labels(self._name).set(now)
 
     def progress(self, *, files_done: int = 0, files_total: int = 0, bytes_read: int = 0) -> None:
@@ -232,7 +232,8 @@ class Runtime:
                 raise SourceFailed(source.name, exc) from exc
             finally:
                 context._send = None
-                self.heartbeats.pop(source.name, None)
+                for key in [k for k in self.heartbeats if k == source.name or k.startswith(f"{source.name}/")]:
+                    del self.heartbeats[key]
 
     async def _parse(
         self, receive: MemoryObjectReceiveStream[RawBatch], sends: list[MemoryObjectSendStream[Parsed]]

@@ -57,7 +57,8 @@ def test_validate_exits_0_for_valid_and_2_for_invalid(tmp_path: Path) -> None:
     failed = clickflow("validate", str(bad))
     assert failed.returncode == 2
     assert failed.stderr.splitlines() == [
-        f"{bad}:2: sources[0].type: unknown source type 'nope'; known source types: file, pubsub_pull, simulator",
+        f"{bad}:2: sources[0].type: unknown source type 'nope'; "
+        "known source types: file, pubsub_pull, pubsub_push, simulator",
         f"{bad}:5: sinks[0].pth: unknown option",
     ]
 

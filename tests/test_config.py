@@ -39,7 +39,8 @@ def test_minimal_pipeline_is_typed(pipeline: Callable[..., Pipeline]) -> None:
 def test_unknown_plugin_type_lists_the_known_ones(registry: Registry) -> None:
     text = MINIMAL.replace("type: simulator", "type: kafka")
     assert problems(registry, text) == [
-        "p.yaml:2: sources[0].type: unknown source type 'kafka'; known source types: file, pubsub_pull, simulator"
+        "p.yaml:2: sources[0].type: unknown source type 'kafka'; "
+        "known source types: file, pubsub_pull, pubsub_push, simulator"
     ]
 
 
@@ -113,7 +114,14 @@ def test_unreadable_file_is_a_config_error(registry: Registry, tmp_path: Path) -
         load_pipeline(tmp_path / "missing.yaml", registry)
 
 
+EXAMPLE_ENVIRONMENT = {
+    "PROJECT_ID": "demo-project",
+    "PUSH_AUDIENCE": "https://clickflow.example.com/pubsub/push",
+    "PUSH_SERVICE_ACCOUNT": "pusher@demo-project.iam.gserviceaccount.com",
+}
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "config").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_pipeline_is_valid(registry: Registry, path: Path) -> None:
-    loaded = load_pipeline(path, registry, environ={})
+    loaded = load_pipeline(path, registry, environ=EXAMPLE_ENVIRONMENT)
     assert loaded.sources and loaded.sinks

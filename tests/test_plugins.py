@@ -19,7 +19,12 @@ from tests.conftest import REPO
 
 def test_builtins_are_registered_through_entry_points(registry: Registry) -> None:
     sources = {name: r.distribution for name, r in registry.sources.items()}
-    assert sources == {"file": "clickflow", "pubsub_pull": "clickflow", "simulator": "clickflow"}
+    assert sources == {
+        "file": "clickflow",
+        "pubsub_pull": "clickflow",
+        "pubsub_push": "clickflow",
+        "simulator": "clickflow",
+    }
     assert {name: r.distribution for name, r in registry.sinks.items()} == {"duckdb": "clickflow"}
 
 

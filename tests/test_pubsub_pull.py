@@ -189,3 +189,18 @@ def _written_message_ids(db: Path) -> set[str]:
             "SELECT message_id FROM visits UNION SELECT message_id FROM dead_letter WHERE event_index IS NULL"
         ).fetchall()
     return {row[0] for row in rows}
+
+
+def test_simulate_publishes_to_a_topic(pubsub_emulator: PubSubEmulator) -> None:
+    topic = pubsub_emulator.topic("simulated")
+    subscription = pubsub_emulator.subscription("simulated", topic)
+    env = {**os.environ, "PUBSUB_EMULATOR_HOST": pubsub_emulator.host}
+    result = subprocess.run(
+        [sys.executable, "-m", "clickflow", "simulate", "--topic", topic, "--count", "2500", "--seed", "5"],
+        env=env, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert re.match(r"published 2,500 visits in [\d.]+s \([\d,]+/s\)", result.stderr)
+    received = []
+    while batch := pubsub_emulator.pull(subscription):
+        received += batch
+    assert len({m["message"]["messageId"] for m in received}) == 2500

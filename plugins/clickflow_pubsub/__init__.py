@@ -1,4 +1,4 @@
-"""Google Cloud Pub/Sub sources: ``pubsub_pull`` (a subscriber) and, later, ``pubsub_push``.
+"""Google Cloud Pub/Sub sources: ``pubsub_pull`` (a subscriber) and ``pubsub_push`` (an endpoint).
 
 The GCP client library is imported only when a pipeline uses these sources,
 so clickflow works without the ``gcp`` extra until then.
@@ -11,10 +11,12 @@ from collections.abc import Callable
 from clickflow.api import Source
 from clickflow.hookspecs import hookimpl
 from clickflow_pubsub.pull import PubSubPullSource
+from clickflow_pubsub.push import PubSubPushSource
 
-__all__ = ["PubSubPullSource"]
+__all__ = ["PubSubPullSource", "PubSubPushSource"]
 
 
 @hookimpl
 def register_sources(register: Callable[[type[Source]], None]) -> None:
     register(PubSubPullSource)
+    register(PubSubPushSource)

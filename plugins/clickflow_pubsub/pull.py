@@ -134,10 +134,10 @@ class PubSubPullSource(Source):
 
     async def run(self, context: SourceContext) -> None:
         async with anyio.create_task_group() as pulls:
-            for _ in range(self.options.pull_concurrency):
-                pulls.start_soon(self._pull_forever, context)
+            for number in range(self.options.pull_concurrency):
+                pulls.start_soon(self._pull_forever, context, f"pull-{number}")
 
-    async def _pull_forever(self, context: SourceContext) -> None:
+    async def _pull_forever(self, context: SourceContext, loop: str) -> None:
         subscription = self.options.subscription
         timeout = int(self.options.pull_timeout.total_seconds())
         backoff = 0.1
@@ -148,7 +148,7 @@ class PubSubPullSource(Source):
                     subscription, min(room, self.options.max_messages_per_pull), timeout=timeout
                 )
             except (TimeoutError, aiohttp.ServerTimeoutError):
-                context.heartbeat()  # a held pull that found nothing
+                context.heartbeat(loop)  # a held pull that found nothing
                 continue
             except aiohttp.ClientError as exc:
                 log.warning("%s: pull failed, retrying in %.1fs: %s", self.name, backoff, exc)
@@ -156,7 +156,7 @@ class PubSubPullSource(Source):
                 backoff = min(backoff * 2, 10.0)
                 continue
             backoff = 0.1
-            context.heartbeat()
+            context.heartbeat(loop)
             if not received:
                 continue
             messages, ack_ids = [], []

@@ -97,6 +97,8 @@ class SimulatorSource(Source):
 @click.option("--seed", type=int, help="Make the output reproducible.")
 @click.option("--format", "event_format", type=click.Choice(["wrapped", "bare"]), default="wrapped")
 @click.option("--malformed-rate", type=float, default=0.0, help="Share of deliberately broken messages.")
+@click.option("--topic", help="Publish to projects/P/topics/T instead of printing (needs clickflow[gcp]).")
+@click.option("--concurrency", type=int, default=8, show_default=True, help="Publish requests in flight.")
 def simulate(
     visits_per_minute: float | None,
     duration: str | None,
@@ -104,8 +106,10 @@ def simulate(
     seed: int | None,
     event_format: str,
     malformed_rate: float,
+    topic: str | None,
+    concurrency: int,
 ) -> None:
-    """Print simulated visits as JSON lines."""
+    """Print simulated visits as JSON lines, or publish them to a Pub/Sub topic."""
     from pydantic import ValidationError
 
     try:
@@ -119,6 +123,9 @@ def simulate(
         )
     except ValidationError as exc:
         raise click.UsageError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+    if topic:
+        _publish(topic, options, concurrency)
+        return
     out = sys.stdout.buffer
     try:
         for due, batch in simulated_messages(options):
@@ -130,6 +137,17 @@ def simulate(
         out.flush()
     except BrokenPipeError:
         sys.stderr.close()  # the reader went away (e.g. `| head`); not an error
+
+
+def _publish(topic: str, options: SimulatorOptions, concurrency: int) -> None:
+    try:
+        from clickflow_pubsub.publish import publish
+    except ImportError as exc:
+        raise click.ClickException("publishing needs: pip install 'clickflow[gcp]'") from exc
+    if options.count is None and options.duration is None:
+        raise click.UsageError("publishing needs --count or --duration")
+    report = anyio.run(publish, topic, simulated_messages(options), concurrency)
+    click.echo(f"published {report.messages:,} visits in {report.seconds:.1f}s ({report.per_second:,.0f}/s)", err=True)
 
 
 @hookimpl

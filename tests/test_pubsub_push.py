@@ -1,0 +1,177 @@
+"""The pubsub_push endpoint: envelopes, ack-after-sink answers, OIDC auth, and the emulator end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from clickflow_pubsub.push import message_from_body
+from clickflow_simulator import VisitGenerator
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from clickflow.config import Pipeline
+from clickflow.monitor import build_app
+from clickflow.runtime import Runtime
+from tests.conftest import REPO, table_counts
+from tests.emulators import PubSubEmulator, free_port
+from tests.test_pubsub_pull import _metric, _wait_for, expected_counts
+
+AUDIENCE = "https://clickflow.example.com/pubsub/push"
+SENDER = "pusher@project.iam.gserviceaccount.com"
+
+
+def envelope(data: bytes, message_id: str = "m-1") -> bytes:
+    message = {"data": base64.b64encode(data).decode(), "messageId": message_id, "attributes": {}}
+    return json.dumps({"message": message, "subscription": "projects/p/subscriptions/s"}).encode()
+
+
+def test_envelopes_unwrapped_bodies_and_garbage_all_become_messages() -> None:
+    assert message_from_body(envelope(b'{"session_id": "S"}', "42"), {}) == message_from_body(
+        envelope(b'{"session_id": "S"}', "42"), {}
+    )
+    wrapped = message_from_body(envelope(b"payload", "42"), {})
+    assert (wrapped.data, wrapped.message_id) == (b"payload", "42")
+    unwrapped = message_from_body(b'{"session_id": "S"}', {"x-goog-pubsub-message-id": "43"})
+    assert (unwrapped.data, unwrapped.message_id) == (b'{"session_id": "S"}', "43")
+    garbage = message_from_body(b'{"message": {"data": "not base64!"}}', {})
+    assert garbage.data == b'{"message": {"data": "not base64!"}}'
+    assert garbage.message_id.startswith("push:")
+
+
+@pytest.fixture
+def keys() -> dict[str, Any]:
+    return {name: rsa.generate_private_key(public_exponent=65537, key_size=2048) for name in ("google", "forger")}
+
+
+def token(key: Any, **claims: Any) -> str:
+    now = int(time.time())
+    payload = {"iss": "https://accounts.google.com", "aud": AUDIENCE, "iat": now, "exp": now + 600,
+               "email": SENDER, "email_verified": True, **claims}  # fmt: skip
+    return jwt.encode(payload, key, algorithm="RS256", headers={"kid": "k1"})
+
+
+@pytest_asyncio.fixture
+async def push_client(
+    aiohttp_client: Any, aiohttp_server: Any, keys: dict[str, Any], pipeline: Callable[..., Pipeline], tmp_path: Path
+) -> AsyncIterator[tuple[Any, Runtime]]:
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(keys["google"].public_key()))
+
+    async def certs(_: web.Request) -> web.Response:
+        return web.json_response({"keys": [{**jwk, "kid": "k1", "alg": "RS256"}]})
+
+    jwks = web.Application()
+    jwks.router.add_get("/certs", certs)
+    keys_server = await aiohttp_server(jwks)
+    runtime = Runtime(pipeline(
+        f"sources: [{{type: pubsub_push, audience: '{AUDIENCE}', allowed_emails: ['{SENDER}'],"
+        f" keys_url: '{keys_server.make_url('/certs')}'}}]\n"
+        f"sinks: [{{type: duckdb, path: '{tmp_path}/push.duckdb', batch: {{max_age: 50ms}}}}]\n"
+    ))  # fmt: skip
+    client = await aiohttp_client(build_app(runtime))
+    task = asyncio.create_task(runtime.run())
+    while not runtime.heartbeats:  # noqa: ASYNC110 - the runtime exposes no "running" event
+        await asyncio.sleep(0.01)
+    yield client, runtime
+    runtime.request_stop()
+    await task
+
+
+@pytest.mark.asyncio
+async def test_a_valid_token_gets_the_message_stored_then_204(
+    push_client: tuple[Any, Runtime], keys: dict[str, Any]
+) -> None:
+    client, runtime = push_client
+    visit = next(VisitGenerator(seed=1).messages(1))
+    response = await client.post("/pubsub/push", data=envelope(visit),
+                                 headers={"Authorization": f"Bearer {token(keys['google'])}"})  # fmt: skip
+    assert response.status == 204
+    assert runtime.summary.acknowledged == 1 and runtime.summary.rows["visits"] == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("case", "status"),
+    [("missing", 401), ("forged", 401), ("expired", 401), ("audience", 403), ("email", 403), ("unverified", 403)],
+)
+async def test_bad_tokens_are_refused_before_the_parser(
+    push_client: tuple[Any, Runtime], keys: dict[str, Any], case: str, status: int
+) -> None:
+    client, runtime = push_client
+    bearer = {
+        "missing": None,
+        "forged": token(keys["forger"]),
+        "expired": token(keys["google"], exp=int(time.time()) - 60),
+        "audience": token(keys["google"], aud="https://elsewhere.example.com"),
+        "email": token(keys["google"], email="intruder@evil.example.com"),
+        "unverified": token(keys["google"], email_verified=False),
+    }[case]
+    headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
+    response = await client.post("/pubsub/push", data=envelope(b"{}"), headers=headers)
+    assert response.status == status
+    assert sum(runtime.summary.messages.values()) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_malformed_envelope_is_dead_lettered_and_answered_2xx(
+    push_client: tuple[Any, Runtime], keys: dict[str, Any]
+) -> None:
+    client, runtime = push_client
+    response = await client.post("/pubsub/push", data=b"definitely not an envelope",
+                                 headers={"Authorization": f"Bearer {token(keys['google'])}"})  # fmt: skip
+    assert response.status == 204
+    assert runtime.summary.dead_letters == {"invalid_json": 1}
+
+
+@pytest.mark.asyncio
+async def test_oversized_bodies_are_refused(push_client: tuple[Any, Runtime], keys: dict[str, Any]) -> None:
+    client, _ = push_client
+    response = await client.post("/pubsub/push", data=io.BytesIO(b"x" * (11 * 1024 * 1024)),
+                                 headers={"Authorization": f"Bearer {token(keys['google'])}"})  # fmt: skip
+    assert response.status == 413
+
+
+@pytest.mark.integration
+def test_emulator_push_subscription_delivers_every_message(pubsub_emulator: PubSubEmulator, tmp_path: Path) -> None:
+    port, db = free_port(), tmp_path / "push.duckdb"
+    pipeline = tmp_path / "push.yaml"
+    pipeline.write_text(
+        "sources: [{type: pubsub_push}]\n"
+        f"sinks: [{{type: duckdb, path: '{db}', batch: {{max_age: 100ms}}}}]\nmonitor: {{port: {port}}}\n"
+    )
+    process = subprocess.Popen([sys.executable, "-m", "clickflow", "run", str(pipeline)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        _wait_for(lambda: _metric(port, "clickflow_messages_received_total") >= 0, 30)
+        topic = pubsub_emulator.topic("pushed")
+        pubsub_emulator.subscription("pushed", topic, push_endpoint=f"http://127.0.0.1:{port}/pubsub/push")
+        payloads = list(VisitGenerator(seed=6, malformed_rate=0.1).messages(500))
+        ids = pubsub_emulator.publish(topic, payloads)
+        _wait_for(lambda: _metric(port, "clickflow_messages_acknowledged_total") >= 500, 120)
+        process.send_signal(signal.SIGTERM)
+    finally:
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert table_counts(db) == expected_counts(payloads, ids)
+
+
+def test_push_without_a_monitor_section_is_refused(tmp_path: Path) -> None:
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"sources: [{{type: pubsub_push}}]\nsinks: [{{type: duckdb, path: '{tmp_path}/x.db'}}]\n")
+    result = subprocess.run([sys.executable, "-m", "clickflow", "run", str(pipeline)], capture_output=True,
+                            text=True, timeout=60, env={**os.environ})  # fmt: skip
+    assert result.returncode == 1
+    assert "add a monitor: section" in result.stderr
