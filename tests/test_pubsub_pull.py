@@ -66,6 +66,10 @@ def test_every_published_message_is_in_the_tables_exactly_once(
     anyio.run(run_until_acknowledged, runtime, 3000)
     assert runtime.summary.acknowledged == 3000 and runtime.summary.not_acknowledged == 0
     assert table_counts(db) == expected
+    metrics = runtime.metrics.registry
+    assert metrics.get_sample_value("clickflow_pubsub_pulled_total", {"source": "pubsub_pull"}) == 3000
+    assert metrics.get_sample_value("clickflow_pubsub_outstanding", {"source": "pubsub_pull"}) == 0
+    assert metrics.get_sample_value("clickflow_pubsub_ack_latency_seconds_count", {"source": "pubsub_pull"}) == 3000
     assert expected["dead_letter"] > 0
     time.sleep(1)  # acknowledgements are batched; then nothing may be left to deliver
     assert pubsub_emulator.pull(subscription) == []

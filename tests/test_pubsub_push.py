@@ -175,3 +175,51 @@ def test_push_without_a_monitor_section_is_refused(tmp_path: Path) -> None:
                             text=True, timeout=60, env={**os.environ})  # fmt: skip
     assert result.returncode == 1
     assert "add a monitor: section" in result.stderr
+
+
+@pytest_asyncio.fixture
+async def fake_push(aiohttp_client: Any) -> AsyncIterator[Callable[[str], Any]]:
+    """A push endpoint in front of the fake sinks of tests/fakes.py, for saturation and failure."""
+    from clickflow.config import parse_pipeline
+    from clickflow.plugins import load_plugins
+    from tests import fakes
+
+    fakes.reset()
+    registry = load_plugins(extra=[(sys.modules["tests.fakes"], "tests")])
+    runtimes: list[tuple[Runtime, asyncio.Task[Any]]] = []
+
+    async def start(sink: str) -> Any:
+        runtime = Runtime(parse_pipeline(
+            f"sources: [{{type: pubsub_push, enter_timeout: 50ms, ack_timeout: 2s}}]\nsinks: [{sink}]\n"
+            "runtime: {channel_capacity: 1, shutdown_timeout: 1s}\n", registry, "t.yaml", {},
+        ))  # fmt: skip
+        client = await aiohttp_client(build_app(runtime))
+        runtimes.append((runtime, asyncio.create_task(runtime.run())))
+        while not runtime.heartbeats:  # noqa: ASYNC110 - the runtime exposes no "running" event
+            await asyncio.sleep(0.01)
+        return client
+
+    yield start
+    for runtime, task in runtimes:
+        runtime.request_stop()
+        await task
+    fakes.reset()
+
+
+@pytest.mark.asyncio
+async def test_a_failing_sink_is_answered_503_so_pubsub_retries(fake_push: Callable[[str], Any]) -> None:
+    client = await fake_push("{type: memory, fail_first: 1000, batch: {max_rows: 1}, retry: {attempts: 1}}")
+    response = await client.post("/pubsub/push", data=envelope(b'{"session_id": "S"}'))
+    assert response.status == 503
+
+
+@pytest.mark.asyncio
+async def test_a_saturated_pipeline_is_answered_429(fake_push: Callable[[str], Any]) -> None:
+    from tests.fakes import MemorySink
+
+    MemorySink.gate = asyncio.Event()  # type: ignore[assignment] - the sink hangs until the end
+    client = await fake_push("{type: memory, gated: true, batch: {max_rows: 1}}")
+    requests = [client.post("/pubsub/push", data=envelope(b'{"session_id": "S"}', str(i))) for i in range(12)]
+    statuses = [r.status for r in await asyncio.gather(*requests)]
+    MemorySink.gate.set()
+    assert 429 in statuses
