@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,8 +19,8 @@ from clickflow.api import Message
 from clickflow.config import Pipeline
 from clickflow.parser import VisitParser
 from clickflow.runtime import Runtime
-from tests.conftest import REPO, table_counts
-from tests.emulators import PubSubEmulator, free_port
+from tests.conftest import table_counts
+from tests.emulators import PubSubEmulator, free_port, metric, start_clickflow, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -97,50 +96,32 @@ def test_a_failing_sink_causes_redelivery_not_loss(
     assert table_counts(db) == expected
 
 
-def _metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
-
-
-def _start(pipeline: Path, host: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PUBSUB_EMULATOR_HOST": host}
-    return subprocess.Popen([sys.executable, "-m", "clickflow", "run", str(pipeline)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-
-
-def _wait_for(condition: Callable[[], bool], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("condition not reached in time")
+def pull_pipeline(tmp_path: Path, subscription: str, port: int, db: Path, sink: str = "") -> Path:
+    pipeline = tmp_path / "pull.yaml"
+    pipeline.write_text(
+        f"sources: [{{type: pubsub_pull, subscription: {subscription}, ack_deadline: 10s}}]\n"
+        f"sinks: [{{type: duckdb, path: '{db}'{sink}}}]\nmonitor: {{port: {port}}}\n"
+        "runtime: {shutdown_timeout: 20s}\n"
+    )
+    return pipeline
 
 
 def test_sigkill_mid_stream_then_restart_loses_nothing(pubsub_emulator: PubSubEmulator, tmp_path: Path) -> None:
     subscription, expected = setup(pubsub_emulator, "killed", 20_000, seed=3)
     port, db = free_port(), tmp_path / "killed.duckdb"
-    pipeline = tmp_path / "pull.yaml"
-    pipeline.write_text(
-        f"sources: [{{type: pubsub_pull, subscription: {subscription}, ack_deadline: 10s}}]\n"
-        f"sinks: [{{type: duckdb, path: '{db}', batch: {{max_age: 200ms}}}}]\nmonitor: {{port: {port}}}\n"
-    )
-    first = _start(pipeline, pubsub_emulator.host)
+    pipeline = pull_pipeline(tmp_path, subscription, port, db, ", batch: {max_age: 200ms}")
+    first = start_clickflow(pipeline, pubsub_emulator.host)
     try:
-        _wait_for(lambda: _metric(port, "clickflow_messages_acknowledged_total") > 0, 60)
+        wait_for(lambda: metric(port, "clickflow_messages_acknowledged_total") > 0, 60)
     finally:
         first.kill()
         first.communicate()
-    second = _start(pipeline, pubsub_emulator.host)
+    second = start_clickflow(pipeline, pubsub_emulator.host)
     try:  # done once everything pulled is settled and nothing new arrived for a while
-        _wait_for(lambda: _metric(port, "clickflow_messages_received_total") > 0, 60)
+        wait_for(lambda: metric(port, "clickflow_messages_received_total") > 0, 60)
         last, quiet_since = -1.0, time.monotonic()
         while time.monotonic() - quiet_since < 12:  # longer than the ack deadline: redeliveries are in
-            received = _metric(port, "clickflow_messages_received_total")
+            received = metric(port, "clickflow_messages_received_total")
             if received != last:
                 last, quiet_since = received, time.monotonic()
             time.sleep(0.5)
@@ -158,14 +139,10 @@ def test_sigterm_during_a_busy_pull_exits_0_in_time_without_loss(
     subscription = pubsub_emulator.subscription("sigterm", topic)
     published = set(pubsub_emulator.publish(topic, visits(20_000, seed=4)))
     port, db = free_port(), tmp_path / "sigterm.duckdb"
-    pipeline = tmp_path / "pull.yaml"
-    pipeline.write_text(
-        f"sources: [{{type: pubsub_pull, subscription: {subscription}, ack_deadline: 10s}}]\n"
-        f"sinks: [{{type: duckdb, path: '{db}'}}]\nmonitor: {{port: {port}}}\nruntime: {{shutdown_timeout: 20s}}\n"
-    )
-    process = _start(pipeline, pubsub_emulator.host)
+    pipeline = pull_pipeline(tmp_path, subscription, port, db)
+    process = start_clickflow(pipeline, pubsub_emulator.host)
     try:
-        _wait_for(lambda: _metric(port, "clickflow_messages_received_total") > 2000, 60)
+        wait_for(lambda: metric(port, "clickflow_messages_received_total") > 2000, 60)
         stopped = time.monotonic()
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=60)

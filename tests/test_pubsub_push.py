@@ -27,8 +27,8 @@ from clickflow.config import Pipeline
 from clickflow.monitor import build_app
 from clickflow.runtime import Runtime
 from tests.conftest import REPO, table_counts
-from tests.emulators import PubSubEmulator, free_port
-from tests.test_pubsub_pull import _metric, _wait_for, expected_counts
+from tests.emulators import PubSubEmulator, free_port, metric, wait_for
+from tests.test_pubsub_pull import expected_counts
 
 AUDIENCE = "https://clickflow.example.com/pubsub/push"
 SENDER = "pusher@project.iam.gserviceaccount.com"
@@ -155,12 +155,12 @@ def test_emulator_push_subscription_delivers_every_message(pubsub_emulator: PubS
     process = subprocess.Popen([sys.executable, "-m", "clickflow", "run", str(pipeline)], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        _wait_for(lambda: _metric(port, "clickflow_messages_received_total") >= 0, 30)
+        wait_for(lambda: metric(port, "clickflow_messages_received_total") >= 0, 30)
         topic = pubsub_emulator.topic("pushed")
         pubsub_emulator.subscription("pushed", topic, push_endpoint=f"http://127.0.0.1:{port}/pubsub/push")
         payloads = list(VisitGenerator(seed=6, malformed_rate=0.1).messages(500))
         ids = pubsub_emulator.publish(topic, payloads)
-        _wait_for(lambda: _metric(port, "clickflow_messages_acknowledged_total") >= 500, 120)
+        wait_for(lambda: metric(port, "clickflow_messages_acknowledged_total") >= 500, 120)
         process.send_signal(signal.SIGTERM)
     finally:
         _, stderr = process.communicate(timeout=60)
