@@ -35,7 +35,7 @@ class MonitorOptions(PluginOptions):
 class RuntimeOptions(PluginOptions):
     shutdown_timeout: Duration = timedelta(seconds=30)
     """How long SIGINT/SIGTERM waits for in-flight messages to be written and acknowledged."""
-    channel_capacity: PositiveInt = 8
+    channel_capacity: PositiveInt = 4
     """Batches queued between stages; small, so a slow sink slows the sources."""
     heartbeat_max_age: Duration = timedelta(seconds=60)
     """``/healthz`` fails when a running source has not reported for this long."""

@@ -40,7 +40,7 @@ DUCKDB_TYPES: dict[ColumnType, str] = {
 class DuckDBSinkOptions(SinkOptions):
     path: str = Field(default="clickflow.duckdb", description="Database file, created if missing.")
     memory_limit: str = Field(
-        default="160MB", description="DuckDB's memory_limit (peak memory is about this plus 150MB)."
+        default="128MB", description="DuckDB's memory_limit (peak memory is about this plus 160MB)."
     )
     threads: int = Field(default=1, ge=1, description="DuckDB worker threads; one leaves a core to the parser.")
     batch: BatchLimits = BatchLimits(max_rows=300_000, max_bytes="256MiB", max_age="5s")  # type: ignore[arg-type]
