@@ -144,3 +144,36 @@ def test_a_signal_drains_in_flight_work_and_exits_0(tmp_path: Path, signum: int)
     received = int(summary_line.split()[1].replace(",", ""))
     assert received > 0
     assert table_counts(db)["visits"] == received  # batched for 10s: only the drain wrote them
+
+
+def test_progress_shows_on_a_terminal_and_not_in_a_pipe(tmp_path: Path) -> None:
+    import pty
+
+    data = tmp_path / "visits.jsonl"
+    with data.open("wb") as out:
+        subprocess.run([*CLICKFLOW, "simulate", "--count", "30000", "--seed", "1"], stdout=out, check=True)
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(
+        f"sources: [{{type: file, path: '{data}'}}]\nsinks: [{{type: duckdb, path: '{tmp_path}/p.db'}}]\n"
+    )
+
+    quiet = clickflow("run", str(pipeline))
+    assert quiet.returncode == 0 and "\r" not in quiet.stderr
+
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen([*CLICKFLOW, "run", str(pipeline)], cwd=REPO, stdin=terminal, stdout=terminal,
+                               stderr=terminal)  # fmt: skip
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    assert process.wait(timeout=60) == 0
+    assert b"files 0/1" in shown or b"files 1/1" in shown
+    assert b"events/s" in shown and b"MB" in shown
