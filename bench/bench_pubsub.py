@@ -2,6 +2,7 @@
 
     python bench/bench_pubsub.py [--messages 50000] [--push-requests 5000] [--push-concurrency 32]
 
+0. `clickflow simulate --topic` unthrottled into the emulator: the publishing rate it reports.
 1. Publishes the same visits to two subscriptions. Drains one with bare
    pull+acknowledge calls (the emulator's own ceiling), the other with a
    clickflow pipeline (pubsub_pull -> parser -> DuckDB), and prints both rates.
@@ -70,6 +71,17 @@ async def pipeline_drain(runtime: Runtime, total: int) -> float:
         elapsed = time.perf_counter() - started
         runtime.request_stop()
     return elapsed
+
+
+def bench_publish(emulator: PubSubEmulator, messages: int) -> None:
+    topic = emulator.topic("bench-publish")
+    emulator.subscription("bench-publish", topic)  # so the emulator keeps what it receives
+    env = {**os.environ, "PUBSUB_EMULATOR_HOST": emulator.host}
+    result = subprocess.run(
+        [sys.executable, "-m", "clickflow", "simulate", "--topic", topic, "--count", str(messages), "--seed", "20"],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    print(f"publish: clickflow simulate --topic, unthrottled: {result.stderr.strip()}")
 
 
 def bench_pull(emulator: PubSubEmulator, messages: int, workdir: Path) -> None:
@@ -182,6 +194,7 @@ def main() -> None:
                                         stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         try:
             wait_for_port(port, emulator, log)
+            bench_publish(PubSubEmulator(f"127.0.0.1:{port}"), opts.messages)
             bench_pull(PubSubEmulator(f"127.0.0.1:{port}"), opts.messages, workdir)
         finally:
             os.killpg(emulator.pid, signal.SIGTERM)
