@@ -162,7 +162,10 @@ class Runtime:
                     raise PipelineError(f"sink {sink.name!r} could not start: {exc}") from exc
                 stack.push_async_callback(self._close, sink)
             for source in self.sources:
-                await stack.enter_async_context(source.lifespan(self._contexts[source.name]))
+                try:
+                    await stack.enter_async_context(source.lifespan(self._contexts[source.name]))
+                except Exception as exc:
+                    raise PipelineError(f"source {source.name!r} could not start: {exc}") from exc
             self.ready = True
             try:
                 async with anyio.create_task_group() as outer:
