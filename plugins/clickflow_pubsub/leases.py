@@ -31,11 +31,11 @@ class Leases:
             return 0
         return max(0, self.max_messages - len(self.active))
 
-    async def wait_for_room(self) -> int:
-        while not (room := self.room()):
+    async def freed(self) -> None:
+        """Wait until some lease is settled (every waiter wakes; check ``room()`` again)."""
+        if self._freed.is_set():
             self._freed = anyio.Event()
-            await self._freed.wait()
-        return room
+        await self._freed.wait()
 
     def add(self, ack_id: str, size: int) -> None:
         now = time.monotonic()

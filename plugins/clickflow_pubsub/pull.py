@@ -142,7 +142,10 @@ class PubSubPullSource(Source):
         timeout = int(self.options.pull_timeout.total_seconds())
         backoff = 0.1
         while True:
-            room = await self._leases.wait_for_room()
+            while not (room := self._leases.room()):  # flow control: wait, but stay healthy
+                context.heartbeat(loop)
+                with anyio.move_on_after(5):
+                    await self._leases.freed()
             try:
                 received = await self._client.pull(
                     subscription, min(room, self.options.max_messages_per_pull), timeout=timeout
