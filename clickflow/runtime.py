@@ -52,6 +52,8 @@ class PipelineError(Exception):
 
 class SourceFailed(PipelineError):
     def __init__(self, source: str, cause: BaseException) -> None:
+        while isinstance(cause, BaseExceptionGroup) and cause.exceptions:  # the source's own task group
+            cause = cause.exceptions[0]
         super().__init__(f"source {source!r} failed: {cause}")
         self.cause = cause
 

@@ -185,3 +185,16 @@ def test_simulate_publishes_to_a_topic(pubsub_emulator: PubSubEmulator) -> None:
     while batch := pubsub_emulator.pull(subscription):
         received += batch
     assert len({m["message"]["messageId"] for m in received}) == 2500
+
+
+def test_a_missing_subscription_fails_the_run_clearly(pubsub_emulator: PubSubEmulator, tmp_path: Path) -> None:
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(
+        f"sources: [{{type: pubsub_pull, subscription: projects/{pubsub_emulator.project}/subscriptions/nope}}]\n"
+        f"sinks: [{{type: duckdb, path: '{tmp_path}/x.duckdb'}}]\n"
+    )
+    process = start_clickflow(pipeline, pubsub_emulator.host)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "source 'pubsub_pull' failed: cannot pull projects/clickflow-test/subscriptions/nope: 404" in stderr
+    assert "Traceback" not in stderr
