@@ -14,11 +14,11 @@ import argparse
 import time
 
 import orjson
-from clickflow_simulator.generator import VisitGenerator
 
 from clickflow.api import Message
 from clickflow.parser import VisitParser
 from clickflow.runtime import tune_gc
+from clickflow_simulator.generator import VisitGenerator
 
 
 def main() -> None:

@@ -28,11 +28,11 @@ from pathlib import Path
 import aiohttp
 import anyio
 import anyio.abc
-from clickflow_simulator import VisitGenerator
 
 from clickflow.config import parse_pipeline
 from clickflow.plugins import load_plugins
 from clickflow.runtime import Runtime
+from clickflow_simulator import VisitGenerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.emulators import PUBSUB_LAUNCHERS, PubSubEmulator, free_port, wait_for_port

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions
-from clickflow_duckdb.spool import JsonSpool
-
 from clickflow.api import Sink
 from clickflow.hookspecs import hookimpl
+from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions
+from clickflow_duckdb.spool import JsonSpool
 
 
 class FlakyOptions(DuckDBSinkOptions):

@@ -11,10 +11,10 @@ from typing import Any
 import anyio
 import duckdb
 import pytest
-from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions
 
 from clickflow.api import Message, RowBatch
 from clickflow.parser import VisitParser
+from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions
 from tests.conftest import table_counts
 
 pytestmark = pytest.mark.anyio

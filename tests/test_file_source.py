@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clickflow_file import expand_paths
-from clickflow_file.reader import iter_array, iter_lines
 
 from clickflow.config import Pipeline
 from clickflow.runtime import PipelineError
+from clickflow_file import expand_paths
+from clickflow_file.reader import iter_array, iter_lines
 from tests.conftest import run_pipeline, table_counts
 
 

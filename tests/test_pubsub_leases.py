@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
+
 from clickflow_pubsub.leases import Leases
 
 pytestmark = pytest.mark.anyio

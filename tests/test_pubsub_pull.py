@@ -13,12 +13,12 @@ from pathlib import Path
 
 import anyio
 import pytest
-from clickflow_simulator import VisitGenerator
 
 from clickflow.api import Message
 from clickflow.config import Pipeline
 from clickflow.parser import VisitParser
 from clickflow.runtime import Runtime
+from clickflow_simulator import VisitGenerator
 from tests.conftest import table_counts
 from tests.emulators import PubSubEmulator, free_port, metric, start_clickflow, wait_for
 

@@ -19,13 +19,13 @@ import jwt
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from clickflow_pubsub.push import message_from_body
-from clickflow_simulator import VisitGenerator
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from clickflow.config import Pipeline
 from clickflow.monitor import build_app
 from clickflow.runtime import Runtime
+from clickflow_pubsub.push import message_from_body
+from clickflow_simulator import VisitGenerator
 from tests.conftest import REPO, table_counts
 from tests.emulators import PubSubEmulator, free_port, metric, wait_for
 from tests.test_pubsub_pull import expected_counts

@@ -10,11 +10,11 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
-from clickflow_simulator import SimulatorOptions, VisitGenerator, simulated_messages
 
 from clickflow.api import Message
 from clickflow.config import Pipeline
 from clickflow.parser import VisitParser
+from clickflow_simulator import SimulatorOptions, VisitGenerator, simulated_messages
 from tests.conftest import run_pipeline, table_counts
 
 START = datetime(2024, 7, 1, 9, tzinfo=UTC)
