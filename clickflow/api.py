@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol
 
-from pydantic import BaseModel, BeforeValidator, ByteSize, ConfigDict, PositiveInt
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ByteSize, ConfigDict, PositiveInt
 
 from clickflow.schema import TABLE_NAMES, TABLES
 
@@ -30,18 +30,24 @@ def _parse_duration(value: Any) -> Any:
     """Accept ``250ms``, ``30s``, ``5m``, ``1h`` or a number of seconds."""
     if isinstance(value, str):
         text = value.strip()
-        for unit in ("ms", "s", "m", "h"):
-            number = text.removesuffix(unit)
-            if number != text:
+        for unit in ("ms", "s", "m", "h", ""):
+            number = text.removesuffix(unit) if unit else text
+            if number != text or not unit:
                 try:
-                    return timedelta(seconds=float(number) * _DURATION_UNITS[unit])
+                    return timedelta(seconds=float(number) * _DURATION_UNITS.get(unit, 1.0))
                 except ValueError:
                     break
         raise ValueError(f"{value!r} is not a duration; write e.g. 250ms, 30s, 5m or 1h")
     return value
 
 
-Duration = Annotated[timedelta, BeforeValidator(_parse_duration)]
+def _not_negative(value: timedelta) -> timedelta:
+    if value < timedelta(0):
+        raise ValueError("a duration cannot be negative")
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_parse_duration), AfterValidator(_not_negative)]
 """A length of time written as ``250ms``, ``30s``, ``5m``, ``1h`` or seconds."""
 
 

@@ -125,3 +125,18 @@ EXAMPLE_ENVIRONMENT = {
 def test_every_example_pipeline_is_valid(registry: Registry, path: Path) -> None:
     loaded = load_pipeline(path, registry, environ=EXAMPLE_ENVIRONMENT)
     assert loaded.sources and loaded.sinks
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("250ms", 0.25), ("30s", 30), ("5m", 300), ("1h", 3600), ("1.5", 1.5), ("0", 0), (2, 2)]
+)
+def test_duration_spellings(pipeline: Callable[..., Pipeline], text: object, seconds: float) -> None:
+    loaded = pipeline(MINIMAL + f"runtime:\n  shutdown_timeout: '{text}'\n" if isinstance(text, str)
+                      else MINIMAL + f"runtime:\n  shutdown_timeout: {text}\n")  # fmt: skip
+    assert loaded.runtime.shutdown_timeout == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("text", ["soon", "-5s", "5 minutes"])
+def test_bad_durations_are_rejected(registry: Registry, text: str) -> None:
+    (problem,) = problems(registry, MINIMAL + f"runtime:\n  shutdown_timeout: '{text}'\n")
+    assert problem.startswith("p.yaml:8: runtime.shutdown_timeout:")
