@@ -21,10 +21,15 @@ EXIT_INVALID = 2
 
 
 def _registry() -> Registry:
-    try:
-        return load_plugins()
-    except PluginError as exc:
-        raise click.ClickException(str(exc)) from None
+    """The plugins loaded once by ``main`` (or now, when the group is invoked some other way)."""
+    context = click.get_current_context()
+    registry = context.obj
+    if not isinstance(registry, Registry):
+        try:
+            registry = context.obj = load_plugins()
+        except PluginError as exc:
+            raise click.ClickException(str(exc)) from None
+    return registry
 
 
 def _load(path: str, registry: Registry) -> Pipeline:
@@ -129,6 +134,10 @@ def list_plugins() -> None:
 
 
 def main() -> None:
-    registry = _registry()
+    try:
+        registry = load_plugins()
+    except PluginError as exc:
+        click.echo(f"clickflow: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
     registry.manager.hook.register_commands(cli=cli)
-    cli(prog_name="clickflow")
+    cli(prog_name="clickflow", obj=registry)
