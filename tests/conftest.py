@@ -11,8 +11,8 @@ import anyio
 import duckdb
 import pytest
 
-from clickflow.config import Pipeline, parse_pipeline
-from clickflow.plugins import Registry, load_plugins
+from clickflow.config import Pipeline
+from clickflow.plugins import Registry
 from clickflow.runtime import RunSummary, Runtime
 
 pytest_plugins = ["tests.emulators"]
@@ -53,16 +53,13 @@ def visit() -> Callable[..., dict[str, Any]]:
 
 
 @pytest.fixture(scope="session")
-def registry() -> Registry:
-    return load_plugins()
+def registry(clickflow_registry: Registry) -> Registry:
+    return clickflow_registry
 
 
 @pytest.fixture
-def pipeline(registry: Registry) -> Callable[..., Pipeline]:
-    def build(text: str, environ: dict[str, str] | None = None) -> Pipeline:
-        return parse_pipeline(text, registry, "test.yaml", environ or {})
-
-    return build
+def pipeline(clickflow_pipeline: Callable[..., Pipeline]) -> Callable[..., Pipeline]:
+    return clickflow_pipeline
 
 
 def run_pipeline(pipeline: Pipeline) -> RunSummary:

@@ -76,3 +76,16 @@ def test_a_pipeline_can_use_the_installed_plugin(example_plugin: dict[str, str],
     visits = (tmp_path / "out" / "visits.ndjson").read_text().splitlines()
     assert len(visits) == 20
     assert json.loads(visits[0])["ingested_at"].endswith("+00:00")
+
+
+def test_plugin_authors_get_pytest_fixtures(
+    clickflow_pipeline: Callable[..., object], clickflow_run: Callable[[object], object], tmp_path: Path
+) -> None:
+    from clickflow.runtime import RunSummary
+
+    summary = clickflow_run(clickflow_pipeline(
+        "sources: [{type: simulator, count: 50, seed: 1}]\n"
+        f"sinks: [{{type: duckdb, path: '{tmp_path}/fixtures.duckdb'}}]\n"
+    ))  # fmt: skip
+    assert isinstance(summary, RunSummary)
+    assert summary.rows["visits"] == 50
