@@ -26,7 +26,7 @@ from pydantic import Field
 
 from clickflow.api import BatchLimits, Sink, SinkOptions
 from clickflow.hookspecs import hookimpl
-from clickflow.schema import TABLES, ColumnType, Table
+from clickflow.schema import TABLES, Column, ColumnType, Table
 from clickflow_duckdb.spool import JsonSpool
 
 DUCKDB_TYPES: dict[ColumnType, str] = {
@@ -46,15 +46,36 @@ class DuckDBSinkOptions(SinkOptions):
     batch: BatchLimits = BatchLimits(max_rows=300_000, max_bytes="256MiB", max_age="5s")  # type: ignore[arg-type]
 
 
+GENERATED = {("events", "event_id"): "visit_id || ':' || CAST(event_index AS VARCHAR)"}
+"""Columns DuckDB computes instead of storing: the parser's ``event_id`` is ``visit_id:index``.
+Not storing those unique strings makes loading events about a tenth cheaper."""
+
+
+def _stored(table: Table) -> list[tuple[int, Column]]:
+    """The table's columns that are written, with their 1-based position in a spooled row."""
+    return [(i, c) for i, c in enumerate(table.columns, 1) if (table.name, c.name) not in GENERATED]
+
+
 def create_table_sql(table: Table) -> str:
-    columns = [f"{c.name} {DUCKDB_TYPES[c.type]}{' NOT NULL' if c.required else ''}" for c in table.columns]
+    columns = []
+    for column in table.columns:
+        expression = GENERATED.get((table.name, column.name))
+        if expression:
+            columns.append(f"{column.name} {DUCKDB_TYPES[column.type]} GENERATED ALWAYS AS ({expression}) VIRTUAL")
+        else:
+            columns.append(f"{column.name} {DUCKDB_TYPES[column.type]}{' NOT NULL' if column.required else ''}")
     return f"CREATE TABLE IF NOT EXISTS {table.name} ({', '.join(columns)})"
 
 
+def insert_into(table: Table) -> str:
+    """``INSERT INTO table (stored columns)``, to be followed by a SELECT of those columns."""
+    return f"INSERT INTO {table.name} ({', '.join(c.name for _, c in _stored(table))})"
+
+
 def select_spooled(table: Table, path: str) -> str:
-    """A SELECT that reads one spool file (rows as JSON arrays) as the table's columns."""
+    """A SELECT that reads one spool file (rows as JSON arrays) as the table's stored columns."""
     columns = []
-    for i, column in enumerate(table.columns, 1):
+    for i, column in _stored(table):
         if column.type == "TIMESTAMP":  # exact to the microsecond, and ~10x cheaper than AT TIME ZONE
             columns.append(f"to_timestamp(j[{i}]::BIGINT / 1000000) AS {column.name}")
         else:
@@ -110,18 +131,18 @@ class DuckDBSink(Sink):
                     "CREATE OR REPLACE TEMP TABLE clickflow_new_visits AS "
                     f"SELECT b.* FROM {spooled('visits')} ANTI JOIN visits t ON b.visit_id = t.visit_id"
                 )
-                con.execute("INSERT INTO visits SELECT * FROM clickflow_new_visits")
+                con.execute(f"{insert_into(TABLES['visits'])} SELECT * FROM clickflow_new_visits")
                 (new_visits,) = con.fetchone() or (0,)
                 for name in ("events", "purchase_items"):
                     if counts[name]:
-                        sql = f"INSERT INTO {name} SELECT b.* FROM {spooled(name)}"
+                        sql = f"{insert_into(TABLES[name])} SELECT b.* FROM {spooled(name)}"
                         if new_visits < counts["visits"]:  # some were written before: keep only new visits' rows
                             sql += " SEMI JOIN clickflow_new_visits n ON b.visit_id = n.visit_id"
                         con.execute(sql)
                 con.execute("DROP TABLE clickflow_new_visits")
             if counts["dead_letter"]:
                 con.execute(
-                    f"INSERT INTO dead_letter SELECT b.* FROM {spooled('dead_letter')} "
+                    f"{insert_into(TABLES['dead_letter'])} SELECT b.* FROM {spooled('dead_letter')} "
                     "ANTI JOIN dead_letter t ON b.dead_letter_id = t.dead_letter_id"
                 )
             con.commit()
