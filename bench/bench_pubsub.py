@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -35,7 +36,7 @@ from clickflow.runtime import Runtime
 from clickflow_simulator import VisitGenerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.emulators import PUBSUB_LAUNCHERS, PubSubEmulator, free_port, wait_for_port
+from tests.emulators import PubSubEmulator, free_port, pubsub_launcher, running_pubsub_emulator
 
 
 async def raw_drain(host: str, subscription: str, total: int, concurrency: int = 2) -> float:
@@ -143,7 +144,7 @@ def bench_push(requests: int, concurrency: int, workdir: Path) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                with urllib_open(f"http://127.0.0.1:{port}/readyz"):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
                     break
             except OSError:
                 time.sleep(0.1)
@@ -168,12 +169,6 @@ def bench_push(requests: int, concurrency: int, workdir: Path) -> None:
           f"  max {latencies[-1] * 1000:.1f} ms")  # fmt: skip
 
 
-def urllib_open(url: str) -> object:
-    import urllib.request
-
-    return urllib.request.urlopen(url, timeout=2)
-
-
 def main() -> None:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--messages", type=int, default=50_000)
@@ -181,24 +176,14 @@ def main() -> None:
     args.add_argument("--push-concurrency", type=int, default=32)
     opts = args.parse_args()
 
-    launcher = next((p for p in PUBSUB_LAUNCHERS if os.path.exists(p) or subprocess.run(
-        ["which", p], capture_output=True).returncode == 0), None)  # fmt: skip
+    launcher = pubsub_launcher()
     if launcher is None:
         sys.exit("the Pub/Sub emulator is not installed (apt-get install google-cloud-cli-pubsub-emulator)")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        port = free_port()
-        log = workdir / "emulator.log"
-        with open(log, "wb") as out:
-            emulator = subprocess.Popen([launcher, "--host=127.0.0.1", f"--port={port}"], stdout=out,
-                                        stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        try:
-            wait_for_port(port, emulator, log)
-            bench_publish(PubSubEmulator(f"127.0.0.1:{port}"), opts.messages)
-            bench_pull(PubSubEmulator(f"127.0.0.1:{port}"), opts.messages, workdir)
-        finally:
-            os.killpg(emulator.pid, signal.SIGTERM)
-            emulator.wait()
+        with running_pubsub_emulator(launcher, workdir / "emulator.log") as emulator:
+            bench_publish(emulator, opts.messages)
+            bench_pull(emulator, opts.messages, workdir)
         bench_push(opts.push_requests, opts.push_concurrency, workdir)
 
 

@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,16 +98,19 @@ class PubSubEmulator:
         return self._call("POST", f"{subscription}:pull", body).get("receivedMessages", [])  # type: ignore[no-any-return]
 
 
-@pytest.fixture(scope="session")
-def pubsub_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PubSubEmulator]:
+def pubsub_launcher() -> str | None:
+    """The emulator's launcher, or None when it (or Java) is not installed."""
     launcher = next((p for p in PUBSUB_LAUNCHERS if shutil.which(p) or os.path.exists(p)), None)
-    if launcher is None or not shutil.which("java"):
-        missing("the Pub/Sub emulator", "apt-get install google-cloud-cli-pubsub-emulator (needs Java)")
+    return launcher if launcher and shutil.which("java") else None
+
+
+@contextmanager
+def running_pubsub_emulator(launcher: str, log: Path) -> Iterator[PubSubEmulator]:
+    """Start the emulator on a free port, yield it once it listens, stop it afterwards."""
     port = free_port()
-    log = tmp_path_factory.mktemp("pubsub") / "emulator.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [str(launcher), "--host=127.0.0.1", f"--port={port}"], stdout=out, stderr=subprocess.STDOUT,
+            [launcher, "--host=127.0.0.1", f"--port={port}"], stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
     try:
@@ -115,6 +119,15 @@ def pubsub_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PubSub
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def pubsub_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PubSubEmulator]:
+    launcher = pubsub_launcher()
+    if launcher is None:
+        missing("the Pub/Sub emulator", "apt-get install google-cloud-cli-pubsub-emulator (needs Java)")
+    with running_pubsub_emulator(str(launcher), tmp_path_factory.mktemp("pubsub") / "emulator.log") as emulator:
+        yield emulator
 
 
 # A clickflow process under test, watched through its /metrics.
