@@ -104,3 +104,21 @@ async def test_unwritable_path_fails_at_open(tmp_path: Path) -> None:
     sink = DuckDBSink("duckdb", DuckDBSinkOptions(path=str(tmp_path / "no-such-dir" / "db.duckdb")))
     with pytest.raises(duckdb.Error):
         await sink.open()
+
+
+async def test_batch_files_live_beside_the_database_and_a_killed_runs_leftovers_are_removed(
+    tmp_path: Path, visit: Callable[..., dict[str, Any]]
+) -> None:
+    leftover = tmp_path / "db.duckdb.spool" / "batch-killed" / "visits.ndjson"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_text("[]\n")
+    sink = DuckDBSink("duckdb", DuckDBSinkOptions(path=str(tmp_path / "db.duckdb")))
+    await sink.open()
+    assert list((tmp_path / "db.duckdb.spool").iterdir()) == []
+    batch = sink.new_batch()
+    batch.add(parsed([visit()]))
+    assert len(list((tmp_path / "db.duckdb.spool").iterdir())) == 1
+    await sink.write(batch)
+    await sink.close()
+    assert not (tmp_path / "db.duckdb.spool").exists()
+    assert table_counts(tmp_path / "db.duckdb")["visits"] == 1

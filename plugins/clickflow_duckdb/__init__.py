@@ -16,6 +16,7 @@ made large tables quadratically slow to load; the anti-join scans one column.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -97,7 +98,6 @@ class DuckDBSink(Sink):
         await anyio.to_thread.run_sync(self._open)
 
     def _open(self) -> None:
-        self._spool_root = tempfile.mkdtemp(prefix="clickflow-duckdb-")
         config: dict[str, str | bool | int | float | list[str]] = {
             "memory_limit": self.options.memory_limit,
             "threads": self.options.threads,
@@ -107,6 +107,7 @@ class DuckDBSink(Sink):
         con.execute("SET preserve_insertion_order = false")  # lets inserts run in parallel
         for table in TABLES.values():
             con.execute(create_table_sql(table))
+        self._spool_root = spool_directory(self.options.path)
 
     def new_batch(self) -> JsonSpool:
         return JsonSpool(self._spool_root)
@@ -157,6 +158,20 @@ class DuckDBSink(Sink):
             await anyio.to_thread.run_sync(self._connection.close)
             shutil.rmtree(self._spool_root, ignore_errors=True)
             self._connection = None
+
+
+def spool_directory(database: str) -> str:
+    """An empty directory for batch files: ``DATABASE.spool`` beside a database file.
+
+    Files a killed run left behind are removed here, when the next run opens the
+    database (their batches were never acknowledged, so their sources send them again).
+    """
+    if database == ":memory:":
+        return tempfile.mkdtemp(prefix="clickflow-duckdb-")
+    directory = f"{database}.spool"
+    shutil.rmtree(directory, ignore_errors=True)
+    os.mkdir(directory)
+    return directory
 
 
 @hookimpl
