@@ -15,7 +15,7 @@ from clickflow.config import Pipeline
 from clickflow.plugins import Registry
 from clickflow.runtime import RunSummary, Runtime
 
-pytest_plugins = ["tests.emulators"]
+pytest_plugins = ["tests.emulators", "tests.gcp_emulators"]
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -25,7 +25,11 @@ def test_builtins_are_registered_through_entry_points(registry: Registry) -> Non
         "pubsub_push": "clickflow",
         "simulator": "clickflow",
     }
-    assert {name: r.distribution for name, r in registry.sinks.items()} == {"duckdb": "clickflow"}
+    assert {name: r.distribution for name, r in registry.sinks.items()} == {
+        "bigquery_load": "clickflow",
+        "bigquery_streaming": "clickflow",
+        "duckdb": "clickflow",
+    }
 
 
 def test_a_plugin_registering_something_else_is_an_error() -> None:

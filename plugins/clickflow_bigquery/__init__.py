@@ -1,0 +1,67 @@
+"""BigQuery sinks: ``bigquery_streaming`` (insertAll) and ``bigquery_load`` (load jobs).
+
+Also the ``clickflow bigquery create-tables PIPELINE`` command, which creates
+the dataset and the four tables of every BigQuery sink in a pipeline file.
+Needs the ``gcp`` extra; ``BIGQUERY_EMULATOR_HOST`` points everything at an emulator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import anyio
+import click
+
+from clickflow.api import Sink
+from clickflow.hookspecs import hookimpl
+from clickflow_bigquery.common import BigQueryOptions, BigQuerySink
+from clickflow_bigquery.load import BigQueryLoadSink
+from clickflow_bigquery.streaming import BigQueryStreamingSink
+from clickflow_bigquery.tables import SchemaMismatch
+
+__all__ = ["BigQueryLoadSink", "BigQueryStreamingSink"]
+
+
+@hookimpl
+def register_sinks(register: Callable[[type[Sink]], None]) -> None:
+    register(BigQueryStreamingSink)
+    register(BigQueryLoadSink)
+
+
+@click.group()
+def bigquery() -> None:
+    """BigQuery tables for clickflow's sinks."""
+
+
+@bigquery.command("create-tables")
+@click.argument("pipeline", type=click.Path(exists=True, dir_okay=False))
+def create_tables(pipeline: str) -> None:
+    """Create the dataset and tables of each BigQuery sink in PIPELINE; check those that exist."""
+    from clickflow.config import ConfigError, load_pipeline
+    from clickflow.plugins import load_plugins
+
+    try:
+        loaded = load_pipeline(pipeline, load_plugins())
+    except ConfigError as exc:
+        raise click.ClickException("\n".join(map(str, exc.problems))) from None
+    sinks = [(c.name, c.cls, c.options) for c in loaded.sinks if issubclass(c.cls, BigQuerySink)]
+    if not sinks:
+        raise click.ClickException(f"{pipeline} has no BigQuery sink")
+
+    async def create() -> None:
+        for name, cls, options in sinks:
+            assert isinstance(options, BigQueryOptions)
+            sink = cls(name, options.model_copy(update={"create_tables": True}))
+            await sink.open()
+            await sink.close()
+            click.echo(f"{name}: {options.project}.{options.dataset} is ready")
+
+    try:
+        anyio.run(create)
+    except SchemaMismatch as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@hookimpl
+def register_commands(cli: click.Group) -> None:
+    cli.add_command(bigquery)

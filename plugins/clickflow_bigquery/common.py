@@ -1,0 +1,52 @@
+"""What both BigQuery sinks share: where they write, and opening (tables checked or created)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from clickflow.api import Sink, SinkOptions
+from clickflow.schema import TABLE_NAMES
+from clickflow_bigquery.client import BigQueryClient
+from clickflow_bigquery.tables import ensure_tables
+
+NAME = r"^[A-Za-z0-9_]+$"
+
+
+class BigQueryOptions(SinkOptions):
+    project: str = Field(min_length=1, description="Project that owns the dataset (and pays for the writes).")
+    dataset: str = Field(pattern=NAME, description="Dataset of the four tables.")
+    location: str | None = Field(default=None, description="Dataset location when creating it, e.g. US or EU.")
+    table_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9_]*$", description="Put before each table name.")
+    tables: dict[str, str] = Field(default_factory=dict, description="Other names for tables, e.g. {events: hits}.")
+    create_tables: bool = Field(default=True, description="Create the dataset and missing tables when opening.")
+    service_file: str | None = Field(default=None, description="Service-account key; default: ADC.")
+
+    @field_validator("tables")
+    @classmethod
+    def _known_tables(cls, tables: dict[str, str]) -> dict[str, str]:
+        unknown = set(tables) - set(TABLE_NAMES)
+        if unknown:
+            raise ValueError(f"unknown table(s) {sorted(unknown)}; the tables are {', '.join(TABLE_NAMES)}")
+        return tables
+
+    def table_names(self) -> dict[str, str]:
+        return {name: self.tables.get(name, self.table_prefix + name) for name in TABLE_NAMES}
+
+
+class BigQuerySink(Sink):
+    """Opens a client and makes sure the tables are there and match."""
+
+    options: BigQueryOptions
+
+    async def open(self) -> None:
+        self.names = self.options.table_names()
+        self.client = BigQueryClient(self.options.project, self.options.service_file, self.options.location)
+        await self.client.open()
+        try:
+            await ensure_tables(self.client, self.options.dataset, self.names, create=self.options.create_tables)
+        except BaseException:
+            await self.client.close()
+            raise
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -1,0 +1,92 @@
+"""The ``bigquery_load`` sink against the BigQuery emulator (and Cloud Storage emulator, staged)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from clickflow.api import Message
+from clickflow.config import Pipeline
+from clickflow.parser import VisitParser
+from clickflow.runtime import RunSummary
+from clickflow.schema import EVENTS
+from clickflow_bigquery.load import BigQueryLoadOptions, BigQueryLoadSink
+from tests.conftest import VALID_VISIT
+from tests.gcp_emulators import STAGING_BUCKET, BigQueryEmulator
+
+pytestmark = [pytest.mark.integration, pytest.mark.anyio]
+_datasets = itertools.count()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def load_pipeline(path: Path, project: str, name: str, extra: str = "") -> str:
+    return (
+        f"sources: [{{type: file, path: '{path}'}}]\n"
+        f"sinks: [{{type: bigquery_load, project: {project}, dataset: {name}, "
+        f"retry: {{attempts: 3, initial_backoff: 10ms}}{extra}}}]"
+    )
+
+
+def test_files_load_with_exact_counts_uploaded_with_the_job(
+    bigquery_env: BigQueryEmulator,
+    mixed_visits: tuple[Path, dict[str, int]],
+    pipeline: Callable[..., Pipeline],
+    clickflow_run: Callable[[Pipeline], RunSummary],
+) -> None:
+    path, expected = mixed_visits
+    name = f"load_{next(_datasets)}"
+    summary = clickflow_run(pipeline(load_pipeline(path, bigquery_env.project, name)))
+    assert summary.rows == expected
+    assert bigquery_env.counts(name) == expected
+
+
+def test_staged_in_cloud_storage_and_loading_again_changes_no_count(
+    bigquery_env: BigQueryEmulator,
+    gcs_emulator: tuple[str, Path],
+    mixed_visits: tuple[Path, dict[str, int]],
+    pipeline: Callable[..., Pipeline],
+    clickflow_run: Callable[[Pipeline], RunSummary],
+) -> None:
+    path, expected = mixed_visits
+    name = f"load_{next(_datasets)}"
+    # small batches: several jobs per table, each of which must be recognised on the second run
+    staged = f", staging: gs://{STAGING_BUCKET}/clickflow, batch: {{max_rows: 500}}"
+    text = load_pipeline(path, bigquery_env.project, name, staged)
+    for _ in range(2):
+        summary = clickflow_run(pipeline(text))
+        assert summary.rows == expected
+        assert bigquery_env.counts(name) == expected
+    assert not list((gcs_emulator[1] / STAGING_BUCKET).rglob("*.json"))  # staged files are removed once loaded
+
+
+async def test_rows_a_load_job_refuses_go_to_dead_letter_and_the_rest_loads(bigquery_env: BigQueryEmulator) -> None:
+    messages = [Message(json.dumps(VALID_VISIT).encode(), f"m{i}") for i in range(3)]
+    rows = VisitParser().parse(messages, "test", 1_719_824_400_000_000)
+    bad = list(rows.tables["events"][4])
+    bad[EVENTS.index("event_index")] = "not a number"
+    rows.tables["events"][4] = tuple(bad)
+    name = f"load_{next(_datasets)}"
+    sink = BigQueryLoadSink("bq", BigQueryLoadOptions(project=bigquery_env.project, dataset=name))
+    await sink.open()
+    try:
+        batch = sink.new_batch()
+        batch.add(rows)
+        counts = batch.counts()
+        await sink.write(batch)
+    finally:
+        await sink.close()
+    assert counts == {"visits": 3, "events": 9, "purchase_items": 3, "dead_letter": 0}
+    stored = await anyio.to_thread.run_sync(bigquery_env.counts, name)
+    assert stored == {"visits": 3, "events": 8, "purchase_items": 3, "dead_letter": 1}
+    (dead,) = await anyio.to_thread.run_sync(bigquery_env.query, f"SELECT * FROM `{name}.dead_letter`")
+    assert dead["reason"] == "bigquery_rejected" and dead["message_id"] == rows.tables["events"][4][0]
+    assert json.loads(dead["payload"])["event_index"] == "not a number"
