@@ -1,0 +1,180 @@
+"""The BigQuery sinks' pure parts: request splitting, answers, ids, schemas, quota."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import anyio
+import pytest
+from pydantic import ValidationError
+
+from clickflow.api import Message
+from clickflow.parser import VisitParser
+from clickflow.schema import EVENTS, TABLES, VISITS
+from clickflow_bigquery.load import LoadBatch, TableFile
+from clickflow_bigquery.quota import JobBudget
+from clickflow_bigquery.rows import ENCODERS, ROW_IDS, error_locations, timestamp
+from clickflow_bigquery.streaming import (
+    BigQueryStreamingOptions,
+    EncodedRow,
+    InsertBatch,
+    _encoded,
+    request_body,
+    requests,
+    settle,
+)
+from clickflow_bigquery.tables import schema_differences, table_resource
+from tests.conftest import VALID_VISIT
+
+
+def parsed(count: int, now: int = 1_719_824_400_000_000):  # type: ignore[no-untyped-def]
+    messages = [Message(json.dumps(VALID_VISIT).encode(), f"m{i}") for i in range(count)]
+    return VisitParser().parse(messages, "test", now)
+
+
+def rows(count: int, size: int = 10) -> list[EncodedRow]:
+    return [_encoded(f"k{i}", json.dumps({"x": "y" * size}).encode()) for i in range(count)]
+
+
+def test_requests_respect_the_row_limit_and_the_exact_body_size() -> None:
+    encoded = rows(1234, size=300)
+    chunks = list(requests(encoded, max_rows=500, max_bytes=64 * 1024))
+    assert [row for chunk in chunks for row in chunk] == encoded  # all, in order, once
+    for chunk in chunks:
+        assert len(chunk) <= 500
+        assert len(request_body(chunk)) <= 64 * 1024
+    assert len(request_body(chunks[0]) + request_body(chunks[0][:1])) > 64 * 1024  # chunks are full
+    assert max(len(chunk) for chunk in list(requests(encoded, 500, 9 * 1024 * 1024))) == 500
+
+
+def test_a_row_too_big_for_any_request_is_an_error_not_a_silent_drop() -> None:
+    with pytest.raises(ValueError, match="alone is"):
+        list(requests(rows(1, size=70_000), max_rows=500, max_bytes=64 * 1024))
+
+
+def test_request_bodies_are_valid_json_with_insert_ids() -> None:
+    body = json.loads(request_body(rows(3)))
+    assert body["skipInvalidRows"] is True
+    assert [r["insertId"] for r in body["rows"]] == ["k0", "k1", "k2"]
+    assert body["rows"][0]["json"] == {"x": "y" * 10}
+
+
+def test_insert_ids_are_the_rows_keys_whatever_the_ingestion_time() -> None:
+    first, second = InsertBatch(), InsertBatch()
+    first.add(parsed(3, now=1))
+    second.add(parsed(3, now=2))
+    for table in TABLES:
+        assert [r.key for r in first.pending[table]] == [r.key for r in second.pending[table]]
+    events = first.pending["events"]
+    assert events[0].key == json.loads(events[0].json)["event_id"]
+    assert [json.loads(r.item)["insertId"] for r in events] == [r.key for r in events]
+    assert len({r.key for r in events}) == len(events)
+
+
+def test_answers_sort_rows_into_confirmed_again_and_refused() -> None:
+    sent = rows(5)
+    answer = {
+        "insertErrors": [
+            {"index": 1, "errors": [{"reason": "invalid", "message": "no such field", "location": "x"}]},
+            {"index": 2, "errors": [{"reason": "stopped", "message": ""}]},
+            {"index": 4, "errors": [{"reason": "backendError", "message": "try again"}]},
+        ]
+    }
+    outcome = settle(sent, answer)
+    assert outcome.confirmed == 2
+    assert outcome.again == [sent[2], sent[4]]
+    assert [(row, "invalid" in why) for row, why in outcome.refused] == [(sent[1], True)]
+    assert settle(sent, {}).confirmed == 5
+
+
+def test_timestamps_are_utc_strings_exact_to_the_microsecond() -> None:
+    assert timestamp(1_719_824_400_123_456) == "2024-07-01T09:00:00.123456+00:00"
+    row = json.loads(ENCODERS["visits"](parsed(1).tables["visits"][0]))
+    assert row["visit_start"] == "2024-07-01T09:00:00+00:00"
+    assert row["visit_id"] == ROW_IDS["visits"](parsed(1).tables["visits"][0])
+
+
+def test_load_job_ids_depend_on_destination_and_row_keys_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    def job_id(now: int, destination: str = "p.d.events", count: int = 3) -> str:
+        batch = LoadBatch(str(tmp_path))
+        batch.add(parsed(count, now=now))
+        batch.discard()
+        return batch.files["events"].job_id(destination, 0)
+
+    assert job_id(1) == job_id(2)
+    assert job_id(1) != job_id(1, destination="p.d.other")
+    assert job_id(1) != job_id(1, count=2)
+    assert job_id(1).startswith("clickflow_events_") and job_id(1).endswith("_0")
+
+
+def test_taking_rows_out_by_byte_position_or_line_keeps_the_rest(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    table_file = TableFile(str(tmp_path), "events")
+    table_file.add(parsed(2).tables["events"])
+    table_file.close()
+    lines = (tmp_path / "events.json").read_bytes().splitlines()
+    taken = table_file.take({table_file.offsets[1]}, {4})
+    assert [line for _, line in taken] == [lines[1], lines[3]]
+    assert taken[0][0] == json.loads(lines[1])["event_id"]
+    assert (tmp_path / "events.json").read_bytes().splitlines() == [lines[0], lines[2], *lines[4:]]
+    assert len(table_file) == len(lines) - 2
+
+
+def test_error_messages_name_rows_by_position_or_line() -> None:
+    bigquery = [{"message": "Error while reading data, error message: JSON parsing error in row starting at "
+                            "position 1234: No such field: x."}]  # fmt: skip
+    emulator = [{"message": 'JSON transform error in file "/tmp/f.bin", in line 5: Failed to cast'}]
+    assert error_locations(bigquery) == ({1234}, set())
+    assert error_locations(emulator) == (set(), {5})
+    assert error_locations([{"message": "Access Denied"}]) == (set(), set())
+
+
+def test_tables_are_partitioned_and_clustered_for_the_dashboards() -> None:
+    events = table_resource(EVENTS)
+    assert events["timePartitioning"] == {"type": "DAY", "field": "event_timestamp"}
+    assert events["clustering"] == {"fields": ["event_type", "page_url"]}
+    assert [f["name"] for f in events["schema"]["fields"]] == list(EVENTS.column_names)
+    assert schema_differences(EVENTS, events) == []
+
+
+def test_schema_differences_are_listed_clearly() -> None:
+    found = table_resource(VISITS)
+    fields = {f["name"]: f for f in found["schema"]["fields"]}
+    fields["session_id"]["type"] = "INT64"
+    fields["latitude"]["type"] = "FLOAT64"  # the same type as FLOAT: fine
+    fields["event_count"]["mode"] = "NULLABLE"  # looser than clickflow's: fine
+    fields["user_agent"]["mode"] = "REQUIRED"
+    del fields["user_id"]
+    fields["extra"] = {"name": "extra", "type": "STRING", "mode": "REQUIRED"}
+    found["schema"]["fields"] = list(fields.values())
+    assert schema_differences(VISITS, found) == [
+        "column user_id is missing",
+        "column session_id is INT64, clickflow writes STRING",
+        "column user_agent is REQUIRED, clickflow writes NULLABLE",
+        "column extra is REQUIRED but clickflow does not write it",
+    ]
+
+
+def test_options_refuse_unknown_tables_and_oversized_requests() -> None:
+    with pytest.raises(ValidationError, match="unknown table"):
+        BigQueryStreamingOptions(project="p", dataset="d", tables={"hits": "x"})
+    with pytest.raises(ValidationError, match="max_rows_per_request"):
+        BigQueryStreamingOptions(project="p", dataset="d", max_rows_per_request=501)
+    options = BigQueryStreamingOptions(project="p", dataset="d", table_prefix="web_", tables={"events": "hits"})
+    names = options.table_names()
+    assert names == {"visits": "web_visits", "events": "hits", "purchase_items": "web_purchase_items",
+                     "dead_letter": "web_dead_letter"}  # fmt: skip
+
+
+def test_the_job_budget_allows_a_burst_then_spaces_jobs() -> None:
+    async def main() -> list[float]:
+        budget = JobBudget(per_day=86_400 * 20, burst=3)  # 20 jobs a second after a burst of 3
+        started = []
+        for _ in range(5):
+            await budget.take("t")
+            started.append(time.monotonic())
+        return started
+
+    started = anyio.run(main)
+    assert started[2] - started[0] < 0.02
+    assert started[4] - started[2] >= 0.09
