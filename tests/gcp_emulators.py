@@ -158,3 +158,15 @@ def mixed_visits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[s
     counts = table_counts(db)
     assert all(counts.values()), counts
     return path, counts
+
+
+def upload(gcs_url: str, objects: dict[str, bytes], bucket: str = STAGING_BUCKET) -> None:
+    """Put objects into the Cloud Storage emulator."""
+    from gcloud.aio.storage import Storage
+
+    async def run() -> None:
+        async with Storage(api_root=gcs_url) as storage:
+            for name, data in objects.items():
+                await storage.upload(bucket, name, data, content_type="application/octet-stream")
+
+    anyio.run(run)

@@ -44,7 +44,7 @@ def test_local_pipeline_runs_to_completion(tmp_path: Path) -> None:
 
 def test_batch_pipeline_reads_the_sample(tmp_path: Path) -> None:
     db = tmp_path / "batch.duckdb"
-    result = clickflow("run", "config/batch.yaml", env={"CLICKFLOW_DUCKDB": str(db)})
+    result = clickflow("run", "config/files.yaml", env={"CLICKFLOW_DUCKDB": str(db)})
     assert result.returncode == 0, result.stderr
     assert table_counts(db) == {"visits": 1, "events": 10, "purchase_items": 3, "dead_letter": 0}
 
@@ -52,7 +52,7 @@ def test_batch_pipeline_reads_the_sample(tmp_path: Path) -> None:
 def test_validate_exits_0_for_valid_and_2_for_invalid(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("sources:\n  - type: nope\nsinks:\n  - type: duckdb\n    pth: x\n")
-    ok = clickflow("validate", "config/local.yaml", "config/batch.yaml")
+    ok = clickflow("validate", "config/local.yaml", "config/files.yaml")
     assert ok.returncode == 0 and ok.stdout.count(": ok") == 2
     failed = clickflow("validate", str(bad))
     assert failed.returncode == 2

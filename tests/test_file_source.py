@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from clickflow.config import Pipeline
@@ -69,14 +70,15 @@ def test_paths_globs_and_lists_expand_in_order(tmp_path: Path) -> None:
     for name in ("b.jsonl", "a.jsonl", "sub/c.jsonl.gz"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    found = expand_paths([str(tmp_path / "*.jsonl"), str(tmp_path / "**/*.gz"), str(tmp_path / "a.jsonl")])
+    patterns = [str(tmp_path / "*.jsonl"), str(tmp_path / "**/*.gz"), str(tmp_path / "a.jsonl")]
+    found = anyio.run(expand_paths, patterns)
     assert [Path(p).relative_to(tmp_path).as_posix() for p in found] == ["a.jsonl", "b.jsonl", "sub/c.jsonl.gz"]
 
 
 @pytest.mark.parametrize("pattern", ["missing.jsonl", "nothing-*.jsonl"])
 def test_unmatched_path_is_an_error(tmp_path: Path, pattern: str) -> None:
     with pytest.raises(FileNotFoundError):
-        expand_paths(str(tmp_path / pattern))
+        anyio.run(expand_paths, [str(tmp_path / pattern)])
 
 
 def write_inputs(tmp_path: Path, visit: Callable[..., dict[str, Any]]) -> dict[str, int]:

@@ -1,41 +1,56 @@
-"""The ``file`` source: visits from local files (JSON lines or a JSON array, optionally .gz)."""
+"""The ``file`` source: visits from files, local or ``gs://`` (JSON lines or a JSON array, optionally gzip'd).
+
+``gs://`` input needs the ``gcp`` extra (gcloud-aio-storage); see ``gcs``.
+"""
 
 from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import anyio
 from pydantic import Field, PositiveInt
 
 from clickflow.api import Message, NoAck, Source, SourceContext, SourceOptions
 from clickflow.hookspecs import hookimpl
+from clickflow_file import gcs
 from clickflow_file.reader import CountingReader, first_significant_byte, iter_array, iter_lines
 
 
 class FileSourceOptions(SourceOptions):
-    path: str | list[str] = Field(description="A path, a glob (** allowed), or a list of them.")
+    path: str | list[str] = Field(description="A path, a glob (** allowed), gs://bucket/glob, or a list of them.")
     batch_size: PositiveInt = 1000
     """Messages per batch handed to the parser."""
+    service_file: str | None = Field(default=None, description="Service-account key for gs://; default: ADC.")
+
+    def patterns(self) -> list[str]:
+        return [self.path] if isinstance(self.path, str) else self.path
 
 
-def expand_paths(patterns: str | list[str]) -> list[str]:
-    """Every file the patterns name, in order, each once; an unmatched pattern is an error."""
+def expand_local(pattern: str) -> list[str]:
+    """Every local file a pattern names, sorted; an unmatched pattern is an error."""
+    if glob.has_magic(pattern):
+        matched = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        if not matched:
+            raise FileNotFoundError(f"no file matches {pattern!r}")
+        return [os.path.abspath(p) for p in matched]
+    if os.path.isfile(pattern):
+        return [os.path.abspath(pattern)]
+    raise FileNotFoundError(f"{pattern!r} does not exist or is not a file")
+
+
+async def expand_paths(patterns: list[str], storage: Any = None) -> list[str]:
+    """Every file the patterns name, in order, each once (``storage`` lists ``gs://`` patterns)."""
     files: list[str] = []
-    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+    for pattern in patterns:
         if pattern.startswith("gs://"):
-            raise ValueError(f"{pattern}: gs:// input is not supported by this version")
-        if glob.has_magic(pattern):
-            matched = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-            if not matched:
-                raise FileNotFoundError(f"no file matches {pattern!r}")
-            files.extend(matched)
-        elif os.path.isfile(pattern):
-            files.append(pattern)
+            files += await gcs.list_matching(storage, pattern)
         else:
-            raise FileNotFoundError(f"{pattern!r} does not exist or is not a file")
-    return list(dict.fromkeys(os.path.abspath(f) for f in files))
+            files += await anyio.to_thread.run_sync(expand_local, pattern)
+    return list(dict.fromkeys(files))
 
 
 class FileSource(Source):
@@ -46,19 +61,28 @@ class FileSource(Source):
     options: FileSourceOptions
 
     async def run(self, context: SourceContext) -> None:
-        files = await anyio.to_thread.run_sync(expand_paths, self.options.path)
-        done_bytes = 0
-        for done, path in enumerate(files):
-            reader = await anyio.to_thread.run_sync(CountingReader, path)
-            try:
-                batches = self._batches(reader, path)
-                while batch := await anyio.to_thread.run_sync(_next_or_empty, batches):
-                    await context.emit(batch, NoAck())
-                    context.progress(files_done=done, files_total=len(files), bytes_read=done_bytes + reader.bytes_read)
-                done_bytes += reader.bytes_read
-            finally:
-                reader.close()
-            context.progress(files_done=done + 1, files_total=len(files), bytes_read=done_bytes)
+        async with AsyncExitStack() as stack:
+            storage: Any = None
+            if any(p.startswith("gs://") for p in self.options.patterns()):
+                storage = await stack.enter_async_context(_storage(self.options.service_file))
+            files = await expand_paths(self.options.patterns(), storage)
+            done_bytes = 0
+            for done, path in enumerate(files):
+                async with AsyncExitStack() as opened:
+                    if path.startswith("gs://"):
+                        stream, response = await gcs.open_download(storage, path)
+                        opened.push_async_exit(response.__aexit__)
+                        reader = await anyio.to_thread.run_sync(CountingReader, stream)  # reads a first chunk
+                    else:
+                        reader = await anyio.to_thread.run_sync(CountingReader.open, path)
+                    opened.callback(reader.close)
+                    batches = self._batches(reader, path)
+                    while batch := await anyio.to_thread.run_sync(_next_or_empty, batches):
+                        await context.emit(batch, NoAck())
+                        progress = done_bytes + reader.bytes_read
+                        context.progress(files_done=done, files_total=len(files), bytes_read=progress)
+                    done_bytes += reader.bytes_read
+                context.progress(files_done=done + 1, files_total=len(files), bytes_read=done_bytes)
 
     def _batches(self, reader: CountingReader, path: str) -> Iterator[list[Message]]:
         read: Callable[..., Iterator[tuple[str, bytes]]]
@@ -71,6 +95,16 @@ class FileSource(Source):
                 batch = []
         if batch:
             yield batch
+
+
+@asynccontextmanager
+async def _storage(service_file: str | None) -> AsyncIterator[Any]:
+    try:
+        from gcloud.aio.storage import Storage
+    except ImportError as exc:
+        raise RuntimeError("gs:// input needs: pip install 'clickflow[gcp]'") from exc
+    async with Storage(service_file=service_file) as storage:
+        yield storage
 
 
 def _next_or_empty(batches: Iterator[list[Message]]) -> list[Message]:

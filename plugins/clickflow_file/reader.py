@@ -1,4 +1,5 @@
-"""Streaming readers for visit files: JSON lines or one JSON array, optionally gzip'd.
+"""Streaming readers for visit files: JSON lines or one JSON array, optionally gzip'd (detected
+by content, so a gzip'd object without ``.gz`` in its name reads too).
 
 Both yield ``(message_id, raw_bytes)`` pairs in constant memory. Message ids are
 ``PATH:LINE`` for JSON lines and ``PATH:[INDEX]`` for arrays, so a re-run of
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import io
 import json
 import logging
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 log = logging.getLogger(__name__)
 
@@ -22,18 +24,25 @@ MAX_ELEMENT = 64 << 20
 MAX_REMAINDER = 16 << 20
 """How much of a malformed array's unread rest goes into its dead letter."""
 _WHITESPACE = " \t\r\n"
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 class CountingReader:
-    """Opens a file (gunzipping ``.gz``) and counts the bytes read from disk."""
+    """Reads a byte stream, gunzipping it if it starts like gzip, and counts the bytes read from it."""
 
-    def __init__(self, path: str) -> None:
-        self._raw = open(path, "rb")  # noqa: SIM115 - closed by close()
-        self.stream: BinaryIO = gzip.GzipFile(fileobj=self._raw) if path.endswith(".gz") else self._raw  # type: ignore[assignment]
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        buffered = raw if hasattr(raw, "peek") else io.BufferedReader(raw, CHUNK)
+        gzipped = buffered.peek(2)[:2] == GZIP_MAGIC
+        self.stream: BinaryIO = gzip.GzipFile(fileobj=buffered) if gzipped else buffered  # type: ignore[assignment]
+
+    @classmethod
+    def open(cls, path: str) -> CountingReader:
+        return cls(open(path, "rb"))
 
     @property
     def bytes_read(self) -> int:
-        return self._raw.tell()
+        return int(self._raw.tell())
 
     def close(self) -> None:
         self.stream.close()

@@ -1,0 +1,97 @@
+"""``gs://`` input for the ``file`` source, against a Cloud Storage emulator; and the batch pipeline
+(``config/batch.yaml``: Cloud Storage -> load jobs -> BigQuery) end to end."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from clickflow.config import Pipeline, parse_pipeline
+from clickflow.plugins import load_plugins
+from clickflow.runtime import RunSummary, Runtime, SourceFailed
+from clickflow_file.gcs import glob_regex
+from tests.conftest import REPO, table_counts
+from tests.gcp_emulators import STAGING_BUCKET, BigQueryEmulator, upload
+
+pytestmark = pytest.mark.integration
+
+
+def test_globs_match_like_local_ones() -> None:
+    regex = glob_regex("in/day=*/visits-??.jsonl*")
+    assert regex.match("in/day=1/visits-01.jsonl.gz")
+    assert not regex.match("in/day=1/deeper/visits-01.jsonl")  # * stays within a segment
+    assert glob_regex("in/**/*.gz").match("in/a/b/c.gz")
+    assert not glob_regex("in/*.gz").match("in/a.gz.tmp")
+
+
+def into_duckdb(path: str, db: Path) -> str:
+    return f"sources: [{{type: file, path: '{path}'}}]\nsinks: [{{type: duckdb, path: '{db}'}}]"
+
+
+@pytest.fixture(scope="module")
+def gcs_input(
+    gcs_emulator: tuple[str, Path], mixed_visits: tuple[Path, dict[str, int]], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, dict[str, int]]:
+    """Visits as objects of three formats (lines, gzip'd lines, an array); the pattern naming them,
+    and the rows the same files give when read from local disk."""
+    path, _ = mixed_visits
+    lines = path.read_bytes().splitlines()
+    third = len(lines) // 3
+    valid = [line for line in lines[2 * third :] if line.startswith(b"{") and line.endswith(b"}")]
+    objects = {
+        "input/a.jsonl": b"\n".join(lines[:third]) + b"\n",
+        "input/b.jsonl.gz": gzip.compress(b"\n".join(lines[third : 2 * third]) + b"\n"),
+        "input/c.json": b"[" + b",".join(valid) + b"]",  # an array ends at a syntax error: keep it whole
+    }
+    upload(gcs_emulator[0], {**objects, "input/elsewhere/ignored.jsonl": b"not matched\n"})
+    local = tmp_path_factory.mktemp("gcs-input")
+    for name, data in objects.items():
+        (local / name).parent.mkdir(exist_ok=True)
+        (local / name).write_bytes(data)
+    db = local / "expected.duckdb"
+    anyio.run(Runtime(parse_pipeline(into_duckdb(f"{local}/input/*.json*", db), load_plugins(), "local.yaml", {})).run)
+    return f"gs://{STAGING_BUCKET}/input/*.json*", table_counts(db)
+
+
+def test_objects_stream_in_like_local_files(
+    bigquery_env: BigQueryEmulator,
+    gcs_input: tuple[str, dict[str, int]],
+    pipeline: Callable[..., Pipeline],
+    clickflow_run: Callable[[Pipeline], RunSummary],
+    tmp_path: Path,
+) -> None:
+    pattern, expected = gcs_input
+    db = tmp_path / "gcs.duckdb"
+    summary = clickflow_run(
+        pipeline(f"sources: [{{type: file, path: '{pattern}'}}]\nsinks: [{{type: duckdb, path: '{db}'}}]")
+    )
+    assert summary.rows == table_counts(db) == expected
+    assert expected["visits"] > 300 and expected["dead_letter"] > 0
+
+
+def test_an_unmatched_gs_pattern_fails_the_run(
+    bigquery_env: BigQueryEmulator,
+    pipeline: Callable[..., Pipeline],
+    clickflow_run: Callable[[Pipeline], RunSummary],
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(SourceFailed, match="no object matches"):
+        clickflow_run(pipeline(into_duckdb(f"gs://{STAGING_BUCKET}/nothing-*.jsonl", tmp_path / "x.duckdb")))
+
+
+def test_the_batch_pipeline_loads_cloud_storage_files_into_bigquery(
+    bigquery_env: BigQueryEmulator, gcs_input: tuple[str, dict[str, int]]
+) -> None:
+    pattern, expected = gcs_input
+    env = {**os.environ, "PROJECT_ID": bigquery_env.project, "DATASET": "batch_pipeline", "CLICKFLOW_INPUT": pattern}
+    result = subprocess.run([sys.executable, "-m", "clickflow", "run", "config/batch.yaml"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert bigquery_env.counts("batch_pipeline") == expected
