@@ -72,3 +72,9 @@ def table_counts(path: str | Path) -> dict[str, int]:
             name: con.execute(f"SELECT count(*) FROM {name}").fetchone()[0]  # type: ignore[index]
             for name in ("visits", "events", "purchase_items", "dead_letter")
         }
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests run on asyncio, as clickflow does."""
+    return "asyncio"

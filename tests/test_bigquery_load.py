@@ -23,11 +23,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 _datasets = itertools.count()
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def load_pipeline(path: Path, project: str, name: str, extra: str = "") -> str:
     return (
         f"sources: [{{type: file, path: '{path}'}}]\n"

@@ -24,11 +24,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 _datasets = itertools.count()
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def dataset() -> str:
     return f"streaming_{next(_datasets)}"
 

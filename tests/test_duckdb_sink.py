@@ -20,11 +20,6 @@ from tests.conftest import table_counts
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def parsed(visits: list[Any], prefix: str = "m") -> RowBatch:
     messages = [Message(json.dumps(v).encode(), f"{prefix}{i}") for i, v in enumerate(visits)]
     return VisitParser().parse(messages, "test", 1_719_824_400_000_000)

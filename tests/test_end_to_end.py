@@ -49,6 +49,7 @@ def test_pull_pipeline_counts_exactly_from_pubsub_to_bigquery(
     finally:
         process.kill()
     assert process.returncode == 0, stderr
+
     assert bigquery_env.counts("end_to_end") == expected
 
 

@@ -10,11 +10,6 @@ from clickflow_pubsub.leases import Leases
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def test_room_is_bounded_by_messages_and_bytes() -> None:
     leases = Leases(max_messages=3, max_bytes=100)
     assert leases.room() == 3
@@ -45,13 +40,16 @@ async def test_every_waiting_pull_loop_wakes_when_leases_are_settled() -> None:
     assert sorted(woken) == [1, 2]
 
 
-def test_leases_are_extended_at_the_interval_until_max_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_leases_are_taken_at_once_then_extended_at_the_interval_until_max_lease(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import clickflow_pubsub.leases as module
 
     now = [1000.0]
     monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
     leases = Leases(max_messages=10, max_bytes=1000)
     leases.add("a", 1)
+    assert leases.due_for_extension(interval=30, max_lease=100) == ["a"]  # the subscription's deadline may be short
     assert leases.due_for_extension(interval=30, max_lease=100) == []
     now[0] += 31
     assert leases.due_for_extension(interval=30, max_lease=100) == ["a"]

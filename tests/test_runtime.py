@@ -17,11 +17,6 @@ from tests.fakes import MemorySink, ScriptSource
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def fake_registry() -> Registry:
     return load_plugins(extra=[(sys.modules["tests.fakes"], "tests")])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -38,8 +39,9 @@ class Leases:
         await self._freed.wait()
 
     def add(self, ack_id: str, size: int) -> None:
-        now = time.monotonic()
-        self.active[ack_id] = Lease(size, now, now)
+        # never extended yet: due at once, so the lease is ours (``ack_deadline``) within a second,
+        # whatever deadline the subscription itself has (it may be as short as 10s)
+        self.active[ack_id] = Lease(size, time.monotonic(), -math.inf)
         self.bytes += size
 
     def remove(self, ack_ids: list[str]) -> list[Lease]:

@@ -7,8 +7,10 @@ pending pull. Here:
 
 - ``pull_concurrency`` loops pull while there is room under the outstanding
   limits (flow control), and heartbeat on every round trip;
-- every held message's deadline is extended every ``ack_deadline / 2`` for up
-  to ``max_lease`` (lease management), so slow sinks do not cause redelivery;
+- every held message's deadline is set to ``ack_deadline`` within a second of
+  its receipt (the subscription's own deadline may be shorter), then extended
+  every ``ack_deadline / 2`` for up to ``max_lease`` (lease management), so slow
+  sinks do not cause redelivery;
 - acknowledgements and negative acknowledgements (deadline 0) are queued and
   sent in batches by one task that lives in the source's lifespan, so they are
   still sent while the pipeline drains after a stop;
