@@ -60,6 +60,13 @@ def test_request_bodies_are_valid_json_with_insert_ids() -> None:
     assert body["rows"][0]["json"] == {"x": "y" * 10}
 
 
+def test_a_rows_json_is_recovered_from_its_request_item_whatever_its_key() -> None:
+    for key in ("k1", 'tricky","json":{"x":1}', "é:3"):
+        row = _encoded(key, b'{"a":"b,\\"json\\":c"}')
+        assert row.json == b'{"a":"b,\\"json\\":c"}'
+        assert json.loads(row.item) == {"insertId": key, "json": {"a": 'b,"json":c'}}
+
+
 def test_insert_ids_are_the_rows_keys_whatever_the_ingestion_time() -> None:
     first, second = InsertBatch(), InsertBatch()
     first.add(parsed(3, now=1))

@@ -33,15 +33,16 @@ class BigQueryError(Exception):
         self.reason = reason
 
 
-def _error(exc: aiohttp.ClientResponseError) -> BigQueryError:
-    reason, message = "", exc.message
+def _error(status: int, body: str) -> BigQueryError:
+    """The error an answer's body describes (Google's JSON error format, or plain text)."""
+    reason, message = "", body
     try:
-        error = json.loads(exc.message)["error"]
+        error = json.loads(body)["error"]
         message = error.get("message", message)
         reason = (error.get("errors") or [{}])[0].get("reason", "") or error.get("status", "")
     except (ValueError, KeyError, TypeError, AttributeError):
         pass
-    return BigQueryError(exc.status, reason, message)
+    return BigQueryError(status, reason, message)
 
 
 class BigQueryClient:
@@ -84,14 +85,14 @@ class BigQueryClient:
         if response.status >= 400:
             body = await response.text(errors="replace")
             response.release()
-            raise _error(aiohttp.ClientResponseError(response.request_info, (), status=response.status, message=body))
+            raise _error(response.status, body)
         return response
 
     async def _managed(self, call: Any) -> dict[str, Any]:
         try:
             return await call  # type: ignore[no-any-return]
-        except aiohttp.ClientResponseError as exc:
-            raise _error(exc) from None
+        except aiohttp.ClientResponseError as exc:  # gcloud-aio puts the body in the message
+            raise _error(exc.status, exc.message) from None
 
     # datasets and tables
 

@@ -30,20 +30,18 @@ import shutil
 import tempfile
 import time
 from array import array
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, BinaryIO
 
 import anyio
-import msgspec
 from pydantic import Field, PositiveInt
 
 from clickflow.api import BatchLimits, Duration, RowBatch
-from clickflow.schema import TABLE_NAMES, TABLES
+from clickflow.schema import TABLE_NAMES
 from clickflow_bigquery.client import BigQueryError
 from clickflow_bigquery.common import BigQueryOptions, BigQuerySink
 from clickflow_bigquery.quota import JobBudget
-from clickflow_bigquery.rows import ENCODERS, ROW_IDS, error_locations, rejected_row
+from clickflow_bigquery.rows import ENCODERS, ROW_IDS, error_locations, json_row_id, rejected_row
 
 log = logging.getLogger(__name__)
 
@@ -98,31 +96,23 @@ class TableFile:
         return f"clickflow_{self.table}_{digest}_{attempt}"
 
     def take(self, offsets: set[int], lines: set[int]) -> list[tuple[str, bytes]]:
-        """Take out the rows at these byte offsets or 1-based line numbers: ``(key, json)`` each."""
+        """Take out the rows at these byte offsets or 1-based line numbers: ``(key, json)`` each.
+        The file is rewritten line by line: a large batch is never read into memory whole."""
         self.close()
-        with open(self.path, "rb") as source:
-            content = source.read().splitlines()
-        taken: list[bytes] = []
-        kept: list[bytes] = []
-        for number, (offset, line) in enumerate(zip(self.offsets, content, strict=True), 1):
-            (taken if offset in offsets or number in lines else kept).append(line)
-        os.unlink(self.path)
+        old, positions = self.path + ".old", self.offsets
+        os.replace(self.path, old)
         self.offsets, self.size, self._keys = array("q"), 0, hashlib.sha256()
-        key_of = json_key(self.table)
-        self._append(kept, [key_of(line) for line in kept])
+        key_of, taken = json_row_id(self.table), []
+        with open(old, "rb") as source:
+            for number, (offset, line) in enumerate(zip(positions, source, strict=True), 1):
+                row = line.rstrip(b"\n")
+                if offset in offsets or number in lines:
+                    taken.append((key_of(row), row))
+                else:
+                    self._append([row], [key_of(row)])
+        os.unlink(old)
         self.close()
-        return [(key_of(line), line) for line in taken]
-
-
-def json_key(table: str) -> Callable[[bytes], str]:
-    """The row id of an encoded row, as ``ROW_IDS`` gives it for the tuple."""
-    columns = TABLES[table].key
-
-    def key_of(line: bytes) -> str:
-        row = msgspec.json.decode(line)
-        return ":".join(str(row[c]) for c in columns)
-
-    return key_of
+        return taken
 
 
 class LoadBatch:

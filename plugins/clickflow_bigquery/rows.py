@@ -56,6 +56,17 @@ def row_id(table: Table) -> Callable[[tuple[Any, ...]], str]:
 ROW_IDS = {name: row_id(table) for name, table in TABLES.items()}
 
 
+def json_row_id(table: str) -> Callable[[bytes], str]:
+    """The same id, for a row already encoded by ``ENCODERS`` (keys are never timestamps)."""
+    names, row_id_of = TABLES[table].column_names, ROW_IDS[table]
+
+    def of(line: bytes) -> str:
+        row = msgspec.json.decode(line)
+        return row_id_of(tuple(row[name] for name in names))
+
+    return of
+
+
 def rejected_row(table: str, key: str, row_json: bytes, error: str, sink: str, now: int) -> tuple[Any, ...]:
     """A ``dead_letter`` row for a row BigQuery refused; its id names the table and the row."""
     values = {
@@ -83,7 +94,8 @@ def error_locations(errors: list[dict[str, Any]]) -> tuple[set[int], set[int]]:
     lines: set[int] = set()
     for error in errors:
         message = str(error.get("message", ""))
-        offsets.update(int(m) for m in _POSITION.findall(message))
-        if not offsets:
-            lines.update(int(m) for m in _LINE.findall(message))
+        positions = _POSITION.findall(message)
+        offsets.update(map(int, positions))
+        if not positions:
+            lines.update(map(int, _LINE.findall(message)))
     return offsets, lines

@@ -34,6 +34,7 @@ MAX_ROUNDS = 5
 _encode_str = msgspec.json.Encoder().encode
 _BODY_START = b'{"skipInvalidRows":true,"ignoreUnknownValues":false,"rows":['
 _BODY_END = b"]}"
+_JSON_FIELD = b',"json":'
 
 
 class BigQueryStreamingOptions(BigQueryOptions):
@@ -50,7 +51,12 @@ class EncodedRow:
     key: str
     item: bytes
     """``{"insertId": key, "json": row}``, ready to join into a request body."""
-    json: bytes
+
+    @property
+    def json(self) -> bytes:
+        """The row alone (needed only when BigQuery refuses it). The JSON-encoded key holds no bare
+        quote, so the first ``,"json":`` is the field's own."""
+        return self.item[self.item.index(_JSON_FIELD) + len(_JSON_FIELD) : -1]
 
 
 @dataclass
@@ -77,7 +83,7 @@ class InsertBatch:
 
 
 def _encoded(key: str, row_json: bytes) -> EncodedRow:
-    return EncodedRow(key, b'{"insertId":' + _encode_str(key) + b',"json":' + row_json + b"}", row_json)
+    return EncodedRow(key, b'{"insertId":' + _encode_str(key) + _JSON_FIELD + row_json + b"}")
 
 
 def requests(rows: list[EncodedRow], max_rows: int, max_bytes: int) -> Iterator[list[EncodedRow]]:
