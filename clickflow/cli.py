@@ -32,9 +32,11 @@ def _registry() -> Registry:
     return registry
 
 
-def _load(path: str, registry: Registry) -> Pipeline:
+def load_or_exit(path: str) -> Pipeline:
+    """Load a pipeline file for a command (plugins' commands too): each problem is printed as
+    ``FILE:LINE: field: message`` and an invalid file exits 2."""
     try:
-        return load_pipeline(path, registry)
+        return load_pipeline(path, _registry())
     except ConfigError as exc:
         for problem in exc.problems:
             click.echo(str(problem), err=True)
@@ -91,7 +93,7 @@ def cli() -> None:
 def run(pipeline: str, log_format: str, log_level: str, progress: bool | None) -> None:
     """Run PIPELINE until its sources are exhausted or a signal stops it."""
     setup_logging(log_format, log_level)  # type: ignore[arg-type]
-    loaded = _load(pipeline, _registry())
+    loaded = load_or_exit(pipeline)
     show = sys.stderr.isatty() if progress is None else progress
     try:
         summary = anyio.run(run_pipeline, loaded, show)

@@ -37,14 +37,9 @@ def bigquery() -> None:
 @click.argument("pipeline", type=click.Path(exists=True, dir_okay=False))
 def create_tables(pipeline: str) -> None:
     """Create the dataset and tables of each BigQuery sink in PIPELINE; check those that exist."""
-    from clickflow.config import ConfigError, load_pipeline
-    from clickflow.plugins import load_plugins
+    from clickflow.cli import load_or_exit
 
-    try:
-        loaded = load_pipeline(pipeline, load_plugins())
-    except ConfigError as exc:
-        raise click.ClickException("\n".join(map(str, exc.problems))) from None
-    sinks = [(c.name, c.cls, c.options) for c in loaded.sinks if issubclass(c.cls, BigQuerySink)]
+    sinks = [(c.name, c.cls, c.options) for c in load_or_exit(pipeline).sinks if issubclass(c.cls, BigQuerySink)]
     if not sinks:
         raise click.ClickException(f"{pipeline} has no BigQuery sink")
 
