@@ -16,7 +16,7 @@ import pytest
 from clickflow.config import Pipeline, parse_pipeline
 from clickflow.plugins import load_plugins
 from clickflow.runtime import RunSummary, Runtime, SourceFailed
-from clickflow_file.gcs import glob_regex
+from clickflow_file.gcs import matches
 from tests.conftest import REPO, table_counts
 from tests.gcp_emulators import STAGING_BUCKET, BigQueryEmulator, upload
 
@@ -24,11 +24,12 @@ pytestmark = pytest.mark.integration
 
 
 def test_globs_match_like_local_ones() -> None:
-    regex = glob_regex("in/day=*/visits-??.jsonl*")
-    assert regex.match("in/day=1/visits-01.jsonl.gz")
-    assert not regex.match("in/day=1/deeper/visits-01.jsonl")  # * stays within a segment
-    assert glob_regex("in/**/*.gz").match("in/a/b/c.gz")
-    assert not glob_regex("in/*.gz").match("in/a.gz.tmp")
+    pattern = "in/day=*/visits-??.jsonl*"
+    assert matches(pattern, "in/day=1/visits-01.jsonl.gz")
+    assert not matches(pattern, "in/day=1/deeper/visits-01.jsonl")  # * stays within a segment
+    assert matches("in/**/*.gz", "in/a/b/c.gz")
+    assert not matches("in/*.gz", "in/a.gz.tmp")
+    assert matches("in/**/*.gz", "in/c.gz") and matches("in/day=[0-9]/*", "in/day=7/x")
 
 
 def into_duckdb(path: str, db: Path) -> str:

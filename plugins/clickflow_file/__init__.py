@@ -64,18 +64,11 @@ class FileSource(Source):
         async with AsyncExitStack() as stack:
             storage: Any = None
             if any(p.startswith("gs://") for p in self.options.patterns()):
-                storage = await stack.enter_async_context(_storage(self.options.service_file))
+                storage = await stack.enter_async_context(gcs.storage(self.options.service_file))
             files = await expand_paths(self.options.patterns(), storage)
             done_bytes = 0
             for done, path in enumerate(files):
-                async with AsyncExitStack() as opened:
-                    if path.startswith("gs://"):
-                        stream, response = await gcs.open_download(storage, path)
-                        opened.push_async_exit(response.__aexit__)
-                        reader = await anyio.to_thread.run_sync(CountingReader, stream)  # reads a first chunk
-                    else:
-                        reader = await anyio.to_thread.run_sync(CountingReader.open, path)
-                    opened.callback(reader.close)
+                async with _reader(path, storage) as reader:
                     batches = self._batches(reader, path)
                     while batch := await anyio.to_thread.run_sync(_next_or_empty, batches):
                         await context.emit(batch, NoAck())
@@ -98,13 +91,16 @@ class FileSource(Source):
 
 
 @asynccontextmanager
-async def _storage(service_file: str | None) -> AsyncIterator[Any]:
-    try:
-        from gcloud.aio.storage import Storage
-    except ImportError as exc:
-        raise RuntimeError("gs:// input needs: pip install 'clickflow[gcp]'") from exc
-    async with Storage(service_file=service_file) as storage:
-        yield storage
+async def _reader(path: str, storage: Any) -> AsyncIterator[CountingReader]:
+    """A local file or a ``gs://`` object, opened in a thread (opening reads a first chunk)."""
+    async with AsyncExitStack() as stack:
+        if path.startswith("gs://"):
+            stream = await stack.enter_async_context(gcs.download(storage, path))
+            reader = await anyio.to_thread.run_sync(CountingReader, stream)
+        else:
+            reader = await anyio.to_thread.run_sync(CountingReader.open, path)
+        stack.callback(reader.close)
+        yield reader
 
 
 def _next_or_empty(batches: Iterator[list[Message]]) -> list[Message]:

@@ -1,7 +1,7 @@
 """``gs://`` input for the ``file`` source: listing by glob, and streaming reads.
 
 Objects are listed under the pattern's literal prefix and matched like local
-globs (``*`` and ``?`` stay within one path segment, ``**`` crosses them).
+globs (``*``, ``?`` and ``[...]`` stay within one path segment, ``**`` crosses them).
 A download is read as it arrives: the source's reader runs in a worker thread
 and pulls each chunk from the event loop, so memory stays constant whatever
 the object's size. ``STORAGE_EMULATOR_HOST`` points at an emulator.
@@ -9,8 +9,12 @@ the object's size. ``STORAGE_EMULATOR_HOST`` points at an emulator.
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import io
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio.from_thread
@@ -27,34 +31,38 @@ def split(uri: str) -> tuple[str, str]:
     return bucket, name
 
 
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    parts = re.split(r"(\*\*|\*|\?)", pattern)
-    wildcard = {"**": ".*", "*": "[^/]*", "?": "[^/]"}
-    return re.compile("".join(wildcard.get(p, re.escape(p)) for p in parts) + r"\Z")
+def matches(pattern: str, name: str) -> bool:
+    """Whether an object name matches a glob as ``glob`` would match a path: segment by segment
+    (``*``, ``?``, ``[...]`` within one), ``**`` standing for any number of segments."""
+    return _match(pattern.split("/"), name.split("/"))
 
 
-def has_magic(pattern: str) -> bool:
-    return any(c in pattern for c in "*?")
+def _match(pattern: list[str], name: list[str]) -> bool:
+    if not pattern:
+        return not name
+    if pattern[0] == "**":
+        return any(_match(pattern[1:], name[i:]) for i in range(len(name) + 1))
+    return bool(name) and fnmatch.fnmatchcase(name[0], pattern[0]) and _match(pattern[1:], name[1:])
 
 
 async def list_matching(storage: Storage, uri: str) -> list[str]:
     """``gs://`` URIs of the objects a pattern names, sorted; an unmatched pattern is an error."""
     bucket, name = split(uri)
-    if not has_magic(name):
+    if not glob.has_magic(name):
         await storage.download_metadata(bucket, name)  # raises if missing
         return [uri]
-    prefix = re.split(r"[*?]", name, maxsplit=1)[0]
-    matches, regex, token = [], glob_regex(name), None
+    prefix = re.split(r"[*?[]", name, maxsplit=1)[0]
+    found, token = [], None
     while True:
         params = {"prefix": prefix, **({"pageToken": token} if token else {})}
         page: dict[str, Any] = await storage.list_objects(bucket, params=params)
-        matches += [item["name"] for item in page.get("items", []) if regex.match(item["name"])]
+        found += [item["name"] for item in page.get("items", []) if matches(name, item["name"])]
         token = page.get("nextPageToken")
         if not token:
             break
-    if not matches:
+    if not found:
         raise FileNotFoundError(f"no object matches {uri!r}")
-    return [f"gs://{bucket}/{m}" for m in sorted(matches)]
+    return [f"gs://{bucket}/{m}" for m in sorted(found)]
 
 
 class DownloadStream(io.RawIOBase):
@@ -77,10 +85,21 @@ class DownloadStream(io.RawIOBase):
         return self._read
 
 
-async def open_download(storage: Storage, uri: str) -> tuple[DownloadStream, Any]:
-    """The object's bytes as stored (a gzip'd object stays gzip'd on the way), and the response
-    to leave (``__aexit__``) afterwards."""
+@asynccontextmanager
+async def storage(service_file: str | None) -> AsyncIterator[Storage]:
+    try:
+        from gcloud.aio.storage import Storage
+    except ImportError as exc:
+        raise RuntimeError("gs:// input needs: pip install 'clickflow[gcp]'") from exc
+    async with Storage(service_file=service_file) as client:
+        yield client
+
+
+@asynccontextmanager
+async def download(storage: Storage, uri: str) -> AsyncIterator[DownloadStream]:
+    """The object's bytes as stored (a gzip'd object stays gzip'd on the way)."""
     bucket, name = split(uri)
     headers = {"Accept-Encoding": "gzip"}
     response = await storage.download_stream(bucket, name, headers=headers, timeout=DOWNLOAD_TIMEOUT)
-    return DownloadStream(response), response
+    async with response:  # releases the connection
+        yield DownloadStream(response)
