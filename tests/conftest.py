@@ -62,6 +62,11 @@ def pipeline(clickflow_pipeline: Callable[..., Pipeline]) -> Callable[..., Pipel
     return clickflow_pipeline
 
 
+def files_into(path: str | Path, sink: str) -> str:
+    """Pipeline YAML: the file source reading ``path`` into one sink (its options, flow style)."""
+    return f"sources: [{{type: file, path: '{path}'}}]\nsinks: [{{{sink}}}]"
+
+
 def run_pipeline(pipeline: Pipeline) -> RunSummary:
     return anyio.run(Runtime(pipeline).run)
 

@@ -24,6 +24,10 @@ from typing import Any
 
 import pytest
 
+from clickflow.api import Message
+from clickflow.parser import VisitParser
+from clickflow_simulator import VisitGenerator
+
 REPO = Path(__file__).resolve().parent.parent
 PUBSUB_LAUNCHERS = (
     "cloud-pubsub-emulator",
@@ -92,10 +96,29 @@ class PubSubEmulator:
             ids += self._call("POST", f"{topic}:publish", {"messages": messages})["messageIds"]
         return ids
 
+    def published_visits(self, name: str, count: int, seed: int) -> tuple[str, dict[str, int]]:
+        """A new topic and subscription ``name`` with ``count`` simulated visits published:
+        the subscription, and the rows the visits must give."""
+        topic = self.topic(name)
+        subscription = self.subscription(name, topic)
+        payloads = simulated_visits(count, seed)
+        return subscription, expected_counts(payloads, self.publish(topic, payloads))
+
     def pull(self, subscription: str, max_messages: int = 1000) -> list[dict[str, Any]]:
         """Messages currently deliverable (not acknowledged), left unacknowledged."""
         body = {"maxMessages": max_messages, "returnImmediately": True}
         return self._call("POST", f"{subscription}:pull", body).get("receivedMessages", [])  # type: ignore[no-any-return]
+
+
+def simulated_visits(count: int, seed: int) -> list[bytes]:
+    """Simulated visits with about 10% broken messages or events."""
+    return list(VisitGenerator(seed=seed, malformed_rate=0.1).messages(count))
+
+
+def expected_counts(payloads: list[bytes], message_ids: list[str]) -> dict[str, int]:
+    """The rows these messages give, parsed directly."""
+    messages = [Message(p, i) for p, i in zip(payloads, message_ids, strict=True)]
+    return VisitParser().parse(messages, "expected", 0).counts()
 
 
 def pubsub_launcher() -> str | None:
@@ -105,20 +128,26 @@ def pubsub_launcher() -> str | None:
 
 
 @contextmanager
-def running_pubsub_emulator(launcher: str, log: Path) -> Iterator[PubSubEmulator]:
-    """Start the emulator on a free port, yield it once it listens, stop it afterwards."""
-    port = free_port()
+def listening(command: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> Iterator[None]:
+    """Run a server (output to ``log``) until the block ends; enter the block once it listens on ``port``."""
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [launcher, "--host=127.0.0.1", f"--port={port}"], stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+            command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
+        )
     try:
         wait_for_port(port, process, log)
-        yield PubSubEmulator(f"127.0.0.1:{port}")
+        yield
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
+
+
+@contextmanager
+def running_pubsub_emulator(launcher: str, log: Path) -> Iterator[PubSubEmulator]:
+    """Start the emulator on a free port, yield it once it listens, stop it afterwards."""
+    port = free_port()
+    with listening([launcher, "--host=127.0.0.1", f"--port={port}"], port, log):
+        yield PubSubEmulator(f"127.0.0.1:{port}")
 
 
 @pytest.fixture(scope="session")
@@ -139,11 +168,20 @@ def metric(port: int, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
-def start_clickflow(pipeline: Path, host: str) -> subprocess.Popen[str]:
-    """``clickflow run PIPELINE`` against the Pub/Sub emulator at ``host``."""
-    env = {**os.environ, "PUBSUB_EMULATOR_HOST": host}
-    command = [sys.executable, "-m", "clickflow", "run", str(pipeline)]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+CLICKFLOW = [sys.executable, "-m", "clickflow"]
+
+
+def clickflow(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a ``clickflow`` command to its end, from the repository, with extra environment."""
+    environ = {**os.environ, **(env or {})}
+    return subprocess.run([*CLICKFLOW, *args], capture_output=True, text=True, timeout=300, cwd=REPO, env=environ)
+
+
+def start_clickflow(pipeline: str | Path, host: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``clickflow run PIPELINE`` against the Pub/Sub emulator at ``host``, in the background."""
+    environ = {**os.environ, "PUBSUB_EMULATOR_HOST": host, **(env or {})}
+    return subprocess.Popen([*CLICKFLOW, "run", str(pipeline)], cwd=REPO, env=environ,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 def wait_for(condition: Callable[[], bool], seconds: float) -> None:

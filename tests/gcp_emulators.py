@@ -9,8 +9,9 @@ extra, keeping objects on disk where the BigQuery emulator reads ``gs://`` URIs.
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,8 +22,16 @@ from typing import Any
 import anyio
 import pytest
 
+from clickflow.api import Message, RowBatch, Sink, SinkBatch
+from clickflow.config import parse_pipeline
+from clickflow.parser import VisitParser
+from clickflow.plugins import load_plugins
+from clickflow.runtime import Runtime
+from clickflow.schema import EVENTS
 from clickflow_bigquery.client import BigQueryClient
-from tests.emulators import REPO, free_port, missing, wait_for_port
+from clickflow_simulator import VisitGenerator
+from tests.conftest import FIXTURES, VALID_VISIT, files_into, table_counts
+from tests.emulators import REPO, free_port, listening, missing
 
 BQEMULATOR_VENV = REPO / ".emulators" / "bqemulator"
 REQUIREMENTS = Path(__file__).with_name("bigquery-emulator.txt")
@@ -77,17 +86,10 @@ class BigQueryEmulator:
 @contextmanager
 def running_bigquery_emulator(launcher: Path, log: Path, gcs_root: Path) -> Iterator[BigQueryEmulator]:
     port = free_port()
-    env = {**os.environ, "BQEMU_GCS_LOCAL_ROOT": str(gcs_root)}
     command = [str(launcher), "start", "--rest-port", str(port), "--grpc-port", str(free_port()),
                "--project", PROJECT, "--log-level", "warning"]  # fmt: skip
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_for_port(port, process, log)
+    with listening(command, port, log, {"BQEMU_GCS_LOCAL_ROOT": str(gcs_root)}):
         yield BigQueryEmulator(f"127.0.0.1:{port}")
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
 
 
 @contextmanager
@@ -97,15 +99,8 @@ def running_gcs_emulator(data: Path, log: Path) -> Iterator[str]:
     port = free_port()
     command = [sys.executable, "-m", "gcp_storage_emulator", "start", "--port", str(port), "--quiet",
                "--default-bucket", STAGING_BUCKET]  # fmt: skip
-    env = {**os.environ, "STORAGE_BASE": str(data)}
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_for_port(port, process, log)
+    with listening(command, port, log, {"STORAGE_BASE": str(data)}):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")
@@ -138,26 +133,53 @@ def bigquery_env(
     return bigquery_emulator
 
 
+def new_dataset(prefix: str) -> str:
+    """A dataset no other test writes (one emulator serves the whole session)."""
+    return f"{prefix}_{next(_datasets)}"
+
+
+_datasets = itertools.count()
+
+
+def duckdb_counts(path: str | Path, db: Path) -> dict[str, int]:
+    """What the DuckDB sink stores for these files: what the BigQuery sinks must match."""
+    text = files_into(path, f"type: duckdb, path: '{db}'")
+    anyio.run(Runtime(parse_pipeline(text, load_plugins(), "expected.yaml", {})).run)
+    return table_counts(db)
+
+
 @pytest.fixture(scope="session")
 def mixed_visits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
-    """A file of 400 simulated visits, a tenth malformed, plus the real sample; and the rows
-    the DuckDB sink stores for it, which the BigQuery sinks must match."""
-    from clickflow.config import parse_pipeline
-    from clickflow.plugins import load_plugins
-    from clickflow.runtime import Runtime
-    from clickflow_simulator import VisitGenerator
-    from tests.conftest import FIXTURES, table_counts
-
+    """A file of 400 simulated visits, a tenth malformed, plus the real sample; and its expected rows."""
     directory = tmp_path_factory.mktemp("mixed")
     path = directory / "visits.jsonl"
     lines = list(VisitGenerator(seed=11, malformed_rate=0.1).messages(400))
     path.write_bytes(b"\n".join(lines) + b"\n" + (FIXTURES / "challenge_sample.jsonl").read_bytes())
-    db = directory / "expected.duckdb"
-    text = f"sources: [{{type: file, path: '{path}'}}]\nsinks: [{{type: duckdb, path: '{db}'}}]"
-    anyio.run(Runtime(parse_pipeline(text, load_plugins(), "expected.yaml", {})).run)
-    counts = table_counts(db)
+    counts = duckdb_counts(path, directory / "expected.duckdb")
     assert all(counts.values()), counts
     return path, counts
+
+
+def visits_with_a_bad_event(event: int) -> RowBatch:
+    """Three valid visits, parsed; then one ``events`` row is spoiled so that BigQuery refuses it."""
+    messages = [Message(json.dumps(VALID_VISIT).encode(), f"m{i}") for i in range(3)]
+    rows = VisitParser().parse(messages, "test", 1_719_824_400_000_000)
+    bad = list(rows.tables["events"][event])
+    bad[EVENTS.index("event_index")] = "not a number"
+    rows.tables["events"][event] = tuple(bad)
+    return rows
+
+
+async def write_one_batch(sink: Sink, rows: RowBatch) -> SinkBatch:
+    """Open the sink, write ``rows`` as one batch, close it; the batch is returned for its counts."""
+    await sink.open()
+    try:
+        batch = sink.new_batch()
+        batch.add(rows)
+        await sink.write(batch)
+    finally:
+        await sink.close()
+    return batch
 
 
 def upload(gcs_url: str, objects: dict[str, bytes], bucket: str = STAGING_BUCKET) -> None:

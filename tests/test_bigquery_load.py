@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -10,25 +9,24 @@ from pathlib import Path
 import anyio
 import pytest
 
-from clickflow.api import Message
 from clickflow.config import Pipeline
-from clickflow.parser import VisitParser
 from clickflow.runtime import RunSummary
-from clickflow.schema import EVENTS
 from clickflow_bigquery.load import BigQueryLoadOptions, BigQueryLoadSink
-from tests.conftest import VALID_VISIT
-from tests.gcp_emulators import STAGING_BUCKET, BigQueryEmulator
+from tests.conftest import files_into
+from tests.gcp_emulators import (
+    STAGING_BUCKET,
+    BigQueryEmulator,
+    new_dataset,
+    visits_with_a_bad_event,
+    write_one_batch,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
-_datasets = itertools.count()
 
 
 def load_pipeline(path: Path, project: str, name: str, extra: str = "") -> str:
-    return (
-        f"sources: [{{type: file, path: '{path}'}}]\n"
-        f"sinks: [{{type: bigquery_load, project: {project}, dataset: {name}, "
-        f"retry: {{attempts: 3, initial_backoff: 10ms}}{extra}}}]"
-    )
+    return files_into(path, f"type: bigquery_load, project: {project}, dataset: {name}, "
+                            f"retry: {{attempts: 3, initial_backoff: 10ms}}{extra}")  # fmt: skip
 
 
 def test_files_load_with_exact_counts_uploaded_with_the_job(
@@ -38,7 +36,7 @@ def test_files_load_with_exact_counts_uploaded_with_the_job(
     clickflow_run: Callable[[Pipeline], RunSummary],
 ) -> None:
     path, expected = mixed_visits
-    name = f"load_{next(_datasets)}"
+    name = new_dataset("load")
     summary = clickflow_run(pipeline(load_pipeline(path, bigquery_env.project, name)))
     assert summary.rows == expected
     assert bigquery_env.counts(name) == expected
@@ -52,7 +50,7 @@ def test_staged_in_cloud_storage_and_loading_again_changes_no_count(
     clickflow_run: Callable[[Pipeline], RunSummary],
 ) -> None:
     path, expected = mixed_visits
-    name = f"load_{next(_datasets)}"
+    name = new_dataset("load")
     # small batches: several jobs per table, each of which must be recognised on the second run
     staged = f", staging: gs://{STAGING_BUCKET}/clickflow, batch: {{max_rows: 500}}"
     text = load_pipeline(path, bigquery_env.project, name, staged)
@@ -64,22 +62,11 @@ def test_staged_in_cloud_storage_and_loading_again_changes_no_count(
 
 
 async def test_rows_a_load_job_refuses_go_to_dead_letter_and_the_rest_loads(bigquery_env: BigQueryEmulator) -> None:
-    messages = [Message(json.dumps(VALID_VISIT).encode(), f"m{i}") for i in range(3)]
-    rows = VisitParser().parse(messages, "test", 1_719_824_400_000_000)
-    bad = list(rows.tables["events"][4])
-    bad[EVENTS.index("event_index")] = "not a number"
-    rows.tables["events"][4] = tuple(bad)
-    name = f"load_{next(_datasets)}"
+    rows = visits_with_a_bad_event(4)
+    assert rows.counts() == {"visits": 3, "events": 9, "purchase_items": 3, "dead_letter": 0}
+    name = new_dataset("load")
     sink = BigQueryLoadSink("bq", BigQueryLoadOptions(project=bigquery_env.project, dataset=name))
-    await sink.open()
-    try:
-        batch = sink.new_batch()
-        batch.add(rows)
-        counts = batch.counts()
-        await sink.write(batch)
-    finally:
-        await sink.close()
-    assert counts == {"visits": 3, "events": 9, "purchase_items": 3, "dead_letter": 0}
+    await write_one_batch(sink, rows)
     stored = await anyio.to_thread.run_sync(bigquery_env.counts, name)
     assert stored == {"visits": 3, "events": 8, "purchase_items": 3, "dead_letter": 1}
     (dead,) = await anyio.to_thread.run_sync(bigquery_env.query, f"SELECT * FROM `{name}.dead_letter`")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -10,119 +10,94 @@ from pathlib import Path
 import anyio
 import pytest
 
-from clickflow.api import Message
 from clickflow.config import Pipeline
-from clickflow.parser import VisitParser, visit_id_for
+from clickflow.parser import visit_id_for
 from clickflow.runtime import PipelineError, RunSummary
-from clickflow.schema import EVENTS
 from clickflow_bigquery.streaming import BigQueryStreamingOptions, BigQueryStreamingSink
-from tests.conftest import VALID_VISIT
+from tests.conftest import files_into
 from tests.faults import FaultyProxy
-from tests.gcp_emulators import BigQueryEmulator
+from tests.gcp_emulators import BigQueryEmulator, new_dataset, visits_with_a_bad_event, write_one_batch
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
-_datasets = itertools.count()
+
+Stream = Callable[..., tuple[RunSummary, str]]
 
 
-def dataset() -> str:
-    return f"streaming_{next(_datasets)}"
+@pytest.fixture
+def proxy(bigquery_env: BigQueryEmulator) -> FaultyProxy:
+    return FaultyProxy(f"http://{bigquery_env.host}")
 
 
-def test_a_file_streams_in_with_exact_counts(
+@pytest.fixture
+def stream(
     bigquery_env: BigQueryEmulator,
     mixed_visits: tuple[Path, dict[str, int]],
     pipeline: Callable[..., Pipeline],
     clickflow_run: Callable[[Pipeline], RunSummary],
+) -> Stream:
+    """``stream(extra_options="", through=None)``: the mixed visits into a new dataset, straight to
+    the emulator or through a FaultyProxy; returns the run's summary and the dataset."""
+
+    def run(extra: str = "", through: FaultyProxy | None = None) -> tuple[RunSummary, str]:
+        name = new_dataset("streaming")
+        sink = (f"type: bigquery_streaming, project: {bigquery_env.project}, dataset: {name}, "
+                f"retry: {{attempts: 4, initial_backoff: 10ms}}{extra}")  # fmt: skip
+        with contextlib.ExitStack() as stack:
+            if through is not None:
+                patch = stack.enter_context(pytest.MonkeyPatch.context())
+                patch.setenv("BIGQUERY_EMULATOR_HOST", stack.enter_context(through.running()))
+            return clickflow_run(pipeline(files_into(mixed_visits[0], sink))), name
+
+    return run
+
+
+def test_a_file_streams_in_with_exact_counts(
+    bigquery_env: BigQueryEmulator, mixed_visits: tuple[Path, dict[str, int]], stream: Stream
 ) -> None:
-    name = dataset()
-    path, expected = mixed_visits
-    text = (
-        f"sources: [{{type: file, path: '{path}'}}]\n"
-        f"sinks: [{{type: bigquery_streaming, project: {bigquery_env.project}, dataset: {name}}}]"
-    )
-    summary = clickflow_run(pipeline(text))
+    expected = mixed_visits[1]
+    summary, name = stream()
     assert summary.rows == expected
     assert bigquery_env.counts(name) == expected
 
 
-def streaming_pipeline(path: Path, project: str, name: str, extra: str = "") -> str:
-    return (
-        f"sources: [{{type: file, path: '{path}'}}]\n"
-        f"sinks: [{{type: bigquery_streaming, project: {project}, dataset: {name}, "
-        f"retry: {{attempts: 4, initial_backoff: 10ms}}{extra}}}]"
-    )
-
-
 def test_429_and_5xx_answers_are_retried_and_nothing_is_lost(
-    bigquery_env: BigQueryEmulator,
-    mixed_visits: tuple[Path, dict[str, int]],
-    pipeline: Callable[..., Pipeline],
-    clickflow_run: Callable[[Pipeline], RunSummary],
-    monkeypatch: pytest.MonkeyPatch,
+    bigquery_env: BigQueryEmulator, mixed_visits: tuple[Path, dict[str, int]], stream: Stream, proxy: FaultyProxy
 ) -> None:
-    path, expected = mixed_visits
-    proxy = FaultyProxy(f"http://{bigquery_env.host}")
+    expected = mixed_visits[1]
     proxy.fail_next = [429, 500, 503]
-    name = dataset()
-    with proxy.running() as host:
-        monkeypatch.setenv("BIGQUERY_EMULATOR_HOST", host)
-        summary = clickflow_run(pipeline(streaming_pipeline(path, bigquery_env.project, name)))
+    summary, name = stream(through=proxy)
     assert proxy.failed == 3
     assert summary.rows == expected
     assert bigquery_env.counts(name) == expected
 
 
-def test_a_batch_that_keeps_failing_fails_the_run_instead_of_being_dropped(
-    bigquery_env: BigQueryEmulator,
-    mixed_visits: tuple[Path, dict[str, int]],
-    pipeline: Callable[..., Pipeline],
-    clickflow_run: Callable[[Pipeline], RunSummary],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    path, _ = mixed_visits
-    proxy = FaultyProxy(f"http://{bigquery_env.host}")
+def test_a_batch_that_keeps_failing_fails_the_run_instead_of_being_dropped(stream: Stream, proxy: FaultyProxy) -> None:
     proxy.fail_next = [503] * 1000
-    with proxy.running() as host, pytest.raises(PipelineError, match="503"):
-        monkeypatch.setenv("BIGQUERY_EMULATOR_HOST", host)
-        clickflow_run(pipeline(streaming_pipeline(path, bigquery_env.project, dataset())))
+    with pytest.raises(PipelineError, match="503"):
+        stream(through=proxy)
     assert proxy.failed >= 4  # every request of every attempt failed
     assert len(proxy.insert_bodies) == proxy.failed
 
 
 def test_stopped_rows_are_sent_again(
-    bigquery_env: BigQueryEmulator,
-    mixed_visits: tuple[Path, dict[str, int]],
-    pipeline: Callable[..., Pipeline],
-    clickflow_run: Callable[[Pipeline], RunSummary],
-    monkeypatch: pytest.MonkeyPatch,
+    bigquery_env: BigQueryEmulator, mixed_visits: tuple[Path, dict[str, int]], stream: Stream, proxy: FaultyProxy
 ) -> None:
     path, expected = mixed_visits
-    proxy = FaultyProxy(f"http://{bigquery_env.host}")
-    name = dataset()
-    with proxy.running() as host:
-        monkeypatch.setenv("BIGQUERY_EMULATOR_HOST", host)
-        proxy.stop_once = {visit_id_for(f"{path}:{line}") for line in range(1, 31)}  # visits or dead letters
-        summary = clickflow_run(pipeline(streaming_pipeline(path, bigquery_env.project, name)))
+    proxy.stop_once = {visit_id_for(f"{path}:{line}") for line in range(1, 31)}  # visits or dead letters
+    summary, name = stream(through=proxy)
     assert not proxy.stop_once  # each was stopped once
     assert summary.rows == expected
     assert bigquery_env.counts(name) == expected
 
 
 def test_request_bodies_stay_within_limits_and_carry_the_rows_keys_as_insert_ids(
-    bigquery_env: BigQueryEmulator,
-    mixed_visits: tuple[Path, dict[str, int]],
-    pipeline: Callable[..., Pipeline],
-    clickflow_run: Callable[[Pipeline], RunSummary],
-    monkeypatch: pytest.MonkeyPatch,
+    bigquery_env: BigQueryEmulator, mixed_visits: tuple[Path, dict[str, int]], stream: Stream
 ) -> None:
-    path, expected = mixed_visits
+    expected = mixed_visits[1]
     runs = []
     for _ in range(2):
         proxy = FaultyProxy(f"http://{bigquery_env.host}")
-        with proxy.running() as host:
-            monkeypatch.setenv("BIGQUERY_EMULATOR_HOST", host)
-            limits = ", max_rows_per_request: 40, max_request_bytes: 64KiB"
-            clickflow_run(pipeline(streaming_pipeline(path, bigquery_env.project, dataset(), limits)))
+        stream(", max_rows_per_request: 40, max_request_bytes: 64KiB", through=proxy)
         runs.append(proxy.insert_bodies)
     for body in runs[0]:
         assert len(body) <= 64 * 1024
@@ -137,20 +112,9 @@ def test_request_bodies_stay_within_limits_and_carry_the_rows_keys_as_insert_ids
 
 
 async def test_rows_bigquery_calls_invalid_go_to_dead_letter_with_its_message(bigquery_env: BigQueryEmulator) -> None:
-    messages = [Message(json.dumps(VALID_VISIT).encode(), f"m{i}") for i in range(3)]
-    rows = VisitParser().parse(messages, "test", 1_719_824_400_000_000)
-    bad = list(rows.tables["events"][1])
-    bad[EVENTS.index("event_index")] = "not a number"
-    rows.tables["events"][1] = tuple(bad)
-    name = dataset()
+    name = new_dataset("streaming")
     sink = BigQueryStreamingSink("bq", BigQueryStreamingOptions(project=bigquery_env.project, dataset=name))
-    await sink.open()
-    try:
-        batch = sink.new_batch()
-        batch.add(rows)
-        await sink.write(batch)
-    finally:
-        await sink.close()
+    batch = await write_one_batch(sink, visits_with_a_bad_event(1))
     assert batch.counts() == {"visits": 3, "events": 8, "purchase_items": 3, "dead_letter": 1}
     assert await anyio.to_thread.run_sync(bigquery_env.counts, name) == batch.counts()
     (dead,) = await anyio.to_thread.run_sync(bigquery_env.query, f"SELECT * FROM `{name}.dead_letter`")

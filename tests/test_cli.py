@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -15,19 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, table_counts
-
-CLICKFLOW = [sys.executable, "-m", "clickflow"]
-
-
-def clickflow(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    environ = {**os.environ, **(env or {})}
-    return subprocess.run([*CLICKFLOW, *args], capture_output=True, text=True, timeout=120, cwd=REPO, env=environ)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.emulators import CLICKFLOW, clickflow, free_port
 
 
 def test_local_pipeline_runs_to_completion(tmp_path: Path) -> None:

@@ -4,10 +4,7 @@ create-tables``, which prepares a pipeline's tables or reports how existing ones
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import anyio
@@ -16,10 +13,8 @@ import pytest
 from clickflow.schema import EVENTS
 from clickflow_bigquery.client import BigQueryClient
 from clickflow_bigquery.tables import table_resource
-from tests.conftest import REPO
-from tests.emulators import PubSubEmulator, free_port, metric, wait_for
+from tests.emulators import PubSubEmulator, clickflow, free_port, metric, start_clickflow, wait_for
 from tests.gcp_emulators import BigQueryEmulator
-from tests.test_pubsub_pull import setup
 
 pytestmark = pytest.mark.integration
 
@@ -27,11 +22,9 @@ pytestmark = pytest.mark.integration
 def test_pull_pipeline_counts_exactly_from_pubsub_to_bigquery(
     pubsub_emulator: PubSubEmulator, bigquery_env: BigQueryEmulator
 ) -> None:
-    subscription, expected = setup(pubsub_emulator, "end-to-end", 3000, seed=8)
+    subscription, expected = pubsub_emulator.published_visits("end-to-end", 3000, seed=8)
     port = free_port()
     env = {
-        **os.environ,
-        "PUBSUB_EMULATOR_HOST": pubsub_emulator.host,
         "PROJECT_ID": pubsub_emulator.project,
         "SUBSCRIPTION": subscription.rsplit("/", 1)[1],
         "DATASET": "end_to_end",
@@ -39,8 +32,7 @@ def test_pull_pipeline_counts_exactly_from_pubsub_to_bigquery(
         "PORT": str(port),
     }
     assert pubsub_emulator.project == bigquery_env.project
-    command = [sys.executable, "-m", "clickflow", "run", "config/pull.yaml"]
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_clickflow("config/pull.yaml", pubsub_emulator.host, env)
     try:
         wait_for(lambda: metric(port, "clickflow_messages_acknowledged_total") >= 3000, 120)
         time.sleep(1)  # anything redelivered would arrive now
@@ -53,15 +45,10 @@ def test_pull_pipeline_counts_exactly_from_pubsub_to_bigquery(
     assert bigquery_env.counts("end_to_end") == expected
 
 
-def create_tables(pipeline: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "clickflow", "bigquery", "create-tables", pipeline]
-    return subprocess.run(command, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
-
-
 def test_create_tables_is_idempotent_and_reports_a_differing_schema(bigquery_env: BigQueryEmulator) -> None:
     env = {"PROJECT_ID": bigquery_env.project, "DATASET": "created", "PUSH_AUDIENCE": "x", "PUSH_SERVICE_ACCOUNT": "y"}
     for _ in range(2):
-        result = create_tables("config/batch.yaml", env)
+        result = clickflow("bigquery", "create-tables", "config/batch.yaml", env=env)
         assert result.returncode == 0, result.stderr
         assert f"{bigquery_env.project}.created is ready" in result.stdout
     tables = bigquery_env.query("SELECT table_name FROM `created.INFORMATION_SCHEMA.TABLES` ORDER BY table_name")
@@ -75,6 +62,6 @@ def test_create_tables_is_idempotent_and_reports_a_differing_schema(bigquery_env
             await client.create_table("differs", "events", resource)
 
     anyio.run(make_a_differing_events_table)
-    result = create_tables("config/batch.yaml", {**env, "DATASET": "differs"})
+    result = clickflow("bigquery", "create-tables", "config/batch.yaml", env={**env, "DATASET": "differs"})
     assert result.returncode == 1
     assert f"{bigquery_env.project}.differs.events: column referrer_url is missing" in result.stderr

@@ -4,21 +4,17 @@
 from __future__ import annotations
 
 import gzip
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import anyio
 import pytest
 
-from clickflow.config import Pipeline, parse_pipeline
-from clickflow.plugins import load_plugins
-from clickflow.runtime import RunSummary, Runtime, SourceFailed
+from clickflow.config import Pipeline
+from clickflow.runtime import RunSummary, SourceFailed
 from clickflow_file.gcs import matches
-from tests.conftest import REPO, table_counts
-from tests.gcp_emulators import STAGING_BUCKET, BigQueryEmulator, upload
+from tests.conftest import files_into, table_counts
+from tests.emulators import clickflow
+from tests.gcp_emulators import STAGING_BUCKET, BigQueryEmulator, duckdb_counts, upload
 
 pytestmark = pytest.mark.integration
 
@@ -30,10 +26,6 @@ def test_globs_match_like_local_ones() -> None:
     assert matches("in/**/*.gz", "in/a/b/c.gz")
     assert not matches("in/*.gz", "in/a.gz.tmp")
     assert matches("in/**/*.gz", "in/c.gz") and matches("in/day=[0-9]/*", "in/day=7/x")
-
-
-def into_duckdb(path: str, db: Path) -> str:
-    return f"sources: [{{type: file, path: '{path}'}}]\nsinks: [{{type: duckdb, path: '{db}'}}]"
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +49,7 @@ def gcs_input(
         (local / name).parent.mkdir(exist_ok=True)
         (local / name).write_bytes(data)
     db = local / "expected.duckdb"
-    anyio.run(Runtime(parse_pipeline(into_duckdb(f"{local}/input/*.json*", db), load_plugins(), "local.yaml", {})).run)
-    return f"gs://{STAGING_BUCKET}/input/*.json*", table_counts(db)
+    return f"gs://{STAGING_BUCKET}/input/*.json*", duckdb_counts(f"{local}/input/*.json*", db)
 
 
 def test_objects_stream_in_like_local_files(
@@ -70,9 +61,7 @@ def test_objects_stream_in_like_local_files(
 ) -> None:
     pattern, expected = gcs_input
     db = tmp_path / "gcs.duckdb"
-    summary = clickflow_run(
-        pipeline(f"sources: [{{type: file, path: '{pattern}'}}]\nsinks: [{{type: duckdb, path: '{db}'}}]")
-    )
+    summary = clickflow_run(pipeline(files_into(pattern, f"type: duckdb, path: '{db}'")))
     assert summary.rows == table_counts(db) == expected
     assert expected["visits"] > 300 and expected["dead_letter"] > 0
 
@@ -84,15 +73,18 @@ def test_an_unmatched_gs_pattern_fails_the_run(
     tmp_path: Path,
 ) -> None:
     with pytest.raises(SourceFailed, match="no object matches"):
-        clickflow_run(pipeline(into_duckdb(f"gs://{STAGING_BUCKET}/nothing-*.jsonl", tmp_path / "x.duckdb")))
+        clickflow_run(
+            pipeline(
+                files_into(f"gs://{STAGING_BUCKET}/nothing-*.jsonl", f"type: duckdb, path: '{tmp_path / 'x.duckdb'}'")
+            )
+        )
 
 
 def test_the_batch_pipeline_loads_cloud_storage_files_into_bigquery(
     bigquery_env: BigQueryEmulator, gcs_input: tuple[str, dict[str, int]]
 ) -> None:
     pattern, expected = gcs_input
-    env = {**os.environ, "PROJECT_ID": bigquery_env.project, "DATASET": "batch_pipeline", "CLICKFLOW_INPUT": pattern}
-    result = subprocess.run([sys.executable, "-m", "clickflow", "run", "config/batch.yaml"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    env = {"PROJECT_ID": bigquery_env.project, "DATASET": "batch_pipeline", "CLICKFLOW_INPUT": pattern}
+    result = clickflow("run", "config/batch.yaml", env=env)
     assert result.returncode == 0, result.stderr
     assert bigquery_env.counts("batch_pipeline") == expected

@@ -15,6 +15,7 @@ from clickflow.api import Sink
 from clickflow.hookspecs import hookimpl
 from clickflow.plugins import PluginError, Registry, load_plugins
 from tests.conftest import REPO
+from tests.emulators import clickflow
 
 
 def test_builtins_are_registered_through_entry_points(registry: Registry) -> None:
@@ -65,8 +66,8 @@ def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def test_installed_plugin_is_listed_with_its_distribution(example_plugin: dict[str, str]) -> None:
-    result = subprocess.run([sys.executable, "-m", "clickflow", "plugins"], capture_output=True, text=True,
-                            env=example_plugin, check=True)  # fmt: skip
+    result = clickflow("plugins", env=example_plugin)
+    assert result.returncode == 0, result.stderr
     assert any(line.split()[:3] == ["sink", "ndjson", "clickflow-example-sink"] for line in result.stdout.splitlines())
 
 
@@ -75,8 +76,8 @@ def test_a_pipeline_can_use_the_installed_plugin(example_plugin: dict[str, str],
     pipeline.write_text(
         f"sources: [{{type: simulator, count: 20, seed: 1}}]\nsinks: [{{type: ndjson, directory: '{tmp_path}/out'}}]\n"
     )
-    subprocess.run([sys.executable, "-m", "clickflow", "run", str(pipeline)], env=example_plugin, check=True,
-                   capture_output=True, timeout=120)  # fmt: skip
+    result = clickflow("run", str(pipeline), env=example_plugin)
+    assert result.returncode == 0, result.stderr
     visits = (tmp_path / "out" / "visits.ndjson").read_text().splitlines()
     assert len(visits) == 20
     assert json.loads(visits[0])["ingested_at"].endswith("+00:00")

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,33 +11,12 @@ from pathlib import Path
 import anyio
 import pytest
 
-from clickflow.api import Message
 from clickflow.config import Pipeline
-from clickflow.parser import VisitParser
 from clickflow.runtime import Runtime
-from clickflow_simulator import VisitGenerator
 from tests.conftest import table_counts
-from tests.emulators import PubSubEmulator, free_port, metric, start_clickflow, wait_for
+from tests.emulators import PubSubEmulator, clickflow, free_port, metric, simulated_visits, start_clickflow, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def visits(count: int, seed: int) -> list[bytes]:
-    """Simulated visits with about 10% broken messages or events."""
-    return list(VisitGenerator(seed=seed, malformed_rate=0.1).messages(count))
-
-
-def expected_counts(payloads: list[bytes], message_ids: list[str]) -> dict[str, int]:
-    messages = [Message(p, i) for p, i in zip(payloads, message_ids, strict=True)]
-    return VisitParser().parse(messages, "expected", 0).counts()
-
-
-def setup(emulator: PubSubEmulator, name: str, count: int, seed: int) -> tuple[str, dict[str, int]]:
-    topic = emulator.topic(name)
-    subscription = emulator.subscription(name, topic)
-    payloads = visits(count, seed)
-    ids = emulator.publish(topic, payloads)
-    return subscription, expected_counts(payloads, ids)
 
 
 async def run_until_acknowledged(runtime: Runtime, messages: int, seconds: float = 120) -> None:
@@ -56,7 +32,7 @@ def test_every_published_message_is_in_the_tables_exactly_once(
     pubsub_emulator: PubSubEmulator, pipeline: Callable[..., Pipeline], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub_emulator.host)
-    subscription, expected = setup(pubsub_emulator, "exact", 3000, seed=1)
+    subscription, expected = pubsub_emulator.published_visits("exact", 3000, seed=1)
     db = tmp_path / "pull.duckdb"
     runtime = Runtime(pipeline(
         f"sources: [{{type: pubsub_pull, subscription: {subscription}, max_outstanding_messages: 500}}]\n"
@@ -82,7 +58,7 @@ def test_a_failing_sink_causes_redelivery_not_loss(
     from tests import flaky_sink
 
     monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub_emulator.host)
-    subscription, expected = setup(pubsub_emulator, "flaky", 1000, seed=2)
+    subscription, expected = pubsub_emulator.published_visits("flaky", 1000, seed=2)
     db = tmp_path / "flaky.duckdb"
     flaky = load_plugins(extra=[(flaky_sink, "tests")])
     runtime = Runtime(parse_pipeline(
@@ -107,7 +83,7 @@ def pull_pipeline(tmp_path: Path, subscription: str, port: int, db: Path, sink: 
 
 
 def test_sigkill_mid_stream_then_restart_loses_nothing(pubsub_emulator: PubSubEmulator, tmp_path: Path) -> None:
-    subscription, expected = setup(pubsub_emulator, "killed", 20_000, seed=3)
+    subscription, expected = pubsub_emulator.published_visits("killed", 20_000, seed=3)
     port, db = free_port(), tmp_path / "killed.duckdb"
     pipeline = pull_pipeline(tmp_path, subscription, port, db, ", batch: {max_age: 200ms}")
     first = start_clickflow(pipeline, pubsub_emulator.host)
@@ -137,7 +113,7 @@ def test_sigterm_during_a_busy_pull_exits_0_in_time_without_loss(
 ) -> None:
     topic = pubsub_emulator.topic("sigterm")
     subscription = pubsub_emulator.subscription("sigterm", topic)
-    published = set(pubsub_emulator.publish(topic, visits(20_000, seed=4)))
+    published = set(pubsub_emulator.publish(topic, simulated_visits(20_000, seed=4)))
     port, db = free_port(), tmp_path / "sigterm.duckdb"
     pipeline = pull_pipeline(tmp_path, subscription, port, db)
     process = start_clickflow(pipeline, pubsub_emulator.host)
@@ -175,11 +151,9 @@ def _written_message_ids(db: Path) -> set[str]:
 def test_simulate_publishes_to_a_topic(pubsub_emulator: PubSubEmulator) -> None:
     topic = pubsub_emulator.topic("simulated")
     subscription = pubsub_emulator.subscription("simulated", topic)
-    env = {**os.environ, "PUBSUB_EMULATOR_HOST": pubsub_emulator.host}
-    result = subprocess.run(
-        [sys.executable, "-m", "clickflow", "simulate", "--topic", topic, "--count", "2500", "--seed", "5"],
-        env=env, capture_output=True, text=True, timeout=120, check=True,
-    )  # fmt: skip
+    env = {"PUBSUB_EMULATOR_HOST": pubsub_emulator.host}
+    result = clickflow("simulate", "--topic", topic, "--count", "2500", "--seed", "5", env=env)
+    assert result.returncode == 0, result.stderr
     assert re.match(r"published 2,500 visits in [\d.]+s \([\d,]+/s\)", result.stderr)
     received = []
     while batch := pubsub_emulator.pull(subscription):

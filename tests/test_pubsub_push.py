@@ -6,9 +6,7 @@ import asyncio
 import base64
 import io
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,9 +24,8 @@ from clickflow.monitor import build_app
 from clickflow.runtime import Runtime
 from clickflow_pubsub.push import message_from_body
 from clickflow_simulator import VisitGenerator
-from tests.conftest import REPO, table_counts
-from tests.emulators import PubSubEmulator, free_port, metric, wait_for
-from tests.test_pubsub_pull import expected_counts
+from tests.conftest import table_counts
+from tests.emulators import PubSubEmulator, clickflow, expected_counts, free_port, metric, start_clickflow, wait_for
 
 AUDIENCE = "https://clickflow.example.com/pubsub/push"
 SENDER = "pusher@project.iam.gserviceaccount.com"
@@ -152,8 +149,7 @@ def test_emulator_push_subscription_delivers_every_message(pubsub_emulator: PubS
         "sources: [{type: pubsub_push}]\n"
         f"sinks: [{{type: duckdb, path: '{db}', batch: {{max_age: 100ms}}}}]\nmonitor: {{port: {port}}}\n"
     )
-    process = subprocess.Popen([sys.executable, "-m", "clickflow", "run", str(pipeline)], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    process = start_clickflow(pipeline, pubsub_emulator.host)
     try:
         wait_for(lambda: metric(port, "clickflow_messages_received_total") >= 0, 30)
         topic = pubsub_emulator.topic("pushed")
@@ -171,8 +167,7 @@ def test_emulator_push_subscription_delivers_every_message(pubsub_emulator: PubS
 def test_push_without_a_monitor_section_is_refused(tmp_path: Path) -> None:
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(f"sources: [{{type: pubsub_push}}]\nsinks: [{{type: duckdb, path: '{tmp_path}/x.db'}}]\n")
-    result = subprocess.run([sys.executable, "-m", "clickflow", "run", str(pipeline)], capture_output=True,
-                            text=True, timeout=60, env={**os.environ})  # fmt: skip
+    result = clickflow("run", str(pipeline))
     assert result.returncode == 1
     assert "add a monitor: section" in result.stderr
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -16,6 +14,7 @@ from clickflow.config import Pipeline
 from clickflow.parser import VisitParser
 from clickflow_simulator import SimulatorOptions, VisitGenerator, simulated_messages
 from tests.conftest import run_pipeline, table_counts
+from tests.emulators import clickflow
 
 START = datetime(2024, 7, 1, 9, tzinfo=UTC)
 
@@ -84,10 +83,8 @@ def test_simulator_pipeline_ingests_every_visit(pipeline: Callable[..., Pipeline
 
 
 def test_simulate_command_prints_json_lines() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "clickflow", "simulate", "--count", "5", "--seed", "1"],
-        capture_output=True, check=True, timeout=60,
-    )  # fmt: skip
+    result = clickflow("simulate", "--count", "5", "--seed", "1")
+    assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 5
     assert all(msgspec.json.decode(line)["session_id"].startswith("SID-") for line in lines)
