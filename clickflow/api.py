@@ -160,7 +160,8 @@ class SinkBatch(Protocol):
         """Rows gathered so far, per table."""
 
     def discard(self) -> None:
-        """Release what the batch holds; called when it is given up without being written."""
+        """Release what the batch holds; called once it is done with: written, or given up.
+        Until then it is kept as it is, for the write's retries."""
 
 
 class SourceContext(Protocol):

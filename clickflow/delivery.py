@@ -164,6 +164,7 @@ class SinkWorker:
         for table, count in batch.counts().items():
             if count:
                 self._metrics.rows_written.labels(name, table).inc(count)
+        batch.discard()
         for delivery in deliveries:
             delivery.sink_done()
 

@@ -94,10 +94,10 @@ class _Context:
 
     async def emit(self, messages: list[Message], ack: Acknowledger) -> None:
         runtime = self._runtime
-        delivery = Delivery(self._name, ack, len(messages), len(runtime.sinks), runtime._settled)
         if self._send is None:
             ack.nack(PipelineError("the pipeline is not running"))
             raise PipelineError(f"source {self._name!r} emitted while the pipeline is not running")
+        delivery = Delivery(self._name, ack, len(messages), len(runtime.sinks), runtime._settled)
         try:
             await self._send.send((messages, delivery, time.time_ns() // 1000))
         except BaseException as exc:

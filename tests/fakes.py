@@ -84,6 +84,15 @@ class MemoryOptions(SinkOptions):
     gated: bool = False
 
 
+class TrackedBatch(RowBatch):
+    """A RowBatch that counts the runtime's ``discard`` calls."""
+
+    discarded = 0
+
+    def discard(self) -> None:
+        self.discarded += 1
+
+
 class MemorySink(Sink):
     """Keeps written batches in ``writes``; can fail its first writes or wait for ``gate``."""
 
@@ -94,6 +103,9 @@ class MemorySink(Sink):
     written: anyio.Event | None = None
     """Set after the first successful write, when a test created it."""
     attempts = 0
+
+    def new_batch(self) -> TrackedBatch:
+        return TrackedBatch()
 
     async def write(self, batch: RowBatch) -> None:
         MemorySink.attempts += 1

@@ -47,6 +47,14 @@ sinks: [{type: memory, name: fast}, {type: memory, name: slow, gated: true, batc
     assert runtime.summary.acknowledged == 6
 
 
+async def test_a_batch_is_discarded_once_written_not_before(make: Callable[[str], Pipeline]) -> None:
+    await Runtime(make("""
+sources: [{type: script, batches: 3}]
+sinks: [{type: memory, fail_first: 1, batch: {max_rows: 1}, retry: {attempts: 2, initial_backoff: 1ms}}]
+""")).run()  # fmt: skip
+    assert [batch.discarded for _, batch in MemorySink.writes] == [1, 1, 1]  # type: ignore[attr-defined]
+
+
 async def test_transient_sink_failures_are_retried(make: Callable[[str], Pipeline]) -> None:
     summary = await Runtime(make("""
 sources: [{type: script, batches: 2}]

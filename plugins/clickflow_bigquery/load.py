@@ -172,7 +172,6 @@ class BigQueryLoadSink(BigQuerySink):
                 table_file.close()
                 await self._load(batch, table_file)
                 table_file.loaded = True
-        batch.discard()
 
     async def close(self) -> None:
         shutil.rmtree(self._spool, ignore_errors=True)

@@ -115,7 +115,6 @@ class DuckDBSink(Sink):
     async def write(self, batch: JsonSpool) -> None:
         batch.close()
         await anyio.to_thread.run_sync(self._write, batch)
-        batch.discard()  # kept after a failure, for the retry; close() removes any leftovers
 
     def _write(self, batch: JsonSpool) -> None:
         assert self._connection is not None
