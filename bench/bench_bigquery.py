@@ -38,6 +38,7 @@ from clickflow_bigquery.tables import ensure_tables
 from clickflow_simulator import VisitGenerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.conftest import files_into
 from tests.gcp_emulators import PROJECT, bqemulator, running_bigquery_emulator
 
 
@@ -79,8 +80,7 @@ async def raw_load(batch: InsertBatch, dataset: str, directory: Path) -> float:
 
 
 def pipeline_seconds(path: Path, sink: str) -> float:
-    text = f"sources: [{{type: file, path: '{path}'}}]\nsinks: [{{{sink}}}]"
-    runtime = Runtime(parse_pipeline(text, load_plugins(), "bench.yaml", {}))
+    runtime = Runtime(parse_pipeline(files_into(path, sink), load_plugins(), "bench.yaml", {}))
     started = time.perf_counter()
     anyio.run(runtime.run)
     return time.perf_counter() - started
