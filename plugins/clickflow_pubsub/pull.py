@@ -155,14 +155,10 @@ class PubSubPullSource(Source):
             except (TimeoutError, aiohttp.ServerTimeoutError):
                 context.heartbeat(loop)  # a held pull that found nothing
                 continue
-            except aiohttp.ClientResponseError as exc:
-                if exc.status in (400, 401, 403, 404):  # a mistake to fix, not a hiccup to retry
-                    raise RuntimeError(f"cannot pull {subscription}: {exc.status} {exc.message}") from exc
-                log.warning("%s: pull failed, retrying in %.1fs: %s", self.name, backoff, exc)
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-                continue
             except aiohttp.ClientError as exc:
+                if isinstance(exc, aiohttp.ClientResponseError) and exc.status in (400, 401, 403, 404):
+                    # a mistake to fix, not a hiccup to retry
+                    raise RuntimeError(f"cannot pull {subscription}: {exc.status} {exc.message}") from exc
                 log.warning("%s: pull failed, retrying in %.1fs: %s", self.name, backoff, exc)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
