@@ -8,18 +8,20 @@ split by their exact size, and the resumable upload of a load job's data, for
 which gcloud-aio-bigquery has no helper.
 
 ``BIGQUERY_EMULATOR_HOST`` points every call at an emulator, without credentials.
+gcloud-aio is imported when a client is made, so the plugin loads (and Beam
+workers import its row helpers) without the ``gcp`` extra.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import aiohttp
-from gcloud.aio.auth import Token
-from gcloud.aio.bigquery import Dataset, Job, Table
-from gcloud.aio.bigquery.bigquery import SCOPES, init_api_root
+
+if TYPE_CHECKING:
+    from gcloud.aio.bigquery import Job, Table
 
 TIMEOUT = 120
 
@@ -52,10 +54,15 @@ class BigQueryClient:
         self.project = project
         self.location = location
         self._service_file = service_file
+        from gcloud.aio.bigquery.bigquery import init_api_root
+
         self._emulated, self._root = init_api_root(None)
         self._upload_root = self._root.replace("/bigquery/v2", "/upload/bigquery/v2")
 
     async def open(self) -> None:
+        from gcloud.aio.auth import Token
+        from gcloud.aio.bigquery.bigquery import SCOPES
+
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT))
         self.token = (
             None if self._emulated else Token(service_file=self._service_file, scopes=SCOPES, session=self.session)
@@ -100,13 +107,20 @@ class BigQueryClient:
         body: dict[str, Any] = {"datasetReference": {"projectId": self.project, "datasetId": dataset}}
         if self.location:
             body["location"] = self.location
+        from gcloud.aio.bigquery import Dataset
+
         await self._managed(Dataset(dataset, **self._common()).insert(body, timeout=TIMEOUT))
 
     async def create_table(self, dataset: str, table: str, resource: dict[str, Any]) -> None:
-        await self._managed(Table(dataset, table, **self._common()).create(resource, timeout=TIMEOUT))
+        await self._managed(self._table(dataset, table).create(resource, timeout=TIMEOUT))
 
     async def get_table(self, dataset: str, table: str) -> dict[str, Any]:
-        return await self._managed(Table(dataset, table, **self._common()).get(timeout=TIMEOUT))
+        return await self._managed(self._table(dataset, table).get(timeout=TIMEOUT))
+
+    def _table(self, dataset: str, table: str) -> Table:
+        from gcloud.aio.bigquery import Table
+
+        return Table(dataset, table, **self._common())
 
     async def insert_all(self, dataset: str, table: str, body: bytes) -> dict[str, Any]:
         """``tabledata.insertAll`` with a ready-made JSON body."""
@@ -117,6 +131,8 @@ class BigQueryClient:
     # jobs
 
     def _job(self, job_id: str | None = None) -> Job:
+        from gcloud.aio.bigquery import Job
+
         return Job(job_id, location=self.location, **self._common())
 
     async def get_job(self, job_id: str) -> dict[str, Any] | None:
