@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import anyio
 import duckdb
@@ -91,22 +91,12 @@ class DuckDBSink(Sink):
     type_name = "duckdb"
     Options = DuckDBSinkOptions
     options: DuckDBSinkOptions
+    beam = "clickflow_duckdb.beam:WriteDuckDB"
 
     _connection: duckdb.DuckDBPyConnection | None = None
 
     async def open(self) -> None:
-        await anyio.to_thread.run_sync(self._open)
-
-    def _open(self) -> None:
-        config: dict[str, str | bool | int | float | list[str]] = {
-            "memory_limit": self.options.memory_limit,
-            "threads": self.options.threads,
-        }
-        con = self._connection = duckdb.connect(self.options.path, config=config)
-        con.execute("SET enable_progress_bar = false")
-        con.execute("SET preserve_insertion_order = false")  # lets inserts run in parallel
-        for table in TABLES.values():
-            con.execute(create_table_sql(table))
+        self._connection = await anyio.to_thread.run_sync(connect, self.options)
         self._spool_root = spool_directory(self.options.path)
 
     def new_batch(self) -> JsonSpool:
@@ -118,45 +108,68 @@ class DuckDBSink(Sink):
 
     def _write(self, batch: JsonSpool) -> None:
         assert self._connection is not None
-        con = self._connection.cursor()
-        counts = batch.counts()
-
-        def spooled(name: str) -> str:
-            return f"({select_spooled(TABLES[name], batch.paths[name])}) b"
-
-        con.begin()
-        try:
-            if counts["visits"]:
-                con.execute(
-                    "CREATE OR REPLACE TEMP TABLE clickflow_new_visits AS "
-                    f"SELECT b.* FROM {spooled('visits')} ANTI JOIN visits t ON b.visit_id = t.visit_id"
-                )
-                con.execute(f"{insert_into(TABLES['visits'])} SELECT * FROM clickflow_new_visits")
-                (new_visits,) = con.fetchone() or (0,)
-                for name in ("events", "purchase_items"):
-                    if counts[name]:
-                        sql = f"{insert_into(TABLES[name])} SELECT b.* FROM {spooled(name)}"
-                        if new_visits < counts["visits"]:  # some were written before: keep only new visits' rows
-                            sql += " SEMI JOIN clickflow_new_visits n ON b.visit_id = n.visit_id"
-                        con.execute(sql)
-                con.execute("DROP TABLE clickflow_new_visits")
-            if counts["dead_letter"]:
-                con.execute(
-                    f"{insert_into(TABLES['dead_letter'])} SELECT b.* FROM {spooled('dead_letter')} "
-                    "ANTI JOIN dead_letter t ON b.dead_letter_id = t.dead_letter_id"
-                )
-            con.commit()
-        except BaseException:
-            con.rollback()
-            raise
-        finally:
-            con.close()
+        with self._connection.cursor() as cursor:
+            insert(cursor, batch.paths, batch.counts())
 
     async def close(self) -> None:
         if self._connection is not None:
             await anyio.to_thread.run_sync(self._connection.close)
             shutil.rmtree(self._spool_root, ignore_errors=True)
             self._connection = None
+
+
+def connect(options: DuckDBSinkOptions) -> duckdb.DuckDBPyConnection:
+    """The database, with the four tables created if missing."""
+    config: dict[str, str | bool | int | float | list[str]] = {
+        "memory_limit": options.memory_limit,
+        "threads": options.threads,
+    }
+    con = duckdb.connect(options.path, config=config)
+    con.execute("SET enable_progress_bar = false")
+    con.execute("SET preserve_insertion_order = false")  # lets inserts run in parallel
+    for table in TABLES.values():
+        con.execute(create_table_sql(table))
+    return con
+
+
+def insert(con: duckdb.DuckDBPyConnection, paths: Mapping[str, str], counts: Mapping[str, int]) -> None:
+    """Insert spooled rows (``paths``: a file or glob per table) in one transaction, skipping rows
+    already stored. ``counts`` are the rows in each table's files."""
+
+    def spooled(name: str) -> str:
+        return f"({select_spooled(TABLES[name], paths[name])}) b"
+
+    con.begin()
+    try:
+        if counts["visits"]:
+            con.execute(
+                "CREATE OR REPLACE TEMP TABLE clickflow_new_visits AS "
+                f"SELECT b.* FROM {spooled('visits')} ANTI JOIN visits t ON b.visit_id = t.visit_id"
+            )
+            con.execute(f"{insert_into(TABLES['visits'])} SELECT * FROM clickflow_new_visits")
+            (new_visits,) = con.fetchone() or (0,)
+            for name in ("events", "purchase_items"):
+                if counts[name]:
+                    sql = f"{insert_into(TABLES[name])} SELECT b.* FROM {spooled(name)}"
+                    if new_visits < counts["visits"]:  # some were written before: keep only new visits' rows
+                        sql += " SEMI JOIN clickflow_new_visits n ON b.visit_id = n.visit_id"
+                    con.execute(sql)
+            con.execute("DROP TABLE clickflow_new_visits")
+        if counts["dead_letter"]:
+            con.execute(
+                f"{insert_into(TABLES['dead_letter'])} SELECT b.* FROM {spooled('dead_letter')} "
+                "ANTI JOIN dead_letter t ON b.dead_letter_id = t.dead_letter_id"
+            )
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+
+
+def load_files(options: DuckDBSinkOptions, paths: Mapping[str, str], counts: Mapping[str, int]) -> None:
+    """``insert`` on a connection of its own (the Beam translation's last step)."""
+    with connect(options) as con:
+        insert(con, paths, counts)
 
 
 def spool_directory(database: str) -> str:

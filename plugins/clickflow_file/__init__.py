@@ -17,7 +17,7 @@ from pydantic import Field, PositiveInt
 from clickflow.api import Message, NoAck, Source, SourceContext, SourceOptions
 from clickflow.hookspecs import hookimpl
 from clickflow_file import gcs
-from clickflow_file.reader import CountingReader, first_significant_byte, iter_array, iter_lines
+from clickflow_file.reader import CountingReader, iter_messages
 
 
 class FileSourceOptions(SourceOptions):
@@ -58,6 +58,7 @@ class FileSource(Source):
 
     type_name = "file"
     Options = FileSourceOptions
+    beam = "clickflow_file.beam:ReadFiles"
     options: FileSourceOptions
 
     async def run(self, context: SourceContext) -> None:
@@ -78,10 +79,8 @@ class FileSource(Source):
                 context.progress(files_done=done + 1, files_total=len(files), bytes_read=done_bytes)
 
     def _batches(self, reader: CountingReader, path: str) -> Iterator[list[Message]]:
-        read: Callable[..., Iterator[tuple[str, bytes]]]
-        read = iter_array if first_significant_byte(reader.stream) == b"[" else iter_lines
         batch: list[Message] = []
-        for message_id, data in read(reader.stream, path):
+        for message_id, data in iter_messages(reader.stream, path):
             batch.append(Message(data, message_id))
             if len(batch) >= self.options.batch_size:
                 yield batch

@@ -56,6 +56,12 @@ def first_significant_byte(stream: BinaryIO) -> bytes:
     return stripped[:1]
 
 
+def iter_messages(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
+    """``(message id, bytes)`` of each visit in a file: a JSON array's elements, or else its lines."""
+    read = iter_array if first_significant_byte(stream) == b"[" else iter_lines
+    return read(stream, path)
+
+
 def iter_lines(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
     for number, line in enumerate(stream, 1):
         line = line.strip()
