@@ -188,6 +188,9 @@ class Source(abc.ABC):
 
     type_name: ClassVar[str]
     Options: ClassVar[type[SourceOptions]]
+    beam: ClassVar[str | None] = None
+    """``module:Class`` of its Beam translation (a ``clickflow.beam.BeamRead``), imported only by
+    ``clickflow run --runner beam|dataflow``; None means the source cannot run on Beam."""
 
     def __init__(self, name: str, options: Any) -> None:
         self.name = name
@@ -216,6 +219,8 @@ class Sink(abc.ABC):
 
     type_name: ClassVar[str]
     Options: ClassVar[type[SinkOptions]]
+    beam: ClassVar[str | None] = None
+    """``module:Class`` of its Beam translation (a ``clickflow.beam.BeamWrite``); see ``Source.beam``."""
 
     def __init__(self, name: str, options: Any) -> None:
         self.name = name

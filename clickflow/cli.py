@@ -85,25 +85,82 @@ def cli() -> None:
     """Ingest website clickstream data into analytic tables."""
 
 
-@cli.command()
+@cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.argument("beam_flags", nargs=-1, type=click.UNPROCESSED)
+@click.option(
+    "--runner",
+    type=click.Choice(["local", "beam", "dataflow"]),
+    default="local",
+    show_default=True,
+    help="local: clickflow's async runtime; beam: Apache Beam on this machine; dataflow: Google Cloud Dataflow.",
+)
+@click.option("--dry-run", is_flag=True, help="With a Beam runner: check and print what would run, run nothing.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--log-level", default="INFO", show_default=True)
 @click.option("--progress/--no-progress", default=None, help="Live status line (default: on a terminal).")
-def run(pipeline: str, log_format: str, log_level: str, progress: bool | None) -> None:
-    """Run PIPELINE until its sources are exhausted or a signal stops it."""
+def run(
+    pipeline: str,
+    beam_flags: tuple[str, ...],
+    runner: str,
+    dry_run: bool,
+    log_format: str,
+    log_level: str,
+    progress: bool | None,
+) -> None:
+    """Run PIPELINE until its sources are exhausted or a signal stops it.
+
+    With --runner beam or dataflow, BEAM_FLAGS are passed to Beam, e.g.
+    --project P --region R --temp_location gs://B/tmp for Dataflow.
+    """
     setup_logging(log_format, log_level)  # type: ignore[arg-type]
     loaded = load_or_exit(pipeline)
-    show = sys.stderr.isatty() if progress is None else progress
+    if runner != "local":
+        summary = _run_on_beam(loaded, runner, beam_flags, dry_run)
+    elif beam_flags or dry_run:
+        unexpected = " ".join(beam_flags) or "--dry-run"
+        raise click.UsageError(f"{unexpected}: Beam options need --runner beam or --runner dataflow")
+    else:
+        summary = _run_locally(loaded, sys.stderr.isatty() if progress is None else progress)
+    if summary is not None:
+        click.echo(format_summary(summary))
+
+
+def _run_locally(pipeline: Pipeline, progress: bool) -> RunSummary:
     try:
-        summary = anyio.run(run_pipeline, loaded, show)
+        summary = anyio.run(run_pipeline, pipeline, progress)
     except PipelineError as exc:
         click.echo(f"clickflow: {exc}", err=True)
         sys.exit(EXIT_FAILED)
     if summary is None:
         click.echo("clickflow: aborted; unacknowledged messages will be redelivered", err=True)
         sys.exit(EXIT_FAILED)
-    click.echo(format_summary(summary))
+    return summary
+
+
+def _run_on_beam(pipeline: Pipeline, runner: str, flags: tuple[str, ...], dry_run: bool) -> RunSummary | None:
+    try:
+        from clickflow.beam.launch import BeamError, prepare
+    except ImportError as exc:
+        message = f"--runner {runner} needs the beam extra: pip install 'clickflow[beam]' ({exc})"
+        raise click.ClickException(message) from None
+    try:
+        launch = prepare(pipeline, runner, flags)
+    except BeamError as exc:
+        for problem in exc.problems:
+            click.echo(f"{pipeline.path}: {problem}", err=True)
+        sys.exit(EXIT_INVALID)
+    if dry_run:
+        for name, read in launch.reads.items():
+            click.echo(f"source {name}: {type(read).__name__}")
+        for name, write in launch.writes.items():
+            click.echo(f"sink {name}: {type(write).__name__}")
+        click.echo(f"runner {launch.runner}: " + " ".join(launch.flags()))
+        return None
+    summary = launch.run()
+    if summary is None:
+        click.echo(f"clickflow: submitted to {launch.runner}; the streaming job runs until you drain or cancel it")
+    return summary
 
 
 @cli.command()

@@ -37,6 +37,7 @@ class BigQuerySink(Sink):
     """Opens a client and makes sure the tables are there and match."""
 
     options: BigQueryOptions
+    beam = "clickflow_bigquery.beam:WriteBigQuery"
 
     async def open(self) -> None:
         self.names = self.options.table_names()

@@ -26,21 +26,28 @@ def timestamp(microseconds: int) -> str:
     return (EPOCH + timedelta(microseconds=microseconds)).isoformat()
 
 
-def json_encoder(table: Table) -> Callable[[tuple[Any, ...]], bytes]:
-    """Encodes one of the table's row tuples as a JSON object (bytes)."""
+def json_object(table: Table) -> Callable[[tuple[Any, ...]], dict[str, Any]]:
+    """Turns one of the table's row tuples into the JSON object BigQuery takes."""
     names = table.column_names
     stamps = [i for i, c in enumerate(table.columns) if c.type == "TIMESTAMP"]
 
-    def encode(row: tuple[Any, ...]) -> bytes:
+    def convert(row: tuple[Any, ...]) -> dict[str, Any]:
         values = list(row)
         for i in stamps:
             if values[i] is not None:
                 values[i] = timestamp(values[i])
-        return _encode(dict(zip(names, values, strict=True)))
+        return dict(zip(names, values, strict=True))
 
-    return encode
+    return convert
 
 
+def json_encoder(table: Table) -> Callable[[tuple[Any, ...]], bytes]:
+    """Encodes one of the table's row tuples as a JSON object (bytes)."""
+    convert = json_object(table)
+    return lambda row: _encode(convert(row))
+
+
+JSON_OBJECTS = {name: json_object(table) for name, table in TABLES.items()}
 ENCODERS = {name: json_encoder(table) for name, table in TABLES.items()}
 
 
@@ -56,15 +63,16 @@ def row_id(table: Table) -> Callable[[tuple[Any, ...]], str]:
 ROW_IDS = {name: row_id(table) for name, table in TABLES.items()}
 
 
-def json_row_id(table: str) -> Callable[[bytes], str]:
-    """The same id, for a row already encoded by ``ENCODERS`` (keys are never timestamps)."""
+def object_row_id(table: str) -> Callable[[dict[str, Any]], str]:
+    """The same id, for a row as a JSON object from ``JSON_OBJECTS`` (keys are never timestamps)."""
     names, row_id_of = TABLES[table].column_names, ROW_IDS[table]
+    return lambda row: row_id_of(tuple(row[name] for name in names))
 
-    def of(line: bytes) -> str:
-        row = msgspec.json.decode(line)
-        return row_id_of(tuple(row[name] for name in names))
 
-    return of
+def json_row_id(table: str) -> Callable[[bytes], str]:
+    """The same id, for a row already encoded by ``ENCODERS``."""
+    of_object = object_row_id(table)
+    return lambda line: of_object(msgspec.json.decode(line))
 
 
 def rejected_row(table: str, key: str, row_json: bytes, error: str, sink: str, now: int) -> tuple[Any, ...]:

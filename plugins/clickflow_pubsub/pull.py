@@ -104,6 +104,7 @@ class PubSubPullSource(Source):
 
     type_name = "pubsub_pull"
     Options = PubSubPullOptions
+    beam = "clickflow_pubsub.beam:ReadSubscription"
     options: PubSubPullOptions
 
     _client: SubscriberClient

@@ -1,0 +1,101 @@
+"""The async runtime against Apache Beam's local runner, on the same file, in the same run.
+
+    python bench/bench_beam.py [--megabytes 50]
+
+Generates a JSON-lines file of simulated visits (once; reused from bench/out/)
+and runs `clickflow run config/files.yaml` on it three ways, each in a child
+process writing its own DuckDB file: the async runtime, Beam in one process,
+and Beam with two worker processes. Prints events per second (wall time of the
+whole command, start-up included) and the peak memory of the `clickflow`
+process (Beam's worker processes not included), and checks that all three
+wrote the same number of rows to every table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+
+from clickflow.schema import TABLE_NAMES
+from clickflow_simulator import VisitGenerator
+
+OUT = Path(__file__).resolve().parent / "out"
+REPO = OUT.parent.parent
+RUNS = {
+    "async runtime (--runner local)": ["--runner", "local", "--no-progress"],
+    "Beam, one process (--runner beam)": ["--runner", "beam"],
+    "Beam, two processes (--runner beam --direct_num_workers=2)": [
+        "--runner", "beam", "--direct_num_workers=2", "--direct_running_mode=multi_processing",
+    ],
+}  # fmt: skip
+
+
+def make_input(path: Path, megabytes: float) -> None:
+    target = int(megabytes * 1e6)
+    if path.exists() and path.stat().st_size >= target:
+        return
+    generator = VisitGenerator(seed=13)
+    written, index = 0, 0
+    with open(path, "wb") as out:
+        while written < target:
+            chunk = b"".join(generator.message(index + i) + b"\n" for i in range(1_000))
+            out.write(chunk)
+            written += len(chunk)
+            index += 1_000
+
+
+def counts(database: Path) -> dict[str, int]:
+    with duckdb.connect(str(database), read_only=True) as con:
+        return {table: con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in TABLE_NAMES}  # type: ignore[index]
+
+
+def main() -> None:
+    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument("--megabytes", type=float, default=50.0)
+    opts = args.parse_args()
+
+    OUT.mkdir(exist_ok=True)
+    source = OUT / f"visits-{opts.megabytes:g}mb.jsonl"
+    make_input(source, opts.megabytes)
+    print(f"input: {source} ({source.stat().st_size / 1e6:.1f} MB)")
+
+    results: dict[str, tuple[float, dict[str, int]]] = {}
+    for index, (name, flags) in enumerate(RUNS.items()):
+        database = OUT / f"beam-bench-{index}.duckdb"
+        database.unlink(missing_ok=True)
+        env = {**os.environ, "CLICKFLOW_INPUT": str(source), "CLICKFLOW_DUCKDB": str(database)}
+        command = [sys.executable, "-m", "clickflow", "run", "config/files.yaml", *flags]
+        started = time.perf_counter()
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            child = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=REPO)
+            _, status, usage = os.wait4(child.pid, 0)  # this child's own peak memory, not its workers'
+            seconds = time.perf_counter() - started
+            out.seek(0), err.seek(0)
+            stdout, stderr = out.read(), err.read()
+        if os.waitstatus_to_exitcode(status):
+            sys.exit(f"{name} failed:\n{stderr}")
+        events = int(re.search(r"events\s+([\d,]+)", stdout).group(1).replace(",", ""))  # type: ignore[union-attr]
+        results[name] = (events / seconds, counts(database))
+        database.unlink()
+        print(f"{name:<60} {events:>10,} events in {seconds:6.1f}s = {events / seconds:>9,.0f} events/s", end="")
+        print(f", peak {usage.ru_maxrss / 1024:,.0f} MB")
+
+    (reference, *others) = [rows for _, rows in results.values()]
+    same = all(rows == reference for rows in others)
+    print(f"rows per table, every run: {reference}" if same else f"rows differ: {results}")
+    fastest = max(results, key=lambda name: results[name][0])
+    print(f"fastest on this machine ({os.cpu_count()} cores): {fastest}")
+    if not same:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The pieces a Beam translation is made of: reads, the parser as a DoFn, writes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import apache_beam as beam
+from apache_beam.metrics.metric import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.pvalue import PBegin, PCollection, TaggedOutput
+
+from clickflow.api import Message, Sink, Source
+from clickflow.parser import VisitParser
+from clickflow.schema import DEAD_LETTER, TABLE_NAMES
+
+Row = tuple[Any, ...]
+Messages = PCollection[list[tuple[str, bytes]]]
+"""Batches of ``(message_id, data)``."""
+Tables = dict[str, PCollection[list[Row]]]
+"""The four tables by name, each a PCollection of batches of row tuples in the schema's column order."""
+
+METRICS_NAMESPACE = "clickflow"
+"""Counters ``messages:SOURCE``, ``rows:TABLE`` and ``dead_letter:REASON``, read into the run's summary."""
+REASON = DEAD_LETTER.index("reason")
+
+
+class BeamRead(beam.PTransform[PBegin, Messages]):
+    """A source on Beam: batches of ``(message_id, data)``, every message it reads once."""
+
+    streaming: ClassVar[bool] = False
+    """True for unbounded sources: the pipeline runs in Beam's streaming mode."""
+
+    def __init__(self, source: Source) -> None:
+        super().__init__()
+        self.source = source
+
+
+class BeamWrite(beam.PTransform[Tables, None]):
+    """A sink on Beam: writes the four tables."""
+
+    def __init__(self, sink: Sink) -> None:
+        super().__init__()
+        self.sink = sink
+
+    def refusal(self, options: PipelineOptions) -> str | None:
+        """Why this sink cannot run with these options (runner, streaming), or None."""
+        return None
+
+    def finish(self) -> None:
+        """Called in the launching process once a local batch pipeline has finished."""
+
+
+class ParseVisits(beam.DoFn):
+    """The async runtime's parser; each table is a tagged output (``dead_letter`` among them)."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+        self.messages = Metrics.counter(METRICS_NAMESPACE, f"messages:{source}")
+        self.rows = {table: Metrics.counter(METRICS_NAMESPACE, f"rows:{table}") for table in TABLE_NAMES}
+
+    def setup(self) -> None:
+        self.parser = VisitParser()
+
+    def process(self, batch: list[tuple[str, bytes]]) -> Iterator[TaggedOutput[str, list[Row]]]:
+        messages = [Message(data, message_id) for message_id, data in batch]
+        rows = self.parser.parse(messages, self.source, time.time_ns() // 1000)
+        self.messages.inc(len(messages))
+        for table, table_rows in rows.tables.items():
+            if table_rows:
+                self.rows[table].inc(len(table_rows))
+                yield TaggedOutput(table, table_rows)
+        for row in rows.tables["dead_letter"]:
+            Metrics.counter(METRICS_NAMESPACE, f"dead_letter:{row[REASON]}").inc()
+
+
+def parse(messages: Messages, source: str) -> Tables:
+    """The tables parsed from one source's messages."""
+    outputs = messages | f"Parse {source}" >> beam.ParDo(ParseVisits(source)).with_outputs(*TABLE_NAMES)
+    return {table: outputs[table] for table in TABLE_NAMES}

@@ -1,0 +1,105 @@
+"""The BigQuery sinks on Beam: one ``WriteToBigQuery`` per table, tables from the shared schema.
+
+``bigquery_load`` writes with file loads and ``bigquery_streaming`` with
+streaming inserts. Tables are created when missing (``create_tables``) with the
+schema, day partitioning and clustering of ``tables.table_resource``; the
+dataset must exist (``clickflow bigquery create-tables PIPELINE`` makes both).
+
+Rows BigQuery refuses in a streaming insert come back from ``WriteToBigQuery``
+and become ``dead_letter`` rows (reason ``bigquery_rejected``), as in the async
+sink; transient errors are retried by Beam. A dead letter BigQuery refuses has
+nowhere left to go, so it fails the pipeline instead of vanishing. A load job
+is all or nothing: Beam retries a failed job, then fails the pipeline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import apache_beam as beam
+import msgspec
+from apache_beam.io.gcp.bigquery import BigQueryDisposition, WriteToBigQuery
+from apache_beam.io.gcp.bigquery_tools import RetryStrategy
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
+
+from clickflow.beam import BeamWrite, Tables
+from clickflow.schema import TABLES
+from clickflow_bigquery.common import BigQueryOptions
+from clickflow_bigquery.rows import JSON_OBJECTS, object_row_id, rejected_row
+from clickflow_bigquery.tables import table_resource
+
+DATA_TABLES = ("visits", "events", "purchase_items")
+
+
+class WriteBigQuery(BeamWrite):
+    @property
+    def streaming_inserts(self) -> bool:
+        return self.sink.type_name == "bigquery_streaming"
+
+    def refusal(self, options: PipelineOptions) -> str | None:
+        staging = getattr(self.sink.options, "staging", None)
+        temp = options.view_as(GoogleCloudOptions).temp_location or ""
+        if not self.streaming_inserts and not staging and not temp.startswith("gs://"):
+            return "load jobs on Beam read their files from Cloud Storage: set staging: gs://... or --temp_location"
+        return None
+
+    def expand(self, tables: Tables) -> None:
+        options: BigQueryOptions = self.sink.options
+        names = options.table_names()
+        streaming = bool(tables["visits"].pipeline.options.view_as(StandardOptions).streaming)
+        refused = []
+        for table in DATA_TABLES:
+            written = tables[table] | f"JSON {table}" >> beam.Map(JSON_OBJECTS[table]) | self._write(table, streaming)
+            if self.streaming_inserts:
+                refused.append(
+                    written.failed_rows_with_errors | f"Refused {table}" >> beam.Map(refused_row, table, self.sink.name)
+                )
+        dead_letters = (tables["dead_letter"], *refused) | "All dead letters" >> beam.Flatten()
+        as_json = dead_letters | "JSON dead_letter" >> beam.Map(JSON_OBJECTS["dead_letter"])
+        written = as_json | self._write("dead_letter", streaming)
+        if self.streaming_inserts:
+            _ = written.failed_rows_with_errors | "Refused dead letters" >> beam.Map(unwritable, names["dead_letter"])
+
+    def _write(self, table: str, streaming: bool) -> beam.PTransform[Any, Any]:
+        """The write of one table (``streaming``: the pipeline runs in streaming mode)."""
+        options: BigQueryOptions = self.sink.options
+        resource = table_resource(TABLES[table])
+        parameters = {key: resource[key] for key in ("timePartitioning", "clustering") if key in resource}
+        arguments: dict[str, Any] = {}
+        if self.streaming_inserts:
+            arguments["method"] = WriteToBigQuery.Method.STREAMING_INSERTS
+            arguments["insert_retry_strategy"] = RetryStrategy.RETRY_ON_TRANSIENT_ERROR
+        else:
+            arguments["method"] = WriteToBigQuery.Method.FILE_LOADS
+            arguments["custom_gcs_temp_location"] = getattr(options, "staging", None)
+            if streaming:  # loads on an unbounded input: one job per table this often
+                arguments["triggering_frequency"] = max(1, int(options.batch.max_age.total_seconds()))
+        return f"Write {table}" >> WriteToBigQuery(
+            table=f"{options.project}:{options.dataset}.{options.table_names()[table]}",
+            schema=resource["schema"],
+            additional_bq_parameters=parameters,
+            create_disposition=(
+                BigQueryDisposition.CREATE_IF_NEEDED if options.create_tables else BigQueryDisposition.CREATE_NEVER
+            ),
+            write_disposition=BigQueryDisposition.WRITE_APPEND,
+            **arguments,
+        )
+
+
+def json_objects(rows: list[tuple[Any, ...]], table: str) -> Iterator[dict[str, Any]]:
+    return map(JSON_OBJECTS[table], rows)
+
+
+def refused_row(failed: tuple[str, dict[str, Any], list[Any]], table: str, sink: str) -> list[tuple[Any, ...]]:
+    """A batch of one ``dead_letter`` row for a row BigQuery refused: ``(destination, row, errors)``."""
+    _, row, errors = failed
+    error = "; ".join(str(e.get("message", e)) if isinstance(e, dict) else str(e) for e in errors)
+    now = time.time_ns() // 1000
+    return [rejected_row(table, object_row_id(table)(row), msgspec.json.encode(row), error, sink, now)]
+
+
+def unwritable(failed: tuple[str, dict[str, Any], list[Any]], table: str) -> None:
+    _, row, errors = failed
+    raise RuntimeError(f"BigQuery refused dead letter {row.get('dead_letter_id')} in {table}: {errors}")

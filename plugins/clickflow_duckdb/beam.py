@@ -1,0 +1,67 @@
+"""The ``duckdb`` sink on Beam's local runners: table files written by Beam, loaded at the end.
+
+Workers write each table as JSON-lines shards in the sink's spool format
+(``DATABASE.spool/beam/TABLE-*.ndjson``); once the pipeline has finished, the
+launching process loads them into the database in one transaction, with the
+same de-duplicating inserts as the async sink. A database file on one machine
+cannot be written from Dataflow's workers, and a streaming pipeline never
+finishes, so both are refused.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+from typing import Any
+
+import apache_beam as beam
+import msgspec
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from clickflow.beam import BeamWrite, Tables
+from clickflow.beam.launch import DATAFLOW_RUNNER
+from clickflow.schema import TABLE_NAMES
+from clickflow_duckdb import DuckDBSinkOptions, load_files, spool_directory
+
+SHARDS = "beam"
+_encode_lines = msgspec.json.Encoder().encode_lines
+
+
+class WriteDuckDB(BeamWrite):
+    def refusal(self, options: PipelineOptions) -> str | None:
+        standard = options.view_as(StandardOptions)
+        if standard.runner == DATAFLOW_RUNNER:
+            return "duckdb writes a file on this machine; on Dataflow use bigquery_load or bigquery_streaming"
+        if standard.streaming:
+            return "duckdb loads its files when a batch pipeline ends; a streaming source never ends"
+        return None
+
+    def expand(self, tables: Tables) -> None:
+        options: DuckDBSinkOptions = self.sink.options
+        self.spool = spool_directory(options.path)
+        self.shards = os.path.join(self.spool, SHARDS)
+        for table in TABLE_NAMES:
+            _ = (
+                tables[table]
+                | f"Encode {table}" >> beam.Map(encode_lines)
+                | f"Write {table}"
+                >> beam.io.WriteToText(os.path.join(self.shards, table), ".ndjson", coder=beam.coders.BytesCoder())
+            )
+
+    def finish(self) -> None:
+        options: DuckDBSinkOptions = self.sink.options
+        paths = {table: os.path.join(self.shards, f"{table}-*.ndjson") for table in TABLE_NAMES}
+        counts = {table: sum(_lines(path) for path in glob.glob(paths[table])) for table in TABLE_NAMES}
+        load_files(options, paths, counts)
+        shutil.rmtree(self.spool)
+
+
+def encode_lines(rows: list[tuple[Any, ...]]) -> bytes:
+    """A batch of rows as spool lines, less the last newline (Beam adds one per element)."""
+    return _encode_lines(rows)[:-1]
+
+
+def _lines(path: str) -> int:
+    with open(path, "rb") as file:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b""))

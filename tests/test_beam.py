@@ -1,0 +1,99 @@
+"""The same pipeline file on Beam's local runner: exactly the async runtime's rows."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from clickflow.beam.launch import prepare
+from clickflow.config import parse_pipeline
+from clickflow.plugins import Registry
+from clickflow.schema import TABLE_NAMES
+from clickflow_simulator.generator import VisitGenerator
+from tests.conftest import FIXTURES, files_into, run_pipeline, table_counts
+from tests.emulators import clickflow
+
+pytestmark = pytest.mark.integration
+
+WALL_CLOCK = {"ingested_at", "received_at"}
+"""Columns that hold the time of the run, which two runs cannot share."""
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """JSON lines (a tenth malformed), a JSON array, a gzip'd file and the real sample."""
+    directory = tmp_path_factory.mktemp("beam-input")
+    generator = VisitGenerator(seed=5, malformed_rate=0.1)
+    (directory / "visits.jsonl").write_bytes(b"\n".join(generator.messages(300)) + b"\n")
+    (directory / "array.json").write_text(json.dumps(list(VisitGenerator(seed=6).visits(40))))
+    (directory / "more.jsonl.gz").write_bytes(gzip.compress(b"\n".join(VisitGenerator(seed=7).messages(60))))
+    (directory / "sample.jsonl").write_bytes((FIXTURES / "challenge_sample.jsonl").read_bytes())
+    return directory
+
+
+def rows(database: Path) -> dict[str, list[tuple[object, ...]]]:
+    """Every table's rows, sorted, without the wall-clock columns."""
+    found = {}
+    with duckdb.connect(str(database), read_only=True) as con:
+        for table in TABLE_NAMES:
+            columns = [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall() if r[0] not in WALL_CLOCK]
+            found[table] = con.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY ALL").fetchall()
+    return found
+
+
+@pytest.fixture(scope="module")
+def local_rows(inputs: Path, tmp_path_factory: pytest.TempPathFactory, clickflow_registry: Registry) -> dict:
+    database = tmp_path_factory.mktemp("local") / "local.duckdb"
+    text = files_into(inputs / "*", f"type: duckdb, path: '{database}'")
+    run_pipeline(parse_pipeline(text, clickflow_registry, "local.yaml", {}))
+    found = rows(database)
+    assert all(found.values()), {t: len(r) for t, r in found.items()}
+    return found
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [[], ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]],
+    ids=["in-process", "two-processes"],
+)
+def test_beam_writes_exactly_the_rows_of_the_async_runtime(
+    flags: list[str], inputs: Path, local_rows: dict, tmp_path: Path, clickflow_registry: Registry
+) -> None:
+    database = tmp_path / "beam.duckdb"
+    text = files_into(inputs / "*", f"type: duckdb, path: '{database}'")
+    summary = prepare(parse_pipeline(text, clickflow_registry, "beam.yaml", {}), "beam", flags).run()
+
+    assert rows(database) == local_rows
+    assert summary is not None
+    assert {table: summary.rows[table] for table in TABLE_NAMES} == {t: len(r) for t, r in local_rows.items()}
+    assert summary.messages["file"] == 300 + 40 + 60 + 1
+    assert sum(summary.dead_letters.values()) == len(local_rows["dead_letter"])
+    assert not (tmp_path / "beam.duckdb.spool").exists()
+
+
+def test_a_second_beam_run_adds_nothing(inputs: Path, tmp_path: Path, clickflow_registry: Registry) -> None:
+    database = tmp_path / "beam.duckdb"
+    text = files_into(inputs / "sample.jsonl", f"type: duckdb, path: '{database}'")
+    for _ in range(2):
+        prepare(parse_pipeline(text, clickflow_registry, "beam.yaml", {}), "beam", []).run()
+    assert table_counts(database) == {"visits": 1, "events": 10, "purchase_items": 3, "dead_letter": 0}
+
+
+def test_command_line_runs_config_files_on_beam(inputs: Path, tmp_path: Path) -> None:
+    database = tmp_path / "cli.duckdb"
+    env = {"CLICKFLOW_INPUT": str(inputs / "sample.jsonl"), "CLICKFLOW_DUCKDB": str(database)}
+    result = clickflow("run", "config/files.yaml", "--runner", "beam", env=env)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^  events +10$", result.stdout, re.MULTILINE), result.stdout
+    assert table_counts(database)["events"] == 10
+
+
+def test_unmatched_pattern_fails_the_run(tmp_path: Path, clickflow_registry: Registry) -> None:
+    text = files_into(tmp_path / "nothing-*.jsonl", f"type: duckdb, path: '{tmp_path / 'x.duckdb'}'")
+    with pytest.raises(Exception, match="nothing-"):
+        prepare(parse_pipeline(text, clickflow_registry, "beam.yaml", {}), "beam", []).run()
