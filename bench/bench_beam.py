@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 import duckdb
+from bench_file_duckdb import make_input  # this folder is on sys.path when run as a script
 
 from clickflow.schema import TABLE_NAMES
-from clickflow_simulator import VisitGenerator
 
 OUT = Path(__file__).resolve().parent / "out"
 REPO = OUT.parent.parent
@@ -36,20 +36,6 @@ RUNS = {
         "--runner", "beam", "--direct_num_workers=2", "--direct_running_mode=multi_processing",
     ],
 }  # fmt: skip
-
-
-def make_input(path: Path, megabytes: float) -> None:
-    target = int(megabytes * 1e6)
-    if path.exists() and path.stat().st_size >= target:
-        return
-    generator = VisitGenerator(seed=13)
-    written, index = 0, 0
-    with open(path, "wb") as out:
-        while written < target:
-            chunk = b"".join(generator.message(index + i) + b"\n" for i in range(1_000))
-            out.write(chunk)
-            written += len(chunk)
-            index += 1_000
 
 
 def counts(database: Path) -> dict[str, int]:
@@ -64,7 +50,7 @@ def main() -> None:
 
     OUT.mkdir(exist_ok=True)
     source = OUT / f"visits-{opts.megabytes:g}mb.jsonl"
-    make_input(source, opts.megabytes)
+    make_input(source, opts.megabytes / 1000)
     print(f"input: {source} ({source.stat().st_size / 1e6:.1f} MB)")
 
     results: dict[str, tuple[float, dict[str, int]]] = {}
