@@ -76,6 +76,7 @@ def test_file_patterns_are_matched_by_beam_as_absolute_paths(
     transforms = graph(built)
     assert list(transforms["Read file/Patterns"].values) == [str(tmp_path / "data/*.jsonl"), "gs://b/v/*.gz"]
     assert {"Read file/Match", "Read file/Each once", "Read file/Read", "Parse file"} <= set(transforms)
+    assert "Read file/Spread batches" not in transforms  # only on Dataflow: locally it would hold them all
     assert built.runner == BATCH_RUNNER
 
 

@@ -94,10 +94,10 @@ class Launch:
         if self.runner == DATAFLOW_RUNNER and self.options.view_as(StandardOptions).streaming:
             return None
         result.wait_until_finish()
+        summary = summary_of(result)
         if self.runner != DATAFLOW_RUNNER:
             for write in self.writes.values():
-                write.finish()
-        summary = summary_of(result)
+                write.finish(summary.rows)
         summary.seconds = time.perf_counter() - started
         return summary
 

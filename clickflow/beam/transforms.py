@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import apache_beam as beam
@@ -48,8 +48,9 @@ class BeamWrite(beam.PTransform[Tables, None]):
         """Why this sink cannot run with these options (runner, streaming), or None."""
         return None
 
-    def finish(self) -> None:
-        """Called in the launching process once a local batch pipeline has finished."""
+    def finish(self, rows: Mapping[str, int]) -> None:
+        """Called in the launching process once a local batch pipeline has finished, with the
+        number of rows each table received."""
 
 
 class ParseVisits(beam.DoFn):

@@ -10,9 +10,9 @@ finishes, so both are refused.
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
+from collections.abc import Mapping
 from typing import Any
 
 import apache_beam as beam
@@ -49,19 +49,12 @@ class WriteDuckDB(BeamWrite):
                 >> beam.io.WriteToText(os.path.join(self.shards, table), ".ndjson", coder=beam.coders.BytesCoder())
             )
 
-    def finish(self) -> None:
-        options: DuckDBSinkOptions = self.sink.options
+    def finish(self, rows: Mapping[str, int]) -> None:
         paths = {table: os.path.join(self.shards, f"{table}-*.ndjson") for table in TABLE_NAMES}
-        counts = {table: sum(_lines(path) for path in glob.glob(paths[table])) for table in TABLE_NAMES}
-        load_files(options, paths, counts)
+        load_files(self.sink.options, paths, rows)
         shutil.rmtree(self.spool)
 
 
 def encode_lines(rows: list[tuple[Any, ...]]) -> bytes:
     """A batch of rows as spool lines, less the last newline (Beam adds one per element)."""
     return _encode_lines(rows)[:-1]
-
-
-def _lines(path: str) -> int:
-    with open(path, "rb") as file:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b""))

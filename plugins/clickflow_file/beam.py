@@ -3,8 +3,8 @@
 Patterns are matched by Beam (local paths and ``gs://``), each file is read whole
 by one worker with ``iter_messages``, so message ids are the async runtime's
 (``PATH:LINE`` or ``PATH:[INDEX]``, local paths made absolute first), and the
-batches of ``batch_size`` messages are spread over workers before parsing. A file is the unit of
-parallel reading: many files read faster than one big one.
+batches of ``batch_size`` messages are spread over Dataflow's workers before
+parsing. A file is the unit of parallel reading: many files read faster than one big one.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.pvalue import PBegin
 
 from clickflow.beam import BeamRead, Messages
+from clickflow.beam.launch import DATAFLOW_RUNNER
 from clickflow_file import FileSourceOptions
 from clickflow_file.reader import CountingReader, iter_messages
 
@@ -29,7 +31,7 @@ class ReadFiles(BeamRead):
     def expand(self, begin: PBegin) -> Messages:
         options: FileSourceOptions = self.source.options
         patterns = [p if p.startswith("gs://") else os.path.abspath(p) for p in options.patterns()]
-        return (
+        messages = (
             begin
             | "Patterns" >> beam.Create(patterns)
             | "Match" >> fileio.MatchAll(fileio.EmptyMatchTreatment.DISALLOW)
@@ -37,8 +39,11 @@ class ReadFiles(BeamRead):
             | "Each once" >> beam.Distinct()
             | "Spread files" >> beam.Reshuffle()
             | "Read" >> beam.FlatMap(read_file, options.batch_size)
-            | "Spread messages" >> beam.Reshuffle()
         )
+        if begin.pipeline.options.view_as(StandardOptions).runner == DATAFLOW_RUNNER:
+            # more workers than files; a local runner would hold every batch in memory here
+            messages = messages | "Spread batches" >> beam.Reshuffle()
+        return messages
 
 
 def read_file(path: str, batch_size: int) -> Iterator[list[tuple[str, bytes]]]:
