@@ -17,6 +17,7 @@ from clickflow.schema import TABLE_NAMES
 from clickflow_simulator.generator import VisitGenerator
 from tests.conftest import FIXTURES, files_into, run_pipeline, table_counts
 from tests.emulators import clickflow
+from tests.gcp_emulators import STAGING_BUCKET, upload
 
 pytestmark = pytest.mark.integration
 
@@ -92,6 +93,45 @@ def test_command_line_runs_config_files_on_beam(inputs: Path, tmp_path: Path) ->
     assert result.returncode == 0, result.stderr
     assert re.search(r"^  events +10$", result.stdout, re.MULTILINE), result.stdout
     assert table_counts(database)["events"] == 10
+
+
+@pytest.fixture
+def beam_storage(gcs_emulator: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both runtimes' Cloud Storage clients pointed at the emulator; its URL.
+
+    Beam's client is given no credentials, as the emulator expects: this machine has no Application
+    Default Credentials, and Beam would search for them for about a minute before going anonymous.
+    """
+    from apache_beam.internal.gcp import auth
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator[0])
+    monkeypatch.setattr(auth._Credentials, "_credentials_init", True)
+    monkeypatch.setattr(auth._Credentials, "_credentials", None)
+    return gcs_emulator[0]
+
+
+def test_beam_reads_cloud_storage_like_the_async_source(
+    beam_storage: str, inputs: Path, tmp_path: Path, clickflow_registry: Registry
+) -> None:
+    objects = {
+        "beam/visits.jsonl": (inputs / "visits.jsonl").read_bytes(),  # ** below matches no directory too
+        "beam/day=2/array.json": (inputs / "array.json").read_bytes(),
+        "beam/day=2/more.jsonl.gz": (inputs / "more.jsonl.gz").read_bytes(),
+        "beam/day=2/notes.txt": b"not matched",
+    }
+    upload(beam_storage, objects)
+    pattern = f"gs://{STAGING_BUCKET}/beam/**/*.json*"
+    databases = {"local": tmp_path / "local.duckdb", "beam": tmp_path / "beam.duckdb"}
+    pipelines = {
+        name: parse_pipeline(files_into(pattern, f"type: duckdb, path: '{db}'"), clickflow_registry, "gs.yaml", {})
+        for name, db in databases.items()
+    }
+    run_pipeline(pipelines["local"])
+    summary = prepare(pipelines["beam"], "beam", []).run()
+
+    assert summary is not None and summary.messages["file"] == 300 + 40 + 60
+    assert rows(databases["beam"]) == rows(databases["local"])
+    assert table_counts(databases["beam"])["visits"] > 300
 
 
 def test_unmatched_pattern_fails_the_run(tmp_path: Path, clickflow_registry: Registry) -> None:

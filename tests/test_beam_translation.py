@@ -27,7 +27,8 @@ from clickflow.plugins import Registry
 from clickflow.schema import DEAD_LETTER, TABLES
 from clickflow_bigquery.beam import refused_row
 from clickflow_bigquery.tables import table_resource
-from clickflow_file.beam import read_file
+from clickflow_file import expand_local
+from clickflow_file.beam import match, read_file
 from clickflow_pubsub.beam import message
 from tests.conftest import REPO, VALID_VISIT
 from tests.emulators import clickflow
@@ -88,6 +89,17 @@ def test_file_reading_gives_the_async_sources_ids(tmp_path: Path) -> None:
     assert list(read_file(str(lines), 1)) == [[(f"{lines}:1", b'{"x": 1}')], [(f"{lines}:3", b'{"x": 2}')]]
     assert list(read_file(str(array), 10)) == [[(f"{array}:[0]", b'{"x": 3}'), (f"{array}:[1]", b'{"x": 4}')]]
     assert list(read_file(str(gz), 10)) == [[(f"{gz}:1", b'{"x": 5}')]]
+
+
+def test_patterns_match_as_in_the_async_source(tmp_path: Path) -> None:
+    for name in ("top.jsonl", "a/one.jsonl", "a/b/two.jsonl", "a/skip.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    pattern = str(tmp_path / "**/*.jsonl")
+    assert match(pattern) == expand_local(pattern)
+    assert len(match(pattern)) == 3  # "**" also stands for no directory
+    with pytest.raises(FileNotFoundError):
+        match(str(tmp_path / "*.nothing"))
 
 
 def test_pubsub_pull_reads_the_subscription_in_streaming_mode(launch: Callable[..., Launch]) -> None:
@@ -205,6 +217,12 @@ def test_duckdb_writes_table_files_per_table(launch: Callable[..., Launch], tmp_
             [],
             "sink 'bigquery_load': load jobs on Beam read their files from Cloud Storage: "
             "set staging: gs://... or --temp_location",
+        ),
+        (
+            "sources: [{type: file, path: x.jsonl}]\nsinks: [{type: bigquery_load, project: my-project, dataset: d}]",
+            "dataflow",
+            DATAFLOW,
+            "source 'file': Dataflow's workers cannot read this machine's files (x.jsonl): use gs:// paths",
         ),
         ("sources: [{type: file, path: x}]\nsinks: [{type: duckdb}]", "beam", ["--no_such_option=1"],
          "unknown Beam option --no_such_option"),

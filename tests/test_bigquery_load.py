@@ -58,7 +58,8 @@ def test_staged_in_cloud_storage_and_loading_again_changes_no_count(
         summary = clickflow_run(pipeline(text))
         assert summary.rows == expected
         assert bigquery_env.counts(name) == expected
-    assert not list((gcs_emulator[1] / STAGING_BUCKET).rglob("*.json"))  # staged files are removed once loaded
+    staging = gcs_emulator[1] / STAGING_BUCKET / "clickflow"
+    assert not list(staging.rglob("*.json"))  # staged files are removed once loaded
 
 
 async def test_rows_a_load_job_refuses_go_to_dead_letter_and_the_rest_loads(bigquery_env: BigQueryEmulator) -> None:

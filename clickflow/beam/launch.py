@@ -2,7 +2,7 @@
 
 Everything that can be refused is refused in ``prepare``, before a transform is
 built: a source or sink without a Beam translation, one whose translation
-refuses these options (DuckDB on Dataflow), an unknown Beam flag, and on
+refuses these options (DuckDB or local files on Dataflow), an unknown Beam flag, and on
 Dataflow a missing project, region or ``gs://`` temp location (checked offline;
 Beam validates the rest when it submits the job).
 
@@ -109,9 +109,10 @@ def prepare(pipeline: Pipeline, runner: str, flags: Sequence[str]) -> Launch:
     writes = {c.name: _translation(c.cls, c.name, c.options, BeamWrite, problems) for c in pipeline.sinks}
     streaming = any(isinstance(r, BeamRead) and r.streaming for r in reads.values())
     options = pipeline_options(runner, flags, streaming, problems)
-    for name, write in writes.items():
-        if isinstance(write, BeamWrite) and (reason := write.refusal(options)):
-            problems.append(f"sink {name!r}: {reason}")
+    for kind, translations in (("source", reads), ("sink", writes)):
+        for name, translation in translations.items():
+            if translation is not None and (reason := translation.refusal(options)):
+                problems.append(f"{kind} {name!r}: {reason}")
     if problems:
         raise BeamError(problems)
     return Launch(options, reads, writes)

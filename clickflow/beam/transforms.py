@@ -36,6 +36,10 @@ class BeamRead(beam.PTransform[PBegin, Messages]):
         super().__init__()
         self.source = source
 
+    def refusal(self, options: PipelineOptions) -> str | None:
+        """Why this source cannot run with these options (runner, streaming), or None."""
+        return None
+
 
 class BeamWrite(beam.PTransform[Tables, None]):
     """A sink on Beam: writes the four tables."""

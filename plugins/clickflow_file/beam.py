@@ -1,6 +1,7 @@
 """The ``file`` source on Beam: the same readers, on files Beam's filesystems match and open.
 
-Patterns are matched by Beam (local paths and ``gs://``), each file is read whole
+Patterns are matched like the async source's (local paths on the launching
+machine, ``gs://`` objects listed through Beam's filesystems), each file is read whole
 by one worker with ``iter_messages``, so message ids are the async runtime's
 (``PATH:LINE`` or ``PATH:[INDEX]``, local paths made absolute first), and the
 batches of ``batch_size`` messages are spread over Dataflow's workers before
@@ -9,33 +10,37 @@ parsing. A file is the unit of parallel reading: many files read faster than one
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Iterator
 from itertools import islice
-from operator import attrgetter
 
 import apache_beam as beam
-from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.pvalue import PBegin
 
 from clickflow.beam import BeamRead, Messages
 from clickflow.beam.launch import DATAFLOW_RUNNER
-from clickflow_file import FileSourceOptions
+from clickflow_file import FileSourceOptions, expand_local, gcs
 from clickflow_file.reader import CountingReader, iter_messages
 
 
 class ReadFiles(BeamRead):
+    def refusal(self, options: PipelineOptions) -> str | None:
+        local = [p for p in self.source.options.patterns() if not p.startswith("gs://")]
+        if local and options.view_as(StandardOptions).runner == DATAFLOW_RUNNER:
+            return f"Dataflow's workers cannot read this machine's files ({local[0]}): use gs:// paths"
+        return None
+
     def expand(self, begin: PBegin) -> Messages:
         options: FileSourceOptions = self.source.options
         patterns = [p if p.startswith("gs://") else os.path.abspath(p) for p in options.patterns()]
         messages = (
             begin
             | "Patterns" >> beam.Create(patterns)
-            | "Match" >> fileio.MatchAll(fileio.EmptyMatchTreatment.DISALLOW)
-            | "Paths" >> beam.Map(attrgetter("path"))
+            | "Match" >> beam.FlatMap(match)
             | "Each once" >> beam.Distinct()
             | "Spread files" >> beam.Reshuffle()
             | "Read" >> beam.FlatMap(read_file, options.batch_size)
@@ -44,6 +49,20 @@ class ReadFiles(BeamRead):
             # more workers than files; a local runner would hold every batch in memory here
             messages = messages | "Spread batches" >> beam.Reshuffle()
         return messages
+
+
+def match(pattern: str) -> list[str]:
+    """The files a pattern names, matched as the async source matches them (``**`` may stand for
+    no directory at all, which Beam's own matcher does not allow); none is an error."""
+    if not pattern.startswith("gs://"):
+        return expand_local(pattern)
+    bucket, name = gcs.split(pattern)
+    listing = f"gs://{bucket}/{gcs.literal_prefix(name)}**" if glob.has_magic(name) else pattern
+    listed = FileSystems.match([listing])[0].metadata_list
+    found = sorted(m.path for m in listed if gcs.matches(name, gcs.split(m.path)[1]))
+    if not found:
+        raise FileNotFoundError(f"no object matches {pattern!r}")
+    return found
 
 
 def read_file(path: str, batch_size: int) -> Iterator[list[tuple[str, bytes]]]:

@@ -45,13 +45,18 @@ def _match(pattern: list[str], name: list[str]) -> bool:
     return bool(name) and fnmatch.fnmatchcase(name[0], pattern[0]) and _match(pattern[1:], name[1:])
 
 
+def literal_prefix(name: str) -> str:
+    """The part of a glob before its first wildcard: every match starts with it."""
+    return re.split(r"[*?[]", name, maxsplit=1)[0]
+
+
 async def list_matching(storage: Storage, uri: str) -> list[str]:
     """``gs://`` URIs of the objects a pattern names, sorted; an unmatched pattern is an error."""
     bucket, name = split(uri)
     if not glob.has_magic(name):
         await storage.download_metadata(bucket, name)  # raises if missing
         return [uri]
-    prefix = re.split(r"[*?[]", name, maxsplit=1)[0]
+    prefix = literal_prefix(name)
     found, token = [], None
     while True:
         params = {"prefix": prefix, **({"pageToken": token} if token else {})}
