@@ -117,3 +117,13 @@ async def test_batch_files_live_beside_the_database_and_a_killed_runs_leftovers_
     await sink.close()
     assert not (tmp_path / "db.duckdb.spool").exists()
     assert table_counts(tmp_path / "db.duckdb")["visits"] == 1
+
+
+def test_settings_reach_duckdb(tmp_path: Path) -> None:
+    from clickflow_duckdb import connect
+
+    options = DuckDBSinkOptions(path=str(tmp_path / "s.duckdb"), memory_limit="64MiB", checkpoint_threshold="32MiB")
+    names = ("memory_limit", "checkpoint_threshold", "threads")
+    with connect(options) as con:
+        settings = dict(con.execute(f"SELECT name, value FROM duckdb_settings() WHERE name IN {names}").fetchall())
+    assert settings == {"memory_limit": "64.0 MiB", "checkpoint_threshold": "32.0 MiB", "threads": "1"}

@@ -44,6 +44,9 @@ class DuckDBSinkOptions(SinkOptions):
         default="128MB", description="DuckDB's memory_limit (peak memory is about this plus 160MB)."
     )
     threads: int = Field(default=1, ge=1, description="DuckDB worker threads; one leaves a core to the parser.")
+    checkpoint_threshold: str = Field(
+        default="1GB", description="Write-ahead log size that triggers a checkpoint (DuckDB's default: 16MB)."
+    )
     batch: BatchLimits = BatchLimits(max_rows=300_000, max_bytes="256MiB", max_age="5s")  # type: ignore[arg-type]
 
 
@@ -123,6 +126,7 @@ def connect(options: DuckDBSinkOptions) -> duckdb.DuckDBPyConnection:
     config: dict[str, str | bool | int | float | list[str]] = {
         "memory_limit": options.memory_limit,
         "threads": options.threads,
+        "checkpoint_threshold": options.checkpoint_threshold,
     }
     con = duckdb.connect(options.path, config=config)
     con.execute("SET enable_progress_bar = false")
