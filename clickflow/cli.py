@@ -184,12 +184,14 @@ def validate(pipelines: tuple[str, ...]) -> None:
 
 @cli.command(name="plugins")
 def list_plugins() -> None:
-    """List every source and sink type, with the distribution that provides it."""
+    """List every source and sink type, with the distribution that provides it and where it runs."""
     registry = _registry()
     for kind, table in (("source", registry.sources), ("sink", registry.sinks)):
         for name, registered in sorted(table.items()):
             doc = (registered.cls.__doc__ or "").strip().splitlines()[0:1]
-            click.echo(f"{kind:<7} {name:<20} {registered.distribution:<28} {doc[0] if doc else ''}".rstrip())
+            runners = "local,beam" if registered.cls.beam else "local"
+            line = f"{kind:<7} {name:<20} {registered.distribution:<28} {runners:<11} {doc[0] if doc else ''}"
+            click.echo(line.rstrip())
 
 
 def main() -> None:

@@ -70,8 +70,12 @@ def test_a_sink_that_cannot_start_is_a_clear_error_not_a_traceback(tmp_path: Pat
 
 def test_plugins_lists_builtins_with_their_distribution() -> None:
     result = clickflow("plugins")
-    rows = {tuple(line.split()[:3]) for line in result.stdout.splitlines()}
-    expected = {("source", "file", "clickflow"), ("source", "simulator", "clickflow"), ("sink", "duckdb", "clickflow")}
+    rows = {tuple(line.split()[:4]) for line in result.stdout.splitlines()}
+    expected = {
+        ("source", "file", "clickflow", "local,beam"),
+        ("source", "simulator", "clickflow", "local"),
+        ("sink", "duckdb", "clickflow", "local,beam"),
+    }
     assert expected <= rows
 
 
