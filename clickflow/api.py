@@ -30,14 +30,11 @@ def _parse_duration(value: Any) -> Any:
     """Accept ``250ms``, ``30s``, ``5m``, ``1h`` or a number of seconds."""
     if isinstance(value, str):
         text = value.strip()
-        for unit in ("ms", "s", "m", "h", ""):
-            number = text.removesuffix(unit) if unit else text
-            if number != text or not unit:
-                try:
-                    return timedelta(seconds=float(number) * _DURATION_UNITS.get(unit, 1.0))
-                except ValueError:
-                    break
-        raise ValueError(f"{value!r} is not a duration; write e.g. 250ms, 30s, 5m or 1h")
+        unit = next((u for u in _DURATION_UNITS if text.endswith(u)), "")
+        try:
+            return timedelta(seconds=float(text.removesuffix(unit)) * _DURATION_UNITS.get(unit, 1.0))
+        except ValueError:
+            raise ValueError(f"{value!r} is not a duration; write e.g. 250ms, 30s, 5m or 1h") from None
     return value
 
 
