@@ -15,6 +15,6 @@ Between them ``ParseVisits`` runs the async runtime's ``VisitParser``, one table
 per tagged output. ``clickflow.beam.launch`` checks and builds the whole thing.
 """
 
-from clickflow.beam.transforms import BeamRead, BeamWrite, Messages, ParseVisits, Tables
+from clickflow.beam.transforms import BeamRead, BeamWrite, Messages, ParseVisits, Tables, on_dataflow
 
-__all__ = ["BeamRead", "BeamWrite", "Messages", "ParseVisits", "Tables"]
+__all__ = ["BeamRead", "BeamWrite", "Messages", "ParseVisits", "Tables", "on_dataflow"]

@@ -37,14 +37,21 @@ from apache_beam.runners.runner import PipelineResult
 
 import clickflow
 from clickflow.api import Sink, Source
-from clickflow.beam.transforms import METRICS_NAMESPACE, BeamRead, BeamWrite, Tables, parse
+from clickflow.beam.transforms import (
+    DATAFLOW_RUNNER,
+    METRICS_NAMESPACE,
+    BeamRead,
+    BeamWrite,
+    Tables,
+    on_dataflow,
+    parse,
+)
 from clickflow.config import Pipeline
 from clickflow.runtime import RunSummary
 from clickflow.schema import TABLE_NAMES
 
 BATCH_RUNNER = "FnApiRunner"
 STREAMING_RUNNER = "BundleBasedDirectRunner"
-DATAFLOW_RUNNER = "DataflowRunner"
 
 
 class BeamError(Exception):
@@ -91,11 +98,11 @@ class Launch:
         started = time.perf_counter()
         logging.getLogger("apache_beam").setLevel(max(logging.WARNING, logging.getLogger().level))
         result = self.build().run()
-        if self.runner == DATAFLOW_RUNNER and self.options.view_as(StandardOptions).streaming:
+        if on_dataflow(self.options) and self.options.view_as(StandardOptions).streaming:
             return None
         result.wait_until_finish()
         summary = summary_of(result)
-        if self.runner != DATAFLOW_RUNNER:
+        if not on_dataflow(self.options):
             for write in self.writes.values():
                 write.finish(summary.rows)
         summary.seconds = time.perf_counter() - started

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import apache_beam as beam
 from apache_beam.metrics.metric import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.pvalue import PBegin, PCollection, TaggedOutput
 
 from clickflow.api import Message, Sink, Source
@@ -21,9 +21,15 @@ Messages = PCollection[list[tuple[str, bytes]]]
 Tables = dict[str, PCollection[list[Row]]]
 """The four tables by name, each a PCollection of batches of row tuples in the schema's column order."""
 
+DATAFLOW_RUNNER = "DataflowRunner"
 METRICS_NAMESPACE = "clickflow"
 """Counters ``messages:SOURCE``, ``rows:TABLE`` and ``dead_letter:REASON``, read into the run's summary."""
 REASON = DEAD_LETTER.index("reason")
+
+
+def on_dataflow(options: PipelineOptions) -> bool:
+    """Whether the pipeline goes to Dataflow's workers rather than a runner on this machine."""
+    return bool(options.view_as(StandardOptions).runner == DATAFLOW_RUNNER)
 
 
 class BeamRead(beam.PTransform[PBegin, Messages]):

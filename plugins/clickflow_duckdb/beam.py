@@ -19,8 +19,7 @@ import apache_beam as beam
 import msgspec
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from clickflow.beam import BeamWrite, Tables
-from clickflow.beam.launch import DATAFLOW_RUNNER
+from clickflow.beam import BeamWrite, Tables, on_dataflow
 from clickflow.schema import TABLE_NAMES
 from clickflow_duckdb import DuckDBSinkOptions, load_files, spool_directory
 
@@ -30,10 +29,9 @@ _encode_lines = msgspec.json.Encoder().encode_lines
 
 class WriteDuckDB(BeamWrite):
     def refusal(self, options: PipelineOptions) -> str | None:
-        standard = options.view_as(StandardOptions)
-        if standard.runner == DATAFLOW_RUNNER:
+        if on_dataflow(options):
             return "duckdb writes a file on this machine; on Dataflow use bigquery_load or bigquery_streaming"
-        if standard.streaming:
+        if options.view_as(StandardOptions).streaming:
             return "duckdb loads its files when a batch pipeline ends; a streaming source never ends"
         return None
 

@@ -18,11 +18,10 @@ from itertools import islice
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import PBegin
 
-from clickflow.beam import BeamRead, Messages
-from clickflow.beam.launch import DATAFLOW_RUNNER
+from clickflow.beam import BeamRead, Messages, on_dataflow
 from clickflow_file import FileSourceOptions, expand_local, gcs
 from clickflow_file.reader import CountingReader, iter_messages
 
@@ -30,7 +29,7 @@ from clickflow_file.reader import CountingReader, iter_messages
 class ReadFiles(BeamRead):
     def refusal(self, options: PipelineOptions) -> str | None:
         local = [p for p in self.source.options.patterns() if not p.startswith("gs://")]
-        if local and options.view_as(StandardOptions).runner == DATAFLOW_RUNNER:
+        if local and on_dataflow(options):
             return f"Dataflow's workers cannot read this machine's files ({local[0]}): use gs:// paths"
         return None
 
@@ -45,7 +44,7 @@ class ReadFiles(BeamRead):
             | "Spread files" >> beam.Reshuffle()
             | "Read" >> beam.FlatMap(read_file, options.batch_size)
         )
-        if begin.pipeline.options.view_as(StandardOptions).runner == DATAFLOW_RUNNER:
+        if on_dataflow(begin.pipeline.options):
             # more workers than files; a local runner would hold every batch in memory here
             messages = messages | "Spread batches" >> beam.Reshuffle()
         return messages
