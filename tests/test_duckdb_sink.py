@@ -65,7 +65,7 @@ async def test_rows_round_trip_with_types_and_utc_times(tmp_path: Path, visit: C
 async def test_redelivered_messages_are_not_written_twice(tmp_path: Path, visit: Callable[..., dict[str, Any]]) -> None:
     first = parsed([visit(), b"not json".decode(), visit()])
     overlapping = parsed([visit(), b"not json".decode(), visit(), visit()])  # m0..m2 again, m3 new
-    await write(tmp_path / "db.duckdb", first, overlapping)
+    await write(tmp_path / "db.duckdb", first, first, overlapping)  # all seen before, then some
     assert table_counts(tmp_path / "db.duckdb") == {"visits": 3, "events": 9, "purchase_items": 3, "dead_letter": 1}
 
 
@@ -122,8 +122,12 @@ async def test_batch_files_live_beside_the_database_and_a_killed_runs_leftovers_
 def test_settings_reach_duckdb(tmp_path: Path) -> None:
     from clickflow_duckdb import connect
 
-    options = DuckDBSinkOptions(path=str(tmp_path / "s.duckdb"), memory_limit="64MiB", checkpoint_threshold="32MiB")
-    names = ("memory_limit", "checkpoint_threshold", "threads")
+    options = DuckDBSinkOptions(
+        path=str(tmp_path / "s.duckdb"), memory_limit="64MiB", settings={"checkpoint_threshold": "32MiB"}
+    )
+    names = ("memory_limit", "checkpoint_threshold", "threads", "max_vacuum_tasks")
     with connect(options) as con:
         settings = dict(con.execute(f"SELECT name, value FROM duckdb_settings() WHERE name IN {names}").fetchall())
-    assert settings == {"memory_limit": "64.0 MiB", "checkpoint_threshold": "32.0 MiB", "threads": "1"}
+    assert settings == {
+        "memory_limit": "64.0 MiB", "checkpoint_threshold": "32.0 MiB", "threads": "1", "max_vacuum_tasks": "0"
+    }  # fmt: skip
