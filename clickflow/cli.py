@@ -9,7 +9,6 @@ from contextlib import AsyncExitStack
 import anyio
 import click
 
-from clickflow import monitor
 from clickflow.config import ConfigError, Pipeline, load_pipeline
 from clickflow.logs import setup_logging
 from clickflow.plugins import PluginError, Registry, load_plugins
@@ -65,7 +64,9 @@ async def run_pipeline(pipeline: Pipeline, progress: bool) -> RunSummary | None:
     try:
         async with AsyncExitStack() as stack:
             if pipeline.monitor:
-                await stack.enter_async_context(monitor.serve(runtime, pipeline.monitor))
+                from clickflow.monitor import serve  # aiohttp's server: a third of startup, when unused
+
+                await stack.enter_async_context(serve(runtime, pipeline.monitor))
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_watch_signals, runtime, tg.cancel_scope)
                 if progress:

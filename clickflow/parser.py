@@ -50,6 +50,7 @@ _NO_EVENTS: list[Any] = []  # a missing "events" is a visit without events; neve
 _json_decode = msgspec.json.decode
 _json_encode = msgspec.json.encode
 _astuple = msgspec.structs.astuple
+_blake2b = hashlib.blake2b
 _INDEX_TEXT_SIZE = 256
 _INDEX_TEXT = tuple(str(i) for i in range(_INDEX_TEXT_SIZE))  # "12" without formatting per event
 
@@ -68,7 +69,7 @@ class EventRejected(Exception):
 
 def visit_id_for(message_id: str) -> str:
     """The deterministic id of a visit: every delivery of a message shares it."""
-    return hashlib.blake2b(message_id.encode(), digest_size=16).hexdigest()
+    return _blake2b(message_id.encode(), digest_size=16).hexdigest()  # inlined in VisitParser.parse
 
 
 def parse_timestamp_us(value: str) -> int:
@@ -143,97 +144,92 @@ class VisitParser:
         return cached
 
     def parse(self, messages: Iterable[Message], source: str, received_at_us: int) -> RowBatch:
-        batch = RowBatch()
-        for message in messages:
-            visit_id = visit_id_for(message.message_id)
-            if not self._fast(message, visit_id, source, received_at_us, batch):
-                self._reference(message, visit_id, source, received_at_us, batch)
-        return batch
+        """Rows for a batch. Clean visits are decoded by the typed decoders and turned into rows
+        here; anything they refuse, or any event this loop cannot accept, goes to ``_reference``.
 
-    def _decode_typed(self, data: bytes) -> fastpath.WrappedVisit | fastpath.BareVisit | None:
-        first, second = self._decoders
-        try:
-            visit: fastpath.WrappedVisit | fastpath.BareVisit = first.decode(data)
-            return visit
-        except msgspec.DecodeError:
-            pass
-        try:
-            visit = second.decode(data)
-        except msgspec.DecodeError:
-            return None
-        self._decoders.reverse()  # the stream's format changed; try this one first
-        return visit
-
-    def _fast(self, message: Message, visit_id: str, source: str, now: int, batch: RowBatch) -> bool:
-        """Rows for a visit the typed decoders accept; False leaves it to ``_reference``.
-
-        Written for speed: row tuples are spelled out here rather than built by helpers.
+        Written for speed: per-batch lookups are hoisted and row tuples are spelled out.
         """
-        visit = self._decode_typed(message.data)
-        if visit is None or not visit.session_id:
-            return False
-        session_id, user_id, device = visit.session_id, visit.user_id, visit.device_type
-        wrapped = type(visit) is WrappedVisit
-        cached_timestamp = self._timestamps.get
+        batch = RowBatch()
+        now = received_at_us
         tables = batch.tables
-        events, items = tables["events"], tables["purchase_items"]
-        events_before, items_before = len(events), len(items)
-        add_event = events.append
-        id_prefix = visit_id + ":"
-        start = end = 0
-        for index, element in enumerate(visit.events):
-            event: fastpath.Event = element.event if wrapped else element  # type: ignore[union-attr,assignment]
-            ts = cached_timestamp(event.timestamp)
-            if ts is None:
-                ts = self.timestamp_us(event.timestamp)
+        events, items, add_visit = tables["events"], tables["purchase_items"], tables["visits"].append
+        add_event, add_item = events.append, items.append
+        cached_timestamp = self._timestamps.get
+        first, second = self._decoders
+        for message in messages:
+            visit_id = _blake2b(message.message_id.encode(), digest_size=16).hexdigest()
+            visit: fastpath.WrappedVisit | fastpath.BareVisit | None
+            try:
+                visit = first.decode(message.data)
+            except msgspec.DecodeError:
+                try:
+                    visit = second.decode(message.data)
+                    first, second = second, first  # the stream's format changed; try this one first
+                except msgspec.DecodeError:
+                    visit = None
+            if visit is None or not visit.session_id:
+                self._reference(message, visit_id, source, now, batch)
+                continue
+            session_id, user_id, device = visit.session_id, visit.user_id, visit.device_type
+            wrapped = type(visit) is WrappedVisit
+            events_before, items_before = len(events), len(items)
+            id_prefix = visit_id + ":"
+            start = end = 0
+            for index, element in enumerate(visit.events):
+                event: fastpath.Event = element.event if wrapped else element  # type: ignore[union-attr,assignment]
+                ts = cached_timestamp(event.timestamp)
                 if ts is None:
-                    break
-            event_id = id_prefix + _INDEX_TEXT[index] if index < _INDEX_TEXT_SIZE else f"{id_prefix}{index}"
-            if type(event) is PageView:
-                details = event.details
-                add_event((
-                    event_id, visit_id, session_id, user_id, device, index, "page_view", ts,
-                    details.page_url, details.referrer_url or None,
-                    None, None, None, None, None, None, None, None, now,
-                ))  # fmt: skip
-            elif type(event) is AddItemToCart:
-                product = event.details
-                if not product.product_id:
-                    break
-                add_event((
-                    event_id, visit_id, session_id, user_id, device, index, "add_item_to_cart", ts,
-                    None, None, *_astuple(product), None, None, None, now,
-                ))  # fmt: skip
-            elif type(event) is Purchase:
-                purchase = event.details
-                order_id = purchase.order_id
-                if not order_id or not all(item.product_id for item in purchase.items):
-                    break
-                add_event((
-                    event_id, visit_id, session_id, user_id, device, index, "purchase", ts,
-                    None, None, None, None, None, None, None, order_id, purchase.amount, purchase.currency, now,
-                ))  # fmt: skip
-                for item_index, item in enumerate(purchase.items):
-                    items.append((
-                        event_id, item_index, visit_id, order_id, session_id, *_astuple(item), ts, now,
+                    ts = self.timestamp_us(event.timestamp)
+                    if ts is None:
+                        break
+                event_id = id_prefix + _INDEX_TEXT[index] if index < _INDEX_TEXT_SIZE else f"{id_prefix}{index}"
+                if type(event) is PageView:
+                    details = event.details
+                    add_event((
+                        event_id, visit_id, session_id, user_id, device, index, "page_view", ts,
+                        details.page_url, details.referrer_url or None,
+                        None, None, None, None, None, None, None, None, now,
                     ))  # fmt: skip
-            if index == 0:  # on this path every event is accepted
-                start = end = ts
-            elif ts < start:
-                start = ts
-            elif ts > end:
-                end = ts
-        else:
-            accepted = len(events) - events_before
-            lat, lon = geolocation(visit.geolocation)
-            tables["visits"].append((
-                visit_id, session_id, user_id, device, lat, lon, visit.user_agent,
-                start if accepted else None, end if accepted else None,
-                accepted, 0, source, message.message_id, now,
-            ))  # fmt: skip
-            return True
-        del events[events_before:], items[items_before:]  # leave this visit to the reference rules
-        return False
+                elif type(event) is AddItemToCart:
+                    product = event.details
+                    if not product.product_id:
+                        break
+                    add_event((
+                        event_id, visit_id, session_id, user_id, device, index, "add_item_to_cart", ts,
+                        None, None, *_astuple(product), None, None, None, now,
+                    ))  # fmt: skip
+                elif type(event) is Purchase:
+                    purchase = event.details
+                    order_id = purchase.order_id
+                    if not order_id or not all(item.product_id for item in purchase.items):
+                        break
+                    add_event((
+                        event_id, visit_id, session_id, user_id, device, index, "purchase", ts,
+                        None, None, None, None, None, None, None, order_id, purchase.amount, purchase.currency, now,
+                    ))  # fmt: skip
+                    for item_index, item in enumerate(purchase.items):
+                        add_item((
+                            event_id, item_index, visit_id, order_id, session_id, *_astuple(item), ts, now,
+                        ))  # fmt: skip
+                if index == 0:  # on this path every event is accepted
+                    start = end = ts
+                elif ts < start:
+                    start = ts
+                elif ts > end:
+                    end = ts
+            else:
+                accepted = len(events) - events_before
+                lat, lon = geolocation(visit.geolocation)
+                add_visit((
+                    visit_id, session_id, user_id, device, lat, lon, visit.user_agent,
+                    start if accepted else None, end if accepted else None,
+                    accepted, 0, source, message.message_id, now,
+                ))  # fmt: skip
+                continue
+            del events[events_before:], items[items_before:]  # leave this visit to the reference rules
+            self._reference(message, visit_id, source, now, batch)
+        self._decoders = [first, second]
+        return batch
 
     def _reference(self, message: Message, visit_id: str, source: str, now: int, batch: RowBatch) -> None:
         """The rules, applied field by field to an untyped decode; decides every rejection."""

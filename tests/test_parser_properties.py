@@ -109,11 +109,16 @@ messages = st.one_of(
 )
 
 
+NO_TYPED_DECODER = msgspec.json.Decoder(None)
+"""Refuses every visit (it accepts only ``null``, which the parser then refuses itself)."""
+
+
 class ReferenceOnlyParser(VisitParser):
     """The parser with its fast path switched off: the rules alone."""
 
-    def _fast(self, *args: Any) -> bool:
-        return False
+    def __init__(self) -> None:
+        super().__init__()
+        self._decoders = [NO_TYPED_DECODER, NO_TYPED_DECODER]
 
 
 def _parse(parser: VisitParser, payloads: list[bytes]) -> RowBatch:
