@@ -1,10 +1,11 @@
 """End to end: a large visits file -> parser -> DuckDB, as `clickflow run` does it.
 
-    python bench/bench_file_duckdb.py [--gigabytes 1.0] [--keep]
+    python bench/bench_file_duckdb.py [--gigabytes 1.0] [--runs 1] [--keep]
 
 Generates a JSON-lines file of simulated visits (once; reused from bench/out/),
-runs `clickflow run` on it in a child process, and prints events per second and
-the child's peak resident memory.
+runs `clickflow run` on it in a child process (into a new database each time),
+and prints events per second and the child's peak resident memory. With
+``--runs N`` it prints every run and the median, since shared machines vary.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -40,7 +41,8 @@ def make_input(path: Path, gigabytes: float) -> None:
 def main() -> None:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--gigabytes", type=float, default=1.0)
-    args.add_argument("--keep", action="store_true", help="keep the DuckDB file")
+    args.add_argument("--runs", type=int, default=1, help="repeat the run; prints each and the median")
+    args.add_argument("--keep", action="store_true", help="keep the last run's DuckDB file")
     opts = args.parse_args()
 
     OUT.mkdir(exist_ok=True)
@@ -50,27 +52,43 @@ def main() -> None:
     print(f"input: {source} ({source.stat().st_size / 1e9:.2f} GB, prepared in {time.perf_counter() - started:.0f}s)")
 
     database = OUT / "bench.duckdb"
-    for stale in (database, database.with_suffix(".duckdb.wal")):
-        stale.unlink(missing_ok=True)
     pipeline = OUT / "bench.yaml"
     pipeline.write_text(f"sources: [{{type: file, path: '{source}'}}]\nsinks: [{{type: duckdb, path: '{database}'}}]\n")
-
-    started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-m", "clickflow", "run", str(pipeline), "--no-progress"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    seconds = time.perf_counter() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    events = int(re.search(r"events\s+([\d,]+)", result.stdout).group(1).replace(",", ""))  # type: ignore[union-attr]
-    print(result.stdout.strip())
-    print(
-        f"end to end: {events:,} events in {seconds:.1f}s = {events / seconds:,.0f} events/s (process start included)"
-    )
-    print(f"peak memory (max RSS of the clickflow process): {peak_mb:,.0f} MB")
+    rates, peaks = [], []
+    for run in range(1, opts.runs + 1):
+        for stale in (database, database.with_suffix(".duckdb.wal")):
+            stale.unlink(missing_ok=True)
+        os.sync()
+        events, seconds, peak_mb, summary = run_once(pipeline)
+        rates.append(events / seconds)
+        peaks.append(peak_mb)
+        if run == 1:
+            print(summary)
+        print(f"run {run}: {events:,} events in {seconds:.1f}s = {rates[-1]:,.0f} events/s "
+              f"(process start included), peak memory {peak_mb:,.0f} MB")  # fmt: skip
+    if opts.runs > 1:
+        print(f"median of {opts.runs} runs: {statistics.median(rates):,.0f} events/s "
+              f"(range {min(rates):,.0f} to {max(rates):,.0f}); peak memory at most {max(peaks):,.0f} MB")  # fmt: skip
     if not opts.keep:
         database.unlink(missing_ok=True)
-    os.sync()
+
+
+def run_once(pipeline: Path) -> tuple[int, float, float, str]:
+    """One ``clickflow run`` in a child process: events, seconds, its peak RSS in MB, its summary."""
+    started = time.perf_counter()
+    with subprocess.Popen(
+        [sys.executable, "-m", "clickflow", "run", str(pipeline), "--no-progress"],
+        stdout=subprocess.PIPE, text=True,
+    ) as child:  # fmt: skip
+        assert child.stdout is not None
+        output = child.stdout.read()
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own peak, not the largest child's so far
+        child.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - started
+    if child.returncode != 0:
+        raise SystemExit(f"clickflow run failed:\n{output}")
+    events = int(re.search(r"events\s+([\d,]+)", output).group(1).replace(",", ""))  # type: ignore[union-attr]
+    return events, seconds, usage.ru_maxrss / 1024, output.strip()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ByteSize, ConfigDict, PositiveInt
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    PositiveInt,
+    ValidationInfo,
+    field_validator,
+)
 
 from clickflow.schema import TABLE_NAMES, TABLES
 
@@ -80,6 +89,15 @@ class SourceOptions(PluginOptions):
 class SinkOptions(PluginOptions):
     batch: BatchLimits = BatchLimits()
     retry: RetryPolicy = RetryPolicy()
+
+    @field_validator("batch", "retry", mode="before")
+    @classmethod
+    def _over_this_sinks_defaults(cls, value: Any, info: ValidationInfo) -> Any:
+        """``batch: {max_rows: 10}`` changes that limit only, keeping the sink's own other limits."""
+        if isinstance(value, dict) and info.field_name:
+            default: BaseModel = cls.model_fields[info.field_name].default
+            return {**default.model_dump(), **value}
+        return value
 
 
 @dataclass(slots=True)

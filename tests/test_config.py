@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from clickflow.api import BatchLimits
 from clickflow.config import ConfigError, Pipeline, load_pipeline, parse_pipeline
 from clickflow.plugins import Registry
+from clickflow_duckdb import DuckDBSinkOptions
 from tests.conftest import REPO
 
 MINIMAL = """\
@@ -80,6 +82,14 @@ def test_durations_accept_human_units(pipeline: Callable[..., Pipeline]) -> None
     loaded = pipeline(text)
     assert loaded.sinks[0].options.batch.max_age == timedelta(milliseconds=250)  # type: ignore[attr-defined]
     assert loaded.runtime.shutdown_timeout == timedelta(minutes=2)
+
+
+def test_a_partial_batch_or_retry_keeps_the_sinks_other_defaults(pipeline: Callable[..., Pipeline]) -> None:
+    options = pipeline(MINIMAL + "    batch: {max_rows: 1000}\n    retry: {attempts: 2}\n").sinks[0].options
+    defaults = DuckDBSinkOptions()
+    assert options.batch == defaults.batch.model_copy(update={"max_rows": 1000})  # type: ignore[attr-defined]
+    assert options.retry == defaults.retry.model_copy(update={"attempts": 2})  # type: ignore[attr-defined]
+    assert defaults.batch.max_bytes != BatchLimits().max_bytes  # the sink's own limits, not the generic ones
 
 
 def test_unknown_section_is_rejected(registry: Registry) -> None:
