@@ -10,9 +10,9 @@ Re-delivered visits are dropped: a batch's visits are counted against the
 table, and if some are there already, only the new ones (an anti-join) are
 inserted, with their events and purchase items. A visit's rows always travel
 in the same batch, so this is exact; ``dead_letter`` rows are anti-joined on
-their own key. There are no
-primary-key indexes: DuckDB rewrites a whole index at every checkpoint, which
-made large tables quadratically slow to load; the anti-join scans one column.
+their own key. There are no primary-key indexes: DuckDB rewrites a whole index
+at every checkpoint, which made large tables quadratically slow to load; the
+count and the anti-join scan one column.
 """
 
 from __future__ import annotations
