@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from clickflow import fastpath
 from clickflow.api import Message, RowBatch
 from clickflow.parser import VisitParser, parse_timestamp_us, visit_id_for
 from clickflow.schema import TABLES
@@ -145,6 +146,20 @@ def test_wrapped_and_bare_events_are_both_accepted(visit: Callable[..., dict[str
     assert parse(bare).counts()["events"] == 3
     assert parse(wrapped).counts()["events"] == 3
     assert parse(mixed).counts()["events"] == 2
+
+
+def test_a_batch_may_switch_between_wrapped_and_bare_visits(visit: Callable[..., dict[str, Any]]) -> None:
+    bare = visit()
+    wrapped = visit(events=[{"event": e} for e in bare["events"]])
+    messages = [Message(json.dumps(v).encode(), f"m{i}") for i, v in enumerate([wrapped, bare, bare, wrapped, bare])]
+    parser = VisitParser()
+    together = parser.parse(messages, "test", NOW)
+    one_by_one = RowBatch()
+    for message in messages:
+        one_by_one.add(VisitParser().parse([message], "test", NOW))
+    assert together == one_by_one
+    assert together.counts() == {"visits": 5, "events": 15, "purchase_items": 5, "dead_letter": 0}
+    assert parser._decoders[0] is fastpath.bare_decoder  # the next batch tries the latest format first
 
 
 @pytest.mark.parametrize(
