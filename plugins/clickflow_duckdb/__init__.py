@@ -168,23 +168,18 @@ def _insert_visits(con: duckdb.DuckDBPyConnection, spooled: Callable[[str], str]
     (stored,) = con.fetchone() or (0,)
     if stored == counts["visits"]:  # all delivered before, and so were their rows
         return
-    if not stored:  # the usual case: nothing to filter
-        for name in ("visits", "events", "purchase_items"):
-            if counts[name]:
-                con.execute(f"{insert_into(TABLES[name])} SELECT b.* FROM {spooled(name)}")
-        return
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE clickflow_new_visits AS "
-        f"SELECT b.* FROM {spooled('visits')} ANTI JOIN visits t ON b.visit_id = t.visit_id"
-    )
-    con.execute(f"{insert_into(TABLES['visits'])} SELECT * FROM clickflow_new_visits")
-    for name in ("events", "purchase_items"):
+    only_new = ""
+    if stored:  # some delivered before: keep the rows of the others (usually none are)
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE clickflow_new_visits AS "
+            f"SELECT b.visit_id FROM {spooled('visits')} ANTI JOIN visits t ON b.visit_id = t.visit_id"
+        )
+        only_new = " SEMI JOIN clickflow_new_visits n ON b.visit_id = n.visit_id"
+    for name in ("visits", "events", "purchase_items"):
         if counts[name]:
-            con.execute(
-                f"{insert_into(TABLES[name])} SELECT b.* FROM {spooled(name)} "
-                "SEMI JOIN clickflow_new_visits n ON b.visit_id = n.visit_id"
-            )
-    con.execute("DROP TABLE clickflow_new_visits")
+            con.execute(f"{insert_into(TABLES[name])} SELECT b.* FROM {spooled(name)}{only_new}")
+    if stored:
+        con.execute("DROP TABLE clickflow_new_visits")
 
 
 def load_files(options: DuckDBSinkOptions, paths: Mapping[str, str], counts: Mapping[str, int]) -> None:
