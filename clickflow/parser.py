@@ -50,7 +50,6 @@ _NO_EVENTS: list[Any] = []  # a missing "events" is a visit without events; neve
 _json_decode = msgspec.json.decode
 _json_encode = msgspec.json.encode
 _astuple = msgspec.structs.astuple
-_blake2b = hashlib.blake2b
 _INDEX_TEXT_SIZE = 256
 _INDEX_TEXT = tuple(str(i) for i in range(_INDEX_TEXT_SIZE))  # "12" without formatting per event
 
@@ -69,7 +68,7 @@ class EventRejected(Exception):
 
 def visit_id_for(message_id: str) -> str:
     """The deterministic id of a visit: every delivery of a message shares it."""
-    return _blake2b(message_id.encode(), digest_size=16).hexdigest()  # inlined in VisitParser.parse
+    return hashlib.blake2b(message_id.encode(), digest_size=16).hexdigest()
 
 
 def parse_timestamp_us(value: str) -> int:
@@ -128,7 +127,8 @@ class VisitParser:
 
     def __init__(self) -> None:
         self._timestamps: dict[str, int] = {}
-        self._decoders: list[msgspec.json.Decoder[Any]] = [fastpath.wrapped_decoder, fastpath.bare_decoder]
+        # typed decoders, the one that accepted the latest visit first
+        self._decoders: tuple[msgspec.json.Decoder[Any], ...] = (fastpath.wrapped_decoder, fastpath.bare_decoder)
 
     def timestamp_us(self, value: str) -> int | None:
         """Cached ``parse_timestamp_us``; None when the text is not ISO-8601."""
@@ -157,7 +157,7 @@ class VisitParser:
         cached_timestamp = self._timestamps.get
         first, second = self._decoders
         for message in messages:
-            visit_id = _blake2b(message.message_id.encode(), digest_size=16).hexdigest()
+            visit_id = visit_id_for(message.message_id)
             visit: fastpath.WrappedVisit | fastpath.BareVisit | None
             try:
                 visit = first.decode(message.data)
@@ -228,7 +228,7 @@ class VisitParser:
                 continue
             del events[events_before:], items[items_before:]  # leave this visit to the reference rules
             self._reference(message, visit_id, source, now, batch)
-        self._decoders = [first, second]
+        self._decoders = (first, second)
         return batch
 
     def _reference(self, message: Message, visit_id: str, source: str, now: int, batch: RowBatch) -> None:

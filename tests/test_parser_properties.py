@@ -118,7 +118,7 @@ class ReferenceOnlyParser(VisitParser):
 
     def __init__(self) -> None:
         super().__init__()
-        self._decoders = [NO_TYPED_DECODER, NO_TYPED_DECODER]
+        self._decoders = (NO_TYPED_DECODER, NO_TYPED_DECODER)
 
 
 def _parse(parser: VisitParser, payloads: list[bytes]) -> RowBatch:
