@@ -24,8 +24,11 @@ from clickflow import fastpath
 from clickflow.api import Message, RowBatch
 from clickflow.fastpath import AddItemToCart, PageView, Purchase, WrappedVisit
 
+REASON_TOO_LARGE = "too_large"
 REASON_INVALID_UTF8 = "invalid_utf8"
 REASON_INVALID_JSON = "invalid_json"
+REASON_TOO_DEEP = "too_deep"
+REASON_UNWRITABLE = "unwritable"
 REASON_NOT_AN_OBJECT = "not_an_object"
 REASON_INVALID_SESSION_ID = "invalid_session_id"
 REASON_INVALID_EVENTS = "invalid_events"
@@ -52,6 +55,12 @@ _json_encode = msgspec.json.encode
 _astuple = msgspec.structs.astuple
 _INDEX_TEXT_SIZE = 256
 _INDEX_TEXT = tuple(str(i) for i in range(_INDEX_TEXT_SIZE))  # "12" without formatting per event
+MAX_MESSAGE_BYTES = 10 * 1024 * 1024
+"""Pub/Sub's own limit for one message; a larger one becomes a ``too_large`` dead letter."""
+TEXT_PAYLOAD_BYTES = 1024 * 1024
+"""A larger rejected payload is kept in base64, whose length is 4/3 of the bytes whatever they are."""
+OVERSIZED_PAYLOAD_BYTES = 64 * 1024
+"""How much of an oversized message its dead letter keeps (with its size and SHA-256)."""
 
 Row = tuple[Any, ...]
 Product = tuple[str, str | None, str | None, float | None, int | None]
@@ -116,16 +125,42 @@ def _str(value: Any) -> str | None:
 
 
 def _payload(data: bytes) -> tuple[str, str]:
+    """A rejected message as text: UTF-8 as it is, or base64 when it is not UTF-8 or is so large
+    that JSON escaping could make its row too long for a sink (DuckDB reads rows of up to 16 MB)."""
+    if len(data) <= TEXT_PAYLOAD_BYTES:
+        try:
+            return data.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            pass
+    return base64.b64encode(data).decode("ascii"), "base64"
+
+
+def _oversized(data: bytes, limit: int) -> tuple[str, str, str]:
+    """Error text and the kept head of a message over ``limit`` bytes."""
+    digest = hashlib.sha256(data).hexdigest()
+    error = (
+        f"message is {len(data)} bytes, over the {limit}-byte limit (sha256 {digest}); "
+        f"the payload holds its first {OVERSIZED_PAYLOAD_BYTES} bytes"
+    )
+    return error, *_payload(data[:OVERSIZED_PAYLOAD_BYTES])
+
+
+def _valid_utf8(data: bytes) -> bool:
+    """msgspec's typed decoders skip unknown keys without checking their encoding; this does."""
+    if data.isascii():
+        return True
     try:
-        return data.decode("utf-8"), "utf-8"
+        data.decode("utf-8")
     except UnicodeDecodeError:
-        return base64.b64encode(data).decode("ascii"), "base64"
+        return False
+    return True
 
 
 class VisitParser:
     """Turns batches of raw messages into rows. Keep one per pipeline: it caches."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self.max_message_bytes = max_message_bytes
         self._timestamps: dict[str, int] = {}
         # typed decoders, the one that accepted the latest visit first
         self._decoders: tuple[msgspec.json.Decoder[Any], ...] = (fastpath.wrapped_decoder, fastpath.bare_decoder)
@@ -156,17 +191,22 @@ class VisitParser:
         add_event, add_item = events.append, items.append
         cached_timestamp = self._timestamps.get
         first, second = self._decoders
+        limit = self.max_message_bytes
         for message in messages:
             visit_id = visit_id_for(message.message_id)
+            data = message.data
             visit: fastpath.WrappedVisit | fastpath.BareVisit | None
-            try:
-                visit = first.decode(message.data)
-            except msgspec.DecodeError:
+            if len(data) > limit or not _valid_utf8(data):
+                visit = None
+            else:
                 try:
-                    visit = second.decode(message.data)
-                    first, second = second, first  # the stream's format changed; try this one first
-                except msgspec.DecodeError:
-                    visit = None
+                    visit = first.decode(data)
+                except (msgspec.DecodeError, RecursionError):
+                    try:
+                        visit = second.decode(data)
+                        first, second = second, first  # the stream's format changed; try this one first
+                    except (msgspec.DecodeError, RecursionError):
+                        visit = None
             if visit is None or not visit.session_id:
                 self._reference(message, visit_id, source, now, batch)
                 continue
@@ -231,13 +271,31 @@ class VisitParser:
         self._decoders = (first, second)
         return batch
 
+    def unwritable(self, message: Message, source: str, received_at_us: int, error: str) -> RowBatch:
+        """A message no sink could store, as one ``unwritable`` dead letter (only its head if large)."""
+        batch = RowBatch()
+        data = message.data
+        payload = _payload(data[:OVERSIZED_PAYLOAD_BYTES])
+        if len(data) > OVERSIZED_PAYLOAD_BYTES:
+            error += f"; {_oversized(data, OVERSIZED_PAYLOAD_BYTES)[0]}"
+        row = (visit_id_for(message.message_id), received_at_us, source, message.message_id, None,
+               REASON_UNWRITABLE, error, *payload)  # fmt: skip
+        batch.tables["dead_letter"].append(row)
+        return batch
+
     def _reference(self, message: Message, visit_id: str, source: str, now: int, batch: RowBatch) -> None:
         """The rules, applied field by field to an untyped decode; decides every rejection."""
         t = batch.tables
         data, message_id = message.data, message.message_id
         reason = error = ""
+        if len(data) > self.max_message_bytes:
+            error, *payload = _oversized(data, self.max_message_bytes)
+            t["dead_letter"].append((visit_id, now, source, message_id, None, REASON_TOO_LARGE, error, *payload))
+            return
         try:
             visit = _json_decode(data)
+        except RecursionError:
+            reason, error = REASON_TOO_DEEP, "message is nested too deeply to decode"
         except msgspec.DecodeError as exc:
             try:
                 data.decode("utf-8")

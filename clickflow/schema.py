@@ -132,7 +132,7 @@ DEAD_LETTER = Table(
         _c("reason", "STRING", True, "Short machine code, e.g. invalid_json."),
         _c("error", "STRING", True, "Human-readable explanation."),
         _c("payload", "STRING", True, "The raw message, or the rejected event as JSON."),
-        _c("payload_encoding", "STRING", True, "'utf-8', or 'base64' for undecodable bytes."),
+        _c("payload_encoding", "STRING", True, "'utf-8', or 'base64' for bytes that are not UTF-8 or over 1 MiB."),
     ),
     key=("dead_letter_id",),
     partition_by="received_at",

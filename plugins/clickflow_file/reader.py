@@ -63,7 +63,17 @@ def iter_messages(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
 
 
 def iter_lines(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
-    for number, line in enumerate(stream, 1):
+    """Each non-blank line; one longer than ``MAX_ELEMENT`` is cut there (the parser dead-letters
+    it as too large) and the rest of it skipped, so memory stays bounded."""
+    number = 0
+    while line := stream.readline(MAX_ELEMENT + 1):
+        number += 1
+        if len(line) > MAX_ELEMENT and not line.endswith(b"\n"):
+            skipped = 0
+            while (rest := stream.readline(CHUNK)) and not rest.endswith(b"\n"):
+                skipped += len(rest)
+            log.warning("%s:%d: a line over %d bytes; %d more bytes of it skipped", path, number, MAX_ELEMENT,
+                        skipped + len(rest))  # fmt: skip
         line = line.strip()
         if line:
             yield f"{path}:{number}", line
