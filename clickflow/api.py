@@ -35,15 +35,23 @@ if TYPE_CHECKING:
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+_MAX_DURATION = timedelta(days=366)
+
+
 def _parse_duration(value: Any) -> Any:
-    """Accept ``250ms``, ``30s``, ``5m``, ``1h`` or a number of seconds."""
-    if isinstance(value, str):
-        text = value.strip()
+    """Accept ``250ms``, ``30s``, ``5m``, ``1h`` or a number of seconds, up to a year."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration; write e.g. 250ms, 30s, 5m or 1h")
+    if isinstance(value, str | int | float):
+        text = str(value).strip()
         unit = next((u for u in _DURATION_UNITS if text.endswith(u)), "")
         try:
-            return timedelta(seconds=float(text.removesuffix(unit)) * _DURATION_UNITS.get(unit, 1.0))
+            seconds = float(text.removesuffix(unit)) * _DURATION_UNITS.get(unit, 1.0)
         except ValueError:
             raise ValueError(f"{value!r} is not a duration; write e.g. 250ms, 30s, 5m or 1h") from None
+        if not abs(seconds) <= _MAX_DURATION.total_seconds():  # also refuses inf and nan
+            raise ValueError(f"{value!r} is longer than a year; write e.g. 30s, 5m or 1h")
+        return timedelta(seconds=seconds)
     return value
 
 
@@ -61,6 +69,14 @@ class PluginOptions(BaseModel):
     """Base of every plugin's options: unknown keys are errors, so typos surface."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def http_paths(self) -> list[str]:
+        """Paths the component serves on the monitoring server; the pipeline then needs ``monitor:``."""
+        return []
+
+    def exclusive_resources(self) -> list[str]:
+        """What no other component of the same pipeline may use, e.g. ``DuckDB database /abs/path``."""
+        return []
 
 
 class BatchLimits(PluginOptions):
@@ -107,6 +123,14 @@ class Message:
     data: bytes
     message_id: str
     """Stable across redeliveries, so derived row ids are deterministic."""
+
+
+def valid_text(text: str) -> str:
+    """``text`` with what is not UTF-8 (surrogate escapes, from a file name or an HTTP header) as
+    ``\\xNN``: a message id becomes row values, which every sink must be able to encode."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class Acknowledger(Protocol):
@@ -214,6 +238,12 @@ class Source(abc.ABC):
     def routes(self) -> list[tuple[str, str, Handler]]:
         """``(method, path, handler)`` to mount on the monitoring server before it starts."""
         return []
+
+    @property
+    def finite(self) -> bool:
+        """Whether ``run`` returns by itself at the end of its input: stopping such a source
+        earlier leaves input unread, and the run says so (exit 3) instead of reporting success."""
+        return False
 
     @asynccontextmanager
     async def lifespan(self, context: SourceContext) -> AsyncIterator[None]:

@@ -17,6 +17,7 @@ from clickflow.runtime import PipelineError, RunSummary, Runtime, pipeline_error
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
+EXIT_UNFINISHED = 3
 
 
 def _registry() -> Registry:
@@ -58,8 +59,6 @@ async def _watch_signals(runtime: Runtime, scope: anyio.CancelScope) -> None:
 async def run_pipeline(pipeline: Pipeline, progress: bool) -> RunSummary | None:
     """Run with signal handling, the monitoring server and progress; None if aborted."""
     runtime = Runtime(pipeline)
-    if not pipeline.monitor and (served := [s.name for s in runtime.sources if s.routes()]):
-        raise PipelineError(f"source {served[0]!r} receives requests: add a monitor: section to serve its endpoint")
     summary = None
     try:
         async with AsyncExitStack() as stack:
@@ -125,6 +124,10 @@ def run(
         summary = _run_locally(loaded, sys.stderr.isatty() if progress is None else progress)
     if summary is not None:
         click.echo(format_summary(summary))
+        if summary.unfinished:
+            read = ", ".join(f"{name}: {summary.messages[name]:,} messages" for name in summary.unfinished)
+            click.echo(f"clickflow: stopped before the end of the input ({read} read)", err=True)
+            sys.exit(EXIT_UNFINISHED)
 
 
 def _run_locally(pipeline: Pipeline, progress: bool) -> RunSummary:

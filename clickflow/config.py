@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, PositiveInt, ValidationError
 
 from clickflow.api import Duration, PluginOptions, Sink, Source
+from clickflow.parser import MAX_MESSAGE_BYTES
 from clickflow.plugins import Registry
 
 _VARIABLE = re.compile(r"\$(\$)?\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -30,6 +31,8 @@ Loc = tuple[str | int, ...]
 class MonitorOptions(PluginOptions):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    idle_timeout: Duration = timedelta(seconds=75)
+    """A connection that has not sent a whole request for this long is closed (slow clients)."""
 
 
 class RuntimeOptions(PluginOptions):
@@ -39,12 +42,15 @@ class RuntimeOptions(PluginOptions):
     """Batches queued between stages; small, so a slow sink slows the sources."""
     heartbeat_max_age: Duration = timedelta(seconds=60)
     """``/healthz`` fails when a running source has not reported for this long."""
+    max_message_bytes: ByteSize = Field(default=ByteSize(MAX_MESSAGE_BYTES), gt=0, le=MAX_MESSAGE_BYTES)
+    """A larger message becomes a ``too_large`` dead letter holding its head, size and hash.
+    At most 10 MiB, so that every row a message yields fits in every sink."""
 
 
 class _PipelineFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    sources: list[dict[str, Any]] = Field(min_length=1)
-    sinks: list[dict[str, Any]] = Field(min_length=1)
+    sources: list[Any] = Field(min_length=1)
+    sinks: list[Any] = Field(min_length=1)
     monitor: MonitorOptions | None = None
     runtime: RuntimeOptions = RuntimeOptions()
 
@@ -94,6 +100,14 @@ def _field_name(loc: Loc) -> str:
     return text
 
 
+MAX_VALUES = 10_000
+"""More values than any pipeline needs: a file that expands past this through aliases is refused
+(an alias "bomb" would otherwise take exponential time and memory)."""
+
+
+_PLAIN_TAGS = ("tag:yaml.org,2002:seq", "tag:yaml.org,2002:map")
+
+
 class _Document:
     """YAML text turned into plain data plus the line of every key and item."""
 
@@ -102,16 +116,26 @@ class _Document:
         self.lines: dict[Loc, int] = {}
         self.problems: list[Problem] = []
         self._environ = environ
-        loader = yaml.SafeLoader(text)
+        self._values = 0
+        self._open: set[int] = set()  # nodes being built: meeting one again means a recursive alias
+        loader: yaml.SafeLoader | None = None
         try:
+            loader = yaml.SafeLoader(text)  # its reader refuses control characters at once
             node = loader.get_single_node()
             self.data = self._build(loader, node, ()) if node is not None else None
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark
             line = mark.line + 1 if mark else None
             raise ConfigError([Problem(path, line, "", f"invalid YAML: {exc.problem}")]) from None
+        except yaml.YAMLError as exc:  # the reader's: a control character, say; it counts characters
+            position = getattr(exc, "position", None)
+            line = text.count("\n", 0, position) + 1 if isinstance(position, int) else None
+            raise ConfigError([Problem(path, line, "", f"invalid YAML: {str(exc).splitlines()[0]}")]) from None
+        except RecursionError:
+            raise ConfigError([Problem(path, None, "", "invalid YAML: nested too deeply")]) from None
         finally:
-            loader.dispose()
+            if loader is not None:
+                loader.dispose()
 
     def line(self, loc: Loc) -> int | None:
         while loc and loc not in self.lines:
@@ -121,17 +145,43 @@ class _Document:
     def problem(self, loc: Loc, message: str) -> Problem:
         return Problem(self.path, self.line(loc), _field_name(loc), message)
 
+    def _fail(self, node: yaml.Node, message: str) -> ConfigError:
+        return ConfigError([Problem(self.path, node.start_mark.line + 1, "", message)])
+
     def _build(self, loader: yaml.SafeLoader, node: yaml.Node, loc: Loc) -> Any:
+        self._values += 1
+        if self._values > MAX_VALUES:
+            raise self._fail(node, f"the pipeline expands to more than {MAX_VALUES} values; are aliases nested?")
         self.lines.setdefault(loc, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            result = {}
-            for key_node, value_node in node.value:
-                key = loader.construct_object(key_node)
-                self.lines[(*loc, key)] = key_node.start_mark.line + 1
-                result[key] = self._build(loader, value_node, (*loc, key))
-            return result
+        if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+            if node.tag not in _PLAIN_TAGS:
+                raise self._fail(node, f"invalid YAML: the tag {node.tag} is not supported here")
+            if id(node) in self._open:
+                raise self._fail(node, "an alias refers to the value that contains it")
+            self._open.add(id(node))
+            try:
+                return self._build_collection(loader, node, loc)
+            finally:
+                self._open.discard(id(node))
+        return self._build_scalar(loader, node, loc)
+
+    def _build_collection(self, loader: yaml.SafeLoader, node: yaml.Node, loc: Loc) -> Any:
         if isinstance(node, yaml.SequenceNode):
             return [self._build(loader, item, (*loc, i)) for i, item in enumerate(node.value)]
+        result: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, str):
+                raise self._fail(key_node, "a key must be plain text")
+            if key in result:
+                first = self.lines[(*loc, key)]
+                raise self._fail(key_node, f"{_field_name((*loc, key))} is given twice (first on line {first})")
+            self.lines[(*loc, key)] = line
+            result[key] = self._build(loader, value_node, (*loc, key))
+        return result
+
+    def _build_scalar(self, loader: yaml.SafeLoader, node: yaml.Node, loc: Loc) -> Any:
         if isinstance(node, yaml.ScalarNode) and "$" in node.value:
             node.value = self._interpolate(node.value, loc)
             if node.style is None:  # plain scalar: type it again, so ${PORT} can be an int
@@ -183,6 +233,27 @@ def _component(
     return str(name or type_name), Component(cls, str(name or type_name), validated)
 
 
+MONITOR_PATHS = ("/metrics", "/healthz", "/readyz")
+
+
+def _check_shared(doc: _Document, built: dict[str, list[tuple[str, Component]]], monitor: Any) -> None:
+    """What components must not share (paths on the server, files), and the server they need.
+    Runs on a file whose items all validated, so ``built`` lines up with the file's items."""
+    owners: dict[str, tuple[Loc, str]] = {f"HTTP path {path}": ((), "the monitoring server") for path in MONITOR_PATHS}
+    for kind in ("source", "sink"):
+        for index, (name, component) in enumerate(built[kind]):
+            loc: Loc = (f"{kind}s", index)
+            paths = component.options.http_paths()
+            if paths and monitor is None:
+                doc.problems.append(
+                    doc.problem(loc, f"{kind} {name!r} serves {', '.join(paths)}: add a monitor: section (host, port)")
+                )
+            for resource in [f"HTTP path {path}" for path in paths] + component.options.exclusive_resources():
+                owner_loc, owner = owners.setdefault(resource, (loc, f"{kind} {name!r} on line {doc.line(loc)}"))
+                if owner_loc != loc:
+                    doc.problems.append(doc.problem(loc, f"{resource} is already used by {owner}; give each its own"))
+
+
 def _unique(components: list[tuple[str, Component]], explicit: set[str]) -> list[Component]:
     seen: dict[str, int] = {}
     result = []
@@ -221,6 +292,8 @@ def parse_pipeline(
                     doc.problems.append(doc.problem((f"{kind}s", index, "name"), f"name {result[0]!r} is used twice"))
                 explicit.add(result[0])
             built[kind].append(result)
+    if not doc.problems:
+        _check_shared(doc, built, top.monitor)
     if doc.problems:
         raise ConfigError(doc.problems)
     return Pipeline(
@@ -235,7 +308,13 @@ def parse_pipeline(
 def load_pipeline(path: str | Path, registry: Registry, environ: Mapping[str, str] | None = None) -> Pipeline:
     """Read and validate a pipeline file."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError([Problem(str(path), None, "", f"cannot read pipeline: {exc.strerror}")]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        problem = Problem(str(path), line, "", f"not UTF-8 text (byte {exc.start}); save the file as UTF-8")
+        raise ConfigError([problem]) from None
     return parse_pipeline(text, registry, str(path), environ)

@@ -44,8 +44,9 @@ async def show_progress(runtime: Runtime, stream: TextIO = sys.stderr, interval:
 def format_summary(summary: RunSummary) -> str:
     messages = sum(summary.messages.values())
     per_source = ", ".join(f"{name}: {count:,}" for name, count in sorted(summary.messages.items()))
+    ended = "finished" if not summary.unfinished else f"stopped before the end of {', '.join(summary.unfinished)}"
     lines = [
-        f"finished in {summary.seconds:.1f}s",
+        f"{ended} in {summary.seconds:.1f}s",
         f"  messages        {messages:>12,}  ({per_source or 'none'})",
     ]
     for table in ("visits", "events", "purchase_items", "dead_letter"):

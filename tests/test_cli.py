@@ -136,6 +136,32 @@ def test_a_signal_drains_in_flight_work_and_exits_0(tmp_path: Path, signum: int)
     assert table_counts(db)["visits"] == received  # batched for 10s: only the drain wrote them
 
 
+def test_a_finite_source_stopped_before_its_end_exits_3_saying_how_much_was_read(tmp_path: Path) -> None:
+    pipeline, db = tmp_path / "p.yaml", tmp_path / "s.duckdb"
+    pipeline.write_text(
+        f"sources: [{{type: file, path: '{REPO}/data/challenge_sample.jsonl'}},"
+        " {type: simulator, name: backfill, count: 100000, visits_per_minute: 6000}]\n"
+        f"sinks: [{{type: duckdb, path: '{db}', batch: {{max_age: 100ms}}}}]\n"
+    )
+    process = subprocess.Popen([*CLICKFLOW, "run", "--no-progress", str(pipeline)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not db.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 3, stderr
+    assert stdout.startswith("stopped before the end of backfill in ")
+    read = int(stderr.rsplit("backfill: ", 1)[1].split(" messages")[0].replace(",", ""))
+    assert 0 < read < 100000
+    assert "clickflow: stopped before the end of the input (backfill: " in stderr
+    assert table_counts(db)["visits"] == read + 1  # what was read was stored, the file's visit too
+
+
 def test_progress_shows_on_a_terminal_and_not_in_a_pipe(tmp_path: Path) -> None:
     import pty
 

@@ -17,6 +17,7 @@ count and the anti-join scan one column.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -50,6 +51,10 @@ class DuckDBSinkOptions(SinkOptions):
     )
     batch: BatchLimits = BatchLimits(max_rows=300_000, max_bytes="256MiB", max_age="5s")  # type: ignore[arg-type]
 
+    def exclusive_resources(self) -> list[str]:
+        """Two sinks on one file would each store every row: a file belongs to one sink."""
+        return [] if self.path == ":memory:" else [f"DuckDB database {os.path.abspath(self.path)}"]
+
 
 GENERATED = {("events", "event_id"): "visit_id || ':' || CAST(event_index AS VARCHAR)"}
 """Columns DuckDB computes instead of storing: the parser's ``event_id`` is ``visit_id:index``.
@@ -81,8 +86,8 @@ def select_spooled(table: Table, path: str) -> str:
     """A SELECT that reads one spool file (rows as JSON arrays) as the table's stored columns."""
     columns = []
     for i, column in _stored(table):
-        if column.type == "TIMESTAMP":  # exact to the microsecond, and ~10x cheaper than AT TIME ZONE
-            columns.append(f"to_timestamp(j[{i}]::BIGINT / 1000000) AS {column.name}")
+        if column.type == "TIMESTAMP":  # exact microseconds (no float), whatever the session's TimeZone
+            columns.append(f"make_timestamptz(j[{i}]::BIGINT) AS {column.name}")
         else:
             columns.append(f"j[{i}]::{DUCKDB_TYPES[column.type]} AS {column.name}")
     source = f"read_json('{path}', format='newline_delimited', records=false, columns={{'j': 'VARCHAR[]'}})"
@@ -158,7 +163,8 @@ def insert(con: duckdb.DuckDBPyConnection, paths: Mapping[str, str], counts: Map
             )
         con.commit()
     except BaseException:
-        con.rollback()
+        with contextlib.suppress(duckdb.Error):  # e.g. a failed commit has no transaction left to roll back
+            con.rollback()
         raise
 
 

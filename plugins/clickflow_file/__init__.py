@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 from pydantic import Field, PositiveInt
 
-from clickflow.api import Message, NoAck, Source, SourceContext, SourceOptions
+from clickflow.api import Message, NoAck, Source, SourceContext, SourceOptions, valid_text
 from clickflow.hookspecs import hookimpl
 from clickflow_file import gcs
 from clickflow_file.reader import CountingReader, iter_messages
@@ -61,6 +61,10 @@ class FileSource(Source):
     beam = "clickflow_file.beam:ReadFiles"
     options: FileSourceOptions
 
+    @property
+    def finite(self) -> bool:
+        return True
+
     async def run(self, context: SourceContext) -> None:
         async with AsyncExitStack() as stack:
             storage: Any = None
@@ -70,7 +74,7 @@ class FileSource(Source):
             done_bytes = 0
             for done, path in enumerate(files):
                 async with _reader(path, storage) as reader:
-                    batches = self._batches(reader, path)
+                    batches = self._batches(reader, valid_text(path))
                     while batch := await anyio.to_thread.run_sync(_next_or_empty, batches):
                         await context.emit(batch, NoAck())
                         progress = done_bytes + reader.bytes_read

@@ -21,6 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import PBegin
 
+from clickflow.api import valid_text
 from clickflow.beam import BeamRead, Messages, on_dataflow
 from clickflow_file import FileSourceOptions, expand_local, gcs
 from clickflow_file.reader import CountingReader, iter_messages
@@ -68,7 +69,7 @@ def read_file(path: str, batch_size: int) -> Iterator[list[tuple[str, bytes]]]:
     """Every message of one file, in batches (gzip is recognised by its content, as in the async runtime)."""
     reader = CountingReader(FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED))
     try:
-        messages = iter_messages(reader.stream, path)
+        messages = iter_messages(reader.stream, valid_text(path))
         while batch := list(islice(messages, batch_size)):
             yield batch
     finally:

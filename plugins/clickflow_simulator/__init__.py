@@ -77,6 +77,10 @@ class SimulatorSource(Source):
     Options = SimulatorOptions
     options: SimulatorOptions
 
+    @property
+    def finite(self) -> bool:
+        return self.options.count is not None
+
     async def run(self, context: SourceContext) -> None:
         run_id = self.options.seed if self.options.seed is not None else uuid.uuid4().hex[:12]
         index = 0
