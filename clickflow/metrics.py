@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+from typing import TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+M = TypeVar("M")
+_SHARED: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, object]] = weakref.WeakKeyDictionary()
+
+
+def shared_metric(registry: CollectorRegistry, name: str, create: Callable[[], M]) -> M:
+    """The metric family ``name`` of this registry, created on first use.
+
+    A plugin's instances share one family, labelled by component name: registering a
+    family per instance fails (``Duplicated timeseries``) as soon as a pipeline has two.
+    """
+    families = _SHARED.setdefault(registry, {})
+    if name not in families:
+        families[name] = create()
+    return families[name]  # type: ignore[return-value]
 
 
 class Metrics:

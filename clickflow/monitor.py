@@ -41,7 +41,7 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 def build_app(runtime: Runtime) -> web.Application:
-    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app = web.Application()  # routes that take large bodies read them with limits of their own
     app[RUNTIME] = runtime
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
@@ -55,7 +55,12 @@ def build_app(runtime: Runtime) -> web.Application:
 @asynccontextmanager
 async def serve(runtime: Runtime, options: MonitorOptions) -> AsyncIterator[str]:
     """Serve the monitoring app while the block runs; yields its base URL."""
-    runner = web.AppRunner(build_app(runtime), access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        build_app(runtime),
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=options.idle_timeout.total_seconds(),
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, options.host, options.port)

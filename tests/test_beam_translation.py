@@ -194,7 +194,8 @@ def test_duckdb_writes_table_files_per_table(launch: Callable[..., Launch], tmp_
             "source 'simulator': type 'simulator' has no Beam translation; run it with --runner local",
         ),
         (
-            "sources: [{type: pubsub_push}]\nsinks: [{type: bigquery_streaming, project: my-project, dataset: d}]",
+            "sources: [{type: pubsub_push, auth: none}]\nmonitor: {port: 0}\n"
+            "sinks: [{type: bigquery_streaming, project: my-project, dataset: d}]",
             "beam",
             [],
             "source 'pubsub_push': type 'pubsub_push' has no Beam translation; run it with --runner local",

@@ -50,6 +50,26 @@ def test_every_published_message_is_in_the_tables_exactly_once(
     assert pubsub_emulator.pull(subscription) == []
 
 
+def test_two_pull_sources_in_one_pipeline_drain_both_subscriptions_exactly(
+    pubsub_emulator: PubSubEmulator, pipeline: Callable[..., Pipeline], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub_emulator.host)
+    first, first_expected = pubsub_emulator.published_visits("two-a", 1500, seed=11)
+    second, second_expected = pubsub_emulator.published_visits("two-b", 1000, seed=12)
+    db = tmp_path / "two.duckdb"
+    runtime = Runtime(pipeline(
+        f"sources: [{{type: pubsub_pull, name: a, subscription: {first}}},"
+        f" {{type: pubsub_pull, name: b, subscription: {second}}}]\n"
+        f"sinks: [{{type: duckdb, path: '{db}', batch: {{max_age: 200ms}}}}]\n"
+    ))  # fmt: skip
+    anyio.run(run_until_acknowledged, runtime, 2500)
+    assert runtime.summary.messages == {"a": 1500, "b": 1000}
+    assert table_counts(db) == {t: first_expected[t] + second_expected[t] for t in first_expected}
+    metrics = runtime.metrics.registry
+    for source, count in (("a", 1500), ("b", 1000)):
+        assert metrics.get_sample_value("clickflow_pubsub_pulled_total", {"source": source}) == count
+
+
 def test_a_failing_sink_causes_redelivery_not_loss(
     pubsub_emulator: PubSubEmulator, registry: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

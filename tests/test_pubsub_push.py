@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from clickflow.config import Pipeline
 from clickflow.monitor import build_app
 from clickflow.runtime import Runtime
-from clickflow_pubsub.push import message_from_body
+from clickflow_pubsub.push import MAX_ENVELOPE_BYTES, message_from_body
 from clickflow_simulator import VisitGenerator
 from tests.conftest import table_counts
 from tests.emulators import PubSubEmulator, clickflow, expected_counts, free_port, metric, start_clickflow, wait_for
@@ -77,6 +77,7 @@ async def push_client(
         f"sources: [{{type: pubsub_push, audience: '{AUDIENCE}', allowed_emails: ['{SENDER}'],"
         f" keys_url: '{keys_server.make_url('/certs')}'}}]\n"
         f"sinks: [{{type: duckdb, path: '{tmp_path}/push.duckdb', batch: {{max_age: 50ms}}}}]\n"
+        "monitor: {port: 0}\n"
     ))  # fmt: skip
     client = await aiohttp_client(build_app(runtime))
     task = asyncio.create_task(runtime.run())
@@ -136,7 +137,7 @@ async def test_a_malformed_envelope_is_dead_lettered_and_answered_2xx(
 @pytest.mark.asyncio
 async def test_oversized_bodies_are_refused(push_client: tuple[Any, Runtime], keys: dict[str, Any]) -> None:
     client, _ = push_client
-    response = await client.post("/pubsub/push", data=io.BytesIO(b"x" * (11 * 1024 * 1024)),
+    response = await client.post("/pubsub/push", data=io.BytesIO(b"x" * (MAX_ENVELOPE_BYTES + 1)),
                                  headers={"Authorization": f"Bearer {token(keys['google'])}"})  # fmt: skip
     assert response.status == 413
 
@@ -146,7 +147,7 @@ def test_emulator_push_subscription_delivers_every_message(pubsub_emulator: PubS
     port, db = free_port(), tmp_path / "push.duckdb"
     pipeline = tmp_path / "push.yaml"
     pipeline.write_text(
-        "sources: [{type: pubsub_push}]\n"
+        "sources: [{type: pubsub_push, auth: none}]\n"
         f"sinks: [{{type: duckdb, path: '{db}', batch: {{max_age: 100ms}}}}]\nmonitor: {{port: {port}}}\n"
     )
     process = start_clickflow(pipeline, pubsub_emulator.host)
@@ -164,12 +165,17 @@ def test_emulator_push_subscription_delivers_every_message(pubsub_emulator: PubS
     assert table_counts(db) == expected_counts(payloads, ids)
 
 
-def test_push_without_a_monitor_section_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_push_without_a_monitor_section_is_refused_by_validate_and_run(tmp_path: Path, command: str) -> None:
     pipeline = tmp_path / "p.yaml"
-    pipeline.write_text(f"sources: [{{type: pubsub_push}}]\nsinks: [{{type: duckdb, path: '{tmp_path}/x.db'}}]\n")
-    result = clickflow("run", str(pipeline))
-    assert result.returncode == 1
-    assert "add a monitor: section" in result.stderr
+    pipeline.write_text(
+        f"sources: [{{type: pubsub_push, auth: none}}]\nsinks: [{{type: duckdb, path: '{tmp_path}/x.db'}}]\n"
+    )
+    result = clickflow(command, str(pipeline))
+    assert result.returncode == 2
+    assert (
+        f"{pipeline}:1: sources[0]: source 'pubsub_push' serves /pubsub/push: add a monitor: section" in result.stderr
+    )
 
 
 @pytest_asyncio.fixture
@@ -185,8 +191,8 @@ async def fake_push(aiohttp_client: Any) -> AsyncIterator[Callable[[str], Any]]:
 
     async def start(sink: str) -> Any:
         runtime = Runtime(parse_pipeline(
-            f"sources: [{{type: pubsub_push, enter_timeout: 50ms, ack_timeout: 2s}}]\nsinks: [{sink}]\n"
-            "runtime: {channel_capacity: 1, shutdown_timeout: 1s}\n", registry, "t.yaml", {},
+            f"sources: [{{type: pubsub_push, auth: none, enter_timeout: 50ms, ack_timeout: 2s}}]\nsinks: [{sink}]\n"
+            "runtime: {channel_capacity: 1, shutdown_timeout: 1s}\nmonitor: {port: 0}\n", registry, "t.yaml", {},
         ))  # fmt: skip
         client = await aiohttp_client(build_app(runtime))
         runtimes.append((runtime, asyncio.create_task(runtime.run())))

@@ -1,7 +1,15 @@
-"""Verifies the Google-signed OIDC tokens Pub/Sub attaches to authenticated push requests."""
+"""Verifies the Google-signed OIDC tokens Pub/Sub attaches to authenticated push requests.
+
+The issuer's signing keys are fetched once and kept; an unknown key id (Google rotates
+keys) refetches them, at most every ``refresh_interval``, whether the last fetch worked
+or not, so a flood of forged key ids or an unreachable keys endpoint costs one outbound
+request per interval. While the keys cannot be had, requests are answered 503, which
+Pub/Sub retries, never let through.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -11,13 +19,20 @@ import jwt
 
 GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
 
+log = logging.getLogger(__name__)
+
 
 class AuthError(Exception):
-    """The request is refused: ``status`` is 401 (who are you?) or 403 (not you)."""
+    """The request is refused: ``status`` is 401 (who are you?), 403 (not you) or 503 (cannot tell now).
 
-    def __init__(self, status: int, reason: str) -> None:
+    ``code`` names the cause in metrics: ``missing_token``, ``malformed_token``, ``unknown_key``,
+    ``invalid_token``, ``wrong_audience``, ``sender_not_allowed`` or ``keys_unavailable``.
+    """
+
+    def __init__(self, status: int, code: str, reason: str) -> None:
         super().__init__(reason)
         self.status = status
+        self.code = code
 
 
 class TokenVerifier:
@@ -29,36 +44,54 @@ class TokenVerifier:
         keys_url: str,
         allowed_emails: list[str] | None = None,
         refresh_interval: float = 30.0,
+        fetch_timeout: float = 5.0,
     ) -> None:
         self.audience = audience
         self.keys_url = keys_url
         self.allowed_emails = set(allowed_emails or ())
         self._refresh_interval = refresh_interval
+        self._fetch_timeout = fetch_timeout
         self._keys: dict[str, Any] = {}
-        self._fetched = 0.0
+        self._attempted = -float("inf")
+        self._fetch_error: str | None = None
         self._lock = anyio.Lock()
 
     async def _key(self, kid: str, session: aiohttp.ClientSession) -> Any:
         if kid not in self._keys:
-            async with self._lock:  # refresh on an unknown key id, at most every refresh_interval
-                if kid not in self._keys and time.monotonic() - self._fetched > self._refresh_interval:
-                    async with session.get(self.keys_url) as response:
-                        response.raise_for_status()
-                        jwks = await response.json(content_type=None)
-                    self._keys = {k["kid"]: jwt.PyJWK(k).key for k in jwks.get("keys", []) if "kid" in k}
-                    self._fetched = time.monotonic()
-        if kid not in self._keys:
-            raise AuthError(401, f"token signed with unknown key {kid!r}")
-        return self._keys[kid]
+            async with self._lock:
+                if kid not in self._keys and time.monotonic() - self._attempted > self._refresh_interval:
+                    self._attempted = time.monotonic()
+                    await self._fetch(session)
+        if kid in self._keys:
+            return self._keys[kid]
+        if self._fetch_error is not None:
+            raise AuthError(503, "keys_unavailable", f"signing keys unavailable ({self._fetch_error}); retry later")
+        raise AuthError(401, "unknown_key", f"token signed with unknown key {kid!r}")
+
+    async def _fetch(self, session: aiohttp.ClientSession) -> None:
+        """Replace the keys with the issuer's; on any failure keep the old ones and say why once."""
+        try:
+            timeout = aiohttp.ClientTimeout(total=self._fetch_timeout)
+            async with session.get(self.keys_url, timeout=timeout) as response:
+                response.raise_for_status()
+                jwks = await response.json(content_type=None)
+            keys = {k["kid"]: jwt.PyJWK(k).key for k in jwks["keys"] if isinstance(k, dict) and "kid" in k}
+        except Exception as exc:  # unreachable, slow, 5xx, not JSON, not a key set: all the same here
+            self._fetch_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            log.error("cannot fetch token signing keys from %s: %s", self.keys_url, self._fetch_error)
+            return
+        self._keys, self._fetch_error = keys, None
 
     async def verify(self, authorization: str | None, session: aiohttp.ClientSession) -> dict[str, Any]:
         if not authorization or not authorization.startswith("Bearer "):
-            raise AuthError(401, "missing bearer token")
+            raise AuthError(401, "missing_token", "missing bearer token")
         token = authorization.removeprefix("Bearer ").strip()
         try:
             kid = jwt.get_unverified_header(token).get("kid", "")
-        except jwt.PyJWTError as exc:
-            raise AuthError(401, f"malformed token: {exc}") from None
+        except (jwt.PyJWTError, TypeError, ValueError) as exc:
+            raise AuthError(401, "malformed_token", f"malformed token: {exc}") from None
+        if not isinstance(kid, str):
+            raise AuthError(401, "malformed_token", "malformed token: its key id is not text")
         key = await self._key(kid, session)
         try:
             claims: dict[str, Any] = jwt.decode(
@@ -66,12 +99,13 @@ class TokenVerifier:
                 options={"require": ["exp", "iat", "iss", "aud"]},
             )  # fmt: skip
         except jwt.InvalidAudienceError:
-            raise AuthError(403, "token is for another audience") from None
-        except jwt.PyJWTError as exc:
-            raise AuthError(401, f"invalid token: {exc}") from None
+            raise AuthError(403, "wrong_audience", "token is for another audience") from None
+        except (jwt.PyJWTError, TypeError, ValueError) as exc:  # PyJWT raises TypeError for a list as iss
+            raise AuthError(401, "invalid_token", f"invalid token: {exc}") from None
+        email = claims.get("email")
         allowed = not self.allowed_emails or (
-            claims.get("email") in self.allowed_emails and claims.get("email_verified") is True
+            isinstance(email, str) and email in self.allowed_emails and claims.get("email_verified") is True
         )
         if not allowed:
-            raise AuthError(403, f"sender {claims.get('email')!r} is not allowed")
+            raise AuthError(403, "sender_not_allowed", f"sender {email!r} is not allowed")
         return claims

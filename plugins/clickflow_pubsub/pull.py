@@ -33,6 +33,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ByteSize, Field, PositiveInt
 
 from clickflow.api import Duration, Message, Source, SourceContext, SourceOptions
+from clickflow.metrics import shared_metric
 from clickflow_pubsub.leases import Leases
 
 if TYPE_CHECKING:
@@ -63,23 +64,23 @@ def _chunks(ids: list[str]) -> Iterator[list[str]]:
 
 
 class _Metrics:
+    """This source's children of the plugin's metric families (shared by every pull source)."""
+
     def __init__(self, context: SourceContext, source: str) -> None:
         r = context.registry
-        self.pulled = Counter("clickflow_pubsub_pulled", "Messages pulled", ["source"], registry=r).labels(source)
-        self.acked = Counter("clickflow_pubsub_acked", "Messages acknowledged", ["source"], registry=r).labels(source)
-        self.nacked = Counter(
-            "clickflow_pubsub_nacked", "Messages negatively acknowledged", ["source"], registry=r
-        ).labels(source)
-        self.extended = Counter(
-            "clickflow_pubsub_lease_extensions", "Ack deadlines extended", ["source"], registry=r
-        ).labels(source)
-        self.ack_latency = Histogram(
-            "clickflow_pubsub_ack_latency_seconds", "From pull to acknowledgement sent", ["source"], registry=r,
+
+        def family(kind: Any, name: str, doc: str, **extra: Any) -> Any:
+            return shared_metric(r, name, lambda: kind(name, doc, ["source"], registry=r, **extra)).labels(source)
+
+        self.pulled = family(Counter, "clickflow_pubsub_pulled", "Messages pulled")
+        self.acked = family(Counter, "clickflow_pubsub_acked", "Messages acknowledged")
+        self.nacked = family(Counter, "clickflow_pubsub_nacked", "Messages negatively acknowledged")
+        self.extended = family(Counter, "clickflow_pubsub_lease_extensions", "Ack deadlines extended")
+        self.ack_latency = family(
+            Histogram, "clickflow_pubsub_ack_latency_seconds", "From pull to acknowledgement sent",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
-        ).labels(source)  # fmt: skip
-        self.outstanding = Gauge(
-            "clickflow_pubsub_outstanding", "Messages pulled and not yet settled", ["source"], registry=r
-        ).labels(source)
+        )  # fmt: skip
+        self.outstanding = family(Gauge, "clickflow_pubsub_outstanding", "Messages pulled and not yet settled")
 
 
 class _BatchAck:

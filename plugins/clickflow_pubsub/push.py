@@ -18,31 +18,57 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import anyio
 import msgspec
 from aiohttp import web
-from pydantic import ByteSize, Field
+from prometheus_client import Counter
+from pydantic import ByteSize, Field, model_validator
 
-from clickflow.api import Duration, Handler, Message, Source, SourceContext, SourceOptions
+from clickflow.api import Duration, Handler, Message, Source, SourceContext, SourceOptions, valid_text
+from clickflow.metrics import shared_metric
 
 GOOGLE_KEYS_URL = "https://www.googleapis.com/oauth2/v3/certs"
 
 log = logging.getLogger(__name__)
 
 
+MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
+"""The largest legal push: a 10 MB message is 13.4 MB in base64, plus its attributes and envelope."""
+
+
 class PubSubPushOptions(SourceOptions):
-    path: str = Field(default="/pubsub/push", pattern=r"^/")
-    max_body_bytes: ByteSize = ByteSize(10 * 1024 * 1024)
-    audience: str | None = Field(default=None, description="Require OIDC tokens for this audience.")
+    path: str = Field(default="/pubsub/push", pattern=r"^/[^\s]*$")
+    max_body_bytes: ByteSize = Field(default=ByteSize(MAX_ENVELOPE_BYTES), gt=0, le=4 * MAX_ENVELOPE_BYTES)
+    auth: Literal["oidc", "none"] = "oidc"
+    """``oidc``: every request needs a Google-signed token for ``audience``; ``none`` must be said."""
+    audience: str | None = Field(default=None, description="The audience push tokens are issued for.")
     allowed_emails: list[str] = Field(default_factory=list, description="Service accounts allowed to push.")
     keys_url: str = GOOGLE_KEYS_URL
     enter_timeout: Duration = timedelta(seconds=1)
     """How long a request may wait for room in the pipeline before it is answered 429."""
     ack_timeout: Duration = timedelta(seconds=60)
     """How long a request waits for the sinks before it is answered 503 (keep above the sinks' max_age)."""
+    read_timeout: Duration = timedelta(seconds=10)
+    """How long a request's body may take to arrive; a slower client is answered 408."""
+
+    @model_validator(mode="after")
+    def _auth_is_explicit(self) -> PubSubPushOptions:
+        if self.auth == "oidc" and not (self.audience or "").strip():
+            raise ValueError(
+                "push requests are authenticated by default: set audience to the audience of the push "
+                "subscription's tokens, or auth: none to accept requests without a token"
+            )
+        if self.auth == "none" and (self.audience or self.allowed_emails):
+            raise ValueError("auth: none verifies no token; remove audience and allowed_emails, or use auth: oidc")
+        if any(not email.strip() for email in self.allowed_emails):
+            raise ValueError("allowed_emails has an empty entry (an unset variable?)")
+        return self
+
+    def http_paths(self) -> list[str]:
+        return [self.path]
 
 
 class _PushAck:
@@ -66,7 +92,7 @@ def message_from_body(body: bytes, headers: Any) -> Message:
     """The message in a push envelope, an unwrapped push, or (if malformed) the body itself."""
     try:
         envelope = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         envelope = None
     if isinstance(envelope, dict) and isinstance(envelope.get("message"), dict):
         inner = envelope["message"]
@@ -78,7 +104,7 @@ def message_from_body(body: bytes, headers: Any) -> Message:
         if isinstance(message_id, str) and data is not None:
             return Message(data, message_id)
     elif headers.get("x-goog-pubsub-message-id"):  # payload unwrapping with metadata
-        return Message(body, headers["x-goog-pubsub-message-id"])
+        return Message(body, valid_text(headers["x-goog-pubsub-message-id"]))
     return Message(body, "push:" + hashlib.sha256(body).hexdigest()[:32])
 
 
@@ -92,6 +118,7 @@ class PubSubPushSource(Source):
     _context: SourceContext | None = None
     _session: aiohttp.ClientSession | None = None
     _verifier: Any = None
+    _refused: Any = None
 
     def routes(self) -> list[tuple[str, str, Handler]]:
         return [("POST", self.options.path, self._handle)]
@@ -99,12 +126,14 @@ class PubSubPushSource(Source):
     @asynccontextmanager
     async def lifespan(self, context: SourceContext) -> AsyncIterator[None]:
         self._verifier = None
-        if self.options.audience:
+        if self.options.auth == "oidc":
             try:
                 from clickflow_pubsub.oidc import TokenVerifier
             except ImportError as exc:
                 raise RuntimeError("verifying push tokens needs: pip install 'clickflow[gcp]'") from exc
+            assert self.options.audience
             self._verifier = TokenVerifier(self.options.audience, self.options.keys_url, self.options.allowed_emails)
+        self._refused = _refused_counter(context)
         async with aiohttp.ClientSession() as self._session:
             yield
 
@@ -117,12 +146,16 @@ class PubSubPushSource(Source):
         finally:
             self._context = None
 
+    def _refuse(self, status: int, reason: str, text: str) -> web.Response:
+        self._refused.labels(self.name, reason).inc()
+        return web.Response(status=status, text=text)
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         context = self._context
         if context is None:
             return web.Response(status=503, text="not accepting messages")
         if (request.content_length or 0) > self.options.max_body_bytes:
-            return web.Response(status=413, text="body too large")
+            return self._refuse(413, "too_large", "body too large")
         if self._verifier is not None:
             from clickflow_pubsub.oidc import AuthError
 
@@ -130,18 +163,51 @@ class PubSubPushSource(Source):
             try:
                 await self._verifier.verify(request.headers.get("Authorization"), self._session)
             except AuthError as exc:
-                log.warning("%s: refused a push request: %s", self.name, exc)
-                return web.Response(status=exc.status, text=str(exc))
-        body = await request.read()
-        if len(body) > self.options.max_body_bytes:
-            return web.Response(status=413, text="body too large")
+                log.warning("%s: refused a push request (%d): %s", self.name, exc.status, exc)
+                return self._refuse(exc.status, exc.code, str(exc))
+        body = await self._read_body(request)
+        if isinstance(body, web.Response):
+            return body
         ack = _PushAck()
         with anyio.move_on_after(self.options.enter_timeout.total_seconds()) as entering:
             await context.emit([message_from_body(body, request.headers)], ack)
         if entering.cancelled_caught:
-            return web.Response(status=429, text="pipeline is full; retry later")
+            return self._refuse(429, "pipeline_full", "pipeline is full; retry later")
         with anyio.move_on_after(self.options.ack_timeout.total_seconds()):
             await ack.done.wait()
         if ack.ok:
             return web.Response(status=204)
-        return web.Response(status=503, text="not stored yet; retry later")
+        return self._refuse(503, "not_stored", "not stored yet; retry later")
+
+    async def _read_body(self, request: web.Request) -> bytes | web.Response:
+        """The body, read within ``read_timeout`` and ``max_body_bytes`` whatever the headers said."""
+        limit = self.options.max_body_bytes
+        chunks, size = [], 0
+        try:
+            with anyio.fail_after(self.options.read_timeout.total_seconds()):
+                async for chunk in request.content.iter_chunked(1 << 16):
+                    size += len(chunk)
+                    if size > limit:
+                        return self._refuse(413, "too_large", "body too large")
+                    chunks.append(chunk)
+        except TimeoutError:
+            log.warning("%s: a push request's body took over %s; answered 408", self.name, self.options.read_timeout)
+            return self._refuse(408, "slow_body", "body not received in time")
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            log.warning("%s: a push request's body was cut off: %s", self.name, exc or type(exc).__name__)
+            return self._refuse(400, "body_cut_off", "body cut off")
+        return b"".join(chunks)
+
+
+def _refused_counter(context: SourceContext) -> Counter:
+    """One family per registry, whatever the number of push sources in the pipeline."""
+    return shared_metric(
+        context.registry,
+        "clickflow_push_refused",
+        lambda: Counter(
+            "clickflow_push_refused",
+            "Push requests answered without storing their message, by cause",
+            ["source", "reason"],
+            registry=context.registry,
+        ),
+    )

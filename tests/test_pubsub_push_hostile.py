@@ -1,0 +1,272 @@
+"""The push endpoint against what an attacker or a broken network sends: every answer is a deliberate
+status (never 500), push auth never fails open, nothing is stored twice and nothing is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+from aiohttp import web
+
+from clickflow.config import MonitorOptions, Pipeline
+from clickflow.monitor import serve
+from clickflow.runtime import Runtime
+from clickflow_pubsub.oidc import AuthError, TokenVerifier
+from tests.conftest import table_counts
+from tests.test_pubsub_push import AUDIENCE, SENDER, envelope, keys, token
+
+__all__ = ["keys"]  # a fixture
+
+
+@asynccontextmanager
+async def keys_server(aiohttp_server: Any, answer: Callable[[], web.StreamResponse] | None) -> AsyncIterator[Any]:
+    """A signing-keys endpoint answering ``answer()`` (None: nothing listens), counting its requests."""
+    calls: list[float] = []
+
+    async def certs(_: web.Request) -> web.StreamResponse:
+        calls.append(time.monotonic())
+        assert answer is not None
+        response = answer()
+        if isinstance(response, web.Response) and response.status == 299:  # slow: answer after a while
+            await asyncio.sleep(3)
+            return web.json_response({"keys": []})
+        return response
+
+    if answer is None:
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            yield f"http://127.0.0.1:{closed.getsockname()[1]}/certs", calls
+        return
+    app = web.Application()
+    app.router.add_get("/certs", certs)
+    server = await aiohttp_server(app)
+    yield str(server.make_url("/certs")), calls
+
+
+ANSWERS: dict[str, Callable[[], web.StreamResponse] | None] = {
+    "unreachable": None,
+    "5xx": lambda: web.Response(status=503, text="down"),
+    "not JSON": lambda: web.Response(text="<html>oops</html>"),
+    "not a key set": lambda: web.json_response({"keys": [{"kid": "k1", "kty": "nonsense"}]}),
+    "slow": lambda: web.Response(status=299),
+}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("failure", list(ANSWERS))
+async def test_unavailable_signing_keys_give_503_and_one_fetch_per_interval(
+    aiohttp_server: Any, keys: dict[str, Any], failure: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with keys_server(aiohttp_server, ANSWERS[failure]) as (url, calls), aiohttp.ClientSession() as session:
+        verifier = TokenVerifier(AUDIENCE, url, [SENDER], refresh_interval=30, fetch_timeout=0.5)
+        statuses = []
+        for _ in range(20):
+            try:
+                await verifier.verify(f"Bearer {token(keys['google'])}", session)
+            except AuthError as exc:
+                statuses.append((exc.status, exc.code))
+    assert statuses == [(503, "keys_unavailable")] * 20
+    assert len(calls) <= 1
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_a_flood_of_unknown_key_ids_fetches_the_keys_once_per_interval(
+    aiohttp_server: Any, keys: dict[str, Any]
+) -> None:
+    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(keys["google"].public_key(), as_dict=True)
+    ok = {"keys": [{**jwk, "kid": "k1", "alg": "RS256"}]}
+    server = keys_server(aiohttp_server, lambda: web.json_response(ok))
+    async with server as (url, calls), aiohttp.ClientSession() as session:
+        verifier = TokenVerifier(AUDIENCE, url, [SENDER], refresh_interval=30)
+        assert (await verifier.verify(f"Bearer {token(keys['google'])}", session))["email"] == SENDER
+        for n in range(50):
+            forged = jwt.encode({"aud": AUDIENCE}, keys["forger"], algorithm="RS256", headers={"kid": f"x{n}"})
+            with pytest.raises(AuthError) as refused:
+                await verifier.verify(f"Bearer {forged}", session)
+            assert (refused.value.status, refused.value.code) == (401, "unknown_key")
+    assert len(calls) == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("claims", "headers", "code"),
+    [
+        ({"email": [SENDER]}, {}, "sender_not_allowed"),
+        ({"email": {"a": 1}}, {}, "sender_not_allowed"),
+        ({"email_verified": "true"}, {}, "sender_not_allowed"),
+        ({}, {"kid": ["k1"]}, "malformed_token"),
+        ({}, {"kid": {"k": 1}}, "malformed_token"),
+        ({"aud": [1, 2]}, {}, "wrong_audience"),
+        ({"iss": ["https://accounts.google.com"]}, {}, "invalid_token"),
+    ],
+)
+async def test_odd_claims_and_headers_are_refused_not_crashed(
+    aiohttp_server: Any, keys: dict[str, Any], claims: dict[str, Any], headers: dict[str, Any], code: str
+) -> None:
+    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(keys["google"].public_key(), as_dict=True)
+    ok = {"keys": [{**jwk, "kid": "k1", "alg": "RS256"}]}
+    now = int(time.time())
+    payload = {"iss": "https://accounts.google.com", "aud": AUDIENCE, "iat": now, "exp": now + 300,
+               "email": SENDER, "email_verified": True, **claims}  # fmt: skip
+    claims_json = json.dumps(payload).encode()  # signed as they are: PyJWT would refuse to write a list as iss
+    bearer = jwt.api_jws.PyJWS().encode(claims_json, keys["google"], algorithm="RS256", headers={"kid": "k1"})
+    if headers:  # PyJWT will not write a key id that is not text; an attacker will
+        header = json.dumps({"alg": "RS256", "typ": "JWT", **headers}).encode()
+        bearer = base64.urlsafe_b64encode(header).rstrip(b"=").decode() + bearer[bearer.index(".") :]
+    async with keys_server(aiohttp_server, lambda: web.json_response(ok)) as (url, _), aiohttp.ClientSession() as s:
+        with pytest.raises(AuthError) as refused:
+            await TokenVerifier(AUDIENCE, url, [SENDER]).verify(f"Bearer {bearer}", s)
+    assert refused.value.code == code and refused.value.status in (401, 403)
+
+
+@pytest.fixture
+def served(pipeline: Callable[..., Pipeline], tmp_path: Path) -> Callable[..., Any]:
+    """A push pipeline (``auth: none``) served on a real port; yields its URL and runtime."""
+
+    @asynccontextmanager
+    async def start(options: str = "", monitor: str = "") -> AsyncIterator[tuple[str, Runtime]]:
+        loaded = pipeline(
+            f"sources: [{{type: pubsub_push, auth: none, {options}}}]\n"
+            f"sinks: [{{type: duckdb, path: '{tmp_path}/push.duckdb', batch: {{max_age: 20ms}}}}]\n"
+            f"monitor: {{port: 0, {monitor}}}\n"
+        )
+        runtime = Runtime(loaded)
+        assert loaded.monitor is not None
+        async with serve(runtime, loaded.monitor) as url:
+            task = asyncio.create_task(runtime.run())
+            while not runtime.heartbeats:  # noqa: ASYNC110 - the runtime exposes no "running" event
+                await asyncio.sleep(0.01)
+            try:
+                yield url, runtime
+            finally:
+                runtime.request_stop()
+                await task
+
+    return start
+
+
+HOSTILE_BODIES: list[tuple[str, bytes, str]] = [
+    ("empty", b"", "application/json"),
+    ("not JSON", b"\x00\xff" * 100, "application/json"),
+    ("form", b"a=1&b=2", "application/x-www-form-urlencoded"),
+    ("envelope without message", b'{"subscription": "s"}', "application/json"),
+    ("message not an object", b'{"message": [1, 2]}', "application/json"),
+    ("data not base64", b'{"message": {"data": "%%%", "messageId": "1"}}', "application/json"),
+    ("data not a string", b'{"message": {"data": 5, "messageId": "2"}}', "application/json"),
+    ("id not a string", b'{"message": {"data": "e30=", "messageId": {"x": 1}}}', "application/json"),
+    ("deep JSON", b"[" * 100_000, "application/json"),
+    ("deep payload", envelope(b'{"session_id":"s","events":' + b"[" * 5000), "application/json"),
+    ("multipart", b"--x\r\n\r\nhi\r\n--x--", "multipart/form-data; boundary=x"),
+    ("text", b"hello", "text/plain; charset=latin-1"),
+]
+
+
+@pytest.mark.asyncio
+async def test_every_hostile_body_gets_a_deliberate_answer_and_a_dead_letter(served: Callable[..., Any]) -> None:
+    async with served() as (url, runtime), aiohttp.ClientSession() as session:
+        for name, body, content_type in HOSTILE_BODIES:
+            async with session.post(f"{url}/pubsub/push", data=body, headers={"Content-Type": content_type}) as answer:
+                assert answer.status == 204, name
+        async with session.get(f"{url}/pubsub/push") as wrong_method:
+            assert wrong_method.status == 405
+    assert runtime.summary.acknowledged == len(HOSTILE_BODIES)
+    assert sum(runtime.summary.dead_letters.values()) == len(HOSTILE_BODIES)
+
+
+@pytest.mark.asyncio
+async def test_a_body_over_the_limit_is_413_whatever_its_headers_say(served: Callable[..., Any]) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(40):
+            yield b"x" * 1024
+
+    async with served("max_body_bytes: 16KiB") as (url, runtime), aiohttp.ClientSession() as session:
+        answer = await session.post(f"{url}/pubsub/push", data=chunks())  # chunked: no Content-Length
+        assert answer.status == 413
+    assert sum(runtime.summary.messages.values()) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_slow_body_is_answered_408_and_a_cut_body_logs_one_line(
+    served: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    async with served("read_timeout: 300ms") as (url, runtime):
+        host, port = url.removeprefix("http://").split(":")
+        head = b"POST /pubsub/push HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(head + b"{")
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+        assert status_line.startswith(b"HTTP/1.1 408")
+
+        caplog.clear()
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(head + b"{")
+        await writer.drain()
+        writer.transport.abort()  # the client goes away mid-body
+        await asyncio.sleep(0.5)
+    assert sum(runtime.summary.messages.values()) == 0
+    cut = [r for r in caplog.records if "cut off" in r.getMessage()]
+    assert len(cut) == 1 and cut[0].exc_info is None
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_connections_that_never_finish_their_headers_are_closed(served: Callable[..., Any]) -> None:
+    async with served(monitor="idle_timeout: 500ms") as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        connections = [await asyncio.open_connection(host, int(port)) for _ in range(50)]
+        for _, writer in connections:
+            writer.write(b"POST /pubsub/push HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+            await writer.drain()
+        started = time.monotonic()
+        closed = await asyncio.wait_for(asyncio.gather(*(reader.read() for reader, _ in connections)), 10)
+        took = time.monotonic() - started
+        for _, writer in connections:
+            writer.close()
+        assert all(data == b"" for data in closed)
+        assert took < 5
+
+
+@pytest.mark.asyncio
+async def test_a_concurrent_flood_stores_every_message_once(served: Callable[..., Any], tmp_path: Path) -> None:
+    count = 400
+    async with served("enter_timeout: 10s") as (url, runtime), aiohttp.ClientSession() as session:
+
+        async def push(n: int) -> int:
+            body = envelope(b'{"session_id": "S-%d", "events": []}' % (n % 350), str(n % 350))
+            async with session.post(f"{url}/pubsub/push", data=body) as answer:
+                return answer.status
+
+        statuses = await asyncio.gather(*(push(n) for n in range(count)))
+    assert statuses == [204] * count
+    assert runtime.summary.acknowledged == count
+    assert table_counts(tmp_path / "push.duckdb") == {"visits": 350, "events": 0, "purchase_items": 0, "dead_letter": 0}
+
+
+def test_push_auth_never_fails_open_on_the_example_pipeline(registry: Any) -> None:
+    from clickflow.config import ConfigError, load_pipeline
+    from tests.conftest import REPO
+
+    for audience in ("", "   "):
+        with pytest.raises(ConfigError) as refused:
+            load_pipeline(REPO / "config/push.yaml", registry,
+                          {"PUSH_AUDIENCE": audience, "PUSH_SERVICE_ACCOUNT": SENDER, "PROJECT_ID": "p"})  # fmt: skip
+        assert "authenticated by default" in str(refused.value)
+    loaded = load_pipeline(REPO / "config/push.yaml", registry,
+                           {"PUSH_AUDIENCE": AUDIENCE, "PUSH_SERVICE_ACCOUNT": SENDER, "PROJECT_ID": "p"})  # fmt: skip
+    assert loaded.sources[0].options.auth == "oidc"  # type: ignore[attr-defined]
+    assert isinstance(loaded.monitor, MonitorOptions)
