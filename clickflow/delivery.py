@@ -18,6 +18,7 @@ from anyio.abc import ObjectReceiveStream
 
 from clickflow.api import Acknowledger, BatchLimits, RetryPolicy, RowBatch, Sink, SinkBatch
 from clickflow.metrics import Metrics
+from clickflow.quarantine import Quarantine
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class SinkFailed(Exception):
 class Delivery:
     """One batch of source messages on its way through every sink; settled exactly once."""
 
-    __slots__ = ("_ack", "_on_settled", "_pending", "messages", "settled", "source")
+    __slots__ = ("_ack", "_on_settled", "_pending", "message_ids", "messages", "settled", "source")
 
     def __init__(
         self,
@@ -43,13 +44,20 @@ class Delivery:
         messages: int,
         sinks: int,
         on_settled: Callable[[Delivery, bool], None],
+        message_ids: list[str] | None = None,
     ) -> None:
         self.source = source
         self.messages = messages
+        self.message_ids = message_ids
+        """Kept for redelivering sources only: they become suspects if a sink cannot write them."""
         self.settled = False
         self._ack = ack
         self._pending = sinks
         self._on_settled = on_settled
+
+    def split(self, parts: int) -> None:
+        """The batch travels as ``parts`` parsed parts, each confirmed by every sink."""
+        self._pending *= parts
 
     def sink_done(self) -> None:
         self._pending -= 1
@@ -77,6 +85,8 @@ class Parsed:
     delivery: Delivery
     size: int
     """Bytes of the raw messages; a cheap stand-in for the rows' size."""
+    isolated: str | None = None
+    """The id of a suspect message, written in a batch of its own (see ``clickflow.quarantine``)."""
 
 
 class SinkWorker:
@@ -86,13 +96,20 @@ class SinkWorker:
     (and the parser keeps working) while the previous one is being written.
     """
 
-    def __init__(self, sink: Sink, limits: BatchLimits, retry: RetryPolicy, metrics: Metrics) -> None:
+    def __init__(
+        self, sink: Sink, limits: BatchLimits, retry: RetryPolicy, metrics: Metrics, quarantine: Quarantine
+    ) -> None:
         self.sink = sink
         self._limits = limits
         self._retry = retry
         self._metrics = metrics
+        self._quarantine = quarantine
+        self._last_failure: str | None = None
+        """Since the last successful write: "" after a failed batch, or the isolated message that failed."""
         self._batch = sink.new_batch()
         self._deliveries: list[Delivery] = []
+        self._isolated: str | None = None
+        self._spool_error: OSError | None = None
         self._rows = 0
         self._bytes = 0
         self._deadline = 0.0
@@ -106,9 +123,12 @@ class SinkWorker:
                     item = await self._next(receive)
                 except anyio.EndOfStream:
                     break
+                if item is not None and item.isolated:
+                    await self._start_write(writes)  # a suspect goes in a batch of its own
                 if item is not None:
                     self._add(item)
-                if item is None or self._rows >= self._limits.max_rows or self._bytes >= self._limits.max_bytes:
+                full = self._rows >= self._limits.max_rows or self._bytes >= self._limits.max_bytes
+                if item is None or full or self._isolated or self._spool_error:
                     await self._start_write(writes)
             await self._start_write(writes)
 
@@ -123,8 +143,12 @@ class SinkWorker:
     def _add(self, item: Parsed) -> None:
         if not self._deliveries:
             self._deadline = anyio.current_time() + self._limits.max_age.total_seconds()
-        self._batch.add(item.rows)
+        self._isolated = item.isolated
         self._deliveries.append(item.delivery)
+        try:
+            self._batch.add(item.rows)
+        except OSError as exc:  # e.g. a full disk under a spool: this batch cannot be written
+            self._spool_error = exc
         self._rows += len(item.rows)
         self._bytes += item.size
 
@@ -132,17 +156,26 @@ class SinkWorker:
         if not self._deliveries:
             return
         await self._writing.acquire()
-        batch, deliveries = self._batch, self._deliveries
+        batch, deliveries, isolated, spool_error = self._batch, self._deliveries, self._isolated, self._spool_error
         self._batch, self._deliveries, self._rows, self._bytes = self.sink.new_batch(), [], 0, 0
-        writes.start_soon(self._write, batch, deliveries)
+        self._isolated = self._spool_error = None
+        if spool_error is not None:
+            self._writing.release()
+            batch.discard()
+            self._metrics.write_failures.labels(self.sink.name).inc()
+            self._give_back(deliveries, spool_error, isolated)
+            return
+        writes.start_soon(self._write, batch, deliveries, isolated)
 
-    async def _write(self, batch: SinkBatch, deliveries: list[Delivery]) -> None:
+    async def _write(self, batch: SinkBatch, deliveries: list[Delivery], isolated: str | None) -> None:
         try:
-            await self.write_with_retries(batch, deliveries)
+            await self.write_with_retries(batch, deliveries, isolated)
         finally:
             self._writing.release()
 
-    async def write_with_retries(self, batch: SinkBatch, deliveries: list[Delivery]) -> None:
+    async def write_with_retries(
+        self, batch: SinkBatch, deliveries: list[Delivery], isolated: str | None = None
+    ) -> None:
         name = self.sink.name
         backoff = self._retry.initial_backoff.total_seconds()
         started = anyio.current_time()
@@ -154,12 +187,14 @@ class SinkWorker:
                 self._metrics.write_failures.labels(name).inc()
                 if attempt == self._retry.attempts:
                     batch.discard()
-                    self._give_back(deliveries, exc)
+                    self._give_back(deliveries, exc, isolated)
                     return
                 log.warning("sink %s: write failed (attempt %d of %d): %s", name, attempt, self._retry.attempts, exc)
                 await anyio.sleep(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, self._retry.max_backoff.total_seconds())
-        self._failing_since = None
+        self._failing_since = self._last_failure = None
+        if isolated:
+            self._quarantine.clear(isolated)
         self._metrics.write_seconds.labels(name).observe(anyio.current_time() - started)
         for table, count in batch.counts().items():
             if count:
@@ -168,8 +203,19 @@ class SinkWorker:
         for delivery in deliveries:
             delivery.sink_done()
 
-    def _give_back(self, deliveries: list[Delivery], error: Exception) -> None:
-        """Nack a batch the sink could not write; fatal unless its sources redeliver."""
+    def _give_back(self, deliveries: list[Delivery], error: Exception, isolated: str | None) -> None:
+        """Nack a batch the sink could not write; fatal unless its sources redeliver.
+
+        Its messages become suspects; a suspect that fails alone gets a strike, unless another
+        message failed alone since the sink last worked (then the sink is failing, not the message).
+        """
+        if isolated is None:
+            for delivery in deliveries:
+                if delivery.message_ids:
+                    self._quarantine.suspect(delivery.message_ids)
+        elif self._last_failure in (None, isolated):
+            self._quarantine.strike(isolated, f"sink {self.sink.name!r}: {error}")
+        self._last_failure = isolated or ""
         for delivery in deliveries:
             delivery.fail(error)
         now = anyio.current_time()

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from clickflow.api import Acknowledger, Message, Sink, SinkOptions, Source
+from clickflow.api import Acknowledger, Message, RowBatch, Sink, SinkOptions, Source
 from clickflow.config import Pipeline
 from clickflow.delivery import Delivery, Parsed, SinkFailed, SinkWorker
 from clickflow.metrics import Metrics
 from clickflow.parser import VisitParser
+from clickflow.quarantine import Quarantine
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class RunSummary:
     acknowledged: int = 0
     not_acknowledged: int = 0
     seconds: float = 0.0
+    unfinished: list[str] = field(default_factory=list)
+    """Finite sources that were stopped before the end of their input."""
 
     @property
     def events_per_second(self) -> float:
@@ -97,7 +100,8 @@ class _Context:
         if self._send is None:
             ack.nack(PipelineError("the pipeline is not running"))
             raise PipelineError(f"source {self._name!r} emitted while the pipeline is not running")
-        delivery = Delivery(self._name, ack, len(messages), len(runtime.sinks), runtime._settled)
+        ids = [m.message_id for m in messages] if ack.redelivers else None
+        delivery = Delivery(self._name, ack, len(messages), len(runtime.sinks), runtime._settled, ids)
         try:
             await self._send.send((messages, delivery, time.time_ns() // 1000))
         except BaseException as exc:
@@ -132,7 +136,8 @@ class Runtime:
         self.heartbeats: dict[str, float] = {}
         self.progress: dict[str, SourceProgress] = {}
         self.ready = False
-        self._parser = VisitParser()
+        self._parser = VisitParser(pipeline.runtime.max_message_bytes)
+        self._quarantine = Quarantine()
         self._in_flight: set[Delivery] = set()
         self._source_scope: anyio.CancelScope | None = None
         self._stop_requested = False
@@ -213,7 +218,7 @@ class Runtime:
                 sink_sends.append(send)
                 options = sink.options
                 assert isinstance(options, SinkOptions)
-                worker = SinkWorker(sink, options.batch, options.retry, self.metrics)
+                worker = SinkWorker(sink, options.batch, options.retry, self.metrics, self._quarantine)
                 tg.start_soon(worker.run, receive)
             tg.start_soon(self._parse, raw_receive, sink_sends)
             tg.start_soon(self._run_sources, raw_send)
@@ -231,11 +236,15 @@ class Runtime:
         async with send:
             context._send = send
             context.heartbeat()
+            finished = False
             try:
                 await source.run(context)
+                finished = True
             except Exception as exc:
                 raise SourceFailed(source.name, exc) from exc
             finally:
+                if source.finite and not finished:
+                    self.summary.unfinished.append(source.name)
                 context._send = None
                 for key in [k for k in self.heartbeats if k == source.name or k.startswith(f"{source.name}/")]:
                     del self.heartbeats[key]
@@ -249,16 +258,38 @@ class Runtime:
             for send in sends:
                 await stack.enter_async_context(send)
             async for messages, delivery, received_us in receive:
-                rows = self._parser.parse(messages, delivery.source, received_us)
-                for table, table_rows in rows.tables.items():
-                    summary.rows[table] += len(table_rows)
-                metrics.events_parsed.labels(delivery.source).inc(len(rows.tables["events"]))
-                for reason in (row[5] for row in rows.tables["dead_letter"]):
-                    summary.dead_letters[reason] += 1
-                    metrics.dead_letters.labels(delivery.source, reason).inc()
-                parsed = Parsed(rows, delivery, sum(len(m.data) for m in messages))
-                for send in sends:
-                    await send.send(parsed)
+                parts = self._isolate_suspects(messages, delivery) if self._quarantine else [(messages, None)]
+                for part, isolated in parts:
+                    rows = self._parse_part(part, isolated, delivery.source, received_us)
+                    for table, table_rows in rows.tables.items():
+                        summary.rows[table] += len(table_rows)
+                    metrics.events_parsed.labels(delivery.source).inc(len(rows.tables["events"]))
+                    for reason in (row[5] for row in rows.tables["dead_letter"]):
+                        summary.dead_letters[reason] += 1
+                        metrics.dead_letters.labels(delivery.source, reason).inc()
+                    parsed = Parsed(rows, delivery, sum(len(m.data) for m in part), isolated)
+                    for send in sends:
+                        await send.send(parsed)
+
+    def _isolate_suspects(self, messages: list[Message], delivery: Delivery) -> list[tuple[list[Message], str | None]]:
+        """The batch as parts: its innocent messages together, each suspect alone."""
+        suspects = [m for m in messages if m.message_id in self._quarantine]
+        if not suspects:
+            return [(messages, None)]
+        rest = [m for m in messages if m.message_id not in self._quarantine]
+        parts: list[tuple[list[Message], str | None]] = [(rest, None)] if rest else []
+        parts += [([m], m.message_id) for m in suspects]
+        delivery.split(len(parts))
+        return parts
+
+    def _parse_part(self, messages: list[Message], isolated: str | None, source: str, received_us: int) -> RowBatch:
+        condemned = self._quarantine.condemned(isolated) if isolated else None
+        if condemned is None:
+            return self._parser.parse(messages, source, received_us)
+        (message,) = messages
+        log.error("%s: message %s failed alone %d times; stored as a dead letter: %s",
+                  source, message.message_id, condemned.strikes, condemned.error)  # fmt: skip
+        return self._parser.unwritable(message, source, received_us, condemned.error)
 
     def _settled(self, delivery: Delivery, ok: bool) -> None:
         self._in_flight.discard(delivery)

@@ -67,6 +67,53 @@ class ScriptSource(Source):
             await anyio.lowlevel.checkpoint()
 
 
+class RedeliveringOptions(SourceOptions):
+    messages: int = 10
+    per_batch: int = 5
+
+
+class RedeliveringSource(Source):
+    """Like Pub/Sub: what is nacked comes back in a later batch; ends once everything is acked."""
+
+    type_name = "redelivering"
+    Options = RedeliveringOptions
+    deliveries = 0
+
+    async def run(self, context: SourceContext) -> None:
+        pending = [Message(json.dumps({"session_id": f"S{n}"}).encode(), f"m{n}") for n in range(self.options.messages)]
+        unsettled = 0
+        done = anyio.Event()
+
+        class Ack:
+            redelivers = True
+
+            def __init__(self, messages: list[Message]) -> None:
+                self.messages = messages
+
+            def ack(self) -> None:
+                settle()
+
+            def nack(self, error: BaseException) -> None:
+                pending.extend(self.messages)
+                settle()
+
+        def settle() -> None:
+            nonlocal unsettled
+            unsettled -= 1
+            if not pending and not unsettled:
+                done.set()
+
+        while pending or unsettled:
+            if not pending:
+                with anyio.move_on_after(0.05):
+                    await done.wait()
+                continue
+            batch, pending[:] = pending[: self.options.per_batch], pending[self.options.per_batch :]
+            unsettled += 1
+            RedeliveringSource.deliveries += 1
+            await context.emit(batch, Ack(batch))
+
+
 class FailingSourceOptions(SourceOptions):
     pass
 
@@ -82,6 +129,8 @@ class FailingSource(Source):
 class MemoryOptions(SinkOptions):
     fail_first: int = 0
     gated: bool = False
+    poison: str | None = None
+    """Fail every write holding a ``visits`` row of this message id (a row the sink cannot take)."""
 
 
 class TrackedBatch(RowBatch):
@@ -111,6 +160,8 @@ class MemorySink(Sink):
         MemorySink.attempts += 1
         if MemorySink.attempts <= self.options.fail_first:
             raise ConnectionError(f"sink unavailable (attempt {MemorySink.attempts})")
+        if self.options.poison and any(row[12] == self.options.poison for row in batch.tables["visits"]):
+            raise ValueError(f"cannot store message {self.options.poison}")
         if self.options.gated:
             assert MemorySink.gate is not None
             await MemorySink.gate.wait()
@@ -122,12 +173,14 @@ class MemorySink(Sink):
 def reset() -> None:
     ScriptSource.acks, ScriptSource.emitted, ScriptSource._waiting = [], [], None
     MemorySink.writes, MemorySink.gate, MemorySink.written, MemorySink.attempts = [], None, None, 0
+    RedeliveringSource.deliveries = 0
 
 
 @hookimpl
 def register_sources(register: Callable[[type[Source]], None]) -> None:
     register(ScriptSource)
     register(FailingSource)
+    register(RedeliveringSource)
 
 
 @hookimpl

@@ -7,7 +7,9 @@ later reads the files in its own threads, without the GIL.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 from typing import Any, BinaryIO
 
@@ -28,6 +30,7 @@ class JsonSpool:
         self._files: dict[str, BinaryIO] = {}
         self._counts = dict.fromkeys(TABLE_NAMES, 0)
         self._messages: set[str] = set()
+        self._broken: OSError | None = None
 
     def add(self, rows: RowBatch) -> None:
         tables = rows.tables
@@ -39,10 +42,13 @@ class JsonSpool:
         self._messages.update(messages)
         for name, table_rows in tables.items():
             if table_rows:
-                spool = self._files.get(name)
-                if spool is None:
-                    spool = self._files[name] = open(self.paths[name], "wb")  # noqa: SIM115
-                spool.write(_encode_lines(table_rows))
+                try:
+                    spool = self._files.get(name)
+                    if spool is None:
+                        spool = self._files[name] = open(self.paths[name], "wb")  # noqa: SIM115
+                    spool.write(_encode_lines(table_rows))
+                except OSError as exc:
+                    raise OSError(exc.errno, f"cannot spool rows to {self.paths[name]}: {exc.strerror}") from exc
                 self._counts[name] += len(table_rows)
 
     def __len__(self) -> int:
@@ -52,15 +58,23 @@ class JsonSpool:
         return dict(self._counts)
 
     def close(self) -> None:
-        for spool in self._files.values():
-            spool.close()
+        """Flush the files; a failure (a full disk) spoils the batch for good, never half-read."""
+        if self._broken is None:
+            for name, spool in self._files.items():
+                try:
+                    spool.close()
+                except OSError as exc:
+                    self._broken = OSError(exc.errno, f"cannot spool rows to {self.paths[name]}: {exc.strerror}")
+                    break
+        if self._broken is not None:
+            raise self._broken
 
     def discard(self) -> None:
-        self.close()
-        for path in self.paths.values():
-            if os.path.exists(path):
-                os.unlink(path)
-        os.rmdir(self.directory)
+        """Remove the files; after a failed write (a full disk, say) as well, so errors are ignored."""
+        for spool in self._files.values():
+            with contextlib.suppress(OSError):
+                spool.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _without_messages(tables: dict[str, list[tuple[Any, ...]]], seen: set[str]) -> dict[str, list[tuple[Any, ...]]]:

@@ -1,0 +1,117 @@
+"""The DuckDB sink when storage misbehaves: a full disk, a second writer, times at the ends of the range."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import duckdb
+import msgspec
+import pytest
+
+from clickflow.api import Message
+from clickflow.parser import VisitParser
+from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions
+from clickflow_simulator.generator import VisitGenerator
+from tests.conftest import VALID_VISIT, table_counts
+from tests.emulators import CLICKFLOW, clickflow, expected_counts
+
+REQUIRED = os.environ.get("CLICKFLOW_REQUIRE_EMULATORS") == "1"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs (mounting needs root, which CI has); ``remount(size)`` gives it room."""
+    mountpoint = tmp_path / "disk"
+    mountpoint.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)], capture_output=True)
+    if mounted.returncode != 0:
+        message = f"cannot mount a tmpfs here (root needed): {mounted.stderr.decode().strip()}"
+        pytest.fail(message) if REQUIRED else pytest.skip(message)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def _remount(mountpoint: Path, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(mountpoint)], check=True)
+
+
+@pytest.mark.integration
+def test_a_full_disk_fails_the_run_with_one_line_then_a_rerun_completes_exactly(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    payloads = list(VisitGenerator(seed=21, malformed_rate=0.05).messages(6000))
+    source = tmp_path / "visits.jsonl"
+    source.write_bytes(b"\n".join(payloads) + b"\n")
+    pipeline = tmp_path / "p.yaml"
+    db = small_disk / "full.duckdb"
+    pipeline.write_text(
+        f"sources: [{{type: file, path: '{source}'}}]\n"
+        f"sinks: [{{type: duckdb, path: '{db}', batch: {{max_rows: 5000}},"
+        " retry: {attempts: 2, initial_backoff: 10ms}}]\n"
+    )
+    failed = clickflow("run", "--no-progress", str(pipeline))
+    assert failed.returncode == 1, failed.stderr
+    assert "Traceback" not in failed.stderr
+    (last,) = [line for line in failed.stderr.splitlines() if line.startswith("clickflow:")]
+    assert "No space left on device" in last and str(small_disk) in last, failed.stderr
+
+    _remount(small_disk, "256m")
+    rerun = clickflow("run", "--no-progress", str(pipeline))
+    assert rerun.returncode == 0, rerun.stderr
+    ids = [f"{source}:{n}" for n in range(1, len(payloads) + 1)]
+    assert table_counts(db) == expected_counts(payloads, ids)
+
+
+@pytest.mark.integration
+def test_a_second_run_on_the_same_database_refuses_at_once(tmp_path: Path) -> None:
+    db, pipeline = tmp_path / "one.duckdb", tmp_path / "p.yaml"
+    pipeline.write_text(
+        "sources: [{type: simulator, visits_per_minute: 6000}]\n"
+        f"sinks: [{{type: duckdb, path: '{db}', batch: {{max_age: 100ms}}}}]\n"
+    )
+    first = subprocess.Popen([*CLICKFLOW, "run", "--no-progress", str(pipeline)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not db.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started = time.monotonic()
+        second = clickflow("run", "--no-progress", str(pipeline))
+        took = time.monotonic() - started
+    finally:
+        first.terminate()
+        first.communicate(timeout=60)
+    assert second.returncode == 1
+    assert second.stderr.startswith("clickflow: sink 'duckdb' could not start: IO Error: Could not set lock")
+    assert took < 10
+    assert first.returncode == 0
+
+
+def test_times_at_both_ends_of_the_range_are_stored_to_the_microsecond(tmp_path: Path) -> None:
+    visit = dict(VALID_VISIT)
+    times = ["9999-12-31T23:59:59.999999Z", "0001-01-01T00:00:00.000001", "1969-12-31T23:59:59.999999+00:00"]
+    visit["events"] = [{**VALID_VISIT["events"][0], "timestamp": t} for t in times]
+    rows = VisitParser().parse([Message(msgspec.json.encode(visit), "m")], "t", 0)
+    sink = DuckDBSink("duckdb", DuckDBSinkOptions(path=str(tmp_path / "t.duckdb")))
+
+    async def store() -> None:
+        await sink.open()
+        batch = sink.new_batch()
+        batch.add(rows)
+        await sink.write(batch)
+        batch.discard()
+        await sink.close()
+
+    anyio.run(store)
+    with duckdb.connect(str(tmp_path / "t.duckdb"), read_only=True) as con:
+        stored = [
+            r[0] for r in con.execute("SELECT epoch_us(event_timestamp) FROM events ORDER BY event_index").fetchall()
+        ]
+    assert stored == [row[7] for row in rows.tables["events"]]
+    assert stored == [253402300799999999, -62135596799999999, -1]
