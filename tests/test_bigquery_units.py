@@ -185,3 +185,18 @@ def test_the_job_budget_allows_a_burst_then_spaces_jobs() -> None:
     started = anyio.run(main)
     assert started[2] - started[0] < 0.02
     assert started[4] - started[2] >= 0.09
+
+
+def test_a_row_too_large_for_any_request_becomes_a_too_large_dead_letter() -> None:
+    batch = InsertBatch(max_item_bytes=2000, sink="bq")
+    rows = parsed(2)
+    big = list(rows.tables["visits"][0])
+    big[6] = "u" * 5000  # the user agent
+    rows.tables["visits"][0] = tuple(big)
+    batch.add(rows)
+    assert len(batch.pending["visits"]) == 1
+    (dead,) = [json.loads(r.json) for r in batch.pending["dead_letter"]]
+    assert dead["reason"] == "too_large" and dead["source"] == "bq"
+    assert dead["dead_letter_id"] == f"visits/{big[0]}"
+    assert "over max_request_bytes" in dead["error"] and len(dead["payload"]) <= 64 * 1024
+    assert all(len(r.item) <= 2000 for rows_ in batch.pending.values() for r in rows_)

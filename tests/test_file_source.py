@@ -5,11 +5,13 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
+import duckdb
 import pytest
 
 from clickflow.config import Pipeline
@@ -129,3 +131,35 @@ def test_a_missing_file_fails_the_run_clearly(tmp_path: Path, pipeline: Callable
     )
     with pytest.raises(PipelineError, match=r"source 'file' failed: .*none\.jsonl' does not exist"):
         run_pipeline(pipeline(text))
+
+
+def test_huge_lines_and_payloads_fail_no_batch(tmp_path: Path, pipeline: Callable[..., Pipeline]) -> None:
+    """A 9 MB malformed line of quotes (each escapes to two bytes) and a 70 MB line: dead letters,
+    where DuckDB's 16 MB row limit used to fail the whole batch and the run."""
+    source = tmp_path / "huge.jsonl"
+    with source.open("wb") as out:
+        out.write(b'{"session_id": "ok"}\n')
+        out.write(b'{"session_id": 1, "x": "' + b'\\"' * (4_500_000) + b'"}\n')
+        out.write(b"[" + b"1," * (35 * 1024 * 1024) + b"1]\n")
+        out.write(b'{"session_id": "also ok"}\n')
+    db = tmp_path / "huge.duckdb"
+    summary = run_pipeline(
+        pipeline(f"sources: [{{type: file, path: '{source}'}}]\nsinks: [{{type: duckdb, path: '{db}'}}]")
+    )
+    assert summary.dead_letters == {"invalid_session_id": 1, "too_large": 1}
+    assert table_counts(db) == {"visits": 2, "events": 0, "purchase_items": 0, "dead_letter": 2}
+
+
+def test_a_file_whose_name_is_not_utf8_is_read_with_a_printable_id(
+    tmp_path: Path, pipeline: Callable[..., Pipeline]
+) -> None:
+    name = os.fsdecode(b"caf\xe9.jsonl")
+    (tmp_path / name).write_bytes(b'{"session_id": "S"}\n')
+    db = tmp_path / "names.duckdb"
+    summary = run_pipeline(
+        pipeline(f"sources: [{{type: file, path: '{tmp_path}/*.jsonl'}}]\nsinks: [{{type: duckdb, path: '{db}'}}]")
+    )
+    assert summary.rows["visits"] == 1
+    with duckdb.connect(str(db), read_only=True) as con:
+        (message_id,) = con.execute("SELECT message_id FROM visits").fetchone()  # type: ignore[misc]
+    assert message_id == f"{tmp_path}/caf\\xe9.jsonl:1"

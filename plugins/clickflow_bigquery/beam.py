@@ -23,6 +23,7 @@ import msgspec
 from apache_beam.io.gcp.bigquery import BigQueryDisposition, WriteToBigQuery
 from apache_beam.io.gcp.bigquery_tools import RetryStrategy
 from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
+from apache_beam.pvalue import PCollection
 
 from clickflow.beam import BeamWrite, Tables
 from clickflow.schema import TABLES
@@ -51,14 +52,11 @@ class WriteBigQuery(BeamWrite):
         streaming = bool(tables["visits"].pipeline.options.view_as(StandardOptions).streaming)
         refused = []
         for table in DATA_TABLES:
-            written = tables[table] | f"JSON {table}" >> beam.Map(JSON_OBJECTS[table]) | self._write(table, streaming)
+            written = as_json(tables[table], table) | self._write(table, streaming)
             if self.streaming_inserts:
-                refused.append(
-                    written.failed_rows_with_errors | f"Refused {table}" >> beam.Map(refused_row, table, self.sink.name)
-                )
+                refused.append(refused_as_dead_letters(written.failed_rows_with_errors, table, self.sink.name))
         dead_letters = (tables["dead_letter"], *refused) | "All dead letters" >> beam.Flatten()
-        as_json = dead_letters | "JSON dead_letter" >> beam.Map(JSON_OBJECTS["dead_letter"])
-        written = as_json | self._write("dead_letter", streaming)
+        written = as_json(dead_letters, "dead_letter") | self._write("dead_letter", streaming)
         if self.streaming_inserts:
             _ = written.failed_rows_with_errors | "Refused dead letters" >> beam.Map(unwritable, names["dead_letter"])
 
@@ -88,7 +86,18 @@ class WriteBigQuery(BeamWrite):
         )
 
 
+def as_json(batches: PCollection[Any], table: str) -> PCollection[Any]:
+    """Batches of one table's row tuples as the JSON objects ``WriteToBigQuery`` takes, one per row."""
+    return batches | f"JSON {table}" >> beam.FlatMap(json_objects, table)
+
+
+def refused_as_dead_letters(failed: PCollection[Any], table: str, sink: str) -> PCollection[Any]:
+    """``WriteToBigQuery``'s refused rows of ``table`` as batches of ``dead_letter`` rows."""
+    return failed | f"Refused {table}" >> beam.Map(refused_row, table, sink)
+
+
 def json_objects(rows: list[tuple[Any, ...]], table: str) -> Iterator[dict[str, Any]]:
+    """A batch of one table's row tuples as the JSON objects ``WriteToBigQuery`` takes."""
     return map(JSON_OBJECTS[table], rows)
 
 

@@ -66,7 +66,7 @@ ROW_IDS = {name: row_id(table) for name, table in TABLES.items()}
 def object_row_id(table: str) -> Callable[[dict[str, Any]], str]:
     """The same id, for a row as a JSON object from ``JSON_OBJECTS`` (keys are never timestamps)."""
     names, row_id_of = TABLES[table].column_names, ROW_IDS[table]
-    return lambda row: row_id_of(tuple(row[name] for name in names))
+    return lambda row: row_id_of(tuple(row.get(name) for name in names))
 
 
 def json_row_id(table: str) -> Callable[[bytes], str]:
@@ -75,17 +75,19 @@ def json_row_id(table: str) -> Callable[[bytes], str]:
     return lambda line: of_object(msgspec.json.decode(line))
 
 
-def rejected_row(table: str, key: str, row_json: bytes, error: str, sink: str, now: int) -> tuple[Any, ...]:
-    """A ``dead_letter`` row for a row BigQuery refused; its id names the table and the row."""
+def rejected_row(
+    table: str, key: str, row_json: bytes, error: str, sink: str, now: int, reason: str = REASON_REJECTED
+) -> tuple[Any, ...]:
+    """A ``dead_letter`` row for a row BigQuery refused (or could not take); its id names the table and the row."""
     values = {
         "dead_letter_id": f"{table}/{key}",  # never collides with the parser's: visit id [":" index]
         "received_at": now,
         "source": sink,
         "message_id": key,
         "event_index": int(key.split(":")[1]) if table in ("events", "purchase_items") else None,
-        "reason": REASON_REJECTED,
+        "reason": reason,
         "error": f"{table}: {error}",
-        "payload": row_json.decode(),
+        "payload": row_json.decode(errors="ignore"),  # a cut row may end inside a character
         "payload_encoding": "utf-8",
     }
     return tuple(values[name] for name in DEAD_LETTER.column_names)

@@ -12,6 +12,7 @@ with backoff, only the unconfirmed rows go out again.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ import msgspec
 from pydantic import ByteSize, Field, PositiveInt
 
 from clickflow.api import BatchLimits, RowBatch
+from clickflow.parser import REASON_TOO_LARGE
 from clickflow.schema import TABLE_NAMES
 from clickflow_bigquery.common import BigQueryOptions, BigQuerySink
 from clickflow_bigquery.rows import ENCODERS, ROW_IDS, rejected_row
@@ -59,18 +61,39 @@ class EncodedRow:
         return self.item[self.item.index(_JSON_FIELD) + len(_JSON_FIELD) : -1]
 
 
+KEPT_OF_TOO_LARGE = 64 * 1024
+"""How much of a row too large for any request its dead letter keeps (less, if requests are small)."""
+
+
 @dataclass
 class InsertBatch:
     """Rows not yet confirmed by BigQuery, per table, encoded as they arrive."""
 
+    max_item_bytes: int = 9 * 1024 * 1024
+    """A row longer than this cannot go in any request: it becomes a ``too_large`` dead letter."""
+    sink: str = "bigquery_streaming"
     pending: dict[str, list[EncodedRow]] = field(default_factory=lambda: {name: [] for name in TABLE_NAMES})
     written: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TABLE_NAMES, 0))
 
     def add(self, rows: RowBatch) -> None:
+        limit = self.max_item_bytes
         for name, table_rows in rows.tables.items():
             encode, key_of, pending = ENCODERS[name], ROW_IDS[name], self.pending[name]
             for row in table_rows:
-                pending.append(_encoded(key_of(row), encode(row)))
+                encoded = _encoded(key_of(row), encode(row))
+                if len(encoded.item) <= limit:
+                    pending.append(encoded)
+                else:
+                    self.pending["dead_letter"].append(self._too_large(name, encoded))
+
+    def _too_large(self, table: str, row: EncodedRow) -> EncodedRow:
+        row_json, kept = row.json, min(KEPT_OF_TOO_LARGE, self.max_item_bytes // 4)
+        digest = hashlib.sha256(row_json).hexdigest()
+        error = f"row of {len(row_json)} bytes is over max_request_bytes (sha256 {digest}); the payload is its head"
+        log.warning("%s: %s row %s is too large for insertAll; sent to dead_letter", self.sink, table, row.key)
+        now = time.time_ns() // 1000
+        dead = rejected_row(table, row.key, row_json[:kept], error, self.sink, now, REASON_TOO_LARGE)
+        return _encoded(dead[0], ENCODERS["dead_letter"](dead))
 
     def __len__(self) -> int:
         return sum(map(len, self.pending.values())) + sum(self.written.values())
@@ -146,7 +169,8 @@ class BigQueryStreamingSink(BigQuerySink):
     options: BigQueryStreamingOptions
 
     def new_batch(self) -> InsertBatch:
-        return InsertBatch()
+        overhead = len(_BODY_START) + len(_BODY_END) + 1
+        return InsertBatch(int(self.options.max_request_bytes) - overhead, self.name)
 
     async def write(self, batch: InsertBatch) -> None:
         for _ in range(MAX_ROUNDS):
