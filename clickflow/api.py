@@ -259,6 +259,13 @@ class Source(abc.ABC):
         """Emit batches until exhausted or cancelled. Cancellation must be safe at any await."""
 
 
+class SinkContext(Protocol):
+    """What the runtime gives a sink for its lifespan."""
+
+    registry: CollectorRegistry
+    """Where a sink may register metrics of its own; served on ``/metrics``."""
+
+
 class Sink(abc.ABC):
     """Writes row batches durably. ``write`` returning means the rows are stored."""
 
@@ -271,8 +278,18 @@ class Sink(abc.ABC):
         self.name = name
         self.options = options
 
+    def routes(self) -> list[tuple[str, str, Handler]]:
+        """``(method, path, handler)`` to mount on the monitoring server, as ``Source.routes``."""
+        return []
+
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect and create tables; called once before the first write."""
+
+    @asynccontextmanager
+    async def lifespan(self, context: SinkContext) -> AsyncIterator[None]:
+        """Background work beside the writes (e.g. notifications): entered after ``open``, left
+        after the last write and before ``close``."""
+        yield
 
     def new_batch(self) -> SinkBatch:
         """An empty batch to gather rows into; override to encode rows as they arrive."""

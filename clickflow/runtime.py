@@ -168,6 +168,10 @@ class Runtime:
                 except Exception as exc:
                     raise PipelineError(f"sink {sink.name!r} could not start: {exc}") from exc
                 stack.push_async_callback(self._close, sink)
+                try:
+                    await stack.enter_async_context(sink.lifespan(self.metrics))
+                except Exception as exc:
+                    raise PipelineError(f"sink {sink.name!r} could not start: {exc}") from exc
             for source in self.sources:
                 try:
                     await stack.enter_async_context(source.lifespan(self._contexts[source.name]))
