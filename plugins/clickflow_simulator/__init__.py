@@ -6,7 +6,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 import anyio
@@ -15,7 +15,7 @@ from pydantic import Field, PositiveFloat, PositiveInt
 
 from clickflow.api import Duration, Message, NoAck, Source, SourceContext, SourceOptions
 from clickflow.hookspecs import hookimpl
-from clickflow_simulator.generator import VisitGenerator
+from clickflow_simulator.generator import Spike, VisitGenerator
 
 __all__ = ["SimulatorSource", "VisitGenerator", "simulated_messages"]
 
@@ -32,6 +32,16 @@ class SimulatorOptions(SourceOptions):
     malformed_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     """Share of messages deliberately broken, to exercise dead letters."""
     batch_size: PositiveInt = 1000
+    spike_at: Duration | None = None
+    """Simulate an attack this long (virtual time) after the start: a burst of page views."""
+    spike_factor: float = Field(default=20.0, gt=1.0, le=1000.0)
+    """How many times the usual rate of visits the burst brings."""
+    spike_duration: Duration = timedelta(minutes=2)
+
+    def spike(self) -> Spike | None:
+        if self.spike_at is None:
+            return None
+        return Spike(self.spike_at.total_seconds(), self.spike_factor, self.spike_duration.total_seconds())
 
 
 def simulated_messages(
@@ -47,6 +57,7 @@ def simulated_messages(
         visits_per_minute=options.visits_per_minute,
         event_format=options.event_format,
         malformed_rate=options.malformed_rate,
+        spike=options.spike(),
     )
     interval = 60.0 / options.visits_per_minute if options.visits_per_minute else 0.0
     started = clock()
@@ -58,10 +69,11 @@ def simulated_messages(
             return
         size = options.batch_size
         if interval:
-            due = started + index * interval
+            due = started + generator.offset_s(index)
             if due >= ends:
                 return
-            size = max(1, min(size, int((now - due) / interval) + 1)) if now >= due else 1
+            behind = now - due
+            size = max(1, min(size, int(behind / interval * options.spike_factor) + 1)) if behind >= 0 else 1
         else:
             due = 0.0
         if options.count is not None:
@@ -103,6 +115,9 @@ class SimulatorSource(Source):
 @click.option("--malformed-rate", type=float, default=0.0, help="Share of deliberately broken messages.")
 @click.option("--topic", help="Publish to projects/P/topics/T instead of printing (needs clickflow[gcp]).")
 @click.option("--concurrency", type=int, default=8, show_default=True, help="Publish requests in flight.")
+@click.option("--spike-at", help="Simulate an attack this long after the start, e.g. 10m.")
+@click.option("--spike-factor", type=float, default=20.0, show_default=True, help="The attack's rate over the usual.")
+@click.option("--spike-duration", default="2m", show_default=True, help="How long the attack lasts.")
 def simulate(
     visits_per_minute: float | None,
     duration: str | None,
@@ -112,6 +127,9 @@ def simulate(
     malformed_rate: float,
     topic: str | None,
     concurrency: int,
+    spike_at: str | None,
+    spike_factor: float,
+    spike_duration: str,
 ) -> None:
     """Print simulated visits as JSON lines, or publish them to a Pub/Sub topic."""
     from pydantic import ValidationError
@@ -124,6 +142,9 @@ def simulate(
             seed=seed,
             event_format=event_format,  # type: ignore[arg-type]
             malformed_rate=malformed_rate,
+            spike_at=spike_at,  # type: ignore[arg-type]
+            spike_factor=spike_factor,
+            spike_duration=spike_duration,  # type: ignore[arg-type]
         )
     except ValidationError as exc:
         raise click.UsageError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None

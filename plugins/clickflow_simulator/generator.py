@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -71,6 +72,21 @@ MALFORMED_KINDS = ("truncated_json", "missing_session_id", "unknown_event_type",
 
 EventFormat = Literal["wrapped", "bare"]
 
+ATTACK_PAGES = (f"{SITE}/search", f"{SITE}/login")
+ATTACK_AGENTS = ("python-requests/2.31.0", "Mozilla/5.0 (compatible; FloodBot/1.0)")
+ATTACK_ORIGINS = ("55.751244,37.618423", "39.904202,116.407394", "-23.550520,-46.633308")
+
+
+@dataclass(frozen=True)
+class Spike:
+    """A burst of visits (a denial-of-service attack) in the virtual clock: from ``at_s`` seconds
+    after the start, for ``duration_s``, ``factor`` times the usual rate; the extra visits are
+    page views of a few pages, from a few user agents and places."""
+
+    at_s: float
+    factor: float
+    duration_s: float
+
 
 class VisitGenerator:
     """Generates visits as dicts (``visits``) or JSON bytes (``messages``)."""
@@ -82,8 +98,10 @@ class VisitGenerator:
         visits_per_minute: float | None = None,
         event_format: EventFormat = "wrapped",
         malformed_rate: float = 0.0,
+        spike: Spike | None = None,
     ) -> None:
         self._rng = random.Random(seed)
+        self._spike = spike
         start = start or datetime.now(UTC).replace(microsecond=0)
         self._start_s = int(start.timestamp())
         self._spacing_s = 60.0 / visits_per_minute if visits_per_minute else 0.05
@@ -111,6 +129,45 @@ class VisitGenerator:
             self._stamps[second] = text
         return text
 
+    def offset_s(self, index: int) -> float:
+        """Virtual seconds from the start to the ``index``-th visit (denser during a spike)."""
+        spacing, spike = self._spacing_s, self._spike
+        if spike is None or index * spacing < spike.at_s:
+            return index * spacing
+        before = spike.at_s / spacing
+        during = spike.duration_s * spike.factor / spacing
+        if index < before + during:
+            return spike.at_s + (index - before) * spacing / spike.factor
+        return spike.at_s + spike.duration_s + (index - before - during) * spacing
+
+    def _attacking(self, index: int) -> bool:
+        spike = self._spike
+        if spike is None:
+            return False
+        offset = self.offset_s(index)
+        # during the burst, all but one visit in ``factor`` are the attacker's
+        return spike.at_s <= offset < spike.at_s + spike.duration_s and self._rng.random() > 1 / spike.factor
+
+    def _attack(self, second: int) -> dict[str, Any]:
+        rand = self._rng.random
+        stamp = self._stamps.get(second) or self._stamp(second)
+        events = []
+        for _ in range(1 + int(rand() * 3)):
+            event = {
+                "event_type": "page_view",
+                "timestamp": stamp,
+                "details": {"page_url": ATTACK_PAGES[int(rand() * 2)]},
+            }
+            events.append({"event": event} if self._wrapped else event)
+        return {
+            "session_id": f"SID-{int(rand() * 10_000_000)}",
+            "user_id": None,
+            "device_type": "desktop",
+            "geolocation": ATTACK_ORIGINS[int(rand() * 3)],
+            "user_agent": ATTACK_AGENTS[int(rand() * 2)],
+            "events": events,
+        }
+
     def visit(self, index: int) -> dict[str, Any]:
         """The ``index``-th visit of the stream (call in order for reproducible output).
 
@@ -119,13 +176,20 @@ class VisitGenerator:
         rather than ``choice``/``randrange``, which are several times slower.
         """
         rand = self._rng.random
-        second = self._start_s + int(index * self._spacing_s)
+        second = self._start_s + int(self.offset_s(index))
+        if self._attacking(index):
+            return self._attack(second)
         device = DEVICE_POOL[int(rand() * _N_DEVICES)]
         wrapped = self._wrapped
         stamps = self._stamps
         stamp = self._stamp
         events: list[dict[str, Any]] = []
-        add = events.append
+        seconds: list[int] = []
+        ends = second
+
+        def add(event: dict[str, Any]) -> None:
+            events.append({"event": event} if wrapped else event)
+            seconds.append(second)
 
         previous = EXTERNAL_REFERRERS[int(rand() * 4)] if rand() < 0.6 else None
         for _ in range(1 + int(rand() * 10)):
@@ -139,8 +203,7 @@ class VisitGenerator:
                     if quirk < 0.5
                     else {"page_url": page, "referrer_url": "" if quirk < 0.75 else None}
                 )
-            event = {"event_type": "page_view", "timestamp": stamps.get(second) or stamp(second), "details": details}
-            add({"event": event} if wrapped else event)
+            add({"event_type": "page_view", "details": details})
             previous = page
             second += int(rand() * 20)
         if rand() < 0.35:
@@ -158,12 +221,7 @@ class VisitGenerator:
                 }
                 cart.append(item)
                 total += price * quantity
-                event = {
-                    "event_type": "add_item_to_cart",
-                    "timestamp": stamps.get(second) or stamp(second),
-                    "details": item,
-                }
-                add({"event": event} if wrapped else event)
+                add({"event_type": "add_item_to_cart", "details": item})
                 second += int(rand() * 15)
             if rand() < 0.4:
                 self._orders += 1
@@ -173,8 +231,11 @@ class VisitGenerator:
                     "currency": "USD",
                     "items": cart,
                 }
-                event = {"event_type": "purchase", "timestamp": stamps.get(second) or stamp(second), "details": details}
-                add({"event": event} if wrapped else event)
+                add({"event_type": "purchase", "details": details})
+        shift = seconds[-1] - ends  # the visit ends at its time on the clock: it is sent when it is over
+        for event, at in zip(events, seconds, strict=True):
+            at -= shift
+            (event["event"] if wrapped else event)["timestamp"] = stamps.get(at) or stamp(at)
         return {
             "session_id": f"SID-{int(rand() * 10_000_000)}",
             "user_id": f"UID-{int(rand() * 1_000_000)}",
