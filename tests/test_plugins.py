@@ -30,6 +30,7 @@ def test_builtins_are_registered_through_entry_points(registry: Registry) -> Non
         "bigquery_load": "clickflow",
         "bigquery_streaming": "clickflow",
         "duckdb": "clickflow",
+        "live": "clickflow",
     }
 
 

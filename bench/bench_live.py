@@ -1,0 +1,72 @@
+"""The cost of the live view: `file -> duckdb` with and without a `live` sink, in the same run.
+
+    python bench/bench_live.py [--gigabytes 0.5] [--runs 3]
+
+The input is simulated visits whose events lie in the past (so every event is windowed, as in a
+backfill), and the live sink keeps a day of one-minute windows with an hour of allowed lateness.
+Runs alternate between the two pipelines; the medians and their ratio are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench_file_duckdb import OUT, run_once
+
+from clickflow_simulator import VisitGenerator
+
+
+def make_input(path: Path, gigabytes: float) -> None:
+    target = int(gigabytes * 1e9)
+    if path.exists() and path.stat().st_size >= target:
+        return
+    generator = VisitGenerator(seed=12, start=datetime(2024, 7, 1, tzinfo=UTC))
+    written, index = 0, 0
+    with open(path, "wb") as out:
+        while written < target:
+            chunk = b"".join(generator.message(index + i) + b"\n" for i in range(10_000))
+            out.write(chunk)
+            written += len(chunk)
+            index += 10_000
+
+
+def main() -> None:
+    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument("--gigabytes", type=float, default=0.5)
+    args.add_argument("--runs", type=int, default=3)
+    opts = args.parse_args()
+    OUT.mkdir(exist_ok=True)
+    source = OUT / f"visits-past-{opts.gigabytes:g}gb.jsonl"
+    make_input(source, opts.gigabytes)
+    database = OUT / "bench-live.duckdb"
+    sinks = {
+        "duckdb": f"{{type: duckdb, path: '{database}'}}",
+        "duckdb + live": f"{{type: duckdb, path: '{database}'}}, {{type: live, allowed_lateness: 1h,"
+        " keep_minutes: 1440, alerts: [{name: spike, kind: spike}, {name: ceiling, kind: threshold, above: 100000}]}",
+    }
+    rates: dict[str, list[float]] = {name: [] for name in sinks}
+    for run in range(1, opts.runs + 1):
+        for name, sink in sinks.items():
+            pipeline = OUT / "bench-live.yaml"
+            pipeline.write_text(f"sources: [{{type: file, path: '{source}'}}]\nsinks: [{sink}]\nmonitor: {{port: 0}}\n")
+            for stale in (database, database.with_suffix(".duckdb.wal")):
+                stale.unlink(missing_ok=True)
+            os.sync()
+            events, seconds, peak, _ = run_once(pipeline)
+            rates[name].append(events / seconds)
+            print(f"run {run} {name:<14} {events:,} events in {seconds:.1f}s = {rates[name][-1]:,.0f} events/s, "
+                  f"peak {peak:,.0f} MB")  # fmt: skip
+    without, with_live = (statistics.median(rates[name]) for name in sinks)
+    print(
+        f"median without live: {without:,.0f} events/s; with live: {with_live:,.0f} events/s; "
+        f"cost of the live view: {100 * (1 - with_live / without):.1f}%"
+    )
+    database.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"use strict";
+// Polls /api/live and redraws; no framework, one charting library (uPlot).
+(function () {
+  const fmt = new Intl.NumberFormat("en-US", { maximumFractionDigits: 1 });
+  const $ = (id) => document.getElementById(id);
+  const text = (id, value) => { $(id).textContent = value; };
+  let pageViews = null, revenue = null, refreshMs = 1000;
+
+  function axisStyle() {
+    return { stroke: "#8a94ad", grid: { stroke: "#26304a" }, ticks: { stroke: "#26304a" } };
+  }
+
+  function lineChart(el, series, height) {
+    const opts = {
+      width: el.clientWidth, height: height,
+      scales: { x: { time: true } },
+      axes: [axisStyle(), axisStyle()],
+      series: [{}].concat(series),
+    };
+    return new uPlot(opts, [[]].concat(series.map(() => [])), el);
+  }
+
+  function bars(id, entries) {
+    const list = $(id);
+    list.replaceChildren();
+    if (!entries.length) {
+      const li = document.createElement("li");
+      li.className = "empty"; li.textContent = "none yet"; list.append(li);
+      return;
+    }
+    const max = Math.max(...entries.map((e) => e[1]), 1);
+    for (const [label, n] of entries) {
+      const li = document.createElement("li");
+      const fill = document.createElement("div");
+      fill.className = "fill"; fill.style.width = (100 * n / max) + "%";
+      const name = document.createElement("span"); name.textContent = label; name.title = label;
+      const count = document.createElement("span"); count.className = "n"; count.textContent = fmt.format(n);
+      li.append(fill, name, count); list.append(li);
+    }
+  }
+
+  function render(live) {
+    refreshMs = 1000 * (live.refresh_seconds || 1);
+    text("watermark", live.watermark ? live.watermark.replace("T", " ").replace("Z", "") : "–");
+    text("updated", live.generated_at.slice(11, 19));
+    text("messages-rate", fmt.format(live.throughput.messages_per_second));
+    text("events-rate", fmt.format(live.throughput.events_per_second));
+    text("messages-total", fmt.format(live.totals.messages));
+    text("events-total", fmt.format(live.totals.events));
+    const closed = live.page_views_per_minute.filter((m) => m.closed);
+    text("last-minute", closed.length ? fmt.format(closed[closed.length - 1].page_views) : "–");
+    const lag = live.ingestion_lag_seconds;
+    text("lag", lag.p50 === null ? "–" : fmt.format(lag.p50) + " s / " + fmt.format(lag.p99) + " s");
+
+    const firing = live.alerts.filter((a) => a.firing);
+    const banner = $("alert-banner");
+    banner.className = "banner " + (firing.length ? "firing" : "ok");
+    banner.textContent = firing.length ? "ALERT: " + firing.map((a) => a.name).join(", ") : "no alert firing";
+
+    const minutes = live.page_views_per_minute.map((m) => Date.parse(m.minute) / 1000);
+    const thresholds = live.alerts.map((a) => minutes.map(() => a.threshold));
+    if (!pageViews) {
+      pageViews = lineChart($("page-views-chart"), [
+        { label: "page views", stroke: "#4f9dff", width: 2, fill: "rgba(79,157,255,.12)" },
+      ].concat(live.alerts.map((a) => ({ label: a.name, stroke: "#ff5c6c", width: 1.5, dash: [6, 4] }))), 260);
+    }
+    pageViews.setData([minutes, live.page_views_per_minute.map((m) => m.page_views)].concat(thresholds));
+
+    if (!revenue) {
+      revenue = lineChart($("revenue-chart"), [
+        { label: "purchases", stroke: "#3ccf8e", width: 2 },
+        { label: "revenue", stroke: "#ffb547", width: 2, scale: "usd" },
+      ], 200);
+    }
+    revenue.setData([minutes, live.purchases_per_minute.map((m) => m.purchases),
+                     live.purchases_per_minute.map((m) => m.revenue)]);
+
+    text("clicks-window", "last " + live.clicks_by_page.window_minutes + " minutes");
+    bars("clicks-by-page", live.clicks_by_page.pages.map((p) => [p.page, p.page_views]));
+    bars("dead-letters", Object.entries(live.dead_letters_by_reason));
+    bars("events-by-type", Object.entries(live.events_by_type));
+    bars("visits-by-device", Object.entries(live.visits_by_device));
+
+    const body = $("alerts").querySelector("tbody");
+    body.replaceChildren();
+    for (const a of live.alerts) {
+      const row = document.createElement("tr");
+      for (const [value, cls] of [[a.name], [a.kind], [a.firing ? "FIRING" : "ok", a.firing ? "firing" : "ok"],
+                                  [fmt.format(a.value)], [a.threshold === null ? "learning" : fmt.format(a.threshold)]]) {
+        const cell = document.createElement("td"); cell.textContent = value; if (cls) cell.className = cls; row.append(cell);
+      }
+      body.append(row);
+    }
+    if (!live.alerts.length) {
+      const row = document.createElement("tr"); const cell = document.createElement("td");
+      cell.colSpan = 5; cell.className = "empty"; cell.textContent = "no alert rules configured"; row.append(cell); body.append(row);
+    }
+    const log = $("transitions");
+    log.replaceChildren(...live.recent_transitions.slice(-6).reverse().map((t) => {
+      const li = document.createElement("li");
+      li.textContent = t.minute.slice(11, 16) + "  " + t.alert + " " + t.state + " at " + fmt.format(t.value) + " page views";
+      return li;
+    }));
+    document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
+  }
+
+  async function poll() {
+    try {
+      const answer = await fetch("/api/live", { cache: "no-store" });
+      if (answer.ok) render(await answer.json());
+    } catch (error) {
+      text("updated", "unreachable");
+    }
+    setTimeout(poll, refreshMs);
+  }
+
+  window.addEventListener("resize", () => {
+    for (const [chart, id] of [[pageViews, "page-views-chart"], [revenue, "revenue-chart"]]) {
+      if (chart) chart.setSize({ width: $(id).clientWidth, height: chart.height });
+    }
+  });
+  poll();
+})();

@@ -1,0 +1,82 @@
+"""Alert transitions POSTed to a webhook, off the pipeline's path.
+
+Transitions wait in a bounded queue that one task empties; each POST is retried
+with backoff a few times. A full queue drops the newest transition (counted), so a
+dead receiver never holds up or grows the pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from datetime import timedelta
+
+import aiohttp
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+from clickflow.api import Duration
+from clickflow_live.alerts import Transition
+
+log = logging.getLogger(__name__)
+
+
+class WebhookOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(pattern=r"^https?://")
+    timeout: Duration = timedelta(seconds=5)
+    attempts: PositiveInt = 5
+    queue: PositiveInt = 100
+
+
+class Webhook:
+    def __init__(self, options: WebhookOptions) -> None:
+        self.options = options
+        self.delivered = self.failed = self.dropped = 0
+        self._send: MemoryObjectSendStream[Transition]
+        self._receive: MemoryObjectReceiveStream[Transition]
+        self._send, self._receive = anyio.create_memory_object_stream[Transition](options.queue)
+        self.done = anyio.Event()
+
+    def post(self, transition: Transition) -> None:
+        """Queue a transition; never waits."""
+        try:
+            self._send.send_nowait(transition)
+        except (anyio.WouldBlock, anyio.ClosedResourceError):
+            self.dropped += 1
+            log.error("alert webhook queue full; dropped %s %s", transition.alert, transition.state)
+
+    async def run(self) -> None:
+        """Deliver queued transitions until ``finish`` and the queue is empty, or until cancelled."""
+        timeout = aiohttp.ClientTimeout(total=self.options.timeout.total_seconds())
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as session, self._receive:
+                async for transition in self._receive:
+                    await self._deliver(session, transition)
+        finally:
+            self.done.set()
+
+    def finish(self) -> None:
+        """No more transitions: ``run`` returns once the queued ones are delivered or given up."""
+        self._send.close()
+
+    async def _deliver(self, session: aiohttp.ClientSession, transition: Transition) -> None:
+        body = {"source": "clickflow", **dataclasses.asdict(transition)}
+        backoff = 0.5
+        for attempt in range(1, self.options.attempts + 1):
+            try:
+                async with session.post(self.options.url, json=body) as response:
+                    if response.status < 300:
+                        self.delivered += 1
+                        return
+                    problem = f"HTTP {response.status}"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            if attempt < self.options.attempts:
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+        self.failed += 1
+        log.error("alert webhook %s: gave up on %s %s after %d attempts: %s",
+                  self.options.url, transition.alert, transition.state, self.options.attempts, problem)  # fmt: skip
