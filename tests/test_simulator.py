@@ -88,3 +88,36 @@ def test_simulate_command_prints_json_lines() -> None:
     lines = result.stdout.splitlines()
     assert len(lines) == 5
     assert all(msgspec.json.decode(line)["session_id"].startswith("SID-") for line in lines)
+
+
+def test_a_spike_brings_factor_times_the_visits_mostly_page_views_of_a_few_pages() -> None:
+    from datetime import UTC, datetime
+
+    from clickflow_simulator.generator import ATTACK_PAGES, Spike
+
+    start = datetime(2024, 7, 1, tzinfo=UTC)
+    generator = VisitGenerator(seed=9, start=start, visits_per_minute=600, spike=Spike(600, 10, 120))
+    per_minute: dict[int, int] = {}
+    attack_pages = 0
+    for index in range(600 * 10 + 6000 * 2 + 600 * 3):
+        offset = generator.offset_s(index)
+        visit = generator.visit(index)
+        per_minute[int(offset // 60)] = per_minute.get(int(offset // 60), 0) + 1
+        if 600 <= offset < 720:
+            pages = [e["event"]["details"].get("page_url") for e in visit["events"]]
+            attack_pages += all(p in ATTACK_PAGES for p in pages)
+    assert per_minute[5] == 600 and per_minute[10] == per_minute[11] == 6000 and per_minute[13] == 600
+    assert attack_pages > 0.85 * 12000
+
+
+def test_a_visit_is_sent_when_it_ends() -> None:
+    from datetime import UTC, datetime
+
+    from clickflow.parser import parse_timestamp_us
+
+    start = datetime(2024, 7, 1, tzinfo=UTC)
+    generator = VisitGenerator(seed=2, start=start, visits_per_minute=60, event_format="bare")
+    for index in range(200):
+        visit = generator.visit(index)
+        times = [parse_timestamp_us(e["timestamp"]) // 1_000_000 for e in visit["events"]]
+        assert max(times) == int(start.timestamp()) + index
