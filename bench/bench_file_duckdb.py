@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from clickflow_simulator import VisitGenerator
@@ -24,11 +25,12 @@ from clickflow_simulator import VisitGenerator
 OUT = Path(__file__).resolve().parent / "out"
 
 
-def make_input(path: Path, gigabytes: float) -> None:
+def make_input(path: Path, gigabytes: float, seed: int = 11, start: datetime | None = None) -> None:
+    """At least ``gigabytes`` of simulated visits as JSON lines (kept and reused if already there)."""
     target = int(gigabytes * 1e9)
     if path.exists() and path.stat().st_size >= target:
         return
-    generator = VisitGenerator(seed=11)
+    generator = VisitGenerator(seed=seed, start=start)
     written, index = 0, 0
     with open(path, "wb") as out:
         while written < target:

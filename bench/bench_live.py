@@ -13,25 +13,8 @@ import argparse
 import os
 import statistics
 from datetime import UTC, datetime
-from pathlib import Path
 
-from bench_file_duckdb import OUT, run_once
-
-from clickflow_simulator import VisitGenerator
-
-
-def make_input(path: Path, gigabytes: float) -> None:
-    target = int(gigabytes * 1e9)
-    if path.exists() and path.stat().st_size >= target:
-        return
-    generator = VisitGenerator(seed=12, start=datetime(2024, 7, 1, tzinfo=UTC))
-    written, index = 0, 0
-    with open(path, "wb") as out:
-        while written < target:
-            chunk = b"".join(generator.message(index + i) + b"\n" for i in range(10_000))
-            out.write(chunk)
-            written += len(chunk)
-            index += 10_000
+from bench_file_duckdb import OUT, make_input, run_once
 
 
 def main() -> None:
@@ -41,7 +24,7 @@ def main() -> None:
     opts = args.parse_args()
     OUT.mkdir(exist_ok=True)
     source = OUT / f"visits-past-{opts.gigabytes:g}gb.jsonl"
-    make_input(source, opts.gigabytes)
+    make_input(source, opts.gigabytes, seed=12, start=datetime(2024, 7, 1, tzinfo=UTC))
     database = OUT / "bench-live.duckdb"
     sinks = {
         "duckdb": f"{{type: duckdb, path: '{database}'}}",

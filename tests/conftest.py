@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,9 @@ import anyio
 import duckdb
 import pytest
 
-from clickflow.config import Pipeline
-from clickflow.plugins import Registry
+import tests.fakes  # noqa: F401 - registered as a plugin by fake_registry
+from clickflow.config import Pipeline, parse_pipeline
+from clickflow.plugins import Registry, load_plugins
 from clickflow.runtime import RunSummary, Runtime
 
 pytest_plugins = ["tests.emulators", "tests.gcp_emulators"]
@@ -60,6 +62,22 @@ def registry(clickflow_registry: Registry) -> Registry:
 @pytest.fixture
 def pipeline(clickflow_pipeline: Callable[..., Pipeline]) -> Callable[..., Pipeline]:
     return clickflow_pipeline
+
+
+@pytest.fixture(scope="session")
+def fake_registry() -> Registry:
+    """The plugins with the fakes of ``tests/fakes.py`` (unit tests of the runtime only)."""
+    return load_plugins(extra=[(sys.modules["tests.fakes"], "tests")])
+
+
+@pytest.fixture
+def fake_pipeline(fake_registry: Registry) -> Iterator[Callable[[str], Pipeline]]:
+    """YAML text to a pipeline of fake plugins, their shared state reset before and after."""
+    from tests import fakes
+
+    fakes.reset()
+    yield lambda text: parse_pipeline(text, fake_registry, "t.yaml", {})
+    fakes.reset()
 
 
 def files_into(path: str | Path, sink: str) -> str:

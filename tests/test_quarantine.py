@@ -3,32 +3,17 @@ taking its batch-mates with it and coming back forever (``clickflow/quarantine.p
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import anyio
 import pytest
 
-from clickflow.config import Pipeline, parse_pipeline
-from clickflow.plugins import Registry, load_plugins
+from clickflow.config import Pipeline
 from clickflow.quarantine import Quarantine
 from clickflow.runtime import Runtime
-from tests import fakes
 from tests.fakes import MemorySink, RedeliveringSource
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(scope="module")
-def fake_registry() -> Registry:
-    return load_plugins(extra=[(sys.modules["tests.fakes"], "tests")])
-
-
-@pytest.fixture
-def make(fake_registry: Registry) -> Iterator[Callable[[str], Pipeline]]:
-    fakes.reset()
-    yield lambda text: parse_pipeline(text, fake_registry, "t.yaml", {})
-    fakes.reset()
 
 
 def stored(table: str, column: int) -> set[str]:
@@ -37,9 +22,9 @@ def stored(table: str, column: int) -> set[str]:
 
 @pytest.mark.parametrize("per_batch", [1, 10])
 async def test_a_poison_message_is_dead_lettered_and_its_batch_mates_stored(
-    make: Callable[[str], Pipeline], per_batch: int
+    fake_pipeline: Callable[[str], Pipeline], per_batch: int
 ) -> None:
-    runtime = Runtime(make(f"""
+    runtime = Runtime(fake_pipeline(f"""
 sources: [{{type: redelivering, messages: 50, per_batch: {per_batch}}}]
 sinks: [{{type: memory, poison: m23, batch: {{max_rows: 1000, max_age: 10ms}},
          retry: {{attempts: 2, initial_backoff: 1ms, give_up_after: 1h}}}}]
@@ -54,9 +39,9 @@ sinks: [{{type: memory, poison: m23, batch: {{max_rows: 1000, max_age: 10ms}},
     assert RedeliveringSource.deliveries < 3 * 50  # each message back a few times at most, then done
 
 
-async def test_an_outage_strikes_no_message(make: Callable[[str], Pipeline]) -> None:
+async def test_an_outage_strikes_no_message(fake_pipeline: Callable[[str], Pipeline]) -> None:
     """A sink failing for everything is an outage: messages come back and are stored when it recovers."""
-    runtime = Runtime(make("""
+    runtime = Runtime(fake_pipeline("""
 sources: [{type: redelivering, messages: 20, per_batch: 5}]
 sinks: [{type: memory, fail_first: 30, batch: {max_age: 10ms}, retry: {attempts: 1, initial_backoff: 1ms}}]
 """))  # fmt: skip

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import anyio
 import pytest
 
-from clickflow.config import Pipeline, parse_pipeline
-from clickflow.plugins import Registry, load_plugins
+from clickflow.config import Pipeline
 from clickflow.runtime import PipelineError, Runtime
 from tests import fakes
 from tests.fakes import MemorySink, ScriptSource
@@ -17,21 +15,9 @@ from tests.fakes import MemorySink, ScriptSource
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(scope="module")
-def fake_registry() -> Registry:
-    return load_plugins(extra=[(sys.modules["tests.fakes"], "tests")])
-
-
-@pytest.fixture
-def make(fake_registry: Registry) -> Iterator[Callable[[str], Pipeline]]:
-    fakes.reset()
-    yield lambda text: parse_pipeline(text, fake_registry, "t.yaml", {})
-    fakes.reset()
-
-
-async def test_batches_are_acknowledged_after_every_sink_wrote_them(make: Callable[[str], Pipeline]) -> None:
+async def test_batches_are_acknowledged_after_every_sink_wrote_them(fake_pipeline: Callable[[str], Pipeline]) -> None:
     MemorySink.gate, MemorySink.written = anyio.Event(), anyio.Event()
-    runtime = Runtime(make("""
+    runtime = Runtime(fake_pipeline("""
 sources: [{type: script, batches: 3, per_batch: 2}]
 sinks: [{type: memory, name: fast}, {type: memory, name: slow, gated: true, batch: {max_rows: 1}}]
 """))  # fmt: skip
@@ -47,16 +33,16 @@ sinks: [{type: memory, name: fast}, {type: memory, name: slow, gated: true, batc
     assert runtime.summary.acknowledged == 6
 
 
-async def test_a_batch_is_discarded_once_written_not_before(make: Callable[[str], Pipeline]) -> None:
-    await Runtime(make("""
+async def test_a_batch_is_discarded_once_written_not_before(fake_pipeline: Callable[[str], Pipeline]) -> None:
+    await Runtime(fake_pipeline("""
 sources: [{type: script, batches: 3}]
 sinks: [{type: memory, fail_first: 1, batch: {max_rows: 1}, retry: {attempts: 2, initial_backoff: 1ms}}]
 """)).run()  # fmt: skip
     assert [batch.discarded for _, batch in MemorySink.writes] == [1, 1, 1]  # type: ignore[attr-defined]
 
 
-async def test_transient_sink_failures_are_retried(make: Callable[[str], Pipeline]) -> None:
-    summary = await Runtime(make("""
+async def test_transient_sink_failures_are_retried(fake_pipeline: Callable[[str], Pipeline]) -> None:
+    summary = await Runtime(fake_pipeline("""
 sources: [{type: script, batches: 2}]
 sinks: [{type: memory, fail_first: 2, retry: {attempts: 3, initial_backoff: 1ms}}]
 """)).run()  # fmt: skip
@@ -65,8 +51,8 @@ sinks: [{type: memory, fail_first: 2, retry: {attempts: 3, initial_backoff: 1ms}
     assert summary.acknowledged == 2 and summary.not_acknowledged == 0
 
 
-async def test_persistent_sink_failure_nacks_and_fails_the_run(make: Callable[[str], Pipeline]) -> None:
-    runtime = Runtime(make("""
+async def test_persistent_sink_failure_nacks_and_fails_the_run(fake_pipeline: Callable[[str], Pipeline]) -> None:
+    runtime = Runtime(fake_pipeline("""
 sources: [{type: script, batches: 2}]
 sinks: [{type: memory, fail_first: 100, retry: {attempts: 2, initial_backoff: 1ms}}]
 """))  # fmt: skip
@@ -77,8 +63,10 @@ sinks: [{type: memory, fail_first: 100, retry: {attempts: 2, initial_backoff: 1m
     assert runtime.summary.not_acknowledged == 2
 
 
-async def test_a_failing_sink_hands_batches_back_to_a_redelivering_source(make: Callable[[str], Pipeline]) -> None:
-    summary = await Runtime(make("""
+async def test_a_failing_sink_hands_batches_back_to_a_redelivering_source(
+    fake_pipeline: Callable[[str], Pipeline],
+) -> None:
+    summary = await Runtime(fake_pipeline("""
 sources: [{type: script, batches: 5, redelivers: true}]
 sinks: [{type: memory, fail_first: 2, batch: {max_rows: 1}, retry: {attempts: 1}}]
 """)).run()  # fmt: skip
@@ -87,17 +75,17 @@ sinks: [{type: memory, fail_first: 2, batch: {max_rows: 1}, retry: {attempts: 1}
     assert (summary.acknowledged, summary.not_acknowledged) == (3, 2)
 
 
-async def test_a_sink_failing_too_long_fails_even_a_redelivering_run(make: Callable[[str], Pipeline]) -> None:
+async def test_a_sink_failing_too_long_fails_even_a_redelivering_run(fake_pipeline: Callable[[str], Pipeline]) -> None:
     with pytest.raises(PipelineError, match="sink 'memory' failed"):
-        await Runtime(make("""
+        await Runtime(fake_pipeline("""
 sources: [{type: script, forever: true, redelivers: true}]
 sinks: [{type: memory, fail_first: 1000000, batch: {max_rows: 1}, retry: {attempts: 1, give_up_after: 50ms}}]
 """)).run()  # fmt: skip
 
 
-async def test_a_blocked_sink_stops_the_source(make: Callable[[str], Pipeline]) -> None:
+async def test_a_blocked_sink_stops_the_source(fake_pipeline: Callable[[str], Pipeline]) -> None:
     MemorySink.gate = anyio.Event()
-    runtime = Runtime(make("""
+    runtime = Runtime(fake_pipeline("""
 sources: [{type: script, forever: true}]
 sinks: [{type: memory, gated: true, batch: {max_rows: 1}}]
 runtime: {channel_capacity: 2}
@@ -119,8 +107,8 @@ runtime: {channel_capacity: 2}
     assert len(ScriptSource.acks[-1].nacked) == 1
 
 
-async def test_sinks_get_batches_bounded_by_rows(make: Callable[[str], Pipeline]) -> None:
-    await Runtime(make("""
+async def test_sinks_get_batches_bounded_by_rows(fake_pipeline: Callable[[str], Pipeline]) -> None:
+    await Runtime(fake_pipeline("""
 sources: [{type: script, batches: 10, per_batch: 3}]
 sinks: [{type: memory, batch: {max_rows: 6, max_age: 1h}}]
 """)).run()  # fmt: skip
@@ -129,8 +117,8 @@ sinks: [{type: memory, batch: {max_rows: 6, max_age: 1h}}]
     assert all(size == 6 for size in sizes)
 
 
-async def test_a_partial_batch_is_written_when_it_reaches_max_age(make: Callable[[str], Pipeline]) -> None:
-    runtime = Runtime(make("""
+async def test_a_partial_batch_is_written_when_it_reaches_max_age(fake_pipeline: Callable[[str], Pipeline]) -> None:
+    runtime = Runtime(fake_pipeline("""
 sources: [{type: script, forever: true, per_batch: 1}]
 sinks: [{type: memory, batch: {max_rows: 1000000, max_age: 50ms}}]
 """))  # fmt: skip
@@ -143,8 +131,8 @@ sinks: [{type: memory, batch: {max_rows: 1000000, max_age: 50ms}}]
     assert len(MemorySink.writes) >= 1
 
 
-async def test_stop_drains_and_acknowledges_everything_in_flight(make: Callable[[str], Pipeline]) -> None:
-    runtime = Runtime(make("""
+async def test_stop_drains_and_acknowledges_everything_in_flight(fake_pipeline: Callable[[str], Pipeline]) -> None:
+    runtime = Runtime(fake_pipeline("""
 sources: [{type: script, forever: true, per_batch: 5}]
 sinks: [{type: memory, batch: {max_rows: 100000, max_age: 1h}}]
 """))  # fmt: skip
@@ -157,9 +145,9 @@ sinks: [{type: memory, batch: {max_rows: 100000, max_age: 1h}}]
     assert summary.acknowledged == sum(summary.messages.values()) == fakes.counts(MemorySink.writes, "memory")["visits"]
 
 
-async def test_stop_gives_up_after_the_shutdown_deadline(make: Callable[[str], Pipeline]) -> None:
+async def test_stop_gives_up_after_the_shutdown_deadline(fake_pipeline: Callable[[str], Pipeline]) -> None:
     MemorySink.gate = anyio.Event()  # never set: the sink hangs
-    runtime = Runtime(make("""
+    runtime = Runtime(fake_pipeline("""
 sources: [{type: script, forever: true}]
 sinks: [{type: memory, gated: true, batch: {max_rows: 1}}]
 runtime: {shutdown_timeout: 200ms}
@@ -181,13 +169,15 @@ runtime: {shutdown_timeout: 200ms}
     assert runtime.summary.not_acknowledged == sum(runtime.summary.messages.values()) > 0
 
 
-async def test_a_failing_source_fails_the_run_with_its_reason(make: Callable[[str], Pipeline]) -> None:
+async def test_a_failing_source_fails_the_run_with_its_reason(fake_pipeline: Callable[[str], Pipeline]) -> None:
     with pytest.raises(PipelineError, match=r"source 'failing' failed: no such file: visits\.jsonl"):
-        await Runtime(make("sources: [{type: failing}]\nsinks: [{type: memory}]")).run()
+        await Runtime(fake_pipeline("sources: [{type: failing}]\nsinks: [{type: memory}]")).run()
 
 
-async def test_health_follows_source_heartbeats(make: Callable[[str], Pipeline]) -> None:
-    runtime = Runtime(make("sources: [{type: script}]\nsinks: [{type: memory}]\nruntime: {heartbeat_max_age: 10s}"))
+async def test_health_follows_source_heartbeats(fake_pipeline: Callable[[str], Pipeline]) -> None:
+    runtime = Runtime(
+        fake_pipeline("sources: [{type: script}]\nsinks: [{type: memory}]\nruntime: {heartbeat_max_age: 10s}")
+    )
     runtime.heartbeats["script"] = 1000.0
     assert runtime.healthy(now=1005.0)
     assert not runtime.healthy(now=1011.0)
