@@ -6,15 +6,18 @@
   const text = (id, value) => { $(id).textContent = value; };
   let pageViews = null, revenue = null, refreshMs = 1000;
 
-  function axisStyle() {
-    return { stroke: "#8a94ad", grid: { stroke: "#26304a" }, ticks: { stroke: "#26304a" } };
+  const short = new Intl.NumberFormat("en-US", { notation: "compact", maximumFractionDigits: 1 });
+
+  function axisStyle(extra) {
+    return Object.assign({ stroke: "#8a94ad", grid: { stroke: "#26304a" }, ticks: { stroke: "#26304a" },
+                           size: 56, values: (u, ticks) => ticks.map((v) => short.format(v)) }, extra || {});
   }
 
-  function lineChart(el, series, height) {
+  function lineChart(el, series, height, axes) {
     const opts = {
       width: el.clientWidth, height: height,
       scales: { x: { time: true } },
-      axes: [axisStyle(), axisStyle()],
+      axes: [axisStyle({ values: undefined, size: 50 })].concat(axes || [axisStyle()]),
       series: [{}].concat(series),
     };
     return new uPlot(opts, [[]].concat(series.map(() => [])), el);
@@ -70,7 +73,8 @@
       revenue = lineChart($("revenue-chart"), [
         { label: "purchases", stroke: "#3ccf8e", width: 2 },
         { label: "revenue", stroke: "#ffb547", width: 2, scale: "usd" },
-      ], 200);
+      ], 200, [axisStyle(), axisStyle({ scale: "usd", side: 1, grid: { show: false },
+                                        values: (u, ticks) => ticks.map((v) => "$" + short.format(v)) })]);
     }
     revenue.setData([minutes, live.purchases_per_minute.map((m) => m.purchases),
                      live.purchases_per_minute.map((m) => m.revenue)]);
