@@ -20,12 +20,14 @@ from pydantic import Field
 
 from clickflow.api import BatchLimits, Duration, Handler, RowBatch, Sink, SinkContext, SinkOptions
 from clickflow.hookspecs import hookimpl
+from clickflow.schema import DEAD_LETTER, TABLE_NAMES
 from clickflow_live.alerts import AlertRule, Alerts, Transition
 from clickflow_live.webhook import Webhook, WebhookOptions
 from clickflow_live.windows import LiveAggregates
 
 DASHBOARD_PATH, API_PATH, STATIC_PREFIX = "/dashboard", "/api/live", "/static/clickflow"
 WEBHOOK_DRAIN_SECONDS = 10.0
+_EVENT_INDEX = DEAD_LETTER.index("event_index")
 
 
 class LiveSinkOptions(SinkOptions):
@@ -99,14 +101,21 @@ class LiveSink(Sink):
                     await self.webhook.done.wait()
             tasks.cancel_scope.cancel()
 
-    async def write(self, batch: RowBatch) -> None:
-        tables = batch.tables
+    def new_batch(self) -> LiveBatch:
+        return LiveBatch(self)
+
+    def count(self, rows: RowBatch) -> None:
+        """Take a parsed batch into the aggregates as it arrives (rows are not kept)."""
+        tables = rows.tables
+        self.aggregates.add(tables, time.time_ns() // 1000)
+        self.totals["messages"] += len(tables["visits"]) + sum(
+            1 for r in tables["dead_letter"] if r[_EVENT_INDEX] is None
+        )
+        self.totals["events"] += len(tables["events"])
+
+    async def write(self, batch: LiveBatch) -> None:
+        """Judge the alerts on what the batch added; nothing to store."""
         now = time.time()
-        self.aggregates.add(tables, int(now * 1e6))
-        messages = len(tables["visits"]) + sum(1 for row in tables["dead_letter"] if row[4] is None)
-        events = len(tables["events"])
-        self.totals["messages"] += messages
-        self.totals["events"] += events
         self._rates.append((now, self.totals["messages"], self.totals["events"]))
         while self._rates and self._rates[0][0] < now - 10:
             self._rates.popleft()
@@ -124,6 +133,28 @@ class LiveSink(Sink):
         (t0, m0, e0), (t1, m1, e1) = self._rates[0], self._rates[-1]
         span = max(t1 - t0, 1e-9)
         return (m1 - m0) / span, (e1 - e0) / span
+
+
+class LiveBatch:
+    """A live sink's batch: counts, not rows; each parsed batch is aggregated as it is added."""
+
+    def __init__(self, sink: LiveSink) -> None:
+        self._sink = sink
+        self._counts = dict.fromkeys(TABLE_NAMES, 0)
+
+    def add(self, rows: RowBatch) -> None:
+        self._sink.count(rows)
+        for name, table_rows in rows.tables.items():
+            self._counts[name] += len(table_rows)
+
+    def __len__(self) -> int:
+        return sum(self._counts.values())
+
+    def counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def discard(self) -> None:
+        pass
 
 
 @hookimpl

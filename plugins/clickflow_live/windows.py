@@ -4,7 +4,7 @@ Page views, purchases and revenue are counted in tumbling one-minute windows of
 ``event_timestamp``. The watermark is the latest event time seen minus the allowed
 lateness; a window whose end is behind the watermark is *closed* (complete) and
 an event for a window already closed or dropped is counted as late instead. Events
-more than ``max_future`` ahead of the wall clock are counted apart, so one bogus
+more than ``max_future`` ahead of the wall clock (in a later minute) are counted apart, so one bogus
 timestamp cannot move the watermark and close every window. Only the newest
 ``keep_minutes`` windows are kept.
 
@@ -19,18 +19,22 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import compress, repeat
+from operator import eq, floordiv, itemgetter
 from typing import Any
 
 from clickflow.schema import DEAD_LETTER, EVENTS, VISITS
 
 MINUTE_US = 60_000_000
 OTHER = "other"
+LAGS_KEPT = 2000
 
 _EVENT_TYPE, _EVENT_TS, _PAGE_URL, _AMOUNT = (
     EVENTS.index(c) for c in ("event_type", "event_timestamp", "page_url", "amount")
 )
 _DEVICE, _VISIT_END, _VISIT_INGESTED = map(VISITS.index, ("device_type", "visit_end", "ingested_at"))
 _REASON = DEAD_LETTER.index("reason")
+_get_type, _get_ts, _get_page = itemgetter(_EVENT_TYPE), itemgetter(_EVENT_TS), itemgetter(_PAGE_URL)
 
 
 def minute_text(start_us: int) -> str:
@@ -52,13 +56,15 @@ class TopCounter(Counter[str]):
         else:
             self[OTHER] += n
 
+    def add_counts(self, counts: dict[str, int]) -> None:
+        for key, n in counts.items():
+            if n:
+                self.count(key, n)
+
     def add_all(self, keys: list[str | None]) -> None:
-        """Count many keys at once: C speed while under the cap."""
-        if len(self) + len(set(keys)) <= self.cap:
-            self.update(k if k is not None else "(none)" for k in keys)
-        else:
-            for key in keys:
-                self.count(key)
+        """Count many keys at once: one C pass, then one step per distinct key."""
+        for key, n in Counter(keys).items():
+            self.count(key, n)
 
 
 @dataclass
@@ -98,42 +104,65 @@ class LiveAggregates:
         visits = tables["visits"]
         if visits:
             self.visits_by_device.add_all([row[_DEVICE] for row in visits])
-            lags = [(row[_VISIT_INGESTED] - row[_VISIT_END]) / 1e6 for row in visits if row[_VISIT_END] is not None]
-            self.lags_s = (self.lags_s + lags)[-2000:]
+            recent = visits[-LAGS_KEPT:]
+            lags = [(row[_VISIT_INGESTED] - row[_VISIT_END]) / 1e6 for row in recent if row[_VISIT_END] is not None]
+            self.lags_s = (self.lags_s + lags)[-LAGS_KEPT:]
         dead = tables["dead_letter"]
         if dead:
             self.dead_letters_by_reason.add_all([row[_REASON] for row in dead])
 
     def _add_events(self, events: list[tuple[Any, ...]], now_us: int) -> None:
-        self.events_by_type.add_all([row[_EVENT_TYPE] for row in events])
+        """Counted with C iterators only: pages per distinct minute of the batch (a batch spans few
+        minutes), then once per distinct (minute, page). No Python code runs per event."""
+        types = list(map(_get_type, events))
+        stamps = list(map(_get_ts, events))
         horizon = now_us + self.max_future_us
-        newest = max((ts for row in events if (ts := row[_EVENT_TS]) <= horizon), default=None)
+        newest: int | None = max(stamps)
+        if newest is not None and newest > horizon:
+            newest = max((ts for ts in stamps if ts <= horizon), default=None)
         if newest is not None and (self.max_event_us is None or newest > self.max_event_us):
             self.max_event_us = newest
             self.watermark_us = newest - self.allowed_lateness_us
-        oldest_kept = self._oldest_open_start()
-        minutes = self.minutes
-        for row in events:
-            event_type, ts = row[_EVENT_TYPE], row[_EVENT_TS]
-            if event_type != "page_view" and event_type != "purchase":
-                continue
-            if ts > horizon:
-                self.future_events += 1
-                continue
-            start = ts - ts % MINUTE_US
-            if start < oldest_kept:
-                self.late_events += 1
-                continue
-            window = minutes.get(start)
-            if window is None:
-                window = minutes[start] = Minute(start, pages=TopCounter(self.max_pages))
-            if event_type == "page_view":
-                window.page_views += 1
-                window.pages.count(row[_PAGE_URL])
-            else:
+        first_open = self._oldest_open_start() // MINUTE_US
+        last_allowed = horizon // MINUTE_US
+        minutes = list(map(floordiv, stamps, repeat(MINUTE_US)))
+        is_view = list(map(eq, types, repeat("page_view")))
+        is_purchase = list(map(eq, types, repeat("purchase")))
+        views, purchases = sum(is_view), sum(is_purchase)
+        self.events_by_type.add_counts({"page_view": views, "purchase": purchases,
+                                        "add_item_to_cart": len(events) - views - purchases})  # fmt: skip
+        view_minutes = list(compress(minutes, is_view))
+        view_pages = list(compress(map(_get_page, events), is_view))
+        distinct = set(view_minutes)
+        for minute in distinct:
+            in_minute = (
+                view_pages if len(distinct) == 1 else compress(view_pages, map(eq, view_minutes, repeat(minute)))
+            )
+            pages = Counter(in_minute)
+            window = self._window(minute, sum(pages.values()), first_open, last_allowed)
+            if window is not None:
+                window.page_views += sum(pages.values())
+                for page, n in pages.items():
+                    window.pages.count(page, n)
+        for index in compress(range(len(events)), is_purchase) if purchases else ():
+            window = self._window(minutes[index], 1, first_open, last_allowed)
+            if window is not None:
                 window.purchases += 1
-                window.revenue += row[_AMOUNT] or 0.0
+                window.revenue += events[index][_AMOUNT] or 0.0
         self._drop_old()
+
+    def _window(self, minute: int, n: int, first_open: int, last_allowed: int) -> Minute | None:
+        """The window of this minute, or None (counting the ``n`` events late or future)."""
+        if minute > last_allowed:
+            self.future_events += n
+            return None
+        if minute < first_open:
+            self.late_events += n
+            return None
+        window = self.minutes.get(minute * MINUTE_US)
+        if window is None:
+            window = self.minutes[minute * MINUTE_US] = Minute(minute * MINUTE_US, pages=TopCounter(self.max_pages))
+        return window
 
     def _oldest_open_start(self) -> int:
         """Events before this start time are late: their window closed (or was dropped)."""
