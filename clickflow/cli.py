@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING
 
 import anyio
 import click
@@ -12,8 +13,9 @@ import click
 from clickflow.config import ConfigError, Pipeline, load_pipeline
 from clickflow.logs import setup_logging
 from clickflow.plugins import PluginError, Registry, load_plugins
-from clickflow.report import format_summary, show_progress
-from clickflow.runtime import PipelineError, RunSummary, Runtime, pipeline_error_in
+
+if TYPE_CHECKING:  # the runtime is imported by the commands that run a pipeline, not by `validate`
+    from clickflow.runtime import RunSummary, Runtime
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -58,6 +60,9 @@ async def _watch_signals(runtime: Runtime, scope: anyio.CancelScope) -> None:
 
 async def run_pipeline(pipeline: Pipeline, progress: bool) -> RunSummary | None:
     """Run with signal handling, the monitoring server and progress; None if aborted."""
+    from clickflow.report import show_progress
+    from clickflow.runtime import PipelineError, Runtime, pipeline_error_in
+
     runtime = Runtime(pipeline)
     summary = None
     try:
@@ -123,6 +128,8 @@ def run(
     else:
         summary = _run_locally(loaded, sys.stderr.isatty() if progress is None else progress)
     if summary is not None:
+        from clickflow.report import format_summary
+
         click.echo(format_summary(summary))
         if summary.unfinished:
             read = ", ".join(f"{name}: {summary.messages[name]:,} messages" for name in summary.unfinished)
@@ -131,6 +138,8 @@ def run(
 
 
 def _run_locally(pipeline: Pipeline, progress: bool) -> RunSummary:
+    from clickflow.runtime import PipelineError
+
     try:
         summary = anyio.run(run_pipeline, pipeline, progress)
     except PipelineError as exc:

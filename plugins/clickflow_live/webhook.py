@@ -10,14 +10,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-import aiohttp
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from clickflow.api import Duration
 from clickflow_live.alerts import Transition
+
+if TYPE_CHECKING:
+    import aiohttp  # imported when the sender starts, so loading plugins stays quick
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,8 @@ class Webhook:
 
     async def run(self) -> None:
         """Deliver queued transitions until ``finish`` and the queue is empty, or until cancelled."""
+        import aiohttp
+
         timeout = aiohttp.ClientTimeout(total=self.options.timeout.total_seconds())
         try:
             async with aiohttp.ClientSession(timeout=timeout) as session, self._receive:
@@ -63,6 +68,8 @@ class Webhook:
         self._send.close()
 
     async def _deliver(self, session: aiohttp.ClientSession, transition: Transition) -> None:
+        import aiohttp
+
         body = {"source": "clickflow", **dataclasses.asdict(transition)}
         backoff = 0.5
         for attempt in range(1, self.options.attempts + 1):

@@ -27,16 +27,14 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import anyio
-from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ByteSize, Field, PositiveInt
 
 from clickflow.api import Duration, Message, Source, SourceContext, SourceOptions
 from clickflow.metrics import shared_metric
 from clickflow_pubsub.leases import Leases
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported when the source starts, so loading plugins stays quick
     from gcloud.aio.pubsub import SubscriberClient
 
 log = logging.getLogger(__name__)
@@ -67,6 +65,8 @@ class _Metrics:
     """This source's children of the plugin's metric families (shared by every pull source)."""
 
     def __init__(self, context: SourceContext, source: str) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
         r = context.registry
 
         def family(kind: Any, name: str, doc: str, **extra: Any) -> Any:
@@ -113,6 +113,8 @@ class PubSubPullSource(Source):
 
     @asynccontextmanager
     async def lifespan(self, context: SourceContext) -> AsyncIterator[None]:
+        import aiohttp
+
         try:
             from gcloud.aio.pubsub import SubscriberClient
         except ImportError as exc:
@@ -142,6 +144,8 @@ class PubSubPullSource(Source):
                 pulls.start_soon(self._pull_forever, context, f"pull-{number}")
 
     async def _pull_forever(self, context: SourceContext, loop: str) -> None:
+        import aiohttp
+
         subscription = self.options.subscription
         timeout = int(self.options.pull_timeout.total_seconds())
         backoff = 0.1
@@ -226,6 +230,8 @@ class PubSubPullSource(Source):
 
     async def _retrying(self, call: Any, *args: Any) -> bool:
         """A few quick tries; a lost acknowledgement only means a redelivery, never a loss."""
+        import aiohttp
+
         for attempt in range(3):
             try:
                 await call(*args)

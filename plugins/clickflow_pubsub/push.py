@@ -18,17 +18,19 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import aiohttp
 import anyio
 import msgspec
-from aiohttp import web
-from prometheus_client import Counter
 from pydantic import ByteSize, Field, model_validator
 
 from clickflow.api import Duration, Handler, Message, Source, SourceContext, SourceOptions, valid_text
 from clickflow.metrics import shared_metric
+
+if TYPE_CHECKING:  # aiohttp is imported when the source starts: loading plugins stays quick
+    import aiohttp
+    from aiohttp import web
+    from prometheus_client import Counter
 
 GOOGLE_KEYS_URL = "https://www.googleapis.com/oauth2/v3/certs"
 
@@ -125,6 +127,8 @@ class PubSubPushSource(Source):
 
     @asynccontextmanager
     async def lifespan(self, context: SourceContext) -> AsyncIterator[None]:
+        import aiohttp
+
         self._verifier = None
         if self.options.auth == "oidc":
             try:
@@ -147,10 +151,14 @@ class PubSubPushSource(Source):
             self._context = None
 
     def _refuse(self, status: int, reason: str, text: str) -> web.Response:
+        from aiohttp import web
+
         self._refused.labels(self.name, reason).inc()
         return web.Response(status=status, text=text)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        from aiohttp import web
+
         context = self._context
         if context is None:
             return web.Response(status=503, text="not accepting messages")
@@ -181,6 +189,8 @@ class PubSubPushSource(Source):
 
     async def _read_body(self, request: web.Request) -> bytes | web.Response:
         """The body, read within ``read_timeout`` and ``max_body_bytes`` whatever the headers said."""
+        import aiohttp
+
         limit = self.options.max_body_bytes
         chunks, size = [], 0
         try:
@@ -201,6 +211,8 @@ class PubSubPushSource(Source):
 
 def _refused_counter(context: SourceContext) -> Counter:
     """One family per registry, whatever the number of push sources in the pipeline."""
+    from prometheus_client import Counter
+
     return shared_metric(
         context.registry,
         "clickflow_push_refused",
