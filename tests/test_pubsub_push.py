@@ -200,11 +200,31 @@ async def fake_push(aiohttp_client: Any) -> AsyncIterator[Callable[[str], Any]]:
             await asyncio.sleep(0.01)
         return client
 
+    start.runtimes = runtimes  # type: ignore[attr-defined]
     yield start
     for runtime, task in runtimes:
         runtime.request_stop()
         await task
     fakes.reset()
+
+
+@pytest.mark.asyncio
+async def test_requests_arriving_together_share_a_batch_and_each_waits_for_its_rows(
+    fake_push: Callable[[str], Any],
+) -> None:
+    from tests.fakes import MemorySink
+
+    client = await fake_push("{type: memory, batch: {max_age: 50ms}}")
+    bodies = [envelope(b'{"session_id": "S%d"}' % i, str(i)) for i in range(200)]
+    statuses = await asyncio.gather(*(client.post("/pubsub/push", data=body) for body in bodies))
+    assert [r.status for r in statuses] == [204] * 200
+    stored = {row[12] for _, batch in MemorySink.writes for row in batch.tables["visits"]}
+    assert stored == {str(i) for i in range(200)}
+    (runtime, *_) = [r for r, _ in fake_push.runtimes]  # type: ignore[attr-defined]
+    registry = runtime.metrics.registry
+    batches = registry.get_sample_value("clickflow_push_batch_requests_count", {"source": "pubsub_push"})
+    assert registry.get_sample_value("clickflow_push_batch_requests_sum", {"source": "pubsub_push"}) == 200
+    assert batches < 100, "concurrent requests should share batches"
 
 
 @pytest.mark.asyncio
@@ -220,7 +240,11 @@ async def test_a_saturated_pipeline_is_answered_429(fake_push: Callable[[str], A
 
     MemorySink.gate = asyncio.Event()  # type: ignore[assignment] - the sink hangs until the end
     client = await fake_push("{type: memory, gated: true, batch: {max_rows: 1}}")
-    requests = [client.post("/pubsub/push", data=envelope(b'{"session_id": "S"}', str(i))) for i in range(12)]
-    statuses = [r.status for r in await asyncio.gather(*requests)]
+
+    async def push(i: int) -> int:
+        await asyncio.sleep(0.02 * i)  # one after another: each fills the pipeline a little more
+        return (await client.post("/pubsub/push", data=envelope(b'{"session_id": "S"}', str(i)))).status
+
+    statuses = await asyncio.gather(*(push(i) for i in range(12)))
     MemorySink.gate.set()
     assert 429 in statuses

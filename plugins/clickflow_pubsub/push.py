@@ -5,8 +5,10 @@ the sinks have stored the message's rows (or its dead letters); 429 when the
 pipeline is too full to take it in, 503 when a sink failed, so Pub/Sub retries
 with backoff. A body that is not a valid push envelope is still taken in as a
 message (the parser dead-letters it) and answered 2xx, so it is not redelivered
-forever. With ``audience`` set, every request needs a valid Google-signed OIDC
-token first.
+forever. With ``auth: oidc`` (the default) every request needs a valid
+Google-signed OIDC token first. Requests that arrive while the previous batch is
+entering the pipeline share the next batch (coalescing), so a busy endpoint parses
+and writes many messages at once; each is still answered by its own outcome.
 """
 
 from __future__ import annotations
@@ -30,13 +32,15 @@ from clickflow.metrics import shared_metric
 if TYPE_CHECKING:  # aiohttp is imported when the source starts: loading plugins stays quick
     import aiohttp
     from aiohttp import web
-    from prometheus_client import Counter
+    from prometheus_client import Counter, Histogram
 
 GOOGLE_KEYS_URL = "https://www.googleapis.com/oauth2/v3/certs"
 
 log = logging.getLogger(__name__)
 
 
+MAX_BATCH = 1000
+"""Requests coalesced into one batch at most."""
 MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
 """The largest legal push: a 10 MB message is 13.4 MB in base64, plus its attributes and envelope."""
 
@@ -73,21 +77,35 @@ class PubSubPushOptions(SourceOptions):
         return [self.path]
 
 
-class _PushAck:
-    """Lets the request handler wait until its message is settled."""
+class _Waiting:
+    """One request's message, waiting to enter the pipeline and then to be settled."""
 
+    __slots__ = ("done", "entered", "message", "ok", "taken")
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self.taken = self.ok = False
+        self.entered = anyio.Event()
+        self.done = anyio.Event()
+
+
+class _RequestsAck:
+    """Settles a coalesced batch: each request is answered by its own outcome."""
+
+    __slots__ = ("_waiting",)
     redelivers = True
 
-    def __init__(self) -> None:
-        self.done = anyio.Event()
-        self.ok = False
+    def __init__(self, waiting: list[_Waiting]) -> None:
+        self._waiting = waiting
 
     def ack(self) -> None:
-        self.ok = True
-        self.done.set()
+        for request in self._waiting:
+            request.ok = True
+            request.done.set()
 
     def nack(self, error: BaseException) -> None:
-        self.done.set()
+        for request in self._waiting:
+            request.done.set()
 
 
 def message_from_body(body: bytes, headers: Any) -> Message:
@@ -121,6 +139,7 @@ class PubSubPushSource(Source):
     _session: aiohttp.ClientSession | None = None
     _verifier: Any = None
     _refused: Any = None
+    _batch_sizes: Any = None
 
     def routes(self) -> list[tuple[str, str, Handler]]:
         return [("POST", self.options.path, self._handle)]
@@ -138,17 +157,37 @@ class PubSubPushSource(Source):
             assert self.options.audience
             self._verifier = TokenVerifier(self.options.audience, self.options.keys_url, self.options.allowed_emails)
         self._refused = _refused_counter(context)
+        self._batch_sizes = _batch_histogram(context).labels(self.name)
         async with aiohttp.ClientSession() as self._session:
             yield
 
     async def run(self, context: SourceContext) -> None:
+        """Coalesce: every request that arrived while the previous batch was entering the pipeline
+        goes in the next batch, so a busy endpoint parses and writes many messages at once."""
+        self._waiting: list[_Waiting] = []
+        self._arrived = anyio.Event()
         self._context = context
         try:
             while True:
+                with anyio.move_on_after(5):
+                    await self._arrived.wait()
                 context.heartbeat()
-                await anyio.sleep(5)
+                self._arrived = anyio.Event()
+                batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+                if self._waiting:
+                    self._arrived.set()
+                if not batch:
+                    continue
+                for request in batch:
+                    request.taken = True
+                self._batch_sizes.observe(len(batch))
+                await context.emit([request.message for request in batch], _RequestsAck(batch))
+                for request in batch:
+                    request.entered.set()
         finally:
             self._context = None
+            for request in self._waiting:
+                request.done.set()  # never entered: answered 503, so Pub/Sub sends it again
 
     def _refuse(self, status: int, reason: str, text: str) -> web.Response:
         from aiohttp import web
@@ -176,14 +215,17 @@ class PubSubPushSource(Source):
         body = await self._read_body(request)
         if isinstance(body, web.Response):
             return body
-        ack = _PushAck()
-        with anyio.move_on_after(self.options.enter_timeout.total_seconds()) as entering:
-            await context.emit([message_from_body(body, request.headers)], ack)
-        if entering.cancelled_caught:
+        waiting = _Waiting(message_from_body(body, request.headers))
+        self._waiting.append(waiting)
+        self._arrived.set()
+        with anyio.move_on_after(self.options.enter_timeout.total_seconds()):
+            await waiting.entered.wait()
+        if not waiting.taken:  # still waiting for room: withdrawn, never stored
+            self._waiting.remove(waiting)
             return self._refuse(429, "pipeline_full", "pipeline is full; retry later")
         with anyio.move_on_after(self.options.ack_timeout.total_seconds()):
-            await ack.done.wait()
-        if ack.ok:
+            await waiting.done.wait()
+        if waiting.ok:
             return web.Response(status=204)
         return self._refuse(503, "not_stored", "not stored yet; retry later")
 
@@ -207,6 +249,23 @@ class PubSubPushSource(Source):
             log.warning("%s: a push request's body was cut off: %s", self.name, exc or type(exc).__name__)
             return self._refuse(400, "body_cut_off", "body cut off")
         return b"".join(chunks)
+
+
+def _batch_histogram(context: SourceContext) -> Histogram:
+    """Requests per batch: how much coalescing a busy endpoint gets."""
+    from prometheus_client import Histogram
+
+    return shared_metric(
+        context.registry,
+        "clickflow_push_batch_requests",
+        lambda: Histogram(
+            "clickflow_push_batch_requests",
+            "Push requests that entered the pipeline together, as one batch",
+            ["source"],
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+            registry=context.registry,
+        ),
+    )
 
 
 def _refused_counter(context: SourceContext) -> Counter:

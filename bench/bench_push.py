@@ -1,0 +1,136 @@
+"""The push endpoint under load from wrk, next to a bare aiohttp handler that answers 204 at once.
+
+    python bench/bench_push.py [--seconds 10] [--concurrency 32 256]
+
+Both servers run in child processes; wrk (Debian package `wrk`) sends push envelopes of a real
+visit, each with its own message id. clickflow answers 204 only once the request's rows are in
+DuckDB; requests that arrive together share a batch. Prints requests/s and latency percentiles,
+and clickflow's rate as a share of the bare handler's, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from clickflow_simulator import VisitGenerator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.emulators import free_port
+
+BARE = """
+import sys
+from aiohttp import web
+async def handle(request):
+    await request.read()
+    return web.Response(status=204)
+app = web.Application()
+app.router.add_post("/pubsub/push", handle)
+app.router.add_get("/readyz", lambda r: web.Response(text="ok"))
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
+
+LUA = """
+local data = "%s"
+local counter = 0
+local id = 0
+function setup(thread) id = id + 1; thread:set("id", id) end
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, nil, nil, '{"message":{"data":"' .. data .. '","messageId":"' .. id .. "-" .. counter ..
+    '"},"subscription":"projects/bench/subscriptions/push"}')
+end
+"""
+
+
+def wait_ready(port: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"server on {port} did not start")
+
+
+def milliseconds(text: str) -> float:
+    found = re.match(r"([\d.]+)(us|ms|s|m)$", text)
+    if found is None:
+        raise SystemExit(f"cannot read wrk's latency {text!r}")
+    value, unit = found.groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
+
+
+def wrk(port: int, script: Path, connections: int, seconds: int) -> tuple[float, float, float, str]:
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script),
+         f"http://127.0.0.1:{port}/pubsub/push"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = milliseconds(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = milliseconds(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return rate, p50, p99, f", {errors.group(1)} non-2xx" if errors else ""
+
+
+def main() -> None:
+    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument("--seconds", type=int, default=10)
+    args.add_argument("--concurrency", type=int, nargs="+", default=[32, 256])
+    opts = args.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed (apt-get install wrk)")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        visit = next(VisitGenerator(seed=22).messages(1))
+        script = work / "push.lua"
+        script.write_text(LUA % base64.b64encode(visit).decode())
+        port = free_port()
+        pipeline = work / "push.yaml"
+        pipeline.write_text(
+            "sources: [{type: pubsub_push, auth: none, enter_timeout: 10s}]\n"
+            f"sinks: [{{type: duckdb, path: '{work}/push.duckdb', batch: {{max_age: 20ms}}}}]\n"
+            f"monitor: {{port: {port}}}\n"
+        )
+        servers = {
+            "bare aiohttp 204": ([sys.executable, "-c", BARE, str(free_port())], None),
+            "clickflow push -> duckdb": (
+                [sys.executable, "-m", "clickflow", "run", str(pipeline), "--no-progress"],
+                port,
+            ),
+        }
+        rates: dict[str, dict[int, float]] = {}
+        for name, (command, fixed_port) in servers.items():
+            server_port = fixed_port or int(command[-1])
+            server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_ready(server_port)
+                for connections in opts.concurrency:
+                    rate, p50, p99, errors = wrk(server_port, script, connections, opts.seconds)
+                    rates.setdefault(name, {})[connections] = rate
+                    print(f"{name:<26} {connections:>4} concurrent: {rate:>8,.0f} requests/s, "
+                          f"p50 {p50:.1f} ms, p99 {p99:.1f} ms{errors}")  # fmt: skip
+            finally:
+                server.send_signal(signal.SIGTERM)
+                server.wait(timeout=60)
+        bare, ours = rates["bare aiohttp 204"], rates["clickflow push -> duckdb"]
+        for connections in opts.concurrency:
+            share = ours[connections] / bare[connections]
+            print(f"{connections} concurrent: clickflow at {share:.0%} of the bare handler")
+
+
+if __name__ == "__main__":
+    main()
