@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
-M = TypeVar("M")
-_SHARED: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, object]] = weakref.WeakKeyDictionary()
+M = TypeVar("M", bound=MetricWrapperBase)
+_SHARED: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, MetricWrapperBase]] = weakref.WeakKeyDictionary()
 
 
-def shared_metric(registry: CollectorRegistry, name: str, create: Callable[[], M]) -> M:
+def shared_metric(
+    registry: CollectorRegistry, kind: type[M], name: str, documentation: str, labels: list[str], **extra: Any
+) -> M:
     """The metric family ``name`` of this registry, created on first use.
 
     A plugin's instances share one family, labelled by component name: registering a
@@ -20,7 +22,7 @@ def shared_metric(registry: CollectorRegistry, name: str, create: Callable[[], M
     """
     families = _SHARED.setdefault(registry, {})
     if name not in families:
-        families[name] = create()
+        families[name] = kind(name, documentation, labels, registry=registry, **extra)
     return families[name]  # type: ignore[return-value]
 
 

@@ -70,7 +70,7 @@ class _Metrics:
         r = context.registry
 
         def family(kind: Any, name: str, doc: str, **extra: Any) -> Any:
-            return shared_metric(r, name, lambda: kind(name, doc, ["source"], registry=r, **extra)).labels(source)
+            return shared_metric(r, kind, name, doc, ["source"], **extra).labels(source)
 
         self.pulled = family(Counter, "clickflow_pubsub_pulled", "Messages pulled")
         self.acked = family(Counter, "clickflow_pubsub_acked", "Messages acknowledged")

@@ -32,7 +32,6 @@ from clickflow.metrics import shared_metric
 if TYPE_CHECKING:  # aiohttp is imported when the source starts: loading plugins stays quick
     import aiohttp
     from aiohttp import web
-    from prometheus_client import Counter, Histogram
 
 GOOGLE_KEYS_URL = "https://www.googleapis.com/oauth2/v3/certs"
 
@@ -156,8 +155,16 @@ class PubSubPushSource(Source):
                 raise RuntimeError("verifying push tokens needs: pip install 'clickflow[gcp]'") from exc
             assert self.options.audience
             self._verifier = TokenVerifier(self.options.audience, self.options.keys_url, self.options.allowed_emails)
-        self._refused = _refused_counter(context)
-        self._batch_sizes = _batch_histogram(context).labels(self.name)
+        from prometheus_client import Counter, Histogram
+
+        registry = context.registry
+        self._refused = shared_metric(registry, Counter, "clickflow_push_refused",
+                                      "Push requests answered without storing their message, by cause",
+                                      ["source", "reason"])  # fmt: skip
+        self._batch_sizes = shared_metric(registry, Histogram, "clickflow_push_batch_requests",
+                                          "Push requests that entered the pipeline together, as one batch",
+                                          ["source"], buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+                                          ).labels(self.name)  # fmt: skip
         async with aiohttp.ClientSession() as self._session:
             yield
 
@@ -249,36 +256,3 @@ class PubSubPushSource(Source):
             log.warning("%s: a push request's body was cut off: %s", self.name, exc or type(exc).__name__)
             return self._refuse(400, "body_cut_off", "body cut off")
         return b"".join(chunks)
-
-
-def _batch_histogram(context: SourceContext) -> Histogram:
-    """Requests per batch: how much coalescing a busy endpoint gets."""
-    from prometheus_client import Histogram
-
-    return shared_metric(
-        context.registry,
-        "clickflow_push_batch_requests",
-        lambda: Histogram(
-            "clickflow_push_batch_requests",
-            "Push requests that entered the pipeline together, as one batch",
-            ["source"],
-            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
-            registry=context.registry,
-        ),
-    )
-
-
-def _refused_counter(context: SourceContext) -> Counter:
-    """One family per registry, whatever the number of push sources in the pipeline."""
-    from prometheus_client import Counter
-
-    return shared_metric(
-        context.registry,
-        "clickflow_push_refused",
-        lambda: Counter(
-            "clickflow_push_refused",
-            "Push requests answered without storing their message, by cause",
-            ["source", "reason"],
-            registry=context.registry,
-        ),
-    )
