@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -36,7 +35,7 @@ from clickflow.runtime import Runtime
 from clickflow_simulator import VisitGenerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.emulators import PubSubEmulator, free_port, pubsub_launcher, running_pubsub_emulator
+from tests.emulators import PubSubEmulator, free_port, pubsub_launcher, ready, running_pubsub_emulator, wait_for
 
 
 async def raw_drain(host: str, subscription: str, total: int, concurrency: int = 2) -> float:
@@ -140,14 +139,7 @@ def bench_push(requests: int, concurrency: int, workdir: Path) -> None:
     server = subprocess.Popen([sys.executable, "-m", "clickflow", "run", str(pipeline), "--no-progress"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        time.sleep(0.5)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.1)
+        wait_for(lambda: ready(port), 30)
         bodies = [
             json.dumps({"message": {"data": base64.b64encode(data).decode(), "messageId": str(i)},
                         "subscription": "projects/bench/subscriptions/push"}).encode()

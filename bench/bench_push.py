@@ -18,14 +18,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
+from functools import partial
 from pathlib import Path
 
 from clickflow_simulator import VisitGenerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.emulators import free_port
+from tests.emulators import free_port, ready, wait_for
 
 BARE = """
 import sys
@@ -52,17 +51,6 @@ request = function()
     '"},"subscription":"projects/bench/subscriptions/push"}')
 end
 """
-
-
-def wait_ready(port: int) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"server on {port} did not start")
 
 
 def milliseconds(text: str) -> float:
@@ -117,7 +105,7 @@ def main() -> None:
             server_port = fixed_port or int(command[-1])
             server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
-                wait_ready(server_port)
+                wait_for(partial(ready, server_port), 30)
                 for connections in opts.concurrency:
                     rate, p50, p99, errors = wrk(server_port, script, connections, opts.seconds)
                     rates.setdefault(name, {})[connections] = rate

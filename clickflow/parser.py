@@ -135,14 +135,13 @@ def _payload(data: bytes) -> tuple[str, str]:
     return base64.b64encode(data).decode("ascii"), "base64"
 
 
-def _oversized(data: bytes, limit: int) -> tuple[str, str, str]:
-    """Error text and the kept head of a message over ``limit`` bytes."""
-    digest = hashlib.sha256(data).hexdigest()
-    error = (
-        f"message is {len(data)} bytes, over the {limit}-byte limit (sha256 {digest}); "
-        f"the payload holds its first {OVERSIZED_PAYLOAD_BYTES} bytes"
-    )
-    return error, *_payload(data[:OVERSIZED_PAYLOAD_BYTES])
+def _head(data: bytes) -> tuple[str, str, str]:
+    """For a large message: its size and SHA-256 with what is kept, and the kept first bytes."""
+    note = f"{len(data)} bytes (sha256 {hashlib.sha256(data).hexdigest()})"
+    return note, *_payload(data[:OVERSIZED_PAYLOAD_BYTES])
+
+
+_KEPT = f"the payload holds its first {OVERSIZED_PAYLOAD_BYTES} bytes"
 
 
 def _valid_utf8(data: bytes) -> bool:
@@ -275,9 +274,11 @@ class VisitParser:
         """A message no sink could store, as one ``unwritable`` dead letter (only its head if large)."""
         batch = RowBatch()
         data = message.data
-        payload = _payload(data[:OVERSIZED_PAYLOAD_BYTES])
         if len(data) > OVERSIZED_PAYLOAD_BYTES:
-            error += f"; {_oversized(data, OVERSIZED_PAYLOAD_BYTES)[0]}"
+            note, *payload = _head(data)
+            error += f" (the message is {note}; {_KEPT})"
+        else:
+            payload = list(_payload(data))
         row = (visit_id_for(message.message_id), received_at_us, source, message.message_id, None,
                REASON_UNWRITABLE, error, *payload)  # fmt: skip
         batch.tables["dead_letter"].append(row)
@@ -289,7 +290,8 @@ class VisitParser:
         data, message_id = message.data, message.message_id
         reason = error = ""
         if len(data) > self.max_message_bytes:
-            error, *payload = _oversized(data, self.max_message_bytes)
+            note, *payload = _head(data)
+            error = f"message is {note}, over the {self.max_message_bytes}-byte limit; {_KEPT}"
             t["dead_letter"].append((visit_id, now, source, message_id, None, REASON_TOO_LARGE, error, *payload))
             return
         try:

@@ -22,7 +22,7 @@ from clickflow.config import Pipeline
 from clickflow.runtime import Runtime
 from clickflow_live import LiveSink
 from clickflow_live.api import snapshot
-from tests.emulators import CLICKFLOW, free_port, wait_for
+from tests.emulators import CLICKFLOW, free_port, ready, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -144,7 +144,7 @@ def test_the_dashboard_renders_live_numbers_in_a_browser(chromium: str, tmp_path
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}/dashboard"
     try:
-        wait_for(lambda: _ready(port), 30)
+        wait_for(lambda: ready(port), 30)
         time.sleep(2)
         dom = headless(chromium, tmp_path / "profile", "--virtual-time-budget=6000", "--dump-dom", url).stdout
         shot = tmp_path / "dashboard.png"
@@ -164,13 +164,3 @@ def test_the_dashboard_renders_live_numbers_in_a_browser(chromium: str, tmp_path
     assert "ALERT: ceiling" in dom  # 30,000 visits a minute is far above 1,000 page views
     assert re.search(r'id="dead-letters"[^>]*>.*invalid_json', dom, re.S)
     assert shot.stat().st_size > 20_000
-
-
-def _ready(port: int) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as answer:
-            return bool(answer.status == 200)
-    except OSError:
-        return False
