@@ -79,7 +79,6 @@ class LiveSink(Sink):
         self.webhook = Webhook(options.webhook) if options.webhook else None
         self.totals = {"messages": 0, "events": 0}
         self._rates: deque[tuple[float, int, int]] = deque()
-        self.started = time.time()
 
     def routes(self) -> list[tuple[str, str, Handler]]:
         from clickflow_live import api
