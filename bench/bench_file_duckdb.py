@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -61,13 +62,13 @@ def main() -> None:
         for stale in (database, database.with_suffix(".duckdb.wal")):
             stale.unlink(missing_ok=True)
         os.sync()
-        events, seconds, peak_mb, summary = run_once(pipeline)
-        rates.append(events / seconds)
-        peaks.append(peak_mb)
+        result = run_once(pipeline)
+        rates.append(result.events / result.seconds)
+        peaks.append(result.peak_mb)
         if run == 1:
-            print(summary)
-        print(f"run {run}: {events:,} events in {seconds:.1f}s = {rates[-1]:,.0f} events/s "
-              f"(process start included), peak memory {peak_mb:,.0f} MB")  # fmt: skip
+            print(result.summary)
+        print(f"run {run}: {result.events:,} events in {result.seconds:.1f}s = {rates[-1]:,.0f} events/s "
+              f"(process start included), peak memory {result.peak_mb:,.0f} MB")  # fmt: skip
     if opts.runs > 1:
         print(f"median of {opts.runs} runs: {statistics.median(rates):,.0f} events/s "
               f"(range {min(rates):,.0f} to {max(rates):,.0f}); peak memory at most {max(peaks):,.0f} MB")  # fmt: skip
@@ -75,8 +76,18 @@ def main() -> None:
         database.unlink(missing_ok=True)
 
 
-def run_once(pipeline: Path) -> tuple[int, float, float, str]:
-    """One ``clickflow run`` in a child process: events, seconds, its peak RSS in MB, its summary."""
+@dataclass
+class Run:
+    events: int
+    seconds: float
+    cpu_seconds: float
+    """The child's user and system time, all its threads."""
+    peak_mb: float
+    summary: str
+
+
+def run_once(pipeline: Path) -> Run:
+    """One ``clickflow run`` in a child process, with its peak resident memory and CPU time."""
     started = time.perf_counter()
     with subprocess.Popen(
         [sys.executable, "-m", "clickflow", "run", str(pipeline), "--no-progress"],
@@ -90,7 +101,7 @@ def run_once(pipeline: Path) -> tuple[int, float, float, str]:
     if child.returncode != 0:
         raise SystemExit(f"clickflow run failed:\n{output}")
     events = int(re.search(r"events\s+([\d,]+)", output).group(1).replace(",", ""))  # type: ignore[union-attr]
-    return events, seconds, usage.ru_maxrss / 1024, output.strip()
+    return Run(events, seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, output.strip())
 
 
 if __name__ == "__main__":

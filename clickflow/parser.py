@@ -49,6 +49,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _TIMESTAMP_CACHE_SIZE = 65_536
+_PAGE_URL_CACHE_SIZE = 65_536
 _NO_EVENTS: list[Any] = []  # a missing "events" is a visit without events; never mutated
 _json_decode = msgspec.json.decode
 _json_encode = msgspec.json.encode
@@ -161,6 +162,9 @@ class VisitParser:
     def __init__(self, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self.max_message_bytes = max_message_bytes
         self._timestamps: dict[str, int] = {}
+        self._page_urls: dict[str, str] = {}
+        """One string object per distinct page URL: a site has few pages, so rows share them, and
+        whoever counts by page (the live view) compares and hashes each URL once, not per event."""
         # typed decoders, the one that accepted the latest visit first
         self._decoders: tuple[msgspec.json.Decoder[Any], ...] = (fastpath.wrapped_decoder, fastpath.bare_decoder)
 
@@ -189,6 +193,9 @@ class VisitParser:
         events, items, add_visit = tables["events"], tables["purchase_items"], tables["visits"].append
         add_event, add_item = events.append, items.append
         cached_timestamp = self._timestamps.get
+        if len(self._page_urls) >= _PAGE_URL_CACHE_SIZE:  # a stream of unique URLs
+            self._page_urls.clear()
+        shared_url = self._page_urls.setdefault
         first, second = self._decoders
         limit = self.max_message_bytes
         for message in messages:
@@ -226,7 +233,7 @@ class VisitParser:
                     details = event.details
                     add_event((
                         event_id, visit_id, session_id, user_id, device, index, "page_view", ts,
-                        details.page_url, details.referrer_url or None,
+                        shared_url(details.page_url, details.page_url), details.referrer_url or None,
                         None, None, None, None, None, None, None, None, now,
                     ))  # fmt: skip
                 elif type(event) is AddItemToCart:

@@ -8,7 +8,7 @@ import pytest
 
 from clickflow.api import Message
 from clickflow.parser import VisitParser
-from clickflow.schema import EVENTS
+from clickflow.schema import EVENTS, VISITS
 from clickflow_live.alerts import AlertRule, Alerts
 from clickflow_live.windows import MINUTE_US, OTHER, LiveAggregates
 from clickflow_simulator.generator import Spike, VisitGenerator
@@ -24,9 +24,20 @@ def page_view(ts_us: int, page: str = "https://e.com/a") -> tuple[object, ...]:
     return tuple(row)
 
 
+def as_parsed(events: list[tuple[object, ...]]) -> dict[str, list[tuple[object, ...]]]:
+    """Tables as the parser gives them: each event with its visit (here one visit per event)."""
+    visits = []
+    for event in events:
+        visit: list[object] = [None] * len(VISITS.columns)
+        ts = event[EVENTS.index("event_timestamp")]
+        visit[VISITS.index("visit_start")] = visit[VISITS.index("visit_end")] = ts
+        visit[VISITS.index("ingested_at")] = ts
+        visits.append(tuple(visit))
+    return {"events": events, "visits": visits, "dead_letter": [], "purchase_items": []}
+
+
 def feed(aggregates: LiveAggregates, *times_s: float, now_us: int = FAR_FUTURE) -> None:
-    rows = [page_view(T0 + int(t * 1e6)) for t in times_s]
-    aggregates.add({"events": rows, "visits": [], "dead_letter": [], "purchase_items": []}, now_us)
+    aggregates.add(as_parsed([page_view(T0 + int(t * 1e6)) for t in times_s]), now_us)
 
 
 def counts(aggregates: LiveAggregates) -> dict[int, int]:
@@ -73,7 +84,7 @@ def test_only_the_newest_windows_are_kept() -> None:
 def test_a_flood_of_unique_pages_is_capped_with_an_other_bucket() -> None:
     aggregates = LiveAggregates(max_pages=100)
     rows = [page_view(T0 + i, f"https://e.com/{i}") for i in range(100_000)]
-    aggregates.add({"events": rows, "visits": [], "dead_letter": [], "purchase_items": []}, FAR_FUTURE)
+    aggregates.add(as_parsed(rows), FAR_FUTURE)
     (minute,) = aggregates.series()
     assert len(minute.pages) == 101 and minute.pages[OTHER] == 100_000 - 100
     assert sum(minute.pages.values()) == minute.page_views == 100_000

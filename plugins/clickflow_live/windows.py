@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import compress, repeat
-from operator import eq, floordiv, itemgetter
+from operator import floordiv, itemgetter
 from typing import Any
 
 from clickflow.schema import DEAD_LETTER, EVENTS, VISITS
@@ -34,7 +35,8 @@ _EVENT_TYPE, _EVENT_TS, _PAGE_URL, _AMOUNT = (
 )
 _DEVICE, _VISIT_END, _VISIT_INGESTED = map(VISITS.index, ("device_type", "visit_end", "ingested_at"))
 _REASON = DEAD_LETTER.index("reason")
-_get_type, _get_ts, _get_page = itemgetter(_EVENT_TYPE), itemgetter(_EVENT_TS), itemgetter(_PAGE_URL)
+_get_type, _get_ts, _get_page, _get_amount = map(itemgetter, (_EVENT_TYPE, _EVENT_TS, _PAGE_URL, _AMOUNT))
+_get_visit_end, _get_device, _get_reason = itemgetter(_VISIT_END), itemgetter(_DEVICE), itemgetter(_REASON)
 
 
 def minute_text(start_us: int) -> str:
@@ -56,7 +58,7 @@ class TopCounter(Counter[str]):
         else:
             self[OTHER] += n
 
-    def add_all(self, keys: list[str | None]) -> None:
+    def add_all(self, keys: Iterable[str | None]) -> None:
         """Count many keys at once: one C pass, then one step per distinct key."""
         for key, n in Counter(keys).items():
             self.count(key, n)
@@ -93,25 +95,26 @@ class LiveAggregates:
     """Recent ingestion lags (receive time minus the visit's last event time), newest last."""
 
     def add(self, tables: dict[str, list[tuple[Any, ...]]], now_us: int) -> None:
-        events = tables["events"]
+        """Count one parsed batch: the parser's tables, in which every event's visit row is too."""
+        events, visits = tables["events"], tables["visits"]
         if events:
-            self._add_events(events, now_us)
-        visits = tables["visits"]
+            self._add_events(events, visits, now_us)
         if visits:
-            self.visits_by_device.add_all([row[_DEVICE] for row in visits])
+            self.visits_by_device.add_all(map(_get_device, visits))
             recent = visits[-LAGS_KEPT:]
             lags = [(row[_VISIT_INGESTED] - row[_VISIT_END]) / 1e6 for row in recent if row[_VISIT_END] is not None]
             self.lags_s = (self.lags_s + lags)[-LAGS_KEPT:]
         dead = tables["dead_letter"]
         if dead:
-            self.dead_letters_by_reason.add_all([row[_REASON] for row in dead])
+            self.dead_letters_by_reason.add_all(map(_get_reason, dead))
 
-    def _add_events(self, events: list[tuple[Any, ...]], now_us: int) -> None:
-        """One C-level pass counts (event type, minute, page) triples; the rest runs once per
-        distinct triple, so no Python code runs per event (``bench/bench_live.py`` measures it)."""
-        types = list(map(_get_type, events))
+    def _add_events(self, events: list[tuple[Any, ...]], visits: list[tuple[Any, ...]], now_us: int) -> None:
+        """One C-level pass counts (event type, minute, page) triples and one finds the purchases
+        with an amount; the rest runs once per distinct triple or purchase, so no Python code runs
+        per event (``bench/bench_live.py`` measures it)."""
         horizon = now_us + self.max_future_us
-        newest: int | None = max(map(_get_ts, events))
+        # the newest event is the newest visit end: one value per visit rather than per event
+        newest = max((end for end in map(_get_visit_end, visits) if end is not None), default=None)
         if newest is not None and newest > horizon:
             newest = max((ts for ts in map(_get_ts, events) if ts <= horizon), default=None)
         if newest is not None and (self.max_event_us is None or newest > self.max_event_us):
@@ -120,7 +123,7 @@ class LiveAggregates:
         first_open = self._oldest_open_start() // MINUTE_US
         last_allowed = horizon // MINUTE_US
         minutes = map(floordiv, map(_get_ts, events), repeat(MINUTE_US))
-        triples = Counter(zip(types, minutes, map(_get_page, events), strict=True))
+        triples = Counter(zip(map(_get_type, events), minutes, map(_get_page, events), strict=True))
         for (event_type, minute, page), n in triples.items():
             self.events_by_type.count(event_type, n)
             if event_type == "page_view":
@@ -128,11 +131,14 @@ class LiveAggregates:
                 if window is not None:
                     window.page_views += n
                     window.pages.count(page, n)
-        for row in compress(events, map(eq, types, repeat("purchase"))):
-            window = self._window(row[_EVENT_TS] // MINUTE_US, 1, first_open, last_allowed)
+            elif event_type == "purchase":
+                window = self._window(minute, n, first_open, last_allowed)
+                if window is not None:
+                    window.purchases += n
+        for row in compress(events, map(_get_amount, events)):  # only a purchase has an amount
+            window = self._window(row[_EVENT_TS] // MINUTE_US, 0, first_open, last_allowed)
             if window is not None:
-                window.purchases += 1
-                window.revenue += row[_AMOUNT] or 0.0
+                window.revenue += row[_AMOUNT]
         self._drop_old()
 
     def _window(self, minute: int, n: int, first_open: int, last_allowed: int) -> Minute | None:
