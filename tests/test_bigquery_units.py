@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from clickflow.api import Message
 from clickflow.parser import VisitParser
 from clickflow.schema import EVENTS, TABLES, VISITS
+from clickflow_bigquery.client import BigQueryError
 from clickflow_bigquery.load import LoadBatch, TableFile
 from clickflow_bigquery.quota import JobBudget
 from clickflow_bigquery.rows import ENCODERS, ROW_IDS, error_locations, timestamp
@@ -24,7 +25,7 @@ from clickflow_bigquery.streaming import (
     requests,
     settle,
 )
-from clickflow_bigquery.tables import schema_differences, table_resource
+from clickflow_bigquery.tables import ensure_dataset, schema_differences, table_resource
 from tests.conftest import VALID_VISIT
 
 
@@ -200,3 +201,36 @@ def test_a_row_too_large_for_any_request_becomes_a_too_large_dead_letter() -> No
     assert dead["dead_letter_id"] == f"visits/{big[0]}"
     assert "over max_request_bytes" in dead["error"] and len(dead["payload"]) <= 64 * 1024
     assert all(len(r.item) <= 2000 for rows_ in batch.pending.values() for r in rows_)
+
+
+class DatasetRights:
+    """BigQuery as seen by a service account with roles on one dataset only: it may read that
+    dataset, and any attempt to create a dataset is refused (403)."""
+
+    project = "p"
+
+    def __init__(self, existing: set[str]) -> None:
+        self.existing = existing
+        self.created: list[str] = []
+
+    async def get_dataset(self, dataset: str) -> dict[str, str]:
+        if dataset not in self.existing:
+            raise BigQueryError(404, "notFound", f"Dataset p:{dataset} not found")
+        return {"id": f"p:{dataset}"}
+
+    async def create_dataset(self, dataset: str) -> None:
+        if dataset in self.existing:
+            raise BigQueryError(403, "accessDenied", "User does not have bigquery.datasets.create permission")
+        self.created.append(dataset)
+
+
+def test_an_existing_dataset_is_not_created_again_so_dataset_level_rights_suffice() -> None:
+    client = DatasetRights({"clickstream"})
+    anyio.run(ensure_dataset, client, "clickstream")  # type: ignore[arg-type]
+    assert client.created == []
+
+
+def test_a_missing_dataset_is_created() -> None:
+    client = DatasetRights(set())
+    anyio.run(ensure_dataset, client, "clickstream")  # type: ignore[arg-type]
+    assert client.created == ["clickstream"]

@@ -106,6 +106,11 @@ class BigQueryClient:
 
     # datasets and tables
 
+    async def get_dataset(self, dataset: str) -> dict[str, Any]:
+        from gcloud.aio.bigquery import Dataset
+
+        return await self._managed(Dataset(dataset, **self._common()).get(timeout=TIMEOUT))
+
     async def create_dataset(self, dataset: str) -> None:
         body: dict[str, Any] = {"datasetReference": {"projectId": self.project, "datasetId": dataset}}
         if self.location:

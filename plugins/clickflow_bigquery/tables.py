@@ -63,16 +63,28 @@ def schema_differences(table: Table, found: dict[str, Any]) -> list[str]:
     return problems
 
 
+async def ensure_dataset(client: BigQueryClient, dataset: str) -> None:
+    """Create ``dataset`` if it does not exist. It is looked up first, so a service account granted
+    roles on the dataset alone (no project-wide ``bigquery.datasets.create``) can start."""
+    try:
+        await client.get_dataset(dataset)
+        return
+    except BigQueryError as exc:
+        if exc.status != 404:
+            raise
+    try:
+        await client.create_dataset(dataset)
+        log.info("created dataset %s.%s", client.project, dataset)
+    except BigQueryError as exc:
+        if exc.status != 409:  # created meanwhile by another worker
+            raise
+
+
 async def ensure_tables(client: BigQueryClient, dataset: str, names: dict[str, str], *, create: bool) -> list[str]:
     """Check the tables (``names`` maps clickflow's names to BigQuery's), creating what is missing
     if ``create``. Returns the tables created; raises SchemaMismatch listing every difference."""
     if create:
-        try:
-            await client.create_dataset(dataset)
-            log.info("created dataset %s.%s", client.project, dataset)
-        except BigQueryError as exc:
-            if exc.status != 409:
-                raise
+        await ensure_dataset(client, dataset)
     created, problems = [], []
     for name, table in TABLES.items():
         target = names[name]
