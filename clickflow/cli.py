@@ -172,7 +172,7 @@ def _run_on_beam(pipeline: Pipeline, runner: str, flags: tuple[str, ...], dry_ru
         return None
     summary = launch.run()
     if summary is None:
-        click.echo(f"clickflow: submitted to {launch.runner}; the streaming job runs until you drain or cancel it")
+        click.echo(f"clickflow: submitted to {launch.runner}; the job runs on without this process")
     return summary
 
 

@@ -271,6 +271,19 @@ def test_dataflow_flags_package_this_checkout_and_pass_options_through(launch: C
     )
 
 
+def test_a_dataflow_stream_or_template_is_left_running_and_a_batch_job_is_waited_for(
+    launch: Callable[..., Launch],
+) -> None:
+    batch = "sources: [{type: file, path: 'gs://b/*'}]\nsinks: [{type: bigquery_load, project: my-project, dataset: d}]"
+    stream = f"sources: [{{type: pubsub_pull, subscription: {SUBSCRIPTION}}}]\n" + batch.split("\n")[1]
+    template = "--template_location=gs://my-bucket/templates/job.json"  # what a Flex Template's launcher adds
+    assert not launch(batch, "dataflow", DATAFLOW).detached
+    assert launch(batch, "dataflow", [*DATAFLOW, template]).detached
+    assert launch(stream.replace("bigquery_load", "bigquery_streaming"), "dataflow", DATAFLOW).detached
+    local = "sources: [{type: file, path: x.jsonl}]\nsinks: [{type: duckdb, path: x.duckdb}]"
+    assert not launch(local, "beam", [template]).detached
+
+
 def test_a_package_given_by_the_user_is_kept(launch: Callable[..., Launch]) -> None:
     text = "sources: [{type: file, path: 'gs://b/*'}]\nsinks: [{type: bigquery_load, project: my-project, dataset: d}]"
     flags = launch(text, "dataflow", [*DATAFLOW, "--extra_package=/dist/clickflow-0.1.0-py3-none-any.whl"]).flags()

@@ -93,12 +93,19 @@ class Launch:
             _ = tables | f"Write {name}" >> write
         return pipeline
 
+    @property
+    def detached(self) -> bool:
+        """The job runs on Dataflow without this process: a stream, or a job written as a template
+        (``--template_location``, as a Flex Template's launcher asks) that Dataflow then starts."""
+        template = self.options.view_as(GoogleCloudOptions).template_location
+        return on_dataflow(self.options) and bool(self.options.view_as(StandardOptions).streaming or template)
+
     def run(self) -> RunSummary | None:
-        """Run and wait (a streaming Dataflow job is submitted and left running: None)."""
+        """Run and wait for the summary; None for a detached job, which is submitted and left running."""
         started = time.perf_counter()
         logging.getLogger("apache_beam").setLevel(max(logging.WARNING, logging.getLogger().level))
         result = self.build().run()
-        if on_dataflow(self.options) and self.options.view_as(StandardOptions).streaming:
+        if self.detached:
             return None
         result.wait_until_finish()
         summary = summary_of(result)
