@@ -18,7 +18,7 @@ from tests.emulators import CLICKFLOW, clickflow, free_port
 
 def test_local_pipeline_runs_to_completion(tmp_path: Path) -> None:
     db = tmp_path / "local.duckdb"
-    env = {"CLICKFLOW_VISITS": "2000", "CLICKFLOW_DUCKDB": str(db), "CLICKFLOW_MONITOR_PORT": str(free_port())}
+    env = {"CLICKFLOW_VISITS": "2000", "CLICKFLOW_DUCKDB": str(db), "PORT": str(free_port())}
     result = clickflow("run", "config/local.yaml", env=env)
     assert result.returncode == 0, result.stderr
     assert "messages" in result.stdout and "events/s" in result.stdout
