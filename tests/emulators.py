@@ -193,6 +193,19 @@ def ready(port: int) -> bool:
         return False
 
 
+def wait_until_quiet(ports: list[int], quiet: float, seconds: float = 180) -> None:
+    """Wait until the clickflow processes on ``ports`` received no new message for ``quiet`` seconds
+    (longer than the subscription's ack deadline: a dead worker's messages have been redelivered)."""
+    deadline = time.monotonic() + seconds
+    last, quiet_since = -1.0, time.monotonic()
+    while time.monotonic() - quiet_since < quiet:
+        assert time.monotonic() < deadline, "the workers never went quiet"
+        received = sum(metric(port, "clickflow_messages_received_total") for port in ports)
+        if received != last:
+            last, quiet_since = received, time.monotonic()
+        time.sleep(0.5)
+
+
 def wait_for(condition: Callable[[], bool], seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

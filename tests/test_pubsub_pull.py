@@ -14,7 +14,16 @@ import pytest
 from clickflow.config import Pipeline
 from clickflow.runtime import Runtime
 from tests.conftest import table_counts
-from tests.emulators import PubSubEmulator, clickflow, free_port, metric, simulated_visits, start_clickflow, wait_for
+from tests.emulators import (
+    PubSubEmulator,
+    clickflow,
+    free_port,
+    metric,
+    simulated_visits,
+    start_clickflow,
+    wait_for,
+    wait_until_quiet,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -113,14 +122,9 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(pubsub_emulator: PubSubEm
         first.kill()
         first.communicate()
     second = start_clickflow(pipeline, pubsub_emulator.host)
-    try:  # done once everything pulled is settled and nothing new arrived for a while
+    try:
         wait_for(lambda: metric(port, "clickflow_messages_received_total") > 0, 60)
-        last, quiet_since = -1.0, time.monotonic()
-        while time.monotonic() - quiet_since < 12:  # longer than the ack deadline: redeliveries are in
-            received = metric(port, "clickflow_messages_received_total")
-            if received != last:
-                last, quiet_since = received, time.monotonic()
-            time.sleep(0.5)
+        wait_until_quiet([port], quiet=12)
         second.send_signal(signal.SIGTERM)
     finally:
         _, stderr = second.communicate(timeout=60)
