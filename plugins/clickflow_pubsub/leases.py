@@ -1,4 +1,8 @@
-"""Bookkeeping of pulled messages until they are settled: flow control and lease extension."""
+"""Bookkeeping of pulled messages until they are settled: flow control and lease extension.
+
+A lease covers one pull's messages, which the pipeline settles together (its batch is acknowledged
+or handed back as a whole), so the bookkeeping costs one object per pull, not per message.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,11 @@ from dataclasses import dataclass
 import anyio
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Lease:
+    ack_ids: list[str]
     size: int
+    """Bytes of message data."""
     received: float
     extended: float
 
@@ -22,7 +28,8 @@ class Leases:
     def __init__(self, max_messages: int, max_bytes: int) -> None:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
-        self.active: dict[str, Lease] = {}
+        self.active: dict[Lease, None] = {}  # a set that keeps the oldest first
+        self.messages = 0
         self.bytes = 0
         self._freed = anyio.Event()
 
@@ -30,7 +37,7 @@ class Leases:
         """How many more messages may be pulled now (0 when either limit is reached)."""
         if self.bytes >= self.max_bytes:
             return 0
-        return max(0, self.max_messages - len(self.active))
+        return max(0, self.max_messages - self.messages)
 
     async def freed(self) -> None:
         """Wait until some lease is settled (every waiter wakes; check ``room()`` again)."""
@@ -38,26 +45,27 @@ class Leases:
             self._freed = anyio.Event()
         await self._freed.wait()
 
-    def add(self, ack_id: str, size: int) -> None:
-        # never extended yet: due at once, so the lease is ours (``ack_deadline``) within a second,
-        # whatever deadline the subscription itself has (it may be as short as 10s)
-        self.active[ack_id] = Lease(size, time.monotonic(), -math.inf)
+    def add(self, ack_ids: list[str], size: int) -> Lease:
+        """Hold one pull's messages. Never extended yet: due at once, so the lease is ours
+        (``ack_deadline``) within a second, whatever deadline the subscription has (maybe 10s)."""
+        lease = Lease(ack_ids, size, time.monotonic(), -math.inf)
+        self.active[lease] = None
+        self.messages += len(ack_ids)
         self.bytes += size
+        return lease
 
-    def remove(self, ack_ids: list[str]) -> list[Lease]:
-        removed = [lease for ack_id in ack_ids if (lease := self.active.pop(ack_id, None)) is not None]
-        self.bytes -= sum(lease.size for lease in removed)
+    def remove(self, lease: Lease) -> None:
+        if self.active.pop(lease, False) is None:
+            self.messages -= len(lease.ack_ids)
+            self.bytes -= lease.size
         self._freed.set()
-        return removed
 
     def due_for_extension(self, interval: float, max_lease: float) -> list[str]:
         """Ack ids last extended ``interval`` ago or more, and held for less than ``max_lease``."""
         now = time.monotonic()
-        due = [
-            ack_id
-            for ack_id, lease in self.active.items()
-            if now - lease.extended >= interval and now - lease.received < max_lease
-        ]
-        for ack_id in due:
-            self.active[ack_id].extended = now
+        due: list[str] = []
+        for lease in self.active:
+            if now - lease.extended >= interval and now - lease.received < max_lease:
+                due += lease.ack_ids
+                lease.extended = now
         return due
