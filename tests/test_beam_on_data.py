@@ -17,7 +17,7 @@ from clickflow.beam.transforms import parse
 from clickflow.parser import VisitParser
 from clickflow.schema import TABLE_NAMES
 from clickflow_bigquery.beam import as_json, refused_as_dead_letters
-from clickflow_bigquery.rows import JSON_OBJECTS
+from clickflow_bigquery.rows import ROW_ENCODERS
 from clickflow_pubsub.beam import message
 from clickflow_simulator.generator import VisitGenerator
 
@@ -32,7 +32,7 @@ def test_pubsub_messages_become_the_json_rows_bigquery_is_sent() -> None:
     payloads = list(VisitGenerator(seed=8, malformed_rate=0.2).messages(60))
     received = [PubsubMessage(data, {}, message_id=str(1000 + n)) for n, data in enumerate(payloads)]
     direct = VisitParser().parse([Message(m.data, m.message_id) for m in received], "pull", 0)
-    expected = {t: [without_wall_clock(JSON_OBJECTS[t](row)) for row in direct.tables[t]] for t in TABLE_NAMES}
+    expected = {t: [without_wall_clock(r) for r in ROW_ENCODERS[t].objects(direct.tables[t])] for t in TABLE_NAMES}
     assert all(expected.values()), "the sample should fill every table"
 
     with BeamTestPipeline(runner=BATCH_RUNNER) as pipeline:

@@ -108,7 +108,7 @@ def test_request_bodies_stay_within_limits_and_carry_the_rows_keys_as_insert_ids
     keys = {row["insertId"]: row["json"] for body in runs[0] for row in json.loads(body)["rows"]}
     visit = next(row for row in keys.values() if "visit_start" in row)
     assert keys[visit["visit_id"]] == visit
-    assert visit["visit_start"].endswith("+00:00")  # timestamps travel as strings
+    assert visit["visit_start"].endswith("Z")  # timestamps travel as RFC 3339 strings in UTC
 
 
 async def test_rows_bigquery_calls_invalid_go_to_dead_letter_with_its_message(bigquery_env: BigQueryEmulator) -> None:

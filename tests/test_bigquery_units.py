@@ -15,7 +15,7 @@ from clickflow.schema import EVENTS, TABLES, VISITS
 from clickflow_bigquery.client import BigQueryError
 from clickflow_bigquery.load import LoadBatch, TableFile
 from clickflow_bigquery.quota import JobBudget
-from clickflow_bigquery.rows import ENCODERS, ROW_IDS, error_locations, timestamp
+from clickflow_bigquery.rows import ROW_IDS, encode_row, error_locations, timestamp
 from clickflow_bigquery.streaming import (
     BigQueryStreamingOptions,
     EncodedRow,
@@ -97,9 +97,12 @@ def test_answers_sort_rows_into_confirmed_again_and_refused() -> None:
 
 
 def test_timestamps_are_utc_strings_exact_to_the_microsecond() -> None:
-    assert timestamp(1_719_824_400_123_456) == "2024-07-01T09:00:00.123456+00:00"
-    row = json.loads(ENCODERS["visits"](parsed(1).tables["visits"][0]))
-    assert row["visit_start"] == "2024-07-01T09:00:00+00:00"
+    assert timestamp(1_719_824_400_123_456) == "2024-07-01T09:00:00.123456Z"
+    assert timestamp(-1) == "1969-12-31T23:59:59.999999Z"
+    assert timestamp(-62_135_596_800_000_000) == "0001-01-01T00:00:00Z"
+    assert timestamp(253_402_300_799_999_999) == "9999-12-31T23:59:59.999999Z"
+    row = json.loads(encode_row("visits", parsed(1).tables["visits"][0]))
+    assert row["visit_start"] == "2024-07-01T09:00:00Z"
     assert row["visit_id"] == ROW_IDS["visits"](parsed(1).tables["visits"][0])
 
 

@@ -28,7 +28,7 @@ from apache_beam.pvalue import PCollection
 from clickflow.beam import BeamWrite, Tables
 from clickflow.schema import TABLES
 from clickflow_bigquery.common import BigQueryOptions
-from clickflow_bigquery.rows import JSON_OBJECTS, object_row_id, rejected_row
+from clickflow_bigquery.rows import ROW_ENCODERS, object_row_id, rejected_row
 from clickflow_bigquery.tables import table_resource
 
 DATA_TABLES = ("visits", "events", "purchase_items")
@@ -98,7 +98,7 @@ def refused_as_dead_letters(failed: PCollection[Any], table: str, sink: str) -> 
 
 def json_objects(rows: list[tuple[Any, ...]], table: str) -> Iterator[dict[str, Any]]:
     """A batch of one table's row tuples as the JSON objects ``WriteToBigQuery`` takes."""
-    return map(JSON_OBJECTS[table], rows)
+    return iter(ROW_ENCODERS[table].objects(rows))
 
 
 def refused_row(failed: tuple[str, dict[str, Any], list[Any]], table: str, sink: str) -> list[tuple[Any, ...]]:

@@ -41,7 +41,7 @@ from clickflow.schema import TABLE_NAMES
 from clickflow_bigquery.client import BigQueryError
 from clickflow_bigquery.common import BigQueryOptions, BigQuerySink
 from clickflow_bigquery.quota import JobBudget
-from clickflow_bigquery.rows import ENCODERS, ROW_IDS, error_locations, json_row_id, rejected_row
+from clickflow_bigquery.rows import ROW_ENCODERS, ROW_IDS, error_locations, json_row_id, rejected_row
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,9 @@ class TableFile:
         self.loaded = False
 
     def add(self, rows: list[tuple[Any, ...]]) -> None:
-        encode, key_of = ENCODERS[self.table], ROW_IDS[self.table]
-        self._append([encode(row) for row in rows], [key_of(row) for row in rows])
+        if rows:
+            key_of = ROW_IDS[self.table]
+            self._append(ROW_ENCODERS[self.table].lines(rows), [key_of(row) for row in rows])
 
     def _append(self, lines: list[bytes], keys: list[str]) -> None:
         if not lines:

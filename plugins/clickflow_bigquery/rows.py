@@ -9,46 +9,81 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
 
 from clickflow.schema import DEAD_LETTER, TABLES, Table
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EPOCH = datetime(1970, 1, 1)
 REASON_REJECTED = "bigquery_rejected"
 
-_encode = msgspec.json.Encoder().encode
+_encode_lines = msgspec.json.Encoder().encode_lines
+_SECONDS: dict[int, str] = {}
+_SECONDS_KEPT = 100_000
 
 
 def timestamp(microseconds: int) -> str:
-    return (EPOCH + timedelta(microseconds=microseconds)).isoformat()
+    """RFC 3339 in UTC, exact to the microsecond. A batch's times share few seconds (its ingestion
+    time above all), so each second's text is made once."""
+    seconds, fraction = divmod(microseconds, 1_000_000)
+    text = _SECONDS.get(seconds)
+    if text is None:
+        if len(_SECONDS) >= _SECONDS_KEPT:
+            _SECONDS.clear()
+        text = _SECONDS[seconds] = (EPOCH + timedelta(seconds=seconds)).isoformat()
+    return f"{text}.{fraction:06d}Z" if fraction else f"{text}Z"
 
 
-def json_object(table: Table) -> Callable[[tuple[Any, ...]], dict[str, Any]]:
-    """Turns one of the table's row tuples into the JSON object BigQuery takes."""
-    names = table.column_names
-    stamps = [i for i, c in enumerate(table.columns) if c.type == "TIMESTAMP"]
+class _Item(msgspec.Struct):
+    """An insertAll request's row: its id, then the row (``EncodedRow.json`` relies on the order)."""
 
-    def convert(row: tuple[Any, ...]) -> dict[str, Any]:
-        values = list(row)
-        for i in stamps:
-            if values[i] is not None:
-                values[i] = timestamp(values[i])
-        return dict(zip(names, values, strict=True))
-
-    return convert
+    insertId: str
+    json: Any
 
 
-def json_encoder(table: Table) -> Callable[[tuple[Any, ...]], bytes]:
-    """Encodes one of the table's row tuples as a JSON object (bytes)."""
-    convert = json_object(table)
-    return lambda row: _encode(convert(row))
+def _row_struct(table: Table) -> type[msgspec.Struct]:
+    """A struct with the table's columns as fields: built from a tuple in C, encoded as an object."""
+    return msgspec.defstruct(f"{table.name}_row", [(name, Any) for name in table.column_names])
 
 
-JSON_OBJECTS = {name: json_object(table) for name, table in TABLES.items()}
-ENCODERS = {name: json_encoder(table) for name, table in TABLES.items()}
+class RowEncoder:
+    """Encodes a table's row tuples as the JSON objects BigQuery takes, many rows per C call."""
+
+    def __init__(self, table: Table) -> None:
+        self.struct = _row_struct(table)
+        self.stamps = [i for i, c in enumerate(table.columns) if c.type == "TIMESTAMP"]
+        self.key_of = row_id(table)
+
+    def structs(self, rows: list[tuple[Any, ...]]) -> list[msgspec.Struct]:
+        make, stamps = self.struct, self.stamps
+        texts: dict[int | None, str | None] = {None: None}  # a batch repeats its times (ingestion above all)
+        out = []
+        for row in rows:
+            values = list(row)
+            for i in stamps:
+                us = values[i]
+                text = texts.get(us)
+                if text is None and us is not None:
+                    text = texts[us] = timestamp(us)
+                values[i] = text
+            out.append(make(*values))
+        return out
+
+    def lines(self, rows: list[tuple[Any, ...]]) -> list[bytes]:
+        """One JSON object per row (JSON text holds no raw newline, so the lines split exactly)."""
+        return _encode_lines(self.structs(rows)).split(b"\n")[:-1]
+
+    def items(self, rows: list[tuple[Any, ...]]) -> tuple[list[str], list[bytes]]:
+        """The rows' keys, and ``{"insertId": key, "json": row}`` for each."""
+        keys = [self.key_of(row) for row in rows]
+        items = [_Item(key, struct) for key, struct in zip(keys, self.structs(rows), strict=True)]
+        return keys, _encode_lines(items).split(b"\n")[:-1]
+
+    def objects(self, rows: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+        """The rows as dicts (Beam's ``WriteToBigQuery`` takes those)."""
+        return [msgspec.structs.asdict(struct) for struct in self.structs(rows)]
 
 
 def row_id(table: Table) -> Callable[[tuple[Any, ...]], str]:
@@ -61,16 +96,23 @@ def row_id(table: Table) -> Callable[[tuple[Any, ...]], str]:
 
 
 ROW_IDS = {name: row_id(table) for name, table in TABLES.items()}
+ROW_ENCODERS = {name: RowEncoder(table) for name, table in TABLES.items()}
+
+
+def encode_row(table: str, row: tuple[Any, ...]) -> bytes:
+    """One row's JSON object (for the odd row made alone, such as a dead letter)."""
+    (line,) = ROW_ENCODERS[table].lines([row])
+    return line
 
 
 def object_row_id(table: str) -> Callable[[dict[str, Any]], str]:
-    """The same id, for a row as a JSON object from ``JSON_OBJECTS`` (keys are never timestamps)."""
+    """The row's key, for a row as a JSON object (keys are never timestamps)."""
     names, row_id_of = TABLES[table].column_names, ROW_IDS[table]
     return lambda row: row_id_of(tuple(row.get(name) for name in names))
 
 
 def json_row_id(table: str) -> Callable[[bytes], str]:
-    """The same id, for a row already encoded by ``ENCODERS``."""
+    """The same key, for a row already encoded as a JSON object."""
     of_object = object_row_id(table)
     return lambda line: of_object(msgspec.json.decode(line))
 

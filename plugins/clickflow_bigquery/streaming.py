@@ -26,7 +26,7 @@ from clickflow.api import BatchLimits, RowBatch
 from clickflow.parser import REASON_TOO_LARGE
 from clickflow.schema import TABLE_NAMES
 from clickflow_bigquery.common import BigQueryOptions, BigQuerySink
-from clickflow_bigquery.rows import ENCODERS, ROW_IDS, rejected_row
+from clickflow_bigquery.rows import ROW_ENCODERS, encode_row, rejected_row
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,14 @@ class InsertBatch:
     def add(self, rows: RowBatch) -> None:
         limit = self.max_item_bytes
         for name, table_rows in rows.tables.items():
-            encode, key_of, pending = ENCODERS[name], ROW_IDS[name], self.pending[name]
-            for row in table_rows:
-                encoded = _encoded(key_of(row), encode(row))
-                if len(encoded.item) <= limit:
-                    pending.append(encoded)
+            if not table_rows:
+                continue
+            pending = self.pending[name]
+            for key, item in zip(*ROW_ENCODERS[name].items(table_rows), strict=True):
+                if len(item) <= limit:
+                    pending.append(EncodedRow(key, item))
                 else:
-                    self.pending["dead_letter"].append(self._too_large(name, encoded))
+                    self.pending["dead_letter"].append(self._too_large(name, EncodedRow(key, item)))
 
     def _too_large(self, table: str, row: EncodedRow) -> EncodedRow:
         row_json, kept = row.json, min(KEPT_OF_TOO_LARGE, self.max_item_bytes // 4)
@@ -93,7 +94,7 @@ class InsertBatch:
         log.warning("%s: %s row %s is too large for insertAll; sent to dead_letter", self.sink, table, row.key)
         now = time.time_ns() // 1000
         dead = rejected_row(table, row.key, row_json[:kept], error, self.sink, now, REASON_TOO_LARGE)
-        return _encoded(dead[0], ENCODERS["dead_letter"](dead))
+        return _encoded(dead[0], encode_row("dead_letter", dead))
 
     def __len__(self) -> int:
         return sum(map(len, self.pending.values())) + sum(self.written.values())
@@ -211,7 +212,7 @@ class BigQueryStreamingSink(BigQuerySink):
                     raise RuntimeError(f"BigQuery refused dead_letter row {row.key}: {error}")
                 log.warning("BigQuery refused %s row %s, sent to dead_letter: %s", table, row.key, error)
                 dead = rejected_row(table, row.key, row.json, error, self.name, now)
-                dead_letters.append(_encoded(dead[0], ENCODERS["dead_letter"](dead)))
+                dead_letters.append(_encoded(dead[0], encode_row("dead_letter", dead)))
         batch.pending["dead_letter"] += dead_letters
         if failures:
             raise failures[0]
