@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics import MetricWrapperBase
+if TYPE_CHECKING:  # prometheus_client is imported when a pipeline runs, not when plugins load
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics import MetricWrapperBase
 
-M = TypeVar("M", bound=MetricWrapperBase)
+M = TypeVar("M", bound="MetricWrapperBase")
 _SHARED: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, MetricWrapperBase]] = weakref.WeakKeyDictionary()
 
 
@@ -28,6 +29,8 @@ def shared_metric(
 
 class Metrics:
     def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.messages_received = Counter("clickflow_messages_received", "Raw messages received", ["source"], registry=r)

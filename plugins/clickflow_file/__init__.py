@@ -16,7 +16,6 @@ from pydantic import Field, PositiveInt
 
 from clickflow.api import Message, NoAck, Source, SourceContext, SourceOptions, valid_text
 from clickflow.hookspecs import hookimpl
-from clickflow_file import gcs
 from clickflow_file.reader import CountingReader, iter_messages
 
 
@@ -47,6 +46,8 @@ async def expand_paths(patterns: list[str], storage: Any = None) -> list[str]:
     files: list[str] = []
     for pattern in patterns:
         if pattern.startswith("gs://"):
+            from clickflow_file import gcs  # only for gs:// input: it brings gcloud-aio and anyio's threads
+
             files += await gcs.list_matching(storage, pattern)
         else:
             files += await anyio.to_thread.run_sync(expand_local, pattern)
@@ -69,6 +70,8 @@ class FileSource(Source):
         async with AsyncExitStack() as stack:
             storage: Any = None
             if any(p.startswith("gs://") for p in self.options.patterns()):
+                from clickflow_file import gcs
+
                 storage = await stack.enter_async_context(gcs.storage(self.options.service_file))
             files = await expand_paths(self.options.patterns(), storage)
             done_bytes = 0
@@ -98,6 +101,8 @@ async def _reader(path: str, storage: Any) -> AsyncIterator[CountingReader]:
     """A local file or a ``gs://`` object, opened in a thread (opening reads a first chunk)."""
     async with AsyncExitStack() as stack:
         if path.startswith("gs://"):
+            from clickflow_file import gcs
+
             stream = await stack.enter_async_context(gcs.download(storage, path))
             reader = await anyio.to_thread.run_sync(CountingReader, stream)
         else:
