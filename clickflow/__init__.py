@@ -1,1 +1,57 @@
-"""clickflow: ingest website clickstream data into analytic tables."""
+"""clickflow: ingest website clickstream data into analytic tables.
+
+This namespace is clickflow's public face: what a plugin author needs to write a source or a
+sink, and nothing else. The modules behind it (``clickflow.api``, ``clickflow.runtime``, ...)
+are internal and may change.
+"""
+
+from clickflow.api import (
+    Acknowledger,
+    AnySink,
+    AnySource,
+    BatchLimits,
+    Duration,
+    Handler,
+    Message,
+    NoAck,
+    RetryPolicy,
+    RowBatch,
+    Sink,
+    SinkBatch,
+    SinkContext,
+    SinkOptions,
+    Source,
+    SourceContext,
+    SourceOptions,
+)
+from clickflow.hookspecs import hookimpl
+from clickflow.schema import TABLE_NAMES, TABLES, Column, DeadLetterCol, EventCol, ItemCol, Table, VisitCol
+
+__all__ = [
+    "TABLES",
+    "TABLE_NAMES",
+    "Acknowledger",
+    "AnySink",
+    "AnySource",
+    "BatchLimits",
+    "Column",
+    "DeadLetterCol",
+    "Duration",
+    "EventCol",
+    "Handler",
+    "ItemCol",
+    "Message",
+    "NoAck",
+    "RetryPolicy",
+    "RowBatch",
+    "Sink",
+    "SinkBatch",
+    "SinkContext",
+    "SinkOptions",
+    "Source",
+    "SourceContext",
+    "SourceOptions",
+    "Table",
+    "VisitCol",
+    "hookimpl",
+]

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, Protocol, get_args
 
 from pydantic import (
     AfterValidator,
@@ -24,6 +24,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from typing_extensions import TypeVar
 
 from clickflow.schema import TABLE_NAMES, TABLES
 
@@ -215,15 +216,40 @@ class SourceContext(Protocol):
     def heartbeat(self, loop: str = "") -> None:
         """Prove a loop of the source is alive; feeds ``/healthz``. Name loops that run side by side."""
 
-    def progress(self, *, files_done: int = 0, files_total: int = 0, bytes_read: int = 0) -> None:
-        """Report cumulative batch progress for the terminal display."""
+    def progress(self, done: int, total: int | None = None, *, unit: str = "messages", bytes_read: int = 0) -> None:
+        """Report how far through its input the source is, for the terminal display: ``done`` of
+        ``total`` (None: unknown) things counted in ``unit`` (``files``, ``visits``), and bytes read."""
 
 
 Handler = Callable[["web.Request"], Awaitable["web.StreamResponse"]]
 
 
-class Source(abc.ABC):
-    """Produces raw messages. Finite sources return from ``run`` when exhausted."""
+SourceOptionsT = TypeVar("SourceOptionsT", bound=SourceOptions)
+SinkOptionsT = TypeVar("SinkOptionsT", bound=SinkOptions)
+BatchT = TypeVar("BatchT", bound=SinkBatch, default=RowBatch)
+
+
+OptionsT = TypeVar("OptionsT", bound=PluginOptions)
+
+
+def _options_argument(cls: type, base: type[OptionsT]) -> type[OptionsT] | None:
+    """The options class a plugin class names in its own generic base, e.g. ``Sink[MyOptions]``
+    (None for a subclass of a concrete plugin, which inherits its parent's or sets its own)."""
+    if "Options" in cls.__dict__:
+        return None
+    for parent in cls.__dict__.get("__orig_bases__", ()):
+        for argument in get_args(parent):
+            if isinstance(argument, type) and issubclass(argument, base):
+                return argument
+    return None
+
+
+class Source(abc.ABC, Generic[SourceOptionsT]):
+    """Produces raw messages. Finite sources return from ``run`` when exhausted.
+
+    Declare the options once, as the type argument: ``class MySource(Source[MySourceOptions])``
+    types ``self.options`` and sets ``Options``, the model the pipeline file is validated against.
+    """
 
     type_name: ClassVar[str]
     Options: ClassVar[type[SourceOptions]]
@@ -231,7 +257,13 @@ class Source(abc.ABC):
     """``module:Class`` of its Beam translation (a ``clickflow.beam.BeamRead``), imported only by
     ``clickflow run --runner beam|dataflow``; None means the source cannot run on Beam."""
 
-    def __init__(self, name: str, options: Any) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        options = _options_argument(cls, SourceOptions)
+        if options is not None:
+            cls.Options = options
+
+    def __init__(self, name: str, options: SourceOptionsT) -> None:
         self.name = name
         self.options = options
 
@@ -266,15 +298,26 @@ class SinkContext(Protocol):
     """Where a sink may register metrics of its own; served on ``/metrics``."""
 
 
-class Sink(abc.ABC):
-    """Writes row batches durably. ``write`` returning means the rows are stored."""
+class Sink(abc.ABC, Generic[SinkOptionsT, BatchT]):
+    """Writes row batches durably. ``write`` returning means the rows are stored.
+
+    ``class MySink(Sink[MySinkOptions])`` gathers rows in a ``RowBatch``; a sink that gathers them
+    its own way names its batch type too, ``Sink[MySinkOptions, MyBatch]``, and makes it in
+    ``new_batch``.
+    """
 
     type_name: ClassVar[str]
     Options: ClassVar[type[SinkOptions]]
     beam: ClassVar[str | None] = None
     """``module:Class`` of its Beam translation (a ``clickflow.beam.BeamWrite``); see ``Source.beam``."""
 
-    def __init__(self, name: str, options: Any) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        options = _options_argument(cls, SinkOptions)
+        if options is not None:
+            cls.Options = options
+
+    def __init__(self, name: str, options: SinkOptionsT) -> None:
         self.name = name
         self.options = options
 
@@ -282,8 +325,8 @@ class Sink(abc.ABC):
         """``(method, path, handler)`` to mount on the monitoring server, as ``Source.routes``."""
         return []
 
-    async def open(self) -> None:  # noqa: B027 - optional hook
-        """Connect and create tables; called once before the first write."""
+    async def open(self) -> None:
+        """Connect and create tables; called once, before the first ``new_batch``."""
 
     @asynccontextmanager
     async def lifespan(self, context: SinkContext) -> AsyncIterator[None]:
@@ -291,17 +334,24 @@ class Sink(abc.ABC):
         after the last write and before ``close``."""
         yield
 
-    def new_batch(self) -> SinkBatch:
-        """An empty batch to gather rows into; override to encode rows as they arrive."""
-        return RowBatch()
+    def new_batch(self) -> BatchT:
+        """An empty batch to gather rows into, made after ``open``. The default is a ``RowBatch``;
+        a sink with a batch type of its own makes it here."""
+        return RowBatch()  # type: ignore[return-value]  # BatchT is RowBatch unless overridden
 
     @abc.abstractmethod
-    async def write(self, batch: Any) -> None:
+    async def write(self, batch: BatchT) -> None:
         """Store every row of a batch from ``new_batch`` or raise.
 
         Returning means the rows are durable. Must be idempotent: rows seen before
         (same keys) are not stored twice.
         """
 
-    async def close(self) -> None:  # noqa: B027 - optional hook
+    async def close(self) -> None:
         """Release resources; called once, after the last write."""
+
+
+AnySource = Source[Any]
+"""A source of any options: what the registry and the runtime hold."""
+AnySink = Sink[Any, Any]
+"""A sink of any options and batch type."""

@@ -5,17 +5,18 @@ from __future__ import annotations
 import signal
 import sys
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import click
 
 from clickflow.config import ConfigError, Pipeline, load_pipeline
 from clickflow.logs import setup_logging
-from clickflow.plugins import PluginError, Registry, load_plugins
+from clickflow.plugins import PluginError, Registered, Registry, load_plugins
 
 if TYPE_CHECKING:  # the runtime is imported by the commands that run a pipeline, not by `validate`
-    from clickflow.runtime import RunSummary, Runtime
+    from clickflow.runtime import Runtime
+from clickflow.summary import RunSummary
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -199,7 +200,8 @@ def validate(pipelines: tuple[str, ...]) -> None:
 def list_plugins() -> None:
     """List every source and sink type, with the distribution that provides it and where it runs."""
     registry = _registry()
-    for kind, table in (("source", registry.sources), ("sink", registry.sinks)):
+    tables: list[tuple[str, dict[str, Registered[Any]]]] = [("source", registry.sources), ("sink", registry.sinks)]
+    for kind, table in tables:
         for name, registered in sorted(table.items()):
             doc = (registered.cls.__doc__ or "").strip().splitlines()[0:1]
             runners = "local,beam" if registered.cls.beam else "local"

@@ -14,14 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, PositiveInt, ValidationError
 
-from clickflow.api import Duration, PluginOptions, Sink, Source
+from clickflow.api import AnySink, AnySource, Duration, PluginOptions
 from clickflow.parser import MAX_MESSAGE_BYTES
-from clickflow.plugins import Registry
+from clickflow.plugins import Registered, Registry
 
 _VARIABLE = re.compile(r"\$(\$)?\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -55,20 +55,27 @@ class _PipelineFile(BaseModel):
     runtime: RuntimeOptions = RuntimeOptions()
 
 
+C = TypeVar("C", bound=AnySource | AnySink)
+
+
 @dataclass(frozen=True)
-class Component:
+class Component(Generic[C]):
     """One configured source or sink: its plugin class, unique name and validated options."""
 
-    cls: type[Source] | type[Sink]
+    cls: type[C]
     name: str
     options: PluginOptions
+
+    def build(self) -> C:
+        """The source or sink itself, ready to run."""
+        return self.cls(self.name, self.options)
 
 
 @dataclass(frozen=True)
 class Pipeline:
     path: str
-    sources: list[Component]
-    sinks: list[Component]
+    sources: list[Component[AnySource]]
+    sinks: list[Component[AnySink]]
     monitor: MonitorOptions | None
     runtime: RuntimeOptions
 
@@ -207,8 +214,8 @@ class _Document:
 
 
 def _component(
-    doc: _Document, kind: str, index: int, item: Any, known: Mapping[str, Any]
-) -> tuple[str, Component] | None:
+    doc: _Document, kind: str, index: int, item: Any, known: Mapping[str, Registered[C]]
+) -> tuple[str, Component[C]] | None:
     loc: Loc = (f"{kind}s", index)
     if not isinstance(item, dict):
         doc.problems.append(doc.problem(loc, f"each {kind} must be a mapping with a 'type' key"))
@@ -236,7 +243,7 @@ def _component(
 MONITOR_PATHS = ("/metrics", "/healthz", "/readyz")
 
 
-def _check_shared(doc: _Document, built: dict[str, list[tuple[str, Component]]], monitor: Any) -> None:
+def _check_shared(doc: _Document, built: dict[str, list[tuple[str, Component[Any]]]], monitor: Any) -> None:
     """What components must not share (paths on the server, files), and the server they need.
     Runs on a file whose items all validated, so ``built`` lines up with the file's items."""
     owners: dict[str, tuple[Loc, str]] = {f"HTTP path {path}": ((), "the monitoring server") for path in MONITOR_PATHS}
@@ -254,7 +261,7 @@ def _check_shared(doc: _Document, built: dict[str, list[tuple[str, Component]]],
                     doc.problems.append(doc.problem(loc, f"{resource} is already used by {owner}; give each its own"))
 
 
-def _unique(components: list[tuple[str, Component]], explicit: set[str]) -> list[Component]:
+def _unique(components: list[tuple[str, Component[C]]], explicit: set[str]) -> list[Component[C]]:
     seen: dict[str, int] = {}
     result = []
     for name, component in components:
@@ -280,29 +287,37 @@ def parse_pipeline(
             doc.problems.append(doc.problem(tuple(error["loc"]), message))
         raise ConfigError(doc.problems) from None
 
-    built: dict[str, list[tuple[str, Component]]] = {"source": [], "sink": []}
     explicit: set[str] = set()
-    for kind, items, known in (("source", top.sources, registry.sources), ("sink", top.sinks, registry.sinks)):
-        for index, item in enumerate(items):
-            result = _component(doc, kind, index, item, known)
-            if result is None:
-                continue
-            if "name" in item:
-                if result[0] in explicit:
-                    doc.problems.append(doc.problem((f"{kind}s", index, "name"), f"name {result[0]!r} is used twice"))
-                explicit.add(result[0])
-            built[kind].append(result)
+    sources = _components(doc, "source", top.sources, registry.sources, explicit)
+    sinks = _components(doc, "sink", top.sinks, registry.sinks, explicit)
     if not doc.problems:
-        _check_shared(doc, built, top.monitor)
+        _check_shared(doc, {"source": list(sources), "sink": list(sinks)}, top.monitor)
     if doc.problems:
         raise ConfigError(doc.problems)
     return Pipeline(
         path=path,
-        sources=_unique(built["source"], explicit),
-        sinks=_unique(built["sink"], explicit),
+        sources=_unique(sources, explicit),
+        sinks=_unique(sinks, explicit),
         monitor=top.monitor,
         runtime=top.runtime,
     )
+
+
+def _components(
+    doc: _Document, kind: str, items: list[Any], known: Mapping[str, Registered[C]], explicit: set[str]
+) -> list[tuple[str, Component[C]]]:
+    """The items of one section that validate, by name; ``explicit`` gathers the names given."""
+    built = []
+    for index, item in enumerate(items):
+        result = _component(doc, kind, index, item, known)
+        if result is None:
+            continue
+        if "name" in item:
+            if result[0] in explicit:
+                doc.problems.append(doc.problem((f"{kind}s", index, "name"), f"name {result[0]!r} is used twice"))
+            explicit.add(result[0])
+        built.append(result)
+    return built
 
 
 def load_pipeline(path: str | Path, registry: Registry, environ: Mapping[str, str] | None = None) -> Pipeline:

@@ -16,7 +16,7 @@ import anyio
 import anyio.abc
 from anyio.abc import ObjectReceiveStream
 
-from clickflow.api import Acknowledger, BatchLimits, RetryPolicy, RowBatch, Sink, SinkBatch
+from clickflow.api import Acknowledger, AnySink, BatchLimits, RetryPolicy, RowBatch, SinkBatch
 from clickflow.metrics import Metrics
 from clickflow.quarantine import Quarantine
 
@@ -97,7 +97,7 @@ class SinkWorker:
     """
 
     def __init__(
-        self, sink: Sink, limits: BatchLimits, retry: RetryPolicy, metrics: Metrics, quarantine: Quarantine
+        self, sink: AnySink, limits: BatchLimits, retry: RetryPolicy, metrics: Metrics, quarantine: Quarantine
     ) -> None:
         self.sink = sink
         self._limits = limits
@@ -106,7 +106,8 @@ class SinkWorker:
         self._quarantine = quarantine
         self._last_failure: str | None = None
         """Since the last successful write: "" after a failed batch, or the isolated message that failed."""
-        self._batch = sink.new_batch()
+        self._batch: SinkBatch | None = None
+        """Made by the sink when the first rows arrive: after ``open``, which may set up what it needs."""
         self._deliveries: list[Delivery] = []
         self._isolated: str | None = None
         self._spool_error: OSError | None = None
@@ -146,6 +147,8 @@ class SinkWorker:
         self._isolated = item.isolated
         self._deliveries.append(item.delivery)
         try:
+            if self._batch is None:
+                self._batch = self.sink.new_batch()
             self._batch.add(item.rows)
         except OSError as exc:  # e.g. a full disk under a spool: this batch cannot be written
             self._spool_error = exc
@@ -157,13 +160,14 @@ class SinkWorker:
             return
         await self._writing.acquire()
         batch, deliveries, isolated, spool_error = self._batch, self._deliveries, self._isolated, self._spool_error
-        self._batch, self._deliveries, self._rows, self._bytes = self.sink.new_batch(), [], 0, 0
+        self._batch, self._deliveries, self._rows, self._bytes = None, [], 0, 0
         self._isolated = self._spool_error = None
-        if spool_error is not None:
+        if batch is None or spool_error is not None:  # no batch: making it failed, with a spool error
             self._writing.release()
-            batch.discard()
+            if batch is not None:
+                batch.discard()
             self._metrics.write_failures.labels(self.sink.name).inc()
-            self._give_back(deliveries, spool_error, isolated)
+            self._give_back(deliveries, spool_error or OSError("the sink made no batch"), isolated)
             return
         writes.start_soon(self._write, batch, deliveries, isolated)
 

@@ -14,19 +14,19 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
-    from clickflow.api import Sink, Source
+    from clickflow.api import AnySink, AnySource
 
 hookspec = pluggy.HookspecMarker("clickflow")
 hookimpl = pluggy.HookimplMarker("clickflow")
 
 
 @hookspec
-def register_sources(register: Callable[[type[Source]], None]) -> None:
+def register_sources(register: Callable[[type[AnySource]], None]) -> None:
     """Register source classes by calling ``register(SourceClass)``."""
 
 
 @hookspec
-def register_sinks(register: Callable[[type[Sink]], None]) -> None:
+def register_sinks(register: Callable[[type[AnySink]], None]) -> None:
     """Register sink classes by calling ``register(SinkClass)``."""
 
 

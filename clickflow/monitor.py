@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from clickflow.api import Sink, Source
+from clickflow.api import AnySink, AnySource
 from clickflow.config import MonitorOptions
 from clickflow.runtime import Runtime
 
@@ -47,7 +47,7 @@ def build_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
-    components: list[Source | Sink] = [*runtime.sources, *runtime.sinks]
+    components: list[AnySource | AnySink] = [*runtime.sources, *runtime.sinks]
     for component in components:
         for method, path, handler in component.routes():
             app.router.add_route(method, path, handler)
@@ -70,7 +70,7 @@ async def serve(runtime: Runtime, options: MonitorOptions) -> AsyncIterator[str]
         host, port = runner.addresses[0][:2]
         url = f"http://{host}:{port}"
         log.info("monitoring on %s (/metrics /healthz /readyz)", url)
-        components: list[Source | Sink] = [*runtime.sources, *runtime.sinks]
+        components: list[AnySource | AnySink] = [*runtime.sources, *runtime.sinks]
         served = [path for c in components for _, path, _ in c.routes() if "{" not in path]
         for path in served:
             log.info("serving %s%s", url, path)

@@ -23,6 +23,7 @@ import msgspec
 from clickflow import fastpath
 from clickflow.api import Message, RowBatch
 from clickflow.fastpath import AddItemToCart, PageView, Purchase, WrappedVisit
+from clickflow.schema import EventCol
 
 REASON_TOO_LARGE = "too_large"
 REASON_INVALID_UTF8 = "invalid_utf8"
@@ -117,8 +118,8 @@ def _purchase_row(head: Row, order_id: str, amount: float | None, currency: Any,
 
 
 def _item_row(head: Row, index: int, order_id: str, product: Product) -> Row:
-    event_id, visit_id, session_id = head[0], head[1], head[2]
-    return (event_id, index, visit_id, order_id, session_id, *product, head[7])
+    event_id, visit_id, session_id = head[EventCol.event_id], head[EventCol.visit_id], head[EventCol.session_id]
+    return (event_id, index, visit_id, order_id, session_id, *product, head[EventCol.event_timestamp])
 
 
 def _str(value: Any) -> str | None:
@@ -333,7 +334,7 @@ class VisitParser:
             except EventRejected as exc:
                 rejected += 1
                 t["dead_letter"].append((
-                    head[0], now, source, message_id, index, exc.reason, f"event {index}: {exc.error}",
+                    head[EventCol.event_id], now, source, message_id, index, exc.reason, f"event {index}: {exc.error}",
                     _json_encode(element).decode(), "utf-8",
                 ))  # fmt: skip
                 continue

@@ -9,12 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Generic, TypeVar
 
 import pluggy
 
 from clickflow import hookspecs
-from clickflow.api import Sink, Source
+from clickflow.api import AnySink, AnySource, Sink, Source
 
 ENTRY_POINT_GROUP = "clickflow"
 
@@ -23,9 +23,12 @@ class PluginError(Exception):
     """A plugin could not be loaded or registered something invalid."""
 
 
+C = TypeVar("C", bound=AnySource | AnySink)
+
+
 @dataclass(frozen=True, slots=True)
-class Registered:
-    cls: type[Source] | type[Sink]
+class Registered(Generic[C]):
+    cls: type[C]
     distribution: str
 
 
@@ -34,23 +37,26 @@ class Registry:
     """Every source and sink type known to this process, by type name."""
 
     manager: pluggy.PluginManager
-    sources: dict[str, Registered] = field(default_factory=dict)
-    sinks: dict[str, Registered] = field(default_factory=dict)
+    sources: dict[str, Registered[AnySource]] = field(default_factory=dict)
+    sinks: dict[str, Registered[AnySink]] = field(default_factory=dict)
 
-    def source(self, type_name: str) -> type[Source]:
-        return self.sources[type_name].cls  # type: ignore[return-value]
+    def source(self, type_name: str) -> type[AnySource]:
+        return self.sources[type_name].cls
 
-    def sink(self, type_name: str) -> type[Sink]:
-        return self.sinks[type_name].cls  # type: ignore[return-value]
+    def sink(self, type_name: str) -> type[AnySink]:
+        return self.sinks[type_name].cls
 
 
-def _collector(table: dict[str, Registered], base: type[Any], distribution: str) -> Callable[[type[Any]], None]:
-    def register(cls: type[Any]) -> None:
+def _collector(table: dict[str, Registered[C]], base: type[C], distribution: str) -> Callable[[type[C]], None]:
+    def register(cls: type[C]) -> None:
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise PluginError(f"{distribution}: {cls!r} is not a {base.__name__} subclass")
         name = getattr(cls, "type_name", None)
         if not name:
             raise PluginError(f"{distribution}: {cls.__name__} has no type_name")
+        if getattr(cls, "Options", None) is None:
+            kind = base.__name__
+            raise PluginError(f"{distribution}: {cls.__name__} names no options: declare it as {kind}[ItsOptions]")
         if name in table and table[name].cls is not cls:
             other = table[name].distribution
             raise PluginError(f"{base.__name__.lower()} type {name!r} is registered by both {other} and {distribution}")
@@ -79,10 +85,10 @@ def load_plugins(extra: list[tuple[object, str]] | None = None) -> Registry:
     manager.check_pending()
 
     registry = Registry(manager)
-    for hook, table, base in (
-        (manager.hook.register_sources, registry.sources, Source),
-        (manager.hook.register_sinks, registry.sinks, Sink),
-    ):
-        for impl in hook.get_hookimpls():
-            impl.function(register=_collector(table, base, distributions.get(id(impl.plugin), "?")))
+    for impl in manager.hook.register_sources.get_hookimpls():
+        distribution = distributions.get(id(impl.plugin), "?")
+        impl.function(register=_collector(registry.sources, Source, distribution))
+    for impl in manager.hook.register_sinks.get_hookimpls():
+        distribution = distributions.get(id(impl.plugin), "?")
+        impl.function(register=_collector(registry.sinks, Sink, distribution))
     return registry

@@ -8,19 +8,25 @@ from typing import TextIO
 
 import anyio
 
-from clickflow.runtime import RunSummary, Runtime
+from clickflow.runtime import Runtime
+from clickflow.summary import Progress, RunSummary
 
 
 def _progress_line(runtime: Runtime, started: float) -> str:
     summary = runtime.summary
     elapsed = max(time.perf_counter() - started, 1e-9)
     parts = []
-    if runtime.progress:
-        done = sum(p.files_done for p in runtime.progress.values())
-        total = sum(p.files_total for p in runtime.progress.values())
-        megabytes = sum(p.bytes_read for p in runtime.progress.values()) / 1e6
-        parts.append(f"files {done}/{total}" if total else "")
-        parts.append(f"{megabytes:,.1f} MB")
+    units: dict[str, list[Progress]] = {}
+    for progress in runtime.progress.values():
+        units.setdefault(progress.unit, []).append(progress)
+    for unit, reports in units.items():
+        done = sum(p.done for p in reports)
+        totals = [p.total for p in reports]
+        known = None if None in totals else sum(t for t in totals if t is not None)
+        parts.append(f"{unit} {done:,}/{known:,}" if known is not None else f"{unit} {done:,}")
+    read = sum(p.bytes_read for p in runtime.progress.values())
+    if read:
+        parts.append(f"{read / 1e6:,.1f} MB")
     events = summary.rows["events"]
     parts.append(f"{sum(summary.messages.values()):,} messages")
     parts.append(f"{events:,} events")

@@ -15,19 +15,19 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections import Counter
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from clickflow.api import Acknowledger, Message, RowBatch, Sink, SinkOptions, Source
+from clickflow.api import Acknowledger, AnySink, AnySource, Message, RowBatch
 from clickflow.config import Pipeline
 from clickflow.delivery import Delivery, Parsed, SinkFailed, SinkWorker
 from clickflow.metrics import Metrics
 from clickflow.parser import VisitParser
 from clickflow.quarantine import Quarantine
+from clickflow.schema import DeadLetterCol
+from clickflow.summary import Progress, RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -59,36 +59,10 @@ class SourceFailed(PipelineError):
         self.cause = cause
 
 
-@dataclass
-class RunSummary:
-    messages: Counter[str] = field(default_factory=Counter)
-    """Messages received, per source."""
-    rows: Counter[str] = field(default_factory=Counter)
-    """Rows produced, per table (dead_letter included)."""
-    dead_letters: Counter[str] = field(default_factory=Counter)
-    """Dead letters, per reason."""
-    acknowledged: int = 0
-    not_acknowledged: int = 0
-    seconds: float = 0.0
-    unfinished: list[str] = field(default_factory=list)
-    """Finite sources that were stopped before the end of their input."""
-
-    @property
-    def events_per_second(self) -> float:
-        return self.rows["events"] / self.seconds if self.seconds else 0.0
-
-
-@dataclass
-class SourceProgress:
-    files_done: int = 0
-    files_total: int = 0
-    bytes_read: int = 0
-
-
 class _Context:
     """The ``SourceContext`` one source runs with."""
 
-    def __init__(self, runtime: Runtime, source: Source) -> None:
+    def __init__(self, runtime: Runtime, source: AnySource) -> None:
         self._runtime = runtime
         self._name = source.name
         self._send: MemoryObjectSendStream[RawBatch] | None = None
@@ -119,8 +93,8 @@ class _Context:
         self._runtime.heartbeats[f"{self._name}/{loop}" if loop else self._name] = now
         self._runtime.metrics.heartbeat.labels(self._name).set(now)
 
-    def progress(self, *, files_done: int = 0, files_total: int = 0, bytes_read: int = 0) -> None:
-        self._runtime.progress[self._name] = SourceProgress(files_done, files_total, bytes_read)
+    def progress(self, done: int, total: int | None = None, *, unit: str = "messages", bytes_read: int = 0) -> None:
+        self._runtime.progress[self._name] = Progress(done, total, unit, bytes_read)
 
 
 class Runtime:
@@ -129,12 +103,12 @@ class Runtime:
     def __init__(self, pipeline: Pipeline, metrics: Metrics | None = None) -> None:
         self.pipeline = pipeline
         self.metrics = metrics or Metrics()
-        self.sources: list[Source] = [c.cls(c.name, c.options) for c in pipeline.sources]  # type: ignore[misc]
-        self.sinks: list[Sink] = [c.cls(c.name, c.options) for c in pipeline.sinks]  # type: ignore[misc]
+        self.sources = [component.build() for component in pipeline.sources]
+        self.sinks = [component.build() for component in pipeline.sinks]
         self._contexts = {source.name: _Context(self, source) for source in self.sources}
         self.summary = RunSummary()
         self.heartbeats: dict[str, float] = {}
-        self.progress: dict[str, SourceProgress] = {}
+        self.progress: dict[str, Progress] = {}
         self.ready = False
         self._parser = VisitParser(pipeline.runtime.max_message_bytes)
         self._quarantine = Quarantine()
@@ -192,7 +166,7 @@ class Runtime:
         self.summary.seconds = time.perf_counter() - started
         return self.summary
 
-    async def _close(self, sink: Sink) -> None:
+    async def _close(self, sink: AnySink) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(30):
             try:
                 await sink.close()
@@ -220,9 +194,7 @@ class Runtime:
             for sink in self.sinks:
                 send, receive = anyio.create_memory_object_stream[Parsed](capacity)
                 sink_sends.append(send)
-                options = sink.options
-                assert isinstance(options, SinkOptions)
-                worker = SinkWorker(sink, options.batch, options.retry, self.metrics, self._quarantine)
+                worker = SinkWorker(sink, sink.options.batch, sink.options.retry, self.metrics, self._quarantine)
                 tg.start_soon(worker.run, receive)
             tg.start_soon(self._parse, raw_receive, sink_sends)
             tg.start_soon(self._run_sources, raw_send)
@@ -235,7 +207,7 @@ class Runtime:
                     for source in self.sources:
                         tg.start_soon(self._run_source, source, send.clone())
 
-    async def _run_source(self, source: Source, send: MemoryObjectSendStream[RawBatch]) -> None:
+    async def _run_source(self, source: AnySource, send: MemoryObjectSendStream[RawBatch]) -> None:
         context = self._contexts[source.name]
         async with send:
             context._send = send
@@ -268,7 +240,7 @@ class Runtime:
                     for table, table_rows in rows.tables.items():
                         summary.rows[table] += len(table_rows)
                     metrics.events_parsed.labels(delivery.source).inc(len(rows.tables["events"]))
-                    for reason in (row[5] for row in rows.tables["dead_letter"]):
+                    for reason in (row[DeadLetterCol.reason] for row in rows.tables["dead_letter"]):
                         summary.dead_letters[reason] += 1
                         metrics.dead_letters.labels(delivery.source, reason).inc()
                     parsed = Parsed(rows, delivery, sum(len(m.data) for m in part), isolated)

@@ -25,7 +25,8 @@ import pytest
 
 from clickflow.config import Pipeline, parse_pipeline
 from clickflow.plugins import Registry, load_plugins
-from clickflow.runtime import RunSummary, Runtime
+from clickflow.runtime import Runtime
+from clickflow.summary import RunSummary
 
 
 @pytest.fixture(scope="session")

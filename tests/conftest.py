@@ -15,7 +15,8 @@ import pytest
 import tests.fakes  # noqa: F401 - registered as a plugin by fake_registry
 from clickflow.config import Pipeline, parse_pipeline
 from clickflow.plugins import Registry, load_plugins
-from clickflow.runtime import RunSummary, Runtime
+from clickflow.runtime import Runtime
+from clickflow.summary import RunSummary
 
 pytest_plugins = ["tests.emulators", "tests.gcp_emulators"]
 

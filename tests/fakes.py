@@ -10,8 +10,9 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from clickflow.api import Message, RowBatch, Sink, SinkOptions, Source, SourceContext, SourceOptions
+from clickflow.api import AnySink, AnySource, Message, RowBatch, Sink, SinkOptions, Source, SourceContext, SourceOptions
 from clickflow.hookspecs import hookimpl
+from clickflow.schema import VisitCol
 
 
 @dataclass
@@ -34,11 +35,10 @@ class ScriptOptions(SourceOptions):
     redelivers: bool = False
 
 
-class ScriptSource(Source):
+class ScriptSource(Source[ScriptOptions]):
     """Emits numbered valid visits; records one acknowledger per batch in ``acks``."""
 
     type_name = "script"
-    Options = ScriptOptions
     acks: list[RecordingAck] = []  # noqa: RUF012 - shared with the test on purpose
     emitted: list[int] = []  # noqa: RUF012
     _waiting: tuple[int, anyio.Event] | None = None
@@ -72,11 +72,10 @@ class RedeliveringOptions(SourceOptions):
     per_batch: int = 5
 
 
-class RedeliveringSource(Source):
+class RedeliveringSource(Source[RedeliveringOptions]):
     """Like Pub/Sub: what is nacked comes back in a later batch; ends once everything is acked."""
 
     type_name = "redelivering"
-    Options = RedeliveringOptions
     deliveries = 0
 
     async def run(self, context: SourceContext) -> None:
@@ -118,9 +117,8 @@ class FailingSourceOptions(SourceOptions):
     pass
 
 
-class FailingSource(Source):
+class FailingSource(Source[FailingSourceOptions]):
     type_name = "failing"
-    Options = FailingSourceOptions
 
     async def run(self, context: SourceContext) -> None:
         raise FileNotFoundError("no such file: visits.jsonl")
@@ -142,11 +140,10 @@ class TrackedBatch(RowBatch):
         self.discarded += 1
 
 
-class MemorySink(Sink):
+class MemorySink(Sink[MemoryOptions, TrackedBatch]):
     """Keeps written batches in ``writes``; can fail its first writes or wait for ``gate``."""
 
     type_name = "memory"
-    Options = MemoryOptions
     writes: list[tuple[str, RowBatch]] = []  # noqa: RUF012
     gate: anyio.Event | None = None
     written: anyio.Event | None = None
@@ -156,12 +153,13 @@ class MemorySink(Sink):
     def new_batch(self) -> TrackedBatch:
         return TrackedBatch()
 
-    async def write(self, batch: RowBatch) -> None:
+    async def write(self, batch: TrackedBatch) -> None:
         MemorySink.attempts += 1
         if MemorySink.attempts <= self.options.fail_first:
             raise ConnectionError(f"sink unavailable (attempt {MemorySink.attempts})")
-        if self.options.poison and any(row[12] == self.options.poison for row in batch.tables["visits"]):
-            raise ValueError(f"cannot store message {self.options.poison}")
+        poison = self.options.poison
+        if poison and any(row[VisitCol.message_id] == poison for row in batch.tables["visits"]):
+            raise ValueError(f"cannot store message {poison}")
         if self.options.gated:
             assert MemorySink.gate is not None
             await MemorySink.gate.wait()
@@ -177,14 +175,14 @@ def reset() -> None:
 
 
 @hookimpl
-def register_sources(register: Callable[[type[Source]], None]) -> None:
+def register_sources(register: Callable[[type[AnySource]], None]) -> None:
     register(ScriptSource)
     register(FailingSource)
     register(RedeliveringSource)
 
 
 @hookimpl
-def register_sinks(register: Callable[[type[Sink]], None]) -> None:
+def register_sinks(register: Callable[[type[AnySink]], None]) -> None:
     register(MemorySink)
 
 

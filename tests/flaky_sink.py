@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from clickflow.api import Sink
+from clickflow.api import AnySink
 from clickflow.hookspecs import hookimpl
 from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions
 from clickflow_duckdb.spool import JsonSpool
@@ -16,7 +16,7 @@ class FlakyOptions(DuckDBSinkOptions):
 
 class FlakyDuckDBSink(DuckDBSink):
     type_name = "flaky_duckdb"
-    Options = FlakyOptions
+    Options = FlakyOptions  # a concrete sink's subclass narrows its options explicitly
     options: FlakyOptions
     attempts = 0
 
@@ -28,5 +28,5 @@ class FlakyDuckDBSink(DuckDBSink):
 
 
 @hookimpl
-def register_sinks(register: Callable[[type[Sink]], None]) -> None:
+def register_sinks(register: Callable[[type[AnySink]], None]) -> None:
     register(FlakyDuckDBSink)

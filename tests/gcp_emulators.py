@@ -22,12 +22,12 @@ from typing import Any
 import anyio
 import pytest
 
-from clickflow.api import Message, RowBatch, Sink, SinkBatch
+from clickflow.api import AnySink, Message, RowBatch, SinkBatch
 from clickflow.config import parse_pipeline
 from clickflow.parser import VisitParser
 from clickflow.plugins import load_plugins
 from clickflow.runtime import Runtime
-from clickflow.schema import EVENTS
+from clickflow.schema import EventCol
 from clickflow_bigquery.client import BigQueryClient
 from clickflow_simulator import VisitGenerator
 from tests.conftest import FIXTURES, VALID_VISIT, files_into, table_counts
@@ -165,12 +165,12 @@ def visits_with_a_bad_event(event: int) -> RowBatch:
     messages = [Message(json.dumps(VALID_VISIT).encode(), f"m{i}") for i in range(3)]
     rows = VisitParser().parse(messages, "test", 1_719_824_400_000_000)
     bad = list(rows.tables["events"][event])
-    bad[EVENTS.index("event_index")] = "not a number"
+    bad[EventCol.event_index] = "not a number"
     rows.tables["events"][event] = tuple(bad)
     return rows
 
 
-async def write_one_batch(sink: Sink, rows: RowBatch) -> SinkBatch:
+async def write_one_batch(sink: AnySink, rows: RowBatch) -> SinkBatch:
     """Open the sink, write ``rows`` as one batch, close it; the batch is returned for its counts."""
     await sink.open()
     try:

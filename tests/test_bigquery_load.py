@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from clickflow.config import Pipeline
-from clickflow.runtime import RunSummary
+from clickflow.summary import RunSummary
 from clickflow_bigquery.load import BigQueryLoadOptions, BigQueryLoadSink
 from tests.conftest import files_into
 from tests.gcp_emulators import (

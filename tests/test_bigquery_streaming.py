@@ -12,7 +12,8 @@ import pytest
 
 from clickflow.config import Pipeline
 from clickflow.parser import visit_id_for
-from clickflow.runtime import PipelineError, RunSummary
+from clickflow.runtime import PipelineError
+from clickflow.summary import RunSummary
 from clickflow_bigquery.streaming import BigQueryStreamingOptions, BigQueryStreamingSink
 from tests.conftest import files_into
 from tests.faults import FaultyProxy

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from clickflow.config import Pipeline
-from clickflow.runtime import RunSummary, SourceFailed
+from clickflow.runtime import SourceFailed
+from clickflow.summary import RunSummary
 from clickflow_file.gcs import matches
 from tests.conftest import files_into, table_counts
 from tests.emulators import clickflow

@@ -8,7 +8,7 @@ import pytest
 
 from clickflow.api import Message
 from clickflow.parser import VisitParser
-from clickflow.schema import EVENTS, VISITS
+from clickflow.schema import EVENTS, VISITS, EventCol, VisitCol
 from clickflow_live.alerts import AlertRule, Alerts
 from clickflow_live.windows import MINUTE_US, OTHER, LiveAggregates
 from clickflow_simulator.generator import Spike, VisitGenerator
@@ -19,8 +19,8 @@ FAR_FUTURE = 2**62
 
 def page_view(ts_us: int, page: str = "https://e.com/a") -> tuple[object, ...]:
     row: list[object] = [None] * len(EVENTS.columns)
-    row[EVENTS.index("event_type")], row[EVENTS.index("event_timestamp")] = "page_view", ts_us
-    row[EVENTS.index("page_url")] = page
+    row[EventCol.event_type], row[EventCol.event_timestamp] = "page_view", ts_us
+    row[EventCol.page_url] = page
     return tuple(row)
 
 
@@ -29,9 +29,9 @@ def as_parsed(events: list[tuple[object, ...]]) -> dict[str, list[tuple[object, 
     visits = []
     for event in events:
         visit: list[object] = [None] * len(VISITS.columns)
-        ts = event[EVENTS.index("event_timestamp")]
-        visit[VISITS.index("visit_start")] = visit[VISITS.index("visit_end")] = ts
-        visit[VISITS.index("ingested_at")] = ts
+        ts = event[EventCol.event_timestamp]
+        visit[VisitCol.visit_start] = visit[VisitCol.visit_end] = ts
+        visit[VisitCol.ingested_at] = ts
         visits.append(tuple(visit))
     return {"events": events, "visits": visits, "dead_letter": [], "purchase_items": []}
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from clickflow.api import Sink
+from clickflow.api import AnySink, RowBatch, Sink, SinkOptions
 from clickflow.hookspecs import hookimpl
 from clickflow.plugins import PluginError, Registry, load_plugins
+from clickflow.schema import TABLE_NAMES
 from tests.conftest import REPO
 from tests.emulators import clickflow
 
@@ -37,11 +38,53 @@ def test_builtins_are_registered_through_entry_points(registry: Registry) -> Non
 def test_a_plugin_registering_something_else_is_an_error() -> None:
     class Broken:
         @hookimpl
-        def register_sinks(self, register: Callable[[type[Sink]], None]) -> None:
+        def register_sinks(self, register: Callable[[type[AnySink]], None]) -> None:
             register(dict)  # type: ignore[arg-type]
 
     with pytest.raises(PluginError, match="broken-dist: <class 'dict'> is not a Sink subclass"):
         load_plugins(extra=[(Broken(), "broken-dist")])
+
+
+class CountOptions(SinkOptions):
+    limit: int = 1
+
+
+class CountSink(Sink[CountOptions]):
+    type_name = "count"
+
+    async def write(self, batch: RowBatch) -> None:
+        pass
+
+
+def test_a_plugins_type_argument_is_its_options_model_and_subclasses_inherit_or_override_it() -> None:
+    class MoreOptions(CountOptions):
+        more: bool = True
+
+    class Inheriting(CountSink):
+        pass
+
+    class Overriding(CountSink):
+        Options = MoreOptions
+
+    assert CountSink.Options is CountOptions
+    assert Inheriting.Options is CountOptions and Overriding.Options is MoreOptions
+    assert CountSink("c", CountOptions()).new_batch().counts() == dict.fromkeys(TABLE_NAMES, 0)
+
+
+def test_a_plugin_class_without_options_is_refused_with_the_fix() -> None:
+    class Bare(Sink):  # type: ignore[type-arg]
+        type_name = "bare"
+
+        async def write(self, batch: RowBatch) -> None:
+            pass
+
+    class Registers:
+        @hookimpl
+        def register_sinks(self, register: Callable[[type[AnySink]], None]) -> None:
+            register(Bare)
+
+    with pytest.raises(PluginError, match=r"bare-dist: Bare names no options: declare it as Sink\[ItsOptions\]"):
+        load_plugins(extra=[(Registers(), "bare-dist")])
 
 
 def test_a_misspelled_hook_is_an_error() -> None:
@@ -87,7 +130,7 @@ def test_a_pipeline_can_use_the_installed_plugin(example_plugin: dict[str, str],
 def test_plugin_authors_get_pytest_fixtures(
     clickflow_pipeline: Callable[..., object], clickflow_run: Callable[[object], object], tmp_path: Path
 ) -> None:
-    from clickflow.runtime import RunSummary
+    from clickflow.summary import RunSummary
 
     summary = clickflow_run(clickflow_pipeline(
         "sources: [{type: simulator, count: 50, seed: 1}]\n"

@@ -18,7 +18,7 @@ import pytest
 
 from clickflow.api import Message, RowBatch
 from clickflow.parser import VisitParser
-from clickflow.schema import EVENTS, VISITS
+from clickflow.schema import EVENTS, VISITS, EventCol
 from clickflow_bigquery.streaming import BigQueryStreamingOptions, BigQueryStreamingSink
 from clickflow_simulator import VisitGenerator
 from tests.conftest import REPO
@@ -50,7 +50,7 @@ def rows(bigquery_emulator: BigQueryEmulator) -> RowBatch:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("BIGQUERY_EMULATOR_HOST", bigquery_emulator.host)
         anyio.run(write)
-    latest = max(row[EVENTS.index("event_timestamp")] for row in parsed.tables["events"])
+    latest = max(row[EventCol.event_timestamp] for row in parsed.tables["events"])
     assert latest < (time.time() + 60) * 1e6, "all events must fall in the real-time windows"
     return parsed
 
@@ -61,7 +61,7 @@ def column(table: Any, rows: list[tuple[Any, ...]], name: str) -> list[Any]:
 
 
 def page_views(rows: RowBatch) -> list[tuple[Any, ...]]:
-    return [r for r in rows.tables["events"] if r[EVENTS.index("event_type")] == "page_view"]
+    return [r for r in rows.tables["events"] if r[EventCol.event_type] == "page_view"]
 
 
 def test_visits_by_page(bigquery_emulator: BigQueryEmulator, rows: RowBatch) -> None:

@@ -36,7 +36,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 from apache_beam.runners.runner import PipelineResult
 
 import clickflow
-from clickflow.api import Sink, Source
+from clickflow.api import AnySink, AnySource
 from clickflow.beam.transforms import (
     DATAFLOW_RUNNER,
     METRICS_NAMESPACE,
@@ -47,8 +47,8 @@ from clickflow.beam.transforms import (
     parse,
 )
 from clickflow.config import Pipeline
-from clickflow.runtime import RunSummary
 from clickflow.schema import TABLE_NAMES
+from clickflow.summary import RunSummary
 
 BATCH_RUNNER = "FnApiRunner"
 STREAMING_RUNNER = "BundleBasedDirectRunner"
@@ -132,7 +132,9 @@ def prepare(pipeline: Pipeline, runner: str, flags: Sequence[str]) -> Launch:
     return Launch(options, reads, writes)
 
 
-def _translation(cls: type[Source] | type[Sink], name: str, options: Any, base: type[Any], problems: list[str]) -> Any:
+def _translation(
+    cls: type[AnySource] | type[AnySink], name: str, options: Any, base: type[Any], problems: list[str]
+) -> Any:
     kind = "source" if base is BeamRead else "sink"
     if cls.beam is None:
         problems.append(f"{kind} {name!r}: type {cls.type_name!r} has no Beam translation; run it with --runner local")

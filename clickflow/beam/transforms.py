@@ -11,9 +11,9 @@ from apache_beam.metrics.metric import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.pvalue import PBegin, PCollection, TaggedOutput
 
-from clickflow.api import Message, Sink, Source
+from clickflow.api import AnySink, AnySource, Message
 from clickflow.parser import VisitParser
-from clickflow.schema import DEAD_LETTER, TABLE_NAMES
+from clickflow.schema import TABLE_NAMES, DeadLetterCol
 
 Row = tuple[Any, ...]
 Messages = PCollection[list[tuple[str, bytes]]]
@@ -24,7 +24,6 @@ Tables = dict[str, PCollection[list[Row]]]
 DATAFLOW_RUNNER = "DataflowRunner"
 METRICS_NAMESPACE = "clickflow"
 """Counters ``messages:SOURCE``, ``rows:TABLE`` and ``dead_letter:REASON``, read into the run's summary."""
-REASON = DEAD_LETTER.index("reason")
 
 
 def on_dataflow(options: PipelineOptions) -> bool:
@@ -38,7 +37,7 @@ class BeamRead(beam.PTransform[PBegin, Messages]):
     streaming: ClassVar[bool] = False
     """True for unbounded sources: the pipeline runs in Beam's streaming mode."""
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: AnySource) -> None:
         super().__init__()
         self.source = source
 
@@ -50,7 +49,7 @@ class BeamRead(beam.PTransform[PBegin, Messages]):
 class BeamWrite(beam.PTransform[Tables, None]):
     """A sink on Beam: writes the four tables."""
 
-    def __init__(self, sink: Sink) -> None:
+    def __init__(self, sink: AnySink) -> None:
         super().__init__()
         self.sink = sink
 
@@ -84,7 +83,7 @@ class ParseVisits(beam.DoFn):
                 self.rows[table].inc(len(table_rows))
                 yield TaggedOutput(table, table_rows)
         for row in rows.tables["dead_letter"]:
-            Metrics.counter(METRICS_NAMESPACE, f"dead_letter:{row[REASON]}").inc()
+            Metrics.counter(METRICS_NAMESPACE, f"dead_letter:{row[DeadLetterCol.reason]}").inc()
 
 
 def parse(messages: Messages, source: str) -> Tables:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import anyio
 import click
 
-from clickflow.api import Sink
+from clickflow.api import AnySink
 from clickflow.hookspecs import hookimpl
 from clickflow_bigquery.common import BigQueryOptions, BigQuerySink
 from clickflow_bigquery.load import BigQueryLoadSink
@@ -23,7 +23,7 @@ __all__ = ["BigQueryLoadSink", "BigQueryStreamingSink"]
 
 
 @hookimpl
-def register_sinks(register: Callable[[type[Sink]], None]) -> None:
+def register_sinks(register: Callable[[type[AnySink]], None]) -> None:
     register(BigQueryStreamingSink)
     register(BigQueryLoadSink)
 

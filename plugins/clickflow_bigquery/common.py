@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from pydantic import Field, field_validator
 
-from clickflow.api import Sink, SinkOptions
+from clickflow.api import Sink, SinkBatch, SinkOptions
 from clickflow.schema import TABLE_NAMES
 from clickflow_bigquery.client import BigQueryClient
 from clickflow_bigquery.tables import ensure_tables
@@ -33,10 +35,13 @@ class BigQueryOptions(SinkOptions):
         return {name: self.tables.get(name, self.table_prefix + name) for name in TABLE_NAMES}
 
 
-class BigQuerySink(Sink):
+OptionsT = TypeVar("OptionsT", bound=BigQueryOptions)
+BatchT = TypeVar("BatchT", bound=SinkBatch)
+
+
+class BigQuerySink(Sink[OptionsT, BatchT]):
     """Opens a client and makes sure the tables are there and match."""
 
-    options: BigQueryOptions
     beam = "clickflow_bigquery.beam:WriteBigQuery"
 
     async def open(self) -> None:

@@ -144,12 +144,10 @@ class LoadJobFailed(Exception):
     """A load job failed without naming the rows at fault."""
 
 
-class BigQueryLoadSink(BigQuerySink):
+class BigQueryLoadSink(BigQuerySink[BigQueryLoadOptions, LoadBatch]):
     """Loads each batch with one load job per table."""
 
     type_name = "bigquery_load"
-    Options = BigQueryLoadOptions
-    options: BigQueryLoadOptions
 
     async def open(self) -> None:
         await super().open()

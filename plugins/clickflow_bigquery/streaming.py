@@ -24,7 +24,7 @@ from pydantic import ByteSize, Field, PositiveInt
 
 from clickflow.api import BatchLimits, RowBatch
 from clickflow.parser import REASON_TOO_LARGE
-from clickflow.schema import TABLE_NAMES
+from clickflow.schema import TABLE_NAMES, DeadLetterCol
 from clickflow_bigquery.common import BigQueryOptions, BigQuerySink
 from clickflow_bigquery.rows import ROW_ENCODERS, encode_row, rejected_row
 
@@ -94,7 +94,7 @@ class InsertBatch:
         log.warning("%s: %s row %s is too large for insertAll; sent to dead_letter", self.sink, table, row.key)
         now = time.time_ns() // 1000
         dead = rejected_row(table, row.key, row_json[:kept], error, self.sink, now, REASON_TOO_LARGE)
-        return _encoded(dead[0], encode_row("dead_letter", dead))
+        return _encoded(dead[DeadLetterCol.dead_letter_id], encode_row("dead_letter", dead))
 
     def __len__(self) -> int:
         return sum(map(len, self.pending.values())) + sum(self.written.values())
@@ -162,12 +162,10 @@ def settle(rows: list[EncodedRow], answer: dict[str, object]) -> Outcome:
     return outcome
 
 
-class BigQueryStreamingSink(BigQuerySink):
+class BigQueryStreamingSink(BigQuerySink[BigQueryStreamingOptions, InsertBatch]):
     """Streams rows into BigQuery with ``insertAll``."""
 
     type_name = "bigquery_streaming"
-    Options = BigQueryStreamingOptions
-    options: BigQueryStreamingOptions
 
     def new_batch(self) -> InsertBatch:
         overhead = len(_BODY_START) + len(_BODY_END) + 1
@@ -212,7 +210,7 @@ class BigQueryStreamingSink(BigQuerySink):
                     raise RuntimeError(f"BigQuery refused dead_letter row {row.key}: {error}")
                 log.warning("BigQuery refused %s row %s, sent to dead_letter: %s", table, row.key, error)
                 dead = rejected_row(table, row.key, row.json, error, self.name, now)
-                dead_letters.append(_encoded(dead[0], encode_row("dead_letter", dead)))
+                dead_letters.append(_encoded(dead[DeadLetterCol.dead_letter_id], encode_row("dead_letter", dead)))
         batch.pending["dead_letter"] += dead_letters
         if failures:
             raise failures[0]

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import anyio
 from pydantic import Field
 
-from clickflow.api import BatchLimits, Sink, SinkOptions
+from clickflow.api import AnySink, BatchLimits, Sink, SinkOptions
 from clickflow.hookspecs import hookimpl
 from clickflow.schema import TABLES, Column, ColumnType, Table
 from clickflow_duckdb.spool import JsonSpool
@@ -97,12 +97,10 @@ def select_spooled(table: Table, path: str) -> str:
     return f"SELECT {', '.join(columns)} FROM {source}"
 
 
-class DuckDBSink(Sink):
+class DuckDBSink(Sink[DuckDBSinkOptions, JsonSpool]):
     """Writes the four tables into a local DuckDB file, idempotently."""
 
     type_name = "duckdb"
-    Options = DuckDBSinkOptions
-    options: DuckDBSinkOptions
     beam = "clickflow_duckdb.beam:WriteDuckDB"
 
     _connection: duckdb.DuckDBPyConnection | None = None
@@ -216,5 +214,5 @@ def spool_directory(database: str) -> str:
 
 
 @hookimpl
-def register_sinks(register: Callable[[type[Sink]], None]) -> None:
+def register_sinks(register: Callable[[type[AnySink]], None]) -> None:
     register(DuckDBSink)

@@ -16,15 +16,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import apache_beam as beam
-import msgspec
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from clickflow.beam import BeamWrite, Tables, on_dataflow
 from clickflow.schema import TABLE_NAMES
 from clickflow_duckdb import DuckDBSinkOptions, load_files, spool_directory
+from clickflow_duckdb.spool import encode_lines
 
 SHARDS = "beam"
-_encode_lines = msgspec.json.Encoder().encode_lines
 
 
 class WriteDuckDB(BeamWrite):
@@ -42,7 +41,7 @@ class WriteDuckDB(BeamWrite):
         for table in TABLE_NAMES:
             _ = (
                 tables[table]
-                | f"Encode {table}" >> beam.Map(encode_lines)
+                | f"Encode {table}" >> beam.Map(shard_lines)
                 | f"Write {table}"
                 >> beam.io.WriteToText(os.path.join(self.shards, table), ".ndjson", coder=beam.coders.BytesCoder())
             )
@@ -53,6 +52,6 @@ class WriteDuckDB(BeamWrite):
         shutil.rmtree(self.spool)
 
 
-def encode_lines(rows: list[tuple[Any, ...]]) -> bytes:
+def shard_lines(rows: list[tuple[Any, ...]]) -> bytes:
     """A batch of rows as spool lines, less the last newline (Beam adds one per element)."""
-    return _encode_lines(rows)[:-1]
+    return encode_lines(rows)[:-1]

@@ -16,9 +16,11 @@ from typing import Any, BinaryIO
 import msgspec
 
 from clickflow.api import RowBatch
-from clickflow.schema import TABLE_NAMES
+from clickflow.schema import TABLE_NAMES, DeadLetterCol, EventCol, ItemCol, VisitCol
 
-_encode_lines = msgspec.json.Encoder().encode_lines
+encode_lines = msgspec.json.Encoder().encode_lines
+"""Rows as spool lines: each a JSON array in the table's column order, ending in a newline."""
+_DEAD_LETTER_ID, _EVENT_INDEX = int(DeadLetterCol.dead_letter_id), int(DeadLetterCol.event_index)
 
 
 class JsonSpool:
@@ -35,8 +37,8 @@ class JsonSpool:
     def add(self, rows: RowBatch) -> None:
         tables = rows.tables
         # every message yields a visits row or a whole-message dead letter keyed by its visit id
-        messages = [row[0] for row in tables["visits"]]
-        messages += [row[0] for row in tables["dead_letter"] if row[4] is None]
+        messages = [row[VisitCol.visit_id] for row in tables["visits"]]
+        messages += [row[DeadLetterCol.dead_letter_id] for row in tables["dead_letter"] if row[_EVENT_INDEX] is None]
         if not self._messages.isdisjoint(messages):
             tables = _without_messages(tables, self._messages)  # redelivered within this batch
         self._messages.update(messages)
@@ -46,7 +48,7 @@ class JsonSpool:
                     spool = self._files.get(name)
                     if spool is None:
                         spool = self._files[name] = open(self.paths[name], "wb")  # noqa: SIM115
-                    spool.write(_encode_lines(table_rows))
+                    spool.write(encode_lines(table_rows))
                 except OSError as exc:
                     raise OSError(exc.errno, f"cannot spool rows to {self.paths[name]}: {exc.strerror}") from exc
                 self._counts[name] += len(table_rows)
@@ -80,8 +82,8 @@ class JsonSpool:
 def _without_messages(tables: dict[str, list[tuple[Any, ...]]], seen: set[str]) -> dict[str, list[tuple[Any, ...]]]:
     """Drop every row derived from a message (visit id) in ``seen``."""
     return {
-        "visits": [r for r in tables["visits"] if r[0] not in seen],
-        "events": [r for r in tables["events"] if r[1] not in seen],
-        "purchase_items": [r for r in tables["purchase_items"] if r[2] not in seen],
-        "dead_letter": [r for r in tables["dead_letter"] if r[0].partition(":")[0] not in seen],
+        "visits": [r for r in tables["visits"] if r[VisitCol.visit_id] not in seen],
+        "events": [r for r in tables["events"] if r[EventCol.visit_id] not in seen],
+        "purchase_items": [r for r in tables["purchase_items"] if r[ItemCol.visit_id] not in seen],
+        "dead_letter": [r for r in tables["dead_letter"] if r[_DEAD_LETTER_ID].partition(":")[0] not in seen],
     }

@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 from pydantic import Field, PositiveInt
 
-from clickflow.api import Message, NoAck, Source, SourceContext, SourceOptions, valid_text
+from clickflow.api import AnySource, Message, NoAck, Source, SourceContext, SourceOptions, valid_text
 from clickflow.hookspecs import hookimpl
 from clickflow_file.reader import CountingReader, iter_messages
 
@@ -54,13 +54,11 @@ async def expand_paths(patterns: list[str], storage: Any = None) -> list[str]:
     return list(dict.fromkeys(files))
 
 
-class FileSource(Source):
+class FileSource(Source[FileSourceOptions]):
     """Reads each file once, streaming, and ends when all are read."""
 
     type_name = "file"
-    Options = FileSourceOptions
     beam = "clickflow_file.beam:ReadFiles"
-    options: FileSourceOptions
 
     @property
     def finite(self) -> bool:
@@ -81,9 +79,9 @@ class FileSource(Source):
                     while batch := await anyio.to_thread.run_sync(_next_or_empty, batches):
                         await context.emit(batch, NoAck())
                         progress = done_bytes + reader.bytes_read
-                        context.progress(files_done=done, files_total=len(files), bytes_read=progress)
+                        context.progress(done, len(files), unit="files", bytes_read=progress)
                     done_bytes += reader.bytes_read
-                context.progress(files_done=done + 1, files_total=len(files), bytes_read=done_bytes)
+                context.progress(done + 1, len(files), unit="files", bytes_read=done_bytes)
 
     def _batches(self, reader: CountingReader, path: str) -> Iterator[list[Message]]:
         batch: list[Message] = []
@@ -116,5 +114,5 @@ def _next_or_empty(batches: Iterator[list[Message]]) -> list[Message]:
 
 
 @hookimpl
-def register_sources(register: Callable[[type[Source]], None]) -> None:
+def register_sources(register: Callable[[type[AnySource]], None]) -> None:
     register(FileSource)

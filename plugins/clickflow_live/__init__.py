@@ -18,16 +18,15 @@ from datetime import timedelta
 import anyio
 from pydantic import Field
 
-from clickflow.api import BatchLimits, Duration, Handler, RowBatch, Sink, SinkContext, SinkOptions
+from clickflow.api import AnySink, BatchLimits, Duration, Handler, RowBatch, Sink, SinkContext, SinkOptions
 from clickflow.hookspecs import hookimpl
-from clickflow.schema import DEAD_LETTER, TABLE_NAMES
+from clickflow.schema import TABLE_NAMES, DeadLetterCol
 from clickflow_live.alerts import AlertRule, Alerts, Transition
 from clickflow_live.webhook import Webhook, WebhookOptions
 from clickflow_live.windows import LiveAggregates
 
 DASHBOARD_PATH, API_PATH, STATIC_PREFIX = "/dashboard", "/api/live", "/static/clickflow"
 WEBHOOK_DRAIN_SECONDS = 10.0
-_EVENT_INDEX = DEAD_LETTER.index("event_index")
 
 
 class LiveSinkOptions(SinkOptions):
@@ -56,12 +55,32 @@ class LiveSinkOptions(SinkOptions):
         return ["the live dashboard and its metrics"]
 
 
-class LiveSink(Sink):
+class LiveBatch:
+    """A live sink's batch: counts, not rows; each parsed batch is aggregated as it is added."""
+
+    def __init__(self, sink: LiveSink) -> None:
+        self._sink = sink
+        self._counts = dict.fromkeys(TABLE_NAMES, 0)
+
+    def add(self, rows: RowBatch) -> None:
+        self._sink.count(rows)
+        for name, table_rows in rows.tables.items():
+            self._counts[name] += len(table_rows)
+
+    def __len__(self) -> int:
+        return sum(self._counts.values())
+
+    def counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def discard(self) -> None:
+        pass
+
+
+class LiveSink(Sink[LiveSinkOptions, LiveBatch]):
     """Live aggregates, a dashboard at /dashboard and traffic alerts; stores nothing."""
 
     type_name = "live"
-    Options = LiveSinkOptions
-    options: LiveSinkOptions
 
     def __init__(self, name: str, options: LiveSinkOptions) -> None:
         super().__init__(name, options)
@@ -108,7 +127,7 @@ class LiveSink(Sink):
         tables = rows.tables
         self.aggregates.add(tables, time.time_ns() // 1000)
         self.totals["messages"] += len(tables["visits"]) + sum(
-            1 for r in tables["dead_letter"] if r[_EVENT_INDEX] is None
+            1 for r in tables["dead_letter"] if r[DeadLetterCol.event_index] is None
         )
         self.totals["events"] += len(tables["events"])
 
@@ -134,28 +153,6 @@ class LiveSink(Sink):
         return (m1 - m0) / span, (e1 - e0) / span
 
 
-class LiveBatch:
-    """A live sink's batch: counts, not rows; each parsed batch is aggregated as it is added."""
-
-    def __init__(self, sink: LiveSink) -> None:
-        self._sink = sink
-        self._counts = dict.fromkeys(TABLE_NAMES, 0)
-
-    def add(self, rows: RowBatch) -> None:
-        self._sink.count(rows)
-        for name, table_rows in rows.tables.items():
-            self._counts[name] += len(table_rows)
-
-    def __len__(self) -> int:
-        return sum(self._counts.values())
-
-    def counts(self) -> dict[str, int]:
-        return dict(self._counts)
-
-    def discard(self) -> None:
-        pass
-
-
 @hookimpl
-def register_sinks(register: Callable[[type[Sink]], None]) -> None:
+def register_sinks(register: Callable[[type[AnySink]], None]) -> None:
     register(LiveSink)

@@ -24,19 +24,18 @@ from itertools import compress, repeat
 from operator import floordiv, itemgetter
 from typing import Any
 
-from clickflow.schema import DEAD_LETTER, EVENTS, VISITS
+from clickflow.schema import DeadLetterCol, EventCol, VisitCol
 
 MINUTE_US = 60_000_000
 OTHER = "other"
 LAGS_KEPT = 2000
 
-_EVENT_TYPE, _EVENT_TS, _PAGE_URL, _AMOUNT = (
-    EVENTS.index(c) for c in ("event_type", "event_timestamp", "page_url", "amount")
-)
-_DEVICE, _VISIT_END, _VISIT_INGESTED = map(VISITS.index, ("device_type", "visit_end", "ingested_at"))
-_REASON = DEAD_LETTER.index("reason")
-_get_type, _get_ts, _get_page, _get_amount = map(itemgetter, (_EVENT_TYPE, _EVENT_TS, _PAGE_URL, _AMOUNT))
-_get_visit_end, _get_device, _get_reason = itemgetter(_VISIT_END), itemgetter(_DEVICE), itemgetter(_REASON)
+_EVENT_TS, _AMOUNT = EventCol.event_timestamp, EventCol.amount
+_VISIT_END, _VISIT_INGESTED = VisitCol.visit_end, VisitCol.ingested_at
+_get_type, _get_ts = itemgetter(EventCol.event_type), itemgetter(EventCol.event_timestamp)
+_get_page, _get_amount = itemgetter(EventCol.page_url), itemgetter(EventCol.amount)
+_get_visit_end, _get_device = itemgetter(VisitCol.visit_end), itemgetter(VisitCol.device_type)
+_get_reason = itemgetter(DeadLetterCol.reason)
 
 
 def minute_text(start_us: int) -> str:

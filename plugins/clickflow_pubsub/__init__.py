@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from clickflow.api import Source
+from clickflow.api import AnySource
 from clickflow.hookspecs import hookimpl
 from clickflow_pubsub.pull import PubSubPullSource
 from clickflow_pubsub.push import PubSubPushSource
@@ -17,6 +17,6 @@ __all__ = ["PubSubPullSource", "PubSubPushSource"]
 
 
 @hookimpl
-def register_sources(register: Callable[[type[Source]], None]) -> None:
+def register_sources(register: Callable[[type[AnySource]], None]) -> None:
     register(PubSubPullSource)
     register(PubSubPushSource)

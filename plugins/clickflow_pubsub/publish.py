@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -43,11 +43,11 @@ def _requests(batch: list[bytes]) -> Iterable[list[bytes]]:
 
 async def publish(
     topic: str,
-    batches: Iterable[tuple[float, list[bytes]]],
+    batches: AsyncIterable[list[bytes]],
     concurrency: int = 8,
     service_file: str | None = None,
 ) -> PublishReport:
-    """Publish each batch when it is due (``time.monotonic()`` seconds; 0 means now)."""
+    """Publish each batch as it comes (the caller paces them)."""
     from gcloud.aio.auth import Token  # the gcp extra
 
     emulator = os.environ.get("PUBSUB_EMULATOR_HOST")
@@ -72,10 +72,7 @@ async def publish(
                 limiter.release()
 
         async with anyio.create_task_group() as tasks:
-            for due, batch in batches:
-                delay = due - time.monotonic()
-                if delay > 0:
-                    await anyio.sleep(delay)
+            async for batch in batches:
                 for chunk in _requests(batch):
                     await limiter.acquire()
                     tasks.start_soon(send, chunk)

@@ -102,13 +102,11 @@ class _BatchAck:
         self._source._settle(self._lease, acknowledged=False)
 
 
-class PubSubPullSource(Source):
+class PubSubPullSource(Source[PubSubPullOptions]):
     """Pulls a Pub/Sub subscription; runs until stopped."""
 
     type_name = "pubsub_pull"
-    Options = PubSubPullOptions
     beam = "clickflow_pubsub.beam:ReadSubscription"
-    options: PubSubPullOptions
 
     _client: SubscriberClient
     _metrics: _Metrics

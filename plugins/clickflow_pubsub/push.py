@@ -127,12 +127,10 @@ def message_from_body(body: bytes, headers: Any) -> Message:
     return Message(body, "push:" + hashlib.sha256(body).hexdigest()[:32])
 
 
-class PubSubPushSource(Source):
+class PubSubPushSource(Source[PubSubPushOptions]):
     """Receives Pub/Sub push requests on the monitoring server; runs until stopped."""
 
     type_name = "pubsub_push"
-    Options = PubSubPushOptions
-    options: PubSubPushOptions
 
     _context: SourceContext | None = None
     _session: aiohttp.ClientSession | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -13,7 +13,7 @@ import anyio
 import click
 from pydantic import Field, PositiveFloat, PositiveInt
 
-from clickflow.api import Duration, Message, NoAck, Source, SourceContext, SourceOptions
+from clickflow.api import AnySource, Duration, Message, NoAck, Source, SourceContext, SourceOptions
 from clickflow.hookspecs import hookimpl
 from clickflow_simulator.generator import Spike, VisitGenerator
 
@@ -82,12 +82,23 @@ def simulated_messages(
         index += size
 
 
-class SimulatorSource(Source):
+async def paced(
+    batches: Iterable[tuple[float, list[bytes]]], waiting: Callable[[], None] = lambda: None
+) -> AsyncIterator[list[bytes]]:
+    """Each batch of ``simulated_messages`` once it is due, calling ``waiting`` before a wait: the
+    one pacing loop of the simulator source, ``clickflow simulate`` and its publisher."""
+    for due, batch in batches:
+        delay = due - time.monotonic()
+        if delay > 0:
+            waiting()
+            await anyio.sleep(delay)
+        yield batch
+
+
+class SimulatorSource(Source[SimulatorOptions]):
     """Generates visits; finite when ``count`` or ``duration`` is set."""
 
     type_name = "simulator"
-    Options = SimulatorOptions
-    options: SimulatorOptions
 
     @property
     def finite(self) -> bool:
@@ -96,14 +107,11 @@ class SimulatorSource(Source):
     async def run(self, context: SourceContext) -> None:
         run_id = self.options.seed if self.options.seed is not None else uuid.uuid4().hex[:12]
         index = 0
-        for due, batch in simulated_messages(self.options):
-            delay = due - time.monotonic()
-            if delay > 0:
-                context.heartbeat()
-                await anyio.sleep(delay)
+        async for batch in paced(simulated_messages(self.options), context.heartbeat):
             messages = [Message(data, f"simulator:{run_id}:{index + i}") for i, data in enumerate(batch)]
             index += len(batch)
             await context.emit(messages, NoAck())
+            context.progress(index, self.options.count, unit="visits")
 
 
 @click.command()
@@ -151,17 +159,17 @@ def simulate(
     if topic:
         _publish(topic, options, concurrency)
         return
-    out = sys.stdout.buffer
     try:
-        for due, batch in simulated_messages(options):
-            delay = due - time.monotonic()
-            if delay > 0:
-                out.flush()
-                time.sleep(delay)
-            out.write(b"\n".join(batch) + b"\n")
-        out.flush()
+        anyio.run(_print, options)
     except BrokenPipeError:
         sys.stderr.close()  # the reader went away (e.g. `| head`); not an error
+
+
+async def _print(options: SimulatorOptions) -> None:
+    out = sys.stdout.buffer
+    async for batch in paced(simulated_messages(options), out.flush):
+        out.write(b"\n".join(batch) + b"\n")
+    out.flush()
 
 
 def _publish(topic: str, options: SimulatorOptions, concurrency: int) -> None:
@@ -171,12 +179,12 @@ def _publish(topic: str, options: SimulatorOptions, concurrency: int) -> None:
         raise click.ClickException("publishing needs: pip install 'clickflow[gcp]'") from exc
     if options.count is None and options.duration is None:
         raise click.UsageError("publishing needs --count or --duration")
-    report = anyio.run(publish, topic, simulated_messages(options), concurrency)
+    report = anyio.run(publish, topic, paced(simulated_messages(options)), concurrency)
     click.echo(f"published {report.messages:,} visits in {report.seconds:.1f}s ({report.per_second:,.0f}/s)", err=True)
 
 
 @hookimpl
-def register_sources(register: Callable[[type[Source]], None]) -> None:
+def register_sources(register: Callable[[type[AnySource]], None]) -> None:
     register(SimulatorSource)
 
 

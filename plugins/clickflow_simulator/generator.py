@@ -12,6 +12,7 @@ virtual clock, so timestamps do not depend on how fast they are generated.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -246,10 +247,8 @@ class VisitGenerator:
         }
 
     def visits(self, count: int | None = None) -> Iterator[dict[str, Any]]:
-        index = 0
-        while count is None or index < count:
-            yield self.visit(index)
-            index += 1
+        """The visits from the first, ``count`` of them (endless without)."""
+        return map(self.visit, _indices(count))
 
     def message(self, index: int) -> bytes:
         """The ``index``-th visit as a JSON message, malformed at ``malformed_rate``."""
@@ -259,10 +258,8 @@ class VisitGenerator:
         return msgspec.json.encode(visit)
 
     def messages(self, count: int | None = None) -> Iterator[bytes]:
-        index = 0
-        while count is None or index < count:
-            yield self.message(index)
-            index += 1
+        """The messages from the first, ``count`` of them (endless without)."""
+        return map(self.message, _indices(count))
 
     def _break(self, visit: dict[str, Any]) -> bytes:
         kind = self._rng.choice(MALFORMED_KINDS)
@@ -278,3 +275,7 @@ class VisitGenerator:
         else:
             event["timestamp"] = "yesterday at noon"
         return msgspec.json.encode(visit)
+
+
+def _indices(count: int | None) -> Iterator[int]:
+    return iter(range(count)) if count is not None else itertools.count()

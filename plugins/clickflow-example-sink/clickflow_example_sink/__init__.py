@@ -10,9 +10,7 @@ from typing import Any
 
 import anyio
 
-from clickflow.api import RowBatch, Sink, SinkOptions
-from clickflow.hookspecs import hookimpl
-from clickflow.schema import TABLES
+from clickflow import TABLES, AnySink, RowBatch, Sink, SinkOptions, hookimpl
 
 
 class NdjsonSinkOptions(SinkOptions):
@@ -25,12 +23,10 @@ def _json_value(value: Any, column_type: str) -> Any:
     return value
 
 
-class NdjsonSink(Sink):
+class NdjsonSink(Sink[NdjsonSinkOptions]):
     """Appends rows to one JSON-lines file per table (example plugin)."""
 
     type_name = "ndjson"
-    Options = NdjsonSinkOptions
-    options: NdjsonSinkOptions
 
     async def open(self) -> None:
         await anyio.Path(self.options.directory).mkdir(parents=True, exist_ok=True)
@@ -51,5 +47,5 @@ class NdjsonSink(Sink):
 
 
 @hookimpl
-def register_sinks(register: Callable[[type[Sink]], None]) -> None:
+def register_sinks(register: Callable[[type[AnySink]], None]) -> None:
     register(NdjsonSink)
