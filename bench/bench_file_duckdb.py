@@ -1,11 +1,13 @@
 """End to end: a large visits file -> parser -> DuckDB, as `clickflow run` does it.
 
-    python bench/bench_file_duckdb.py [--gigabytes 1.0] [--runs 1] [--keep]
+    python bench/bench_file_duckdb.py [--gigabytes 1.0 | --visits 60000] [--runs 1] [--keep]
 
 Generates a JSON-lines file of simulated visits (once; reused from bench/out/),
 runs `clickflow run` on it in a child process (into a new database each time),
 and prints events per second and the child's peak resident memory. With
 ``--runs N`` it prints every run and the median, since shared machines vary.
+Each run is followed by the reference: a bare ``orjson.loads`` loop over the same
+file's lines, also a whole process, and the ratio of the two wall times.
 """
 
 from __future__ import annotations
@@ -44,36 +46,56 @@ def make_input(path: Path, gigabytes: float, seed: int = 11, start: datetime | N
 def main() -> None:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--gigabytes", type=float, default=1.0)
+    args.add_argument("--visits", type=int, help="a file of this many visits instead of --gigabytes")
     args.add_argument("--runs", type=int, default=1, help="repeat the run; prints each and the median")
     args.add_argument("--keep", action="store_true", help="keep the last run's DuckDB file")
     opts = args.parse_args()
 
     OUT.mkdir(exist_ok=True)
-    source = OUT / f"visits-{opts.gigabytes:g}gb.jsonl"
     started = time.perf_counter()
-    make_input(source, opts.gigabytes)
+    if opts.visits:
+        source = OUT / f"visits-{opts.visits}.jsonl"
+        generator = VisitGenerator(seed=11)
+        source.write_bytes(b"".join(generator.message(i) + b"\n" for i in range(opts.visits)))
+    else:
+        source = OUT / f"visits-{opts.gigabytes:g}gb.jsonl"
+        make_input(source, opts.gigabytes)
     print(f"input: {source} ({source.stat().st_size / 1e9:.2f} GB, prepared in {time.perf_counter() - started:.0f}s)")
 
     database = OUT / "bench.duckdb"
     pipeline = OUT / "bench.yaml"
     pipeline.write_text(f"sources: [{{type: file, path: '{source}'}}]\nsinks: [{{type: duckdb, path: '{database}'}}]\n")
-    rates, peaks = [], []
+    rates, peaks, ratios = [], [], []
     for run in range(1, opts.runs + 1):
         for stale in (database, database.with_suffix(".duckdb.wal")):
             stale.unlink(missing_ok=True)
         os.sync()
         result = run_once(pipeline)
+        bare = bare_decode(source)
         rates.append(result.events / result.seconds)
         peaks.append(result.peak_mb)
+        ratios.append(result.seconds / bare)
         if run == 1:
             print(result.summary)
-        print(f"run {run}: {result.events:,} events in {result.seconds:.1f}s = {rates[-1]:,.0f} events/s "
-              f"(process start included), peak memory {result.peak_mb:,.0f} MB")  # fmt: skip
+        print(f"run {run}: {result.events:,} events in {result.seconds:.2f}s = {rates[-1]:,.0f} events/s "
+              f"(process start included), peak memory {result.peak_mb:,.0f} MB; bare orjson.loads loop "
+              f"{bare:.2f}s: {ratios[-1]:.1f}x")  # fmt: skip
     if opts.runs > 1:
         print(f"median of {opts.runs} runs: {statistics.median(rates):,.0f} events/s "
-              f"(range {min(rates):,.0f} to {max(rates):,.0f}); peak memory at most {max(peaks):,.0f} MB")  # fmt: skip
+              f"(range {min(rates):,.0f} to {max(rates):,.0f}), {statistics.median(ratios):.1f}x the bare decode; "
+              f"peak memory at most {max(peaks):,.0f} MB")  # fmt: skip
     if not opts.keep:
         database.unlink(missing_ok=True)
+
+
+BARE_DECODE = "import orjson, sys\nwith open(sys.argv[1], 'rb') as f:\n    for line in f:\n        orjson.loads(line)"
+
+
+def bare_decode(path: Path) -> float:
+    """Wall seconds of a whole process that only decodes every line of ``path`` with orjson."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", BARE_DECODE, str(path)], check=True)
+    return time.perf_counter() - started
 
 
 @dataclass
