@@ -24,7 +24,9 @@ from clickflow.api import (
     SourceContext,
     SourceOptions,
 )
+from clickflow.dlq import DeadLetterGroup, DeadLetterPage, DeadLetterQuery, DeadLetterStore, StoredDeadLetter
 from clickflow.hookspecs import hookimpl
+from clickflow.parser import VisitContext
 from clickflow.schema import TABLE_NAMES, TABLES, Column, DeadLetterCol, EventCol, ItemCol, Table, VisitCol
 
 __all__ = [
@@ -36,6 +38,10 @@ __all__ = [
     "BatchLimits",
     "Column",
     "DeadLetterCol",
+    "DeadLetterGroup",
+    "DeadLetterPage",
+    "DeadLetterQuery",
+    "DeadLetterStore",
     "Duration",
     "EventCol",
     "Handler",
@@ -51,7 +57,9 @@ __all__ = [
     "Source",
     "SourceContext",
     "SourceOptions",
+    "StoredDeadLetter",
     "Table",
     "VisitCol",
+    "VisitContext",
     "hookimpl",
 ]

@@ -33,14 +33,14 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
 
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 _MAX_DURATION = timedelta(days=366)
 
 
 def _parse_duration(value: Any) -> Any:
-    """Accept ``250ms``, ``30s``, ``5m``, ``1h`` or a number of seconds, up to a year."""
+    """Accept ``250ms``, ``30s``, ``5m``, ``1h``, ``7d`` or a number of seconds, up to a year."""
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a duration; write e.g. 250ms, 30s, 5m or 1h")
     if isinstance(value, str | int | float):

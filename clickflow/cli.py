@@ -11,6 +11,7 @@ import anyio
 import click
 
 from clickflow.config import ConfigError, Pipeline, load_pipeline
+from clickflow.dlq_cli import dlq
 from clickflow.logs import setup_logging
 from clickflow.plugins import PluginError, Registered, Registry, load_plugins
 
@@ -207,6 +208,9 @@ def list_plugins() -> None:
             runners = "local,beam" if registered.cls.beam else "local"
             line = f"{kind:<7} {name:<20} {registered.distribution:<28} {runners:<11} {doc[0] if doc else ''}"
             click.echo(line.rstrip())
+
+
+cli.add_command(dlq)
 
 
 def main() -> None:

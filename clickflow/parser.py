@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -57,6 +58,9 @@ _json_encode = msgspec.json.encode
 _astuple = msgspec.structs.astuple
 _INDEX_TEXT_SIZE = 256
 _INDEX_TEXT = tuple(str(i) for i in range(_INDEX_TEXT_SIZE))  # "12" without formatting per event
+PARSER_VERSION = "1"
+"""The version of the rules below, stored with each dead letter. Raise it when a rule changes, so a
+replay (``clickflow dlq replay``) can tell which rules rejected what."""
 MAX_MESSAGE_BYTES = 10 * 1024 * 1024
 """Pub/Sub's own limit for one message; a larger one becomes a ``too_large`` dead letter."""
 TEXT_PAYLOAD_BYTES = 1024 * 1024
@@ -287,8 +291,8 @@ class VisitParser:
             error += f" (the message is {note}; {_KEPT})"
         else:
             payload = list(_payload(data))
-        row = (visit_id_for(message.message_id), received_at_us, source, message.message_id, None,
-               REASON_UNWRITABLE, error, *payload)  # fmt: skip
+        visit_id = visit_id_for(message.message_id)
+        row = _message_dead_letter(message, visit_id, received_at_us, source, REASON_UNWRITABLE, error, payload)
         batch.tables["dead_letter"].append(row)
         return batch
 
@@ -300,7 +304,9 @@ class VisitParser:
         if len(data) > self.max_message_bytes:
             note, *payload = _head(data)
             error = f"message is {note}, over the {self.max_message_bytes}-byte limit; {_KEPT}"
-            t["dead_letter"].append((visit_id, now, source, message_id, None, REASON_TOO_LARGE, error, *payload))
+            t["dead_letter"].append(
+                _message_dead_letter(message, visit_id, now, source, REASON_TOO_LARGE, error, payload)
+            )
             return
         try:
             visit = _json_decode(data)
@@ -321,7 +327,7 @@ class VisitParser:
             elif type(visit.get("events", _NO_EVENTS)) is not list:
                 reason, error = REASON_INVALID_EVENTS, "events must be a list"
         if reason:
-            t["dead_letter"].append((visit_id, now, source, message_id, None, reason, error, *_payload(data)))
+            t["dead_letter"].append(_message_dead_letter(message, visit_id, now, source, reason, error, _payload(data)))
             return
 
         session_id, user_id, device = visit["session_id"], _str(visit.get("user_id")), _str(visit.get("device_type"))
@@ -333,10 +339,7 @@ class VisitParser:
                 ts = self._reference_event(element, head, now, t["events"], t["purchase_items"])
             except EventRejected as exc:
                 rejected += 1
-                t["dead_letter"].append((
-                    head[EventCol.event_id], now, source, message_id, index, exc.reason, f"event {index}: {exc.error}",
-                    _json_encode(element).decode(), "utf-8",
-                ))  # fmt: skip
+                t["dead_letter"].append(_event_dead_letter(head, element, exc, source, message_id, now))
                 continue
             accepted += 1
             start = ts if start is None else min(start, ts)
@@ -346,6 +349,24 @@ class VisitParser:
             visit_id, session_id, user_id, device, lat, lon, _str(visit.get("user_agent")),
             start, end, accepted, rejected, source, message_id, now,
         ))  # fmt: skip
+
+    def parse_event(
+        self, payload: bytes, visit: VisitContext, message_id: str, index: int, source: str, now: int
+    ) -> RowBatch:
+        """One event of a stored visit, parsed again on its own (``payload`` as a dead letter keeps
+        it): its rows, or its dead letter. For ``clickflow dlq replay``."""
+        batch = RowBatch()
+        visit_id = visit_id_for(message_id)
+        head = (f"{visit_id}:{index}", visit_id, visit.session_id, visit.user_id, visit.device_type, index)
+        try:
+            element = _json_decode(payload)
+            self._reference_event(element, head, now, batch.tables["events"], batch.tables["purchase_items"])
+        except (msgspec.DecodeError, RecursionError):
+            rejected = EventRejected(REASON_INVALID_EVENT, "the stored event is not JSON")
+            batch.tables["dead_letter"].append(_event_dead_letter(head, None, rejected, source, message_id, now))
+        except EventRejected as exc:
+            batch.tables["dead_letter"].append(_event_dead_letter(head, element, exc, source, message_id, now))
+        return batch
 
     def _reference_event(self, element: Any, head6: Row, now: int, events: list[Row], items: list[Row]) -> int:
         """Append one event's rows and return its timestamp, or raise EventRejected."""
@@ -395,6 +416,43 @@ class VisitParser:
             for item_index, product in enumerate(products):
                 items.append((*_item_row(head, item_index, order_id, product), now))
         return ts
+
+
+@dataclass(frozen=True, slots=True)
+class VisitContext:
+    """What an event's rows take from its visit."""
+
+    session_id: str
+    user_id: str | None
+    device_type: str | None
+
+
+def _message_dead_letter(
+    message: Message, visit_id: str, now: int, source: str, reason: str, error: str, kept: Sequence[str]
+) -> Row:
+    """A whole message's dead letter; ``kept`` is the payload as stored and its encoding."""
+    return (
+        visit_id,
+        now,
+        source,
+        message.message_id,
+        None,
+        reason,
+        error,
+        *kept,
+        len(message.data),
+        PARSER_VERSION,
+        None,
+    )
+
+
+def _event_dead_letter(head: Row, element: Any, exc: EventRejected, source: str, message_id: str, now: int) -> Row:
+    index = head[EventCol.event_index]
+    payload = _json_encode(element)
+    return (
+        head[EventCol.event_id], now, source, message_id, index, exc.reason, f"event {index}: {exc.error}",
+        payload.decode(), "utf-8", len(payload), PARSER_VERSION, None,
+    )  # fmt: skip
 
 
 def _reference_number(value: Any, reason: str, field: str) -> float | None:

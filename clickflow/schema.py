@@ -87,6 +87,9 @@ class DeadLetterCol(IntEnum):
     error = 6
     payload = 7
     payload_encoding = 8
+    payload_bytes = 9
+    parser_version = 10
+    replayed_at = 11
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +223,9 @@ DEAD_LETTER = Table(
             True,
             "'utf-8', or 'base64' for bytes that are not UTF-8 or over 1 MiB.",
         ),
+        _c(DeadLetterCol.payload_bytes, "INT64", description="Size of the original; larger: only a head is kept."),
+        _c(DeadLetterCol.parser_version, "STRING", description="The parser rules that rejected it (PARSER_VERSION)."),
+        _c(DeadLetterCol.replayed_at, "TIMESTAMP", description="When `clickflow dlq replay` stored what it parses to."),
     ),
     key=("dead_letter_id",),
     partition_by="received_at",

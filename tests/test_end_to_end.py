@@ -56,7 +56,8 @@ def test_create_tables_is_idempotent_and_reports_a_differing_schema(bigquery_env
 
     async def make_a_differing_events_table() -> None:
         resource = table_resource(EVENTS)
-        resource["schema"]["fields"] = [f for f in resource["schema"]["fields"] if f["name"] != "referrer_url"]
+        fields = [f for f in resource["schema"]["fields"] if f["name"] != "referrer_url"]  # nullable: added
+        resource["schema"]["fields"] = [{**f, "type": "STRING"} if f["name"] == "price" else f for f in fields]
         async with BigQueryClient(bigquery_env.project) as client:
             await client.create_dataset("differs")
             await client.create_table("differs", "events", resource)
@@ -64,4 +65,7 @@ def test_create_tables_is_idempotent_and_reports_a_differing_schema(bigquery_env
     anyio.run(make_a_differing_events_table)
     result = clickflow("bigquery", "create-tables", "config/batch.yaml", env={**env, "DATASET": "differs"})
     assert result.returncode == 1
-    assert f"{bigquery_env.project}.differs.events: column referrer_url is missing" in result.stderr
+    assert f"{bigquery_env.project}.differs.events: column price is STRING, clickflow writes FLOAT" in result.stderr
+    assert "referrer_url" not in result.stderr
+    # the missing nullable column was added: selecting it works (an unknown column is a query error)
+    assert bigquery_env.query("SELECT referrer_url FROM `differs.events` LIMIT 0") == []

@@ -122,6 +122,18 @@ class BigQueryClient:
     async def create_table(self, dataset: str, table: str, resource: dict[str, Any]) -> None:
         await self._managed(self._table(dataset, table).create(resource, timeout=TIMEOUT))
 
+    async def add_columns(self, dataset: str, table: str, fields: list[dict[str, Any]]) -> None:
+        """Add nullable columns: the table's schema patched (what insertAll and load jobs check),
+        then the same as DDL, which changes nothing where the patch did (BigQuery itself) and adds
+        them to the storage of emulators that apply only one of the two."""
+        found = await self.get_table(dataset, table)
+        known = {f["name"] for f in found["schema"]["fields"]}
+        schema = {"fields": found["schema"]["fields"] + [f for f in fields if f["name"] not in known]}
+        await self._managed(self._table(dataset, table).patch({"schema": schema}, timeout=TIMEOUT))
+        for field in fields:
+            kind = {"INTEGER": "INT64", "FLOAT": "FLOAT64"}.get(field["type"], field["type"])
+            await self.query(f"ALTER TABLE `{dataset}.{table}` ADD COLUMN IF NOT EXISTS {field['name']} {kind}")
+
     async def get_table(self, dataset: str, table: str) -> dict[str, Any]:
         return await self._managed(self._table(dataset, table).get(timeout=TIMEOUT))
 
@@ -172,11 +184,44 @@ class BigQueryClient:
         response = await self._call("PUT", start.headers["Location"], data=data, headers=headers)
         return await response.json()  # type: ignore[no-any-return]
 
-    async def query(self, sql: str) -> list[dict[str, Any]]:
-        """Run a standard-SQL query and return its rows as dicts of strings (for tools and tests)."""
-        body = {"query": sql, "useLegacySql": False, "timeoutMs": TIMEOUT * 1000}
+    async def query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Run a standard-SQL query and return all its rows as dicts of strings (timestamps as
+        microseconds), waiting for the job and reading every page. ``parameters`` are named
+        (``@name`` in ``sql``): strings, integers, or lists of strings."""
+        body: dict[str, Any] = {
+            "query": sql, "useLegacySql": False, "timeoutMs": TIMEOUT * 1000,
+            "formatOptions": {"useInt64Timestamp": True},
+        }  # fmt: skip
+        if parameters:
+            body["parameterMode"] = "NAMED"
+            body["queryParameters"] = [_parameter(name, value) for name, value in parameters.items()]
         result = await self._managed(self._job().query(body, timeout=TIMEOUT))
+        rows = self._rows(result)
+        while not result.get("jobComplete", True) or result.get("pageToken"):
+            job = self._job(result["jobReference"]["jobId"])
+            params = {"timeoutMs": TIMEOUT * 1000, "formatOptions.useInt64Timestamp": "true"}
+            if result.get("pageToken"):
+                params["pageToken"] = result["pageToken"]
+            result = await self._managed(job.get_query_results(timeout=TIMEOUT, params=params))
+            rows += self._rows(result)
+        return rows
+
+    @staticmethod
+    def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         if result.get("errors"):
             raise BigQueryError(400, "invalidQuery", str(result["errors"]))
         names = [field["name"] for field in result.get("schema", {}).get("fields", [])]
         return [dict(zip(names, (cell["v"] for cell in row["f"]), strict=True)) for row in result.get("rows", [])]
+
+
+def _parameter(name: str, value: Any) -> dict[str, Any]:
+    """A named query parameter: STRING, INT64, or ARRAY<STRING> for a list."""
+    if isinstance(value, list):
+        array = {"arrayValues": [{"value": str(v)} for v in value]}
+        return {
+            "name": name,
+            "parameterType": {"type": "ARRAY", "arrayType": {"type": "STRING"}},
+            "parameterValue": array,
+        }
+    kind = "INT64" if isinstance(value, int) else "STRING"
+    return {"name": name, "parameterType": {"type": kind}, "parameterValue": {"value": str(value)}}

@@ -6,9 +6,12 @@ from typing import TypeVar
 
 from pydantic import Field, field_validator
 
-from clickflow.api import Sink, SinkBatch, SinkOptions
+from clickflow.api import RowBatch, Sink, SinkBatch, SinkOptions
+from clickflow.dlq import DeadLetterGroup, DeadLetterPage, DeadLetterQuery
+from clickflow.parser import VisitContext
 from clickflow.schema import TABLE_NAMES
 from clickflow_bigquery.client import BigQueryClient
+from clickflow_bigquery.deadletters import BigQueryDeadLetters
 from clickflow_bigquery.tables import ensure_tables
 
 NAME = r"^[A-Za-z0-9_]+$"
@@ -53,6 +56,34 @@ class BigQuerySink(Sink[OptionsT, BatchT]):
         except BaseException:
             await self.client.close()
             raise
+
+    # clickflow.dlq.DeadLetterStore: `clickflow dlq list` and `replay`
+
+    def _dead_letters(self) -> BigQueryDeadLetters:
+        return BigQueryDeadLetters(self.client, self.options.dataset, self.names)
+
+    async def dead_letter_groups(self, query: DeadLetterQuery) -> list[DeadLetterGroup]:
+        return await self._dead_letters().groups(query)
+
+    async def dead_letters(self, query: DeadLetterQuery) -> DeadLetterPage:
+        return await self._dead_letters().letters(query)
+
+    async def visit_contexts(self, visit_ids: list[str]) -> dict[str, VisitContext]:
+        return await self._dead_letters().visit_contexts(visit_ids)
+
+    async def store_replayed(self, rows: RowBatch) -> None:
+        """The rows not stored yet, written as the sink writes any batch (its insertIds or job ids)."""
+        new = await self._dead_letters().new_rows(rows)
+        if len(new):
+            batch = self.new_batch()
+            batch.add(new)
+            try:
+                await self.write(batch)
+            finally:
+                batch.discard()
+
+    async def mark_replayed(self, dead_letter_ids: list[str], at_us: int) -> None:
+        await self._dead_letters().mark(dead_letter_ids, at_us)
 
     async def close(self) -> None:
         await self.client.close()

@@ -131,6 +131,9 @@ def rejected_row(
         "error": f"{table}: {error}",
         "payload": row_json.decode(errors="ignore"),  # a cut row may end inside a character
         "payload_encoding": "utf-8",
+        "payload_bytes": None,  # a table's row, not a message: nothing to re-parse (README, "fixing dead letters")
+        "parser_version": None,
+        "replayed_at": None,
     }
     return tuple(values[name] for name in DEAD_LETTER.column_names)
 

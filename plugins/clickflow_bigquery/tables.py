@@ -44,11 +44,18 @@ def table_resource(table: Table) -> dict[str, Any]:
     return resource
 
 
-def schema_differences(table: Table, found: dict[str, Any]) -> list[str]:
-    """What keeps clickflow from writing ``table`` into the existing table ``found``."""
+def missing_nullable_columns(table: Table, found: dict[str, Any]) -> list[str]:
+    """Columns clickflow added to ``table`` since ``found`` was made: nullable, so they can be added."""
+    actual = {f["name"] for f in found.get("schema", {}).get("fields", [])}
+    return [c.name for c in table.columns if c.name not in actual and not c.required]
+
+
+def schema_differences(table: Table, found: dict[str, Any], added: frozenset[str] = frozenset()) -> list[str]:
+    """What keeps clickflow from writing ``table`` into the existing table ``found`` (whose columns
+    ``added`` were just added)."""
     expected = {f["name"]: f for f in table_resource(table)["schema"]["fields"]}
     actual = {f["name"]: f for f in found.get("schema", {}).get("fields", [])}
-    problems = [f"column {name} is missing" for name in expected if name not in actual]
+    problems = [f"column {name} is missing" for name in expected if name not in actual and name not in added]
     for name, field in actual.items():
         want = expected.get(name)
         if want is None:
@@ -105,7 +112,12 @@ async def ensure_tables(client: BigQueryClient, dataset: str, names: dict[str, s
                 if exc.status != 409:  # created meanwhile by another worker: checked next run
                     raise
             continue
-        problems += [f"{where}: {p}" for p in schema_differences(table, found)]
+        added = missing_nullable_columns(table, found) if create else []
+        if added:  # schema evolution: columns clickflow has written since this table was made
+            fields = [f for f in table_resource(table)["schema"]["fields"] if f["name"] in added]
+            await client.add_columns(dataset, target, fields)
+            log.info("added column(s) %s to %s", ", ".join(added), where)
+        problems += [f"{where}: {p}" for p in schema_differences(table, found, frozenset(added))]
         partitioning = found.get("timePartitioning", {}).get("field")
         if partitioning != table.partition_by:
             log.warning("%s is partitioned by %s, not %s: queries scan more", where, partitioning, table.partition_by)

@@ -27,9 +27,12 @@ from typing import TYPE_CHECKING
 import anyio
 from pydantic import Field
 
-from clickflow.api import AnySink, BatchLimits, Sink, SinkOptions
+from clickflow.api import AnySink, BatchLimits, RowBatch, Sink, SinkOptions
+from clickflow.dlq import DeadLetterGroup, DeadLetterPage, DeadLetterQuery
 from clickflow.hookspecs import hookimpl
+from clickflow.parser import VisitContext
 from clickflow.schema import TABLES, Column, ColumnType, Table
+from clickflow_duckdb import deadletters
 from clickflow_duckdb.spool import JsonSpool
 
 if TYPE_CHECKING:
@@ -121,6 +124,27 @@ class DuckDBSink(Sink[DuckDBSinkOptions, JsonSpool]):
         with self._connection.cursor() as cursor:
             insert(cursor, batch.paths, batch.counts())
 
+    # clickflow.dlq.DeadLetterStore: `clickflow dlq list` and `replay`
+
+    async def dead_letter_groups(self, query: DeadLetterQuery) -> list[DeadLetterGroup]:
+        return await anyio.to_thread.run_sync(deadletters.groups, self._cursor(), query)
+
+    async def dead_letters(self, query: DeadLetterQuery) -> DeadLetterPage:
+        return DeadLetterPage(await anyio.to_thread.run_sync(deadletters.letters, self._cursor(), query))
+
+    async def visit_contexts(self, visit_ids: list[str]) -> dict[str, VisitContext]:
+        return await anyio.to_thread.run_sync(deadletters.visit_contexts, self._cursor(), visit_ids)
+
+    async def store_replayed(self, rows: RowBatch) -> None:
+        await anyio.to_thread.run_sync(deadletters.store_new, self._cursor(), rows, self._spool_root)
+
+    async def mark_replayed(self, dead_letter_ids: list[str], at_us: int) -> None:
+        await anyio.to_thread.run_sync(deadletters.mark, self._cursor(), dead_letter_ids, at_us)
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        assert self._connection is not None, "open() first"
+        return self._connection.cursor()
+
     async def close(self) -> None:
         if self._connection is not None:
             await anyio.to_thread.run_sync(self._connection.close)
@@ -145,6 +169,11 @@ def connect(options: DuckDBSinkOptions) -> duckdb.DuckDBPyConnection:
     con.execute("SET preserve_insertion_order = false")  # lets inserts run in parallel
     for table in TABLES.values():
         con.execute(create_table_sql(table))
+        for _, column in _stored(table):  # columns added since the file was made: nullable, added here
+            if not column.required:
+                con.execute(
+                    f"ALTER TABLE {table.name} ADD COLUMN IF NOT EXISTS {column.name} {DUCKDB_TYPES[column.type]}"
+                )
     return con
 
 

@@ -1,0 +1,266 @@
+"""Dead letters replayed: produced under one parser rule, replayed once the rule is relaxed, stored
+exactly once in DuckDB and in the BigQuery emulator, marked, and a second replay changes nothing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import duckdb
+import pytest
+
+from clickflow.api import Message, RowBatch
+from clickflow.config import Pipeline
+from clickflow.dlq import DeadLetterQuery, ReplayReport, StoredDeadLetter, replay, stores_of
+from clickflow.parser import PARSER_VERSION, VisitParser
+from clickflow.schema import DEAD_LETTER, EVENTS, PURCHASE_ITEMS, VISITS, DeadLetterCol
+from clickflow.summary import RunSummary
+from clickflow_simulator import VisitGenerator
+from tests.conftest import table_counts
+from tests.emulators import clickflow
+from tests.gcp_emulators import BigQueryEmulator, new_dataset
+
+LIMIT = 1500
+"""The first rule: messages over 1,500 bytes are too large (about half of them)."""
+
+
+class ClicksParser(VisitParser):
+    """The second, relaxed rules (a parser for tests only): a ``click`` event is a page view."""
+
+    def _reference_event(self, element: Any, head6: Any, now: int, events: list[Any], items: list[Any]) -> int:
+        event = element.get("event", element) if isinstance(element, dict) else element
+        if isinstance(event, dict) and event.get("event_type") == "click":
+            event = {**event, "event_type": "page_view"}
+        return super()._reference_event(event, head6, now, events, items)
+
+
+@pytest.fixture(scope="module")
+def visits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
+    """300 visits, every tenth with a ``click`` event; and the rows the relaxed rules make of them."""
+    lines = []
+    for index, message in enumerate(VisitGenerator(seed=5).messages(300)):
+        visit = json.loads(message)
+        if index % 10 == 0:
+            first = visit["events"][0]
+            first.get("event", first)["event_type"] = "click"
+        lines.append(json.dumps(visit).encode())
+    path = tmp_path_factory.mktemp("dlq") / "visits.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    messages = [Message(line, f"{path}:{n}") for n, line in enumerate(lines, 1)]
+    relaxed = ClicksParser().parse(messages, "file", 0).counts()
+    assert relaxed["dead_letter"] == 0 and relaxed["visits"] == 300
+    return path, relaxed
+
+
+def pipeline_text(path: Path, sink: str, limit: int | str = LIMIT) -> str:
+    return f"sources: [{{type: file, path: '{path}'}}]\nsinks: [{{{sink}}}]\nruntime: {{max_message_bytes: {limit}}}\n"
+
+
+def replay_with(loaded: Pipeline, parser: VisitParser, dry_run: bool = False) -> ReplayReport:
+    async def run() -> ReplayReport:
+        sinks = [component.build() for component in loaded.sinks]
+        for sink in sinks:
+            await sink.open()
+        try:
+            return await replay(stores_of(sinks), DeadLetterQuery(), parser, dry_run=dry_run)
+        finally:
+            for sink in sinks:
+                await sink.close()
+
+    return anyio.run(run)
+
+
+def first_run(pipeline: Callable[..., Pipeline], clickflow_run: Callable[[Pipeline], RunSummary], text: str) -> None:
+    summary = clickflow_run(pipeline(text))
+    assert summary.dead_letters["too_large"] > 100 and summary.dead_letters["unknown_event_type"] > 10
+
+
+def assert_replays_exactly_once(
+    loaded: Pipeline, relaxed: dict[str, int], counts: Callable[[], dict[str, int]], unreplayed: Callable[[], int]
+) -> None:
+    parser = ClicksParser(10 * 1024 * 1024)
+    dry = replay_with(loaded, parser, dry_run=True)
+    before = counts()
+    assert dry.replayed["too_large"] > 100 and counts() == before and unreplayed() == before["dead_letter"]
+
+    report = replay_with(loaded, parser)
+    assert report.replayed == dry.replayed and not report.still_failing and not report.not_replayable
+    stored = counts()
+    assert {t: stored[t] for t in ("visits", "events", "purchase_items")} == {
+        t: relaxed[t] for t in ("visits", "events", "purchase_items")
+    }
+    assert stored["dead_letter"] == before["dead_letter"]  # kept, and marked
+    assert unreplayed() == 0
+
+    again = replay_with(loaded, parser)
+    assert not again.replayed and not again.still_failing and counts() == stored
+
+
+def test_duckdb_dead_letters_replay_once_under_relaxed_rules(
+    visits: tuple[Path, dict[str, int]],
+    pipeline: Callable[..., Pipeline],
+    clickflow_run: Callable[[Pipeline], RunSummary],
+    tmp_path: Path,
+) -> None:
+    path, relaxed = visits
+    db = tmp_path / "dlq.duckdb"
+    sink = f"type: duckdb, path: '{db}'"
+    first_run(pipeline, clickflow_run, pipeline_text(path, sink))
+
+    def unreplayed() -> int:
+        with duckdb.connect(str(db), read_only=True) as con:
+            return con.execute("SELECT count(*) FROM dead_letter WHERE replayed_at IS NULL").fetchone()[0]  # type: ignore[index,no-any-return]
+
+    assert_replays_exactly_once(pipeline(pipeline_text(path, sink)), relaxed, lambda: table_counts(db), unreplayed)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("sink_type", ["bigquery_streaming", "bigquery_load"])
+def test_bigquery_dead_letters_replay_once_under_relaxed_rules(
+    visits: tuple[Path, dict[str, int]],
+    pipeline: Callable[..., Pipeline],
+    clickflow_run: Callable[[Pipeline], RunSummary],
+    bigquery_env: BigQueryEmulator,
+    sink_type: str,
+    tmp_path: Path,
+) -> None:
+    path, relaxed = visits
+    dataset = new_dataset("dlq")
+    staging = ", staging: gs://clickflow-staging/dlq" if sink_type == "bigquery_load" else ""
+    sink = f"type: {sink_type}, project: {bigquery_env.project}, dataset: {dataset}{staging}"
+    first_run(pipeline, clickflow_run, pipeline_text(path, sink))
+
+    def unreplayed() -> int:
+        rows = bigquery_env.query(f"SELECT COUNT(*) AS n FROM `{dataset}.dead_letter` WHERE replayed_at IS NULL")
+        return int(rows[0]["n"])
+
+    loaded = pipeline(pipeline_text(path, sink))
+    assert_replays_exactly_once(loaded, relaxed, lambda: bigquery_env.counts(dataset), unreplayed)
+
+
+def test_the_commands_list_and_replay_a_pipelines_dead_letters(
+    visits: tuple[Path, dict[str, int]], tmp_path: Path
+) -> None:
+    path, relaxed = visits
+    db = tmp_path / "cli.duckdb"
+    strict, lenient = tmp_path / "strict.yaml", tmp_path / "lenient.yaml"
+    strict.write_text(pipeline_text(path, f"type: duckdb, path: '{db}'"))
+    lenient.write_text(pipeline_text(path, f"type: duckdb, path: '{db}'", "10MiB"))
+    assert clickflow("run", str(strict)).returncode == 0
+    listed = clickflow("dlq", "list", str(strict))
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    total = table_counts(db)["dead_letter"]
+    assert lines[0] == f"{total:,} dead letters not yet replayed in duckdb 'duckdb'"
+    assert any(line.split()[:2] == ["too_large", "file"] for line in lines)
+
+    dry = clickflow("dlq", "replay", "--dry-run", "--reason", "too_large", str(lenient))
+    assert dry.returncode == 0 and "would replay    too_large" in dry.stdout
+    assert table_counts(db)["dead_letter"] == total
+    metrics = tmp_path / "replay.prom"
+    done = clickflow("dlq", "replay", "--reason", "too_large", "--metrics-file", str(metrics), str(lenient))
+    assert done.returncode == 0, done.stderr
+    sample = 'clickflow_dlq_replayed_total{reason="too_large"}'
+    replayed = float(next(line for line in metrics.read_text().splitlines() if line.startswith(sample)).split()[-1])
+    assert replayed > 100 and table_counts(db)["visits"] == relaxed["visits"]
+    left = clickflow("dlq", "list", "--reason", "too_large", str(lenient))
+    assert left.stdout.startswith("0 dead letters not yet replayed")
+
+
+def letter(dead_letter_id: str, payload: bytes, size: int | None, reason: str = "too_large") -> StoredDeadLetter:
+    return StoredDeadLetter(dead_letter_id, 0, "file", "visits.jsonl:7", None, reason, payload, size)
+
+
+def test_what_cannot_be_parsed_again_says_why() -> None:
+    assert letter("v1", b"{}", 2).why_not_replayable() is None
+    assert "send message visits.jsonl:7 again" in (letter("v1", b"{", 70_000).why_not_replayable() or "")
+    assert "send message" in (letter("v1", b"{", None).why_not_replayable() or "")  # stored before sizes were
+    refused = letter("events/v1:0", b"{}", None, "bigquery_rejected")
+    assert "a row a sink refused" in (refused.why_not_replayable() or "")
+
+
+def test_an_event_whose_visit_is_not_stored_is_not_replayable() -> None:
+    class Store:
+        def __init__(self) -> None:
+            self.marked: list[str] = []
+
+        async def dead_letter_groups(self, query: DeadLetterQuery) -> list[Any]:
+            return []
+
+        async def dead_letters(self, query: DeadLetterQuery) -> Any:
+            from clickflow.dlq import DeadLetterPage
+
+            event = StoredDeadLetter("v:0", 0, "file", "m1", 0, "unknown_event_type", b'{"event_type": "x"}', 19)
+            return DeadLetterPage([event])
+
+        async def visit_contexts(self, visit_ids: list[str]) -> dict[str, Any]:
+            return {}
+
+        async def store_replayed(self, rows: RowBatch) -> None:
+            raise AssertionError("nothing to store")
+
+        async def mark_replayed(self, ids: list[str], at_us: int) -> None:
+            self.marked += ids
+
+    store = Store()
+    report = anyio.run(replay, [store], DeadLetterQuery(), VisitParser())
+    assert report.not_replayable == {"unknown_event_type": 1} and "its visit is not stored" in report.notes[0]
+    assert store.marked == []
+
+
+OLD_DEAD_LETTER_COLUMNS = DEAD_LETTER.columns[: DeadLetterCol.payload_bytes]
+"""``dead_letter`` as clickflow made it before dead letters could be replayed."""
+
+
+def test_a_duckdb_file_from_before_gains_the_new_dead_letter_columns(
+    visits: tuple[Path, dict[str, int]],
+    pipeline: Callable[..., Pipeline],
+    clickflow_run: Callable[[Pipeline], RunSummary],
+    tmp_path: Path,
+) -> None:
+    from clickflow_duckdb import DUCKDB_TYPES, create_table_sql
+
+    db = tmp_path / "old.duckdb"
+    with duckdb.connect(str(db)) as con:
+        for table in (VISITS, EVENTS, PURCHASE_ITEMS):
+            con.execute(create_table_sql(table))
+        columns = ", ".join(f"{c.name} {DUCKDB_TYPES[c.type]}" for c in OLD_DEAD_LETTER_COLUMNS)
+        con.execute(f"CREATE TABLE dead_letter ({columns})")
+    first_run(pipeline, clickflow_run, pipeline_text(visits[0], f"type: duckdb, path: '{db}'"))
+    with duckdb.connect(str(db), read_only=True) as con:
+        versions = con.execute("SELECT DISTINCT parser_version FROM dead_letter").fetchall()
+        sizes = con.execute("SELECT count(*) FROM dead_letter WHERE payload_bytes > 0").fetchone()
+    assert versions == [(PARSER_VERSION,)] and sizes == (table_counts(db)["dead_letter"],)
+
+
+@pytest.mark.integration
+def test_a_bigquery_table_from_before_gains_the_new_dead_letter_columns(
+    visits: tuple[Path, dict[str, int]],
+    pipeline: Callable[..., Pipeline],
+    clickflow_run: Callable[[Pipeline], RunSummary],
+    bigquery_env: BigQueryEmulator,
+) -> None:
+    from clickflow_bigquery.client import BigQueryClient
+    from clickflow_bigquery.tables import table_resource
+
+    dataset = new_dataset("old")
+
+    async def make_old_tables() -> None:
+        async with BigQueryClient(bigquery_env.project) as client:
+            await client.create_dataset(dataset)
+            for table in (VISITS, EVENTS, PURCHASE_ITEMS, DEAD_LETTER):
+                resource = table_resource(table)
+                if table is DEAD_LETTER:
+                    resource["schema"]["fields"] = resource["schema"]["fields"][: len(OLD_DEAD_LETTER_COLUMNS)]
+                await client.create_table(dataset, table.name, resource)
+
+    anyio.run(make_old_tables)
+    sink = f"type: bigquery_streaming, project: {bigquery_env.project}, dataset: {dataset}"
+    first_run(pipeline, clickflow_run, pipeline_text(visits[0], sink))
+    rows = bigquery_env.query(f"SELECT parser_version, COUNT(*) AS n FROM `{dataset}.dead_letter` GROUP BY 1")
+    assert [(r["parser_version"], int(r["n"])) for r in rows] == [
+        (PARSER_VERSION, bigquery_env.counts(dataset)["dead_letter"])
+    ]
