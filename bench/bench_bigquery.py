@@ -6,9 +6,13 @@ In one run, on the same simulated visits (about 7 rows per visit):
 1. raw insertAll: the rows, pre-encoded, sent in 500-row requests with 8 in flight, no clickflow;
 2. raw load: the rows as one newline-delimited JSON file per table, one load job each;
 3. clickflow file -> parser -> bigquery_streaming;
-4. clickflow file -> parser -> bigquery_load.
+4. clickflow file -> parser -> bigquery_load;
+5. clickflow file -> parser -> bigquery_write (the Storage Write API, over gRPC), in its default and
+   pending modes, with protocol-buffer and Arrow rows.
 Prints rows per second for each. The emulator (Python, DuckDB) is the bottleneck
-here; against BigQuery itself the ratios, not the figures, carry over.
+here; against BigQuery itself the ratios, not the figures, carry over. First, without the emulator,
+the CPU cost of encoding the same rows for each API: insertAll's JSON items, the Write API's
+protocol buffers and its Arrow record batches (microseconds per row, best of 5).
 """
 
 from __future__ import annotations
@@ -86,6 +90,34 @@ def pipeline_seconds(path: Path, sink: str) -> float:
     return time.perf_counter() - started
 
 
+def encoding_costs(rows: RowBatch) -> None:
+    from clickflow.schema import TABLES
+    from clickflow_bigquery.rowformats import ArrowFormat, ProtoFormat
+    from clickflow_bigquery.rows import ROW_ENCODERS
+
+    encoders = {
+        "insertAll JSON items (bigquery_streaming)": lambda name, table_rows: ROW_ENCODERS[name].items(table_rows),
+        "protocol buffers (bigquery_write, proto)": lambda name, table_rows: formats["proto"][name].chunks(
+            table_rows, 9 * 1024 * 1024),
+        "Arrow record batches (bigquery_write, arrow)": lambda name, table_rows: formats["arrow"][name].chunks(
+            table_rows, 9 * 1024 * 1024),
+    }  # fmt: skip
+    formats = {
+        "proto": {n: ProtoFormat(t) for n, t in TABLES.items()},
+        "arrow": {n: ArrowFormat(t) for n, t in TABLES.items()},
+    }
+    total = len(rows)
+    for label, encode in encoders.items():
+        best = float("inf")
+        for _ in range(5):
+            started = time.process_time()
+            for name, table_rows in rows.tables.items():
+                if table_rows:
+                    encode(name, table_rows)
+            best = min(best, time.process_time() - started)
+        print(f"encoding: {label:44s} {best / total * 1e6:5.2f} us/row")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--visits", type=int, default=5000)
@@ -101,8 +133,10 @@ def main() -> None:
             [Message(p, f"m{i}") for i, p in enumerate(payloads)], "bench", time.time_ns() // 1000
         )
         total = len(rows)
+        encoding_costs(rows)
         with running_bigquery_emulator(launcher, work / "emulator.log", work) as emulator:
             os.environ["BIGQUERY_EMULATOR_HOST"] = emulator.host
+            os.environ["BIGQUERY_STORAGE_EMULATOR_HOST"] = emulator.grpc_host
             print(f"{args.visits:,} visits = {total:,} rows; BigQuery emulator at {emulator.host}")
             for label, seconds in (
                 ("raw insertAll (500 rows/request, 8 in flight)", anyio.run(raw_insert, _batch(rows), "raw_insert")),
@@ -111,6 +145,10 @@ def main() -> None:
                     work / "visits.jsonl", f"type: bigquery_streaming, project: {PROJECT}, dataset: streaming")),
                 ("clickflow -> bigquery_load", pipeline_seconds(
                     work / "visits.jsonl", f"type: bigquery_load, project: {PROJECT}, dataset: load")),
+                *((f"clickflow -> bigquery_write ({mode}, {kind})", pipeline_seconds(
+                    work / "visits.jsonl", f"type: bigquery_write, project: {PROJECT}, dataset: write_{mode}_{kind}, "
+                    f"mode: {mode}, row_format: {kind}"))
+                  for mode in ("default", "pending") for kind in ("proto", "arrow")),
             ):  # fmt: skip
                 print(f"{label:48s} {seconds:7.2f}s {total / seconds:>10,.0f} rows/s")
 

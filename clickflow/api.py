@@ -134,6 +134,11 @@ def valid_text(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+class PermanentWriteError(Exception):
+    """Raised by a sink's ``write`` for a failure that would recur unchanged (an invalid request, a
+    missing table, a denied permission): the batch is given up at once instead of retried."""
+
+
 class Acknowledger(Protocol):
     """Settles a batch of messages once the sinks have (or have not) stored them.
 

@@ -16,7 +16,7 @@ import anyio
 import anyio.abc
 from anyio.abc import ObjectReceiveStream
 
-from clickflow.api import Acknowledger, AnySink, BatchLimits, RetryPolicy, RowBatch, SinkBatch
+from clickflow.api import Acknowledger, AnySink, BatchLimits, PermanentWriteError, RetryPolicy, RowBatch, SinkBatch
 from clickflow.metrics import Metrics
 from clickflow.quarantine import Quarantine
 
@@ -189,7 +189,7 @@ class SinkWorker:
                 break
             except Exception as exc:
                 self._metrics.write_failures.labels(name).inc()
-                if attempt == self._retry.attempts:
+                if attempt == self._retry.attempts or isinstance(exc, PermanentWriteError):
                     batch.discard()
                     self._give_back(deliveries, exc, isolated)
                     return

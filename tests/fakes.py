@@ -10,7 +10,18 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from clickflow.api import AnySink, AnySource, Message, RowBatch, Sink, SinkOptions, Source, SourceContext, SourceOptions
+from clickflow.api import (
+    AnySink,
+    AnySource,
+    Message,
+    PermanentWriteError,
+    RowBatch,
+    Sink,
+    SinkOptions,
+    Source,
+    SourceContext,
+    SourceOptions,
+)
 from clickflow.hookspecs import hookimpl
 from clickflow.schema import VisitCol
 
@@ -126,6 +137,8 @@ class FailingSource(Source[FailingSourceOptions]):
 
 class MemoryOptions(SinkOptions):
     fail_first: int = 0
+    permanent: bool = False
+    """Its failures are ``PermanentWriteError``s."""
     gated: bool = False
     poison: str | None = None
     """Fail every write holding a ``visits`` row of this message id (a row the sink cannot take)."""
@@ -156,6 +169,8 @@ class MemorySink(Sink[MemoryOptions, TrackedBatch]):
     async def write(self, batch: TrackedBatch) -> None:
         MemorySink.attempts += 1
         if MemorySink.attempts <= self.options.fail_first:
+            if self.options.permanent:
+                raise PermanentWriteError(f"table missing (attempt {MemorySink.attempts})")
             raise ConnectionError(f"sink unavailable (attempt {MemorySink.attempts})")
         poison = self.options.poison
         if poison and any(row[VisitCol.message_id] == poison for row in batch.tables["visits"]):

@@ -11,6 +11,7 @@ for the valid rows of a request that also held an invalid one. It records every
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -100,3 +101,71 @@ class FaultyProxy:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(10)
             loop.close()
+
+
+class ConnectionCutter:
+    """A TCP proxy in front of a gRPC server that cuts the first ``cuts`` connections once their
+    client has sent ``after`` bytes: the calls in flight fail as with a network fault, and the
+    client's next connection goes through."""
+
+    def __init__(self, upstream: str, cuts: int = 1, after: int = 4096) -> None:
+        self.upstream = upstream
+        self.cuts = cuts
+        self.after = after
+        self.cut = 0
+
+    @contextmanager
+    def running(self) -> Iterator[str]:
+        """Serve on a free local port; yields ``host:port`` for the client."""
+        import socket
+
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.settimeout(0.2)
+        stopped = threading.Event()
+
+        def accept() -> None:
+            while not stopped.is_set():
+                try:
+                    client, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        try:
+            yield f"127.0.0.1:{listener.getsockname()[1]}"
+        finally:
+            stopped.set()
+            thread.join(timeout=5)
+            listener.close()
+
+    def _serve(self, client: Any) -> None:
+        import socket
+
+        host, port = self.upstream.rsplit(":", 1)
+        server = socket.create_connection((host, int(port)))
+        cut = self.cut < self.cuts
+        if cut:
+            self.cut += 1
+
+        def pipe(source: Any, target: Any, counted: bool) -> None:
+            sent = 0
+            try:
+                while data := source.recv(65536):
+                    target.sendall(data)
+                    sent += len(data)
+                    if counted and cut and sent >= self.after:
+                        break
+            except OSError:
+                pass
+            for end in (source, target):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+        back = threading.Thread(target=pipe, args=(server, client, False), daemon=True)
+        back.start()
+        pipe(client, server, True)
+        back.join(timeout=10)
+        client.close()
+        server.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from clickflow.schema import EventCol
 from clickflow_bigquery.client import BigQueryClient
 from clickflow_simulator import VisitGenerator
 from tests.conftest import FIXTURES, VALID_VISIT, files_into, table_counts
-from tests.emulators import REPO, free_port, listening, missing
+from tests.emulators import REPO, free_port, listening, missing, wait_for
 
 BQEMULATOR_VENV = REPO / ".emulators" / "bqemulator"
 REQUIREMENTS = Path(__file__).with_name("bigquery-emulator.txt")
@@ -62,10 +63,11 @@ def bqemulator() -> Path | None:
 
 
 class BigQueryEmulator:
-    """A running emulator: its host, and a client for checking what the sinks wrote."""
+    """A running emulator: its REST and gRPC (Write API) hosts, and a client for checking what the sinks wrote."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, grpc_host: str) -> None:
         self.host = host
+        self.grpc_host = grpc_host
         self.project = PROJECT
 
     def query(self, sql: str) -> list[dict[str, Any]]:
@@ -85,11 +87,17 @@ class BigQueryEmulator:
 
 @contextmanager
 def running_bigquery_emulator(launcher: Path, log: Path, gcs_root: Path) -> Iterator[BigQueryEmulator]:
-    port = free_port()
-    command = [str(launcher), "start", "--rest-port", str(port), "--grpc-port", str(free_port()),
+    port, grpc_port = free_port(), free_port()
+    command = [str(launcher), "start", "--rest-port", str(port), "--grpc-port", str(grpc_port),
                "--project", PROJECT, "--log-level", "warning"]  # fmt: skip
     with listening(command, port, log, {"BQEMU_GCS_LOCAL_ROOT": str(gcs_root)}):
-        yield BigQueryEmulator(f"127.0.0.1:{port}")
+        wait_for(lambda: _accepts(grpc_port), 30)
+        yield BigQueryEmulator(f"127.0.0.1:{port}", f"127.0.0.1:{grpc_port}")
+
+
+def _accepts(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
 
 
 @contextmanager
@@ -129,6 +137,7 @@ def bigquery_env(
 ) -> BigQueryEmulator:
     """Point this test's clients (and clickflow processes it starts) at the emulators."""
     monkeypatch.setenv("BIGQUERY_EMULATOR_HOST", bigquery_emulator.host)
+    monkeypatch.setenv("BIGQUERY_STORAGE_EMULATOR_HOST", bigquery_emulator.grpc_host)
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator[0])
     return bigquery_emulator
 

@@ -30,6 +30,7 @@ def test_builtins_are_registered_through_entry_points(registry: Registry) -> Non
     assert {name: r.distribution for name, r in registry.sinks.items()} == {
         "bigquery_load": "clickflow",
         "bigquery_streaming": "clickflow",
+        "bigquery_write": "clickflow",
         "duckdb": "clickflow",
         "live": "clickflow",
     }

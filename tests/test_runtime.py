@@ -63,6 +63,16 @@ sinks: [{type: memory, fail_first: 100, retry: {attempts: 2, initial_backoff: 1m
     assert runtime.summary.not_acknowledged == 2
 
 
+async def test_a_permanent_write_error_is_not_retried(fake_pipeline: Callable[[str], Pipeline]) -> None:
+    runtime = Runtime(fake_pipeline("""
+sources: [{type: script, batches: 1}]
+sinks: [{type: memory, fail_first: 100, permanent: true, retry: {attempts: 5, initial_backoff: 1ms}}]
+"""))  # fmt: skip
+    with pytest.raises(PipelineError, match=r"sink 'memory' failed: table missing \(attempt 1\)"):
+        await runtime.run()
+    assert MemorySink.attempts == 1
+
+
 async def test_a_failing_sink_hands_batches_back_to_a_redelivering_source(
     fake_pipeline: Callable[[str], Pipeline],
 ) -> None:

@@ -38,21 +38,27 @@ def rows(bigquery_emulator: BigQueryEmulator) -> RowBatch:
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=90)
     payloads = VisitGenerator(seed=21, start=start, visits_per_minute=600).messages(300)
     parsed = VisitParser().parse([Message(p, f"m{i}") for i, p in enumerate(payloads)], "sql", time.time_ns() // 1000)
-
-    async def write() -> None:
-        sink = BigQueryStreamingSink("bq", BigQueryStreamingOptions(project=bigquery_emulator.project, dataset=DATASET))
-        await sink.open()
-        batch = sink.new_batch()
-        batch.add(parsed)
-        await sink.write(batch)
-        await sink.close()
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("BIGQUERY_EMULATOR_HOST", bigquery_emulator.host)
-        anyio.run(write)
+    stream(bigquery_emulator, DATASET, parsed)
     latest = max(row[EventCol.event_timestamp] for row in parsed.tables["events"])
     assert latest < (time.time() + 60) * 1e6, "all events must fall in the real-time windows"
     return parsed
+
+
+def stream(emulator: BigQueryEmulator, dataset: str, rows: RowBatch, times: int = 1) -> None:
+    """Store ``rows`` with the streaming sink, ``times`` over (the emulator ignores ``insertId``)."""
+
+    async def write() -> None:
+        sink = BigQueryStreamingSink("bq", BigQueryStreamingOptions(project=emulator.project, dataset=dataset))
+        await sink.open()
+        for _ in range(times):
+            batch = sink.new_batch()
+            batch.add(rows)
+            await sink.write(batch)
+        await sink.close()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BIGQUERY_EMULATOR_HOST", emulator.host)
+        anyio.run(write)
 
 
 def column(table: Any, rows: list[tuple[Any, ...]], name: str) -> list[Any]:
@@ -120,6 +126,20 @@ def seconds(value: str) -> int:
     return int(number / 1_000_000 if number > 1e12 else number)
 
 
+def test_the_deduplicated_views_show_each_key_once(bigquery_emulator: BigQueryEmulator, rows: RowBatch) -> None:
+    """The rows stored twice (as an at-least-once sink does after a redelivery), then the views."""
+    dataset = "twice"
+    stream(bigquery_emulator, dataset, rows, times=2)
+    script = (REPO / "sql" / "deduplicated_views.sql").read_text().replace("clickflow.", f"{dataset}.")
+    script = "\n".join(line for line in script.splitlines() if not line.startswith("--"))  # one statement a call
+    for statement in filter(str.strip, script.split(";")):
+        bigquery_emulator.query(statement)
+    assert bigquery_emulator.counts(dataset) == {t: 2 * n for t, n in rows.counts().items()}
+    for table, count in rows.counts().items():
+        unique = bigquery_emulator.query(f"SELECT COUNT(*) AS n FROM `{dataset}.{table}_unique`")
+        assert int(unique[0]["n"]) == count, table
+
+
 def test_no_query_in_sql_goes_untested() -> None:
     queries = {path.stem for path in Path(REPO / "sql").glob("*.sql")}
     assert queries == {
@@ -129,4 +149,5 @@ def test_no_query_in_sql_goes_untested() -> None:
         "visits_by_device",
         "clicks_by_page_realtime",
         "page_views_per_minute",
+        "deduplicated_views",
     }  # fmt: skip (each tested above)

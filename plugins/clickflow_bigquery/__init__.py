@@ -1,4 +1,5 @@
-"""BigQuery sinks: ``bigquery_streaming`` (insertAll) and ``bigquery_load`` (load jobs).
+"""BigQuery sinks: ``bigquery_streaming`` (insertAll), ``bigquery_load`` (load jobs) and
+``bigquery_write`` (the Storage Write API).
 
 Also the ``clickflow bigquery create-tables PIPELINE`` command, which creates
 the dataset and the four tables of every BigQuery sink in a pipeline file.
@@ -18,14 +19,16 @@ from clickflow_bigquery.common import BigQueryOptions, BigQuerySink
 from clickflow_bigquery.load import BigQueryLoadSink
 from clickflow_bigquery.streaming import BigQueryStreamingSink
 from clickflow_bigquery.tables import SchemaMismatch
+from clickflow_bigquery.write import BigQueryWriteSink
 
-__all__ = ["BigQueryLoadSink", "BigQueryStreamingSink"]
+__all__ = ["BigQueryLoadSink", "BigQueryStreamingSink", "BigQueryWriteSink"]
 
 
 @hookimpl
 def register_sinks(register: Callable[[type[AnySink]], None]) -> None:
     register(BigQueryStreamingSink)
     register(BigQueryLoadSink)
+    register(BigQueryWriteSink)
 
 
 @click.group()

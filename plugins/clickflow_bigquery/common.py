@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from pydantic import Field, field_validator
 
@@ -45,7 +45,7 @@ BatchT = TypeVar("BatchT", bound=SinkBatch)
 class BigQuerySink(Sink[OptionsT, BatchT]):
     """Opens a client and makes sure the tables are there and match."""
 
-    beam = "clickflow_bigquery.beam:WriteBigQuery"
+    beam: ClassVar[str | None] = "clickflow_bigquery.beam:WriteBigQuery"
 
     async def open(self) -> None:
         self.names = self.options.table_names()
