@@ -19,6 +19,7 @@ missing table or a denied permission fails the batch at once (``PermanentWriteEr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -105,7 +106,7 @@ class AppendConnection:
         send, responses, self._send, self._responses = self._send, self._responses, None, None
         if send is not None:
             await send.aclose()
-            with anyio.move_on_after(5, shield=True):
+            with anyio.move_on_after(5, shield=True), contextlib.suppress(Exception):  # a broken call ends so too
                 async for _ in responses:
                     pass
 
