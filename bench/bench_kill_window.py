@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from clickflow_bigquery.client import BigQueryError
 from tests.emulators import (
     CLICKFLOW,
     REPO,
@@ -101,9 +102,15 @@ def one_trial(
         rows = bigquery.query(f"SELECT COUNT(*) AS n, COUNT(DISTINCT visit_id) AS d FROM `{name}.visits`")
         return int(rows[0]["n"]), int(rows[0]["d"])
 
+    def all_stored() -> bool:
+        try:
+            return counts()[1] == expected
+        except BigQueryError:  # the emulator fails a query now and then while it is written to
+            return False
+
     second = worker(pipeline, env)
     try:  # drained once every visit is stored: the second worker acknowledges only what it stored
-        wait_for(lambda: counts()[1] == expected, 180)
+        wait_for(all_stored, 180)
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=60)

@@ -78,6 +78,7 @@ def main() -> None:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--seconds", type=int, default=10)
     args.add_argument("--concurrency", type=int, nargs="+", default=[32, 256])
+    args.add_argument("--max-age", default="0s", help="the DuckDB sink's batch max_age")
     opts = args.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install wrk)")
@@ -90,7 +91,7 @@ def main() -> None:
         pipeline = work / "push.yaml"
         pipeline.write_text(
             "sources: [{type: pubsub_push, auth: none, enter_timeout: 10s}]\n"
-            f"sinks: [{{type: duckdb, path: '{work}/push.duckdb', batch: {{max_age: 20ms}}}}]\n"
+            f"sinks: [{{type: duckdb, path: '{work}/push.duckdb', batch: {{max_age: {opts.max_age}}}}}]\n"
             f"monitor: {{port: {port}}}\n"
         )
         servers = {

@@ -93,7 +93,11 @@ class SinkWorker:
     """Feeds one sink: gathers parsed batches until a limit is reached, writes with retries.
 
     One write runs at a time, in the background, so the next batch is gathered
-    (and the parser keeps working) while the previous one is being written.
+    (and the parser keeps working) while the previous one is being written. A batch
+    that reaches ``max_age`` while the sink is still writing keeps gathering until
+    the sink is free (group commit): with a short ``max_age``, a lone message is
+    written at once and, under load, each write takes everything that arrived
+    during the one before.
     """
 
     def __init__(
@@ -115,6 +119,8 @@ class SinkWorker:
         self._bytes = 0
         self._deadline = 0.0
         self._writing = anyio.Semaphore(1)
+        self._until_written: anyio.CancelScope | None = None
+        """Set while a batch past its ``max_age`` waits for the write before it to end."""
         self._failing_since: float | None = None
 
     async def run(self, receive: ObjectReceiveStream[Parsed]) -> None:
@@ -134,11 +140,20 @@ class SinkWorker:
             await self._start_write(writes)
 
     async def _next(self, receive: ObjectReceiveStream[Parsed]) -> Parsed | None:
-        """The next batch, or None once the oldest gathered batch reaches ``max_age``."""
+        """The next batch, or None once the oldest gathered batch reaches ``max_age`` and the
+        sink is free to write it."""
         if not self._deliveries:
             return await receive.receive()
         with anyio.move_on_after(self._deadline - anyio.current_time()):
             return await receive.receive()
+        if self._writing.value:
+            return None
+        self._until_written = anyio.CancelScope()  # cancelled when the write ends
+        try:
+            with self._until_written:
+                return await receive.receive()
+        finally:
+            self._until_written = None
         return None
 
     def _add(self, item: Parsed) -> None:
@@ -176,6 +191,8 @@ class SinkWorker:
             await self.write_with_retries(batch, deliveries, isolated)
         finally:
             self._writing.release()
+            if self._until_written is not None:
+                self._until_written.cancel()
 
     async def write_with_retries(
         self, batch: SinkBatch, deliveries: list[Delivery], isolated: str | None = None

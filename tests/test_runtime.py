@@ -141,6 +141,26 @@ sinks: [{type: memory, batch: {max_rows: 1000000, max_age: 50ms}}]
     assert len(MemorySink.writes) >= 1
 
 
+async def test_a_batch_past_its_age_gathers_until_the_sink_is_free(fake_pipeline: Callable[[str], Pipeline]) -> None:
+    """Group commit: with max_age 0 a lone message is written at once, and everything that arrives
+    while that write lasts goes in the next one, while the source keeps emitting."""
+    MemorySink.gate = anyio.Event()
+    runtime = Runtime(fake_pipeline("""
+sources: [{type: script, batches: 20}]
+sinks: [{type: memory, gated: true, batch: {max_age: 0s}}]
+runtime: {channel_capacity: 2}
+"""))  # fmt: skip
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(runtime.run)
+        with anyio.fail_after(5):
+            await ScriptSource.wait_for_emitted(20)  # more than the channels hold: the worker gathered
+        await anyio.sleep(0.1)
+        assert MemorySink.writes == []
+        MemorySink.gate.set()
+    assert [len(batch) for _, batch in MemorySink.writes] == [1, 19]
+    assert runtime.summary.acknowledged == 20
+
+
 async def test_stop_drains_and_acknowledges_everything_in_flight(fake_pipeline: Callable[[str], Pipeline]) -> None:
     runtime = Runtime(fake_pipeline("""
 sources: [{type: script, forever: true, per_batch: 5}]

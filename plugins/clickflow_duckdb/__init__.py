@@ -204,21 +204,27 @@ def insert(con: duckdb.DuckDBPyConnection, paths: Mapping[str, str], counts: Map
 
 def _insert_visits(con: duckdb.DuckDBPyConnection, spooled: Callable[[str], str], counts: Mapping[str, int]) -> None:
     """Visits not stored yet, with their events and purchase items."""
-    con.execute(f"SELECT count(*) FROM {spooled('visits')} SEMI JOIN visits t ON b.visit_id = t.visit_id")
-    (stored,) = con.fetchone() or (0,)
-    if stored == counts["visits"]:  # all delivered before, and so were their rows
+    con.execute(
+        f"{insert_into(TABLES['visits'])} SELECT b.* FROM {spooled('visits')} "
+        "ANTI JOIN visits t ON b.visit_id = t.visit_id"
+    )
+    (inserted,) = con.fetchone() or (0,)
+    if inserted == 0:  # all delivered before, and so were their rows
         return
     only_new = ""
-    if stored:  # some delivered before: keep the rows of the others (usually none are)
+    if inserted < counts["visits"]:  # some delivered before (rarely): undo, then keep the others' rows
+        con.rollback()
+        con.begin()
         con.execute(
             "CREATE OR REPLACE TEMP TABLE clickflow_new_visits AS "
             f"SELECT b.visit_id FROM {spooled('visits')} ANTI JOIN visits t ON b.visit_id = t.visit_id"
         )
         only_new = " SEMI JOIN clickflow_new_visits n ON b.visit_id = n.visit_id"
-    for name in ("visits", "events", "purchase_items"):
+        con.execute(f"{insert_into(TABLES['visits'])} SELECT b.* FROM {spooled('visits')}{only_new}")
+    for name in ("events", "purchase_items"):
         if counts[name]:
             con.execute(f"{insert_into(TABLES[name])} SELECT b.* FROM {spooled(name)}{only_new}")
-    if stored:
+    if only_new:
         con.execute("DROP TABLE clickflow_new_visits")
 
 
