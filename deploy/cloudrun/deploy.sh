@@ -24,8 +24,8 @@ service_account clickflow-pusher "Pub/Sub push to clickflow"
 dataset_editor "$RUNTIME_SA" "$DATASET"
 
 # Not public: Cloud Run lets only run.invoker holders in, and clickflow checks the token again.
-# Concurrency 80: requests arriving together share one batch (one parse, one insert), so more per
-# instance is cheaper; each waits for its own rows, about 0.2 s (batch.max_age) plus the insert.
+# Concurrency 80: requests arriving while an insert is in flight share the next one (one parse, one
+# insert), so more per instance is cheaper; each waits for its own rows, one or two inserts' time.
 # One warm instance keeps the signing keys cached and pushes fast; at most 20 bounds the cost.
 # shutdown_timeout is 7 s in config/push.yaml: Cloud Run kills 10 s after SIGTERM.
 gcloud run deploy "$SERVICE" --project "$PROJECT_ID" --region "$REGION" --image "$IMAGE" \
