@@ -68,18 +68,19 @@ def main() -> None:
                 name = f"kill_{mode}_{trial}"
                 # an emulator of its own: the emulator's Write API stalls after enough clients died mid-call
                 with running_bigquery_emulator(bq_launcher, OUT / f"{name}.emulator.log", Path(tmp)) as bigquery:
-                    stored, distinct, expected = one_trial(pubsub, bigquery, name, mode, payloads, rng)
+                    stored, distinct, expected, acknowledged = one_trial(pubsub, bigquery, name, mode, payloads, rng)
                 hit += stored > distinct
                 duplicates += stored - distinct
-                print(f"{mode:<8} trial {trial}: {distinct:,} of {expected:,} visits stored, "
-                      f"{stored - distinct:,} of them twice")  # fmt: skip
+                print(f"{mode:<8} trial {trial}: killed after {acknowledged:,} acknowledged; {distinct:,} of "
+                      f"{expected:,} visits stored, {stored - distinct:,} of them twice")  # fmt: skip
             print(f"{mode}: {hit} of {opts.trials} kills left duplicates ({duplicates:,} duplicate visits in all)")
 
 
 def one_trial(
     pubsub: Any, bigquery: Any, name: str, mode: str, payloads: list[bytes], rng: random.Random
-) -> tuple[int, int, int]:
-    """Publish, kill a worker while it writes, drain with another: (visits stored, distinct, expected)."""
+) -> tuple[int, int, int, int]:
+    """Publish, kill a worker while it writes, drain with another: (visits stored, distinct,
+    expected, messages the killed worker had acknowledged)."""
     topic = pubsub.topic(name)
     subscription = pubsub.subscription(name, topic, ack_deadline=10)
     expected = expected_counts(payloads, pubsub.publish(topic, payloads))["visits"]
@@ -95,6 +96,7 @@ def one_trial(
     first = worker(pipeline, env)
     wait_for(lambda: metric(port, "clickflow_messages_acknowledged_total") > 0, 120)
     time.sleep(rng.uniform(0.0, 2.0))
+    acknowledged = int(metric(port, "clickflow_messages_acknowledged_total"))
     first.send_signal(signal.SIGKILL)
     first.wait()
 
@@ -114,7 +116,7 @@ def one_trial(
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=60)
-    return (*counts(), expected)
+    return (*counts(), expected, acknowledged)
 
 
 if __name__ == "__main__":
