@@ -18,11 +18,13 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clickflow.config import Pipeline
 from clickflow.monitor import build_app
 from clickflow.runtime import Runtime
-from clickflow_pubsub.push import MAX_ENVELOPE_BYTES, message_from_body
+from clickflow_pubsub.push import MAX_ENVELOPE_BYTES, _message_from_any, message_from_body
 from clickflow_simulator import VisitGenerator
 from tests.conftest import table_counts
 from tests.emulators import PubSubEmulator, clickflow, expected_counts, free_port, metric, start_clickflow, wait_for
@@ -47,6 +49,32 @@ def test_envelopes_unwrapped_bodies_and_garbage_all_become_messages() -> None:
     garbage = message_from_body(b'{"message": {"data": "not base64!"}}', {})
     assert garbage.data == b'{"message": {"data": "not base64!"}}'
     assert garbage.message_id.startswith("push:")
+
+
+_ids = st.one_of(st.none(), st.text(max_size=8), st.integers(), st.booleans(), st.just(""))
+_data = st.one_of(
+    st.binary(max_size=12).map(lambda raw: base64.b64encode(raw).decode()),  # valid base64
+    st.text(alphabet="AZaz09+/=-_ \n", max_size=12),  # mostly not
+    st.none(),
+    st.integers(),
+    st.lists(st.integers(), max_size=2),
+)
+_attributes = st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2)
+_fields = {"data": _data, "messageId": _ids, "message_id": _ids, "attributes": _attributes}
+_inner = st.fixed_dictionaries({}, optional=_fields)
+_not_a_message = st.one_of(st.none(), st.text(max_size=4), st.integers())
+_bodies = st.one_of(
+    st.builds(lambda inner: json.dumps({"message": inner, "subscription": "s"}).encode(), _inner),
+    st.builds(lambda other: json.dumps({"message": other}).encode(), _not_a_message),
+    st.binary(max_size=40),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(body=_bodies, header_id=st.one_of(st.none(), st.text(min_size=1, max_size=6)))
+def test_the_fast_envelope_decoder_reads_every_body_as_the_generic_one_does(body: bytes, header_id: str | None) -> None:
+    headers = {} if header_id is None else {"x-goog-pubsub-message-id": header_id}
+    assert message_from_body(body, headers) == _message_from_any(body, headers)
 
 
 @pytest.fixture
