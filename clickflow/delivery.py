@@ -144,8 +144,10 @@ class SinkWorker:
         sink is free to write it."""
         if not self._deliveries:
             return await receive.receive()
-        with anyio.move_on_after(self._deadline - anyio.current_time()):
-            return await receive.receive()
+        remaining = self._deadline - anyio.current_time()
+        if remaining > 0:
+            with anyio.move_on_after(remaining):
+                return await receive.receive()
         if self._writing.value:
             return None
         self._until_written = anyio.CancelScope()  # cancelled when the write ends

@@ -218,8 +218,9 @@ class PubSubPushSource(Source[PubSubPushOptions]):
         self._context = context
         try:
             while True:
-                with anyio.move_on_after(5):
-                    await self._arrived.wait()
+                if not self._arrived.is_set():  # under load, requests are already waiting
+                    with anyio.move_on_after(5):
+                        await self._arrived.wait()
                 context.heartbeat()
                 self._arrived = anyio.Event()
                 batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
