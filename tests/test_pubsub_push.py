@@ -217,9 +217,9 @@ async def fake_push(aiohttp_client: Any) -> AsyncIterator[Callable[[str], Any]]:
     registry = load_plugins(extra=[(sys.modules["tests.fakes"], "tests")])
     runtimes: list[tuple[Runtime, asyncio.Task[Any]]] = []
 
-    async def start(sink: str) -> Any:
+    async def start(sink: str, timeouts: str = "enter_timeout: 50ms, ack_timeout: 2s") -> Any:
         runtime = Runtime(parse_pipeline(
-            f"sources: [{{type: pubsub_push, auth: none, enter_timeout: 50ms, ack_timeout: 2s}}]\nsinks: [{sink}]\n"
+            f"sources: [{{type: pubsub_push, auth: none, {timeouts}}}]\nsinks: [{sink}]\n"
             "runtime: {channel_capacity: 1, shutdown_timeout: 1s}\nmonitor: {port: 0}\n", registry, "t.yaml", {},
         ))  # fmt: skip
         client = await aiohttp_client(build_app(runtime))
@@ -276,3 +276,28 @@ async def test_a_saturated_pipeline_is_answered_429(fake_push: Callable[[str], A
     statuses = await asyncio.gather(*(push(i) for i in range(12)))
     MemorySink.gate.set()
     assert 429 in statuses
+
+
+@pytest.mark.asyncio
+async def test_requests_still_waiting_to_enter_when_the_endpoint_stops_are_answered_at_once(
+    fake_push: Callable[..., Any],
+) -> None:
+    from tests.fakes import MemorySink
+
+    MemorySink.gate = asyncio.Event()  # type: ignore[assignment] - the sink hangs: the pipeline fills up
+    client = await fake_push("{type: memory, gated: true, batch: {max_rows: 1}}", "enter_timeout: 60s")
+    (runtime, _) = fake_push.runtimes[0]  # type: ignore[attr-defined]
+
+    async def push(i: int) -> int:
+        await asyncio.sleep(0.02 * i)  # one after another: each fills the pipeline a little more
+        return (await client.post("/pubsub/push", data=envelope(b"{}", str(i)))).status
+
+    posts = [asyncio.create_task(push(i)) for i in range(12)]
+    await asyncio.sleep(0.5)
+    started = time.monotonic()
+    runtime.request_stop()
+    statuses = sorted([await post for post in posts])
+    MemorySink.gate.set()
+    assert time.monotonic() - started < 10, "waiting requests were held until enter_timeout"
+    assert 429 in statuses, "requests that never entered are handed back to Pub/Sub"
+    assert set(statuses) <= {429, 503}, "nothing is answered 2xx unless stored"

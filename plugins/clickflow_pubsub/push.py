@@ -124,6 +124,7 @@ class _RequestsAck:
 
     def nack(self, error: BaseException) -> None:
         for request in self._waiting:
+            _settle(request.entered)  # when the batch could not even enter (the pipeline stopped)
             _settle(request.done)
 
 
@@ -237,7 +238,7 @@ class PubSubPushSource(Source[PubSubPushOptions]):
         finally:
             self._context = None
             for request in self._waiting:
-                _settle(request.done)  # never entered: answered 503, so Pub/Sub sends it again
+                _settle(request.entered)  # never entered: answered 429 at once, so Pub/Sub sends it again
 
     def _refuse(self, status: int, reason: str, text: str) -> web.Response:
         from aiohttp import web
