@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -102,9 +103,12 @@ def test_a_misspelled_hook_is_an_error() -> None:
 def example_plugin(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The example third-party plugin, installed for real into a directory of its own."""
     target = tmp_path_factory.mktemp("site")
+    source = tmp_path_factory.mktemp("src") / "clickflow-example-sink"  # the build writes beside its source
+    built = shutil.ignore_patterns("build", "*.egg-info")
+    shutil.copytree(REPO / "plugins" / "clickflow-example-sink", source, ignore=built)
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(REPO / "plugins" / "clickflow-example-sink")],
+         "--target", str(target), str(source)],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
