@@ -149,8 +149,8 @@ def test_loading_the_plugins_imports_no_heavy_client_library() -> None:
     """`clickflow validate` stays quick: clients, metrics and the runtime load only when a pipeline runs."""
     probe = (
         "import sys; from clickflow.cli import main; from clickflow.plugins import load_plugins; load_plugins(); "
-        "print(sorted(m for m in ('aiohttp', 'duckdb', 'clickflow.runtime', 'gcloud', 'prometheus_client',"
-        " 'clickflow_file.gcs') if m in sys.modules))"
+        "print(sorted(m for m in ('aiohttp', 'asyncio', 'duckdb', 'clickflow.runtime', 'gcloud',"
+        " 'prometheus_client', 'clickflow_file.gcs') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
     assert result.stdout.strip() == "[]"

@@ -13,7 +13,6 @@ and writes many messages at once; each is still answered by its own outcome.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -30,7 +29,9 @@ from pydantic import ByteSize, Field, model_validator
 from clickflow.api import Duration, Handler, Message, Source, SourceContext, SourceOptions, valid_text
 from clickflow.metrics import shared_metric
 
-if TYPE_CHECKING:  # aiohttp is imported when the source starts: loading plugins stays quick
+if TYPE_CHECKING:  # aiohttp and asyncio are imported when the source starts: loading plugins stays quick
+    import asyncio
+
     import aiohttp
     from aiohttp import web
 
@@ -89,6 +90,8 @@ class _Waiting:
     def __init__(self, message: Message) -> None:
         self.message = message
         self.taken = self.ok = False
+        import asyncio
+
         loop = asyncio.get_running_loop()
         self.entered: asyncio.Future[None] = loop.create_future()
         self.done: asyncio.Future[None] = loop.create_future()
@@ -101,6 +104,8 @@ def _settle(future: asyncio.Future[None]) -> None:
 
 async def _wait(future: asyncio.Future[None], seconds: float) -> None:
     """Wait for ``future`` at most ``seconds``; the caller reads the outcome from the request."""
+    import asyncio
+
     try:
         async with asyncio.timeout(seconds):
             await future
