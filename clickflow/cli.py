@@ -204,8 +204,13 @@ def list_plugins() -> None:
     tables: list[tuple[str, dict[str, Registered[Any]]]] = [("source", registry.sources), ("sink", registry.sinks)]
     for kind, table in tables:
         for name, registered in sorted(table.items()):
-            doc = (registered.cls.__doc__ or "").strip().splitlines()[0:1]
-            runners = "local,beam" if registered.cls.beam else "local"
+            try:
+                cls = registered.cls
+            except PluginError as exc:
+                click.echo(f"{kind:<7} {name:<20} {registered.distribution:<28} {'?':<11} {exc}")
+                continue
+            doc = (cls.__doc__ or "").strip().splitlines()[0:1]
+            runners = "local,beam" if cls.beam else "local"
             line = f"{kind:<7} {name:<20} {registered.distribution:<28} {runners:<11} {doc[0] if doc else ''}"
             click.echo(line.rstrip())
 

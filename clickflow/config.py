@@ -21,7 +21,7 @@ from pydantic import BaseModel, ByteSize, ConfigDict, Field, PositiveInt, Valida
 
 from clickflow.api import AnySink, AnySource, Duration, PluginOptions
 from clickflow.parser import MAX_MESSAGE_BYTES
-from clickflow.plugins import Registered, Registry
+from clickflow.plugins import PluginError, Registered, Registry
 
 _VARIABLE = re.compile(r"\$(\$)?\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -228,7 +228,11 @@ def _component(
         what = f"unknown {kind} type {type_name!r}" if type_name else f"{kind} needs a 'type'"
         doc.problems.append(doc.problem((*loc, "type"), f"{what}; known {kind} types: {names}"))
         return None
-    cls = known[type_name].cls
+    try:
+        cls = known[type_name].cls
+    except PluginError as exc:  # a lazily registered type whose module cannot be imported
+        doc.problems.append(doc.problem((*loc, "type"), str(exc)))
+        return None
     try:
         validated = cls.Options.model_validate(options)
     except ValidationError as exc:

@@ -6,8 +6,7 @@ registered class is instantiated and its ordinary async methods are called.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import pluggy
 
@@ -20,14 +19,28 @@ hookspec = pluggy.HookspecMarker("clickflow")
 hookimpl = pluggy.HookimplMarker("clickflow")
 
 
-@hookspec
-def register_sources(register: Callable[[type[AnySource]], None]) -> None:
-    """Register source classes by calling ``register(SourceClass)``."""
+class RegisterSource(Protocol):
+    """``register(SourceClass)``, or ``register("package.module:SourceClass", "type_name")`` to import
+    the module only when a pipeline uses that type."""
+
+    def __call__(self, plugin: type[AnySource] | str, type_name: str | None = None, /) -> None: ...
+
+
+class RegisterSink(Protocol):
+    """``register(SinkClass)``, or ``register("package.module:SinkClass", "type_name")`` to import the
+    module only when a pipeline uses that type."""
+
+    def __call__(self, plugin: type[AnySink] | str, type_name: str | None = None, /) -> None: ...
 
 
 @hookspec
-def register_sinks(register: Callable[[type[AnySink]], None]) -> None:
-    """Register sink classes by calling ``register(SinkClass)``."""
+def register_sources(register: RegisterSource) -> None:
+    """Register source classes: ``register(SourceClass)`` or ``register("module:Class", "type")``."""
+
+
+@hookspec
+def register_sinks(register: RegisterSink) -> None:
+    """Register sink classes: ``register(SinkClass)`` or ``register("module:Class", "type")``."""
 
 
 @hookspec

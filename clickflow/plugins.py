@@ -2,14 +2,17 @@
 
 Built-in plugins are installed entry points too, so they load exactly like a
 third-party package. The manager is built by a function, never at import time.
+A plugin may register a type by name and import path instead of a class: its
+module is imported only when a pipeline uses that type (``Registered.cls``).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import pluggy
 
@@ -26,10 +29,34 @@ class PluginError(Exception):
 C = TypeVar("C", bound=AnySource | AnySink)
 
 
-@dataclass(frozen=True, slots=True)
 class Registered(Generic[C]):
-    cls: type[C]
-    distribution: str
+    """One source or sink type: its class, or where to import it from when a pipeline first uses it."""
+
+    __slots__ = ("_cls", "_kind", "distribution", "ref", "type_name")
+
+    def __init__(
+        self, type_name: str, distribution: str, kind: type[Any], cls: type[C] | None, ref: str | None
+    ) -> None:
+        self.type_name, self.distribution, self.ref = type_name, distribution, ref
+        self._kind, self._cls = kind, cls
+
+    @property
+    def cls(self) -> type[C]:
+        """The class; a lazily registered one is imported (and checked) here, once."""
+        if self._cls is None:
+            assert self.ref is not None
+            module, _, attribute = self.ref.partition(":")
+            try:
+                loaded = getattr(importlib.import_module(module), attribute)
+            except Exception as exc:
+                raise PluginError(
+                    f"{self.distribution}: cannot load {self.type_name!r} from {self.ref}: {exc}"
+                ) from exc
+            self._cls = _checked(loaded, self._kind, self.distribution, self.type_name)
+        return self._cls
+
+    def same_as(self, other: Registered[C]) -> bool:
+        return (self.ref, self._cls) == (other.ref, other._cls)
 
 
 @dataclass
@@ -47,20 +74,37 @@ class Registry:
         return self.sinks[type_name].cls
 
 
-def _collector(table: dict[str, Registered[C]], base: type[C], distribution: str) -> Callable[[type[C]], None]:
-    def register(cls: type[C]) -> None:
-        if not (isinstance(cls, type) and issubclass(cls, base)):
-            raise PluginError(f"{distribution}: {cls!r} is not a {base.__name__} subclass")
-        name = getattr(cls, "type_name", None)
-        if not name:
-            raise PluginError(f"{distribution}: {cls.__name__} has no type_name")
-        if getattr(cls, "Options", None) is None:
-            kind = base.__name__
-            raise PluginError(f"{distribution}: {cls.__name__} names no options: declare it as {kind}[ItsOptions]")
-        if name in table and table[name].cls is not cls:
-            other = table[name].distribution
-            raise PluginError(f"{base.__name__.lower()} type {name!r} is registered by both {other} and {distribution}")
-        table[name] = Registered(cls, distribution)
+def _checked(cls: object, kind: type[Any], distribution: str, type_name: str | None) -> type[Any]:
+    if not (isinstance(cls, type) and issubclass(cls, kind)):
+        raise PluginError(f"{distribution}: {cls!r} is not a {kind.__name__} subclass")
+    name = getattr(cls, "type_name", None)
+    if not name:
+        raise PluginError(f"{distribution}: {cls.__name__} has no type_name")
+    if type_name is not None and name != type_name:
+        raise PluginError(
+            f"{distribution}: {cls.__name__} is registered as {type_name!r} but its type_name is {name!r}"
+        )
+    if getattr(cls, "Options", None) is None:
+        raise PluginError(f"{distribution}: {cls.__name__} names no options: declare it as {kind.__name__}[ItsOptions]")
+    return cls
+
+
+def _collector(table: dict[str, Registered[C]], kind: type[Any], distribution: str) -> Callable[..., None]:
+    def register(plugin: type[C] | str, type_name: str | None = None, /) -> None:
+        if isinstance(plugin, str):
+            if not type_name or plugin.count(":") != 1:
+                raise PluginError(f"{distribution}: register({plugin!r}, ...) takes 'module:Class' and its type name")
+            entry: Registered[C] = Registered(type_name, distribution, kind, None, plugin)
+        else:
+            cls = _checked(plugin, kind, distribution, type_name)
+            entry = Registered(cls.type_name, distribution, kind, cls, None)
+        existing = table.get(entry.type_name)
+        if existing is not None and not existing.same_as(entry):
+            raise PluginError(
+                f"{kind.__name__.lower()} type {entry.type_name!r} is registered by both {existing.distribution} "
+                f"and {distribution}"
+            )
+        table[entry.type_name] = entry
 
     return register
 

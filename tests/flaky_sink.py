@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from clickflow.api import AnySink
-from clickflow.hookspecs import hookimpl
+from clickflow.hookspecs import RegisterSink, hookimpl
 from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions
 from clickflow_duckdb.spool import JsonSpool
 
@@ -28,5 +25,5 @@ class FlakyDuckDBSink(DuckDBSink):
 
 
 @hookimpl
-def register_sinks(register: Callable[[type[AnySink]], None]) -> None:
+def register_sinks(register: RegisterSink) -> None:
     register(FlakyDuckDBSink)

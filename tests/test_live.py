@@ -20,8 +20,8 @@ from aiohttp import web
 
 from clickflow.config import Pipeline
 from clickflow.runtime import Runtime
-from clickflow_live import LiveSink
 from clickflow_live.api import snapshot
+from clickflow_live.sink import LiveSink
 from tests.emulators import CLICKFLOW, free_port, ready, wait_for
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from clickflow.api import AnySink, RowBatch, Sink, SinkOptions
-from clickflow.hookspecs import hookimpl
+from clickflow.config import ConfigError, parse_pipeline
+from clickflow.hookspecs import RegisterSink, hookimpl
 from clickflow.plugins import PluginError, Registry, load_plugins
 from clickflow.schema import TABLE_NAMES
 from tests.conftest import REPO
@@ -87,6 +88,57 @@ def test_a_plugin_class_without_options_is_refused_with_the_fix() -> None:
 
     with pytest.raises(PluginError, match=r"bare-dist: Bare names no options: declare it as Sink\[ItsOptions\]"):
         load_plugins(extra=[(Registers(), "bare-dist")])
+
+
+class LazyPlugins:
+    """Registers sinks by import path: one that exists, one whose module is missing, one misnamed."""
+
+    @hookimpl
+    def register_sinks(self, register: RegisterSink) -> None:
+        register("tests.test_plugins:CountSink", "count")
+        register("tests.no_such_module:Sink", "missing")
+        register("tests.test_plugins:CountSink", "misnamed")
+
+
+def test_a_type_registered_by_import_path_loads_when_a_pipeline_uses_it() -> None:
+    registry = load_plugins(extra=[(LazyPlugins(), "lazy-dist")])
+    assert {"count", "missing", "misnamed"} <= set(registry.sinks)  # nothing imported or checked yet
+    assert registry.sink("count") is CountSink
+
+    def problems(sink: str) -> list[str]:
+        with pytest.raises(ConfigError) as refused:
+            parse_pipeline(f"sources: [{{type: simulator, count: 1}}]\nsinks: [{sink}]\n", registry, "p.yaml", {})
+        return [str(problem) for problem in refused.value.problems]
+
+    assert problems("{type: missing}") == [
+        "p.yaml:2: sinks[0].type: lazy-dist: cannot load 'missing' from tests.no_such_module:Sink: "
+        "No module named 'tests.no_such_module'"
+    ]
+    assert problems("{type: misnamed}") == [
+        "p.yaml:2: sinks[0].type: lazy-dist: CountSink is registered as 'misnamed' but its type_name is 'count'"
+    ]
+    assert problems("{type: count, limit: x}")[0].startswith("p.yaml:2: sinks[0].limit:")  # its options apply
+    parse_pipeline("sources: [{type: simulator, count: 1}]\nsinks: [{type: count}]\n", registry, "p.yaml", {})
+
+
+def test_a_registration_by_path_needs_module_class_and_a_type_name() -> None:
+    class NoName:
+        @hookimpl
+        def register_sinks(self, register: RegisterSink) -> None:
+            register("tests.test_plugins:CountSink")
+
+    with pytest.raises(PluginError, match="takes 'module:Class' and its type name"):
+        load_plugins(extra=[(NoName(), "noname-dist")])
+
+
+def test_validating_a_pipeline_imports_only_the_plugins_it_uses() -> None:
+    probe = (
+        "import sys; from clickflow.cli import main; sys.argv = ['clickflow', 'validate', 'config/local.yaml']\n"
+        "try: main()\nexcept SystemExit: pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('clickflow_pubsub.', 'clickflow_bigquery.'))))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_a_misspelled_hook_is_an_error() -> None:

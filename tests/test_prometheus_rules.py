@@ -26,8 +26,8 @@ def test_the_alert_rules_pass_promtool_unit_tests() -> None:
 
 
 def test_the_rules_use_only_metrics_the_live_sink_exports() -> None:
-    from clickflow_live import LiveSink, LiveSinkOptions
     from clickflow_live.metrics import LiveCollector
+    from clickflow_live.sink import LiveSink, LiveSinkOptions
 
     exported = {family.name for family in LiveCollector(LiveSink("live", LiveSinkOptions())).collect()}
     used = set()

@@ -8,27 +8,17 @@ Needs the ``gcp`` extra; ``BIGQUERY_EMULATOR_HOST`` points everything at an emul
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import anyio
 import click
 
-from clickflow.api import AnySink
-from clickflow.hookspecs import hookimpl
-from clickflow_bigquery.common import BigQueryOptions, BigQuerySink
-from clickflow_bigquery.load import BigQueryLoadSink
-from clickflow_bigquery.streaming import BigQueryStreamingSink
-from clickflow_bigquery.tables import SchemaMismatch
-from clickflow_bigquery.write import BigQueryWriteSink
-
-__all__ = ["BigQueryLoadSink", "BigQueryStreamingSink", "BigQueryWriteSink"]
+from clickflow.hookspecs import RegisterSink, hookimpl
 
 
 @hookimpl
-def register_sinks(register: Callable[[type[AnySink]], None]) -> None:
-    register(BigQueryStreamingSink)
-    register(BigQueryLoadSink)
-    register(BigQueryWriteSink)
+def register_sinks(register: RegisterSink) -> None:
+    # by import path: a sink's module loads only for a pipeline that uses it
+    register("clickflow_bigquery.streaming:BigQueryStreamingSink", "bigquery_streaming")
+    register("clickflow_bigquery.load:BigQueryLoadSink", "bigquery_load")
+    register("clickflow_bigquery.write:BigQueryWriteSink", "bigquery_write")
 
 
 @click.group()
@@ -40,7 +30,11 @@ def bigquery() -> None:
 @click.argument("pipeline", type=click.Path(exists=True, dir_okay=False))
 def create_tables(pipeline: str) -> None:
     """Create the dataset and tables of each BigQuery sink in PIPELINE; check those that exist."""
+    import anyio
+
     from clickflow.cli import load_or_exit
+    from clickflow_bigquery.common import BigQueryOptions, BigQuerySink
+    from clickflow_bigquery.tables import SchemaMismatch
 
     sinks = [(c.name, c.cls, c.options) for c in load_or_exit(pipeline).sinks if issubclass(c.cls, BigQuerySink)]
     if not sinks:

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
 from pydantic import Field, PositiveInt
 
-from clickflow.api import AnySource, Message, NoAck, Source, SourceContext, SourceOptions, valid_text
-from clickflow.hookspecs import hookimpl
+from clickflow.api import Message, NoAck, Source, SourceContext, SourceOptions, valid_text
+from clickflow.hookspecs import RegisterSource, hookimpl
 from clickflow_file.reader import CountingReader, iter_messages
 
 
@@ -114,5 +114,5 @@ def _next_or_empty(batches: Iterator[list[Message]]) -> list[Message]:
 
 
 @hookimpl
-def register_sources(register: Callable[[type[AnySource]], None]) -> None:
+def register_sources(register: RegisterSource) -> None:
     register(FileSource)

@@ -32,7 +32,7 @@ from clickflow.api import Handler
 from clickflow_live.windows import minute_text
 
 if TYPE_CHECKING:
-    from clickflow_live import LiveSink
+    from clickflow_live.sink import LiveSink
 
 STATIC = Path(__file__).resolve().parent / "static"
 CONTENT_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html", ".LICENSE": "text/plain"}
@@ -89,7 +89,7 @@ def snapshot(sink: LiveSink) -> dict[str, Any]:
 
 
 def routes(sink: LiveSink) -> list[tuple[str, str, Handler]]:
-    from clickflow_live import API_PATH, DASHBOARD_PATH, STATIC_PREFIX
+    from clickflow_live.sink import API_PATH, DASHBOARD_PATH, STATIC_PREFIX
 
     page = (STATIC / "dashboard.html").read_bytes()
 

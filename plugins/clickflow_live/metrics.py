@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from clickflow_live import LiveSink
+    from clickflow_live.sink import LiveSink
 
 
 class LiveCollector(Collector):

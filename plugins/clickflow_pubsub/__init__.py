@@ -1,22 +1,16 @@
 """Google Cloud Pub/Sub sources: ``pubsub_pull`` (a subscriber) and ``pubsub_push`` (an endpoint).
 
-The GCP client library is imported only when a pipeline uses these sources,
-so clickflow works without the ``gcp`` extra until then.
+Each is registered by import path, so its module (and the GCP client library, imported only when
+a pipeline runs) loads only for a pipeline that uses it; clickflow works without the ``gcp`` extra
+until then.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from clickflow.api import AnySource
-from clickflow.hookspecs import hookimpl
-from clickflow_pubsub.pull import PubSubPullSource
-from clickflow_pubsub.push import PubSubPushSource
-
-__all__ = ["PubSubPullSource", "PubSubPushSource"]
+from clickflow.hookspecs import RegisterSource, hookimpl
 
 
 @hookimpl
-def register_sources(register: Callable[[type[AnySource]], None]) -> None:
-    register(PubSubPullSource)
-    register(PubSubPushSource)
+def register_sources(register: RegisterSource) -> None:
+    register("clickflow_pubsub.pull:PubSubPullSource", "pubsub_pull")
+    register("clickflow_pubsub.push:PubSubPushSource", "pubsub_push")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 
-from clickflow import TABLES, AnySink, RowBatch, Sink, SinkOptions, hookimpl
+from clickflow import TABLES, RegisterSink, RowBatch, Sink, SinkOptions, hookimpl
 
 
 class NdjsonSinkOptions(SinkOptions):
@@ -47,5 +46,5 @@ class NdjsonSink(Sink[NdjsonSinkOptions]):
 
 
 @hookimpl
-def register_sinks(register: Callable[[type[AnySink]], None]) -> None:
+def register_sinks(register: RegisterSink) -> None:
     register(NdjsonSink)

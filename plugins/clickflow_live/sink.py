@@ -1,0 +1,145 @@
+"""The ``live`` sink itself: it counts each parsed batch into the aggregates and serves them."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+
+import anyio
+from pydantic import Field
+
+from clickflow.api import BatchLimits, Duration, Handler, RowBatch, Sink, SinkContext, SinkOptions
+from clickflow.schema import TABLE_NAMES, DeadLetterCol
+from clickflow_live.alerts import AlertRule, Alerts, Transition
+from clickflow_live.webhook import Webhook, WebhookOptions
+from clickflow_live.windows import LiveAggregates
+
+DASHBOARD_PATH, API_PATH, STATIC_PREFIX = "/dashboard", "/api/live", "/static/clickflow"
+WEBHOOK_DRAIN_SECONDS = 10.0
+
+
+class LiveSinkOptions(SinkOptions):
+    allowed_lateness: Duration = timedelta(minutes=5)
+    """How far behind the newest event time an event may arrive and still count in its minute."""
+    keep_minutes: int = Field(default=60, ge=2, le=1440)
+    """One-minute windows kept (and charted)."""
+    recent: Duration = timedelta(minutes=5)
+    """The sliding window of "clicks by page"."""
+    top_pages: int = Field(default=15, ge=1, le=100)
+    """Pages charted and exported; the rest are ``other``."""
+    max_pages: int = Field(default=1000, ge=10, le=100_000)
+    """Distinct pages counted per minute; past it, new pages count as ``other``."""
+    max_future: Duration = timedelta(minutes=5)
+    """Events this far ahead of the clock are counted apart, never windowed."""
+    alerts: list[AlertRule] = Field(default_factory=list)
+    webhook: WebhookOptions | None = None
+    refresh: Duration = timedelta(seconds=1)
+    """How often the dashboard polls ``/api/live``."""
+    batch: BatchLimits = BatchLimits(max_rows=50_000, max_bytes="64MiB", max_age="250ms")  # type: ignore[arg-type]
+
+    def http_paths(self) -> list[str]:
+        return [DASHBOARD_PATH, API_PATH, f"{STATIC_PREFIX}/"]
+
+    def exclusive_resources(self) -> list[str]:
+        return ["the live dashboard and its metrics"]
+
+
+class LiveBatch:
+    """A live sink's batch: counts, not rows; each parsed batch is aggregated as it is added."""
+
+    def __init__(self, sink: LiveSink) -> None:
+        self._sink = sink
+        self._counts = dict.fromkeys(TABLE_NAMES, 0)
+
+    def add(self, rows: RowBatch) -> None:
+        self._sink.count(rows)
+        for name, table_rows in rows.tables.items():
+            self._counts[name] += len(table_rows)
+
+    def __len__(self) -> int:
+        return sum(self._counts.values())
+
+    def counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    def discard(self) -> None:
+        pass
+
+
+class LiveSink(Sink[LiveSinkOptions, LiveBatch]):
+    """Live aggregates, a dashboard at /dashboard and traffic alerts; stores nothing."""
+
+    type_name = "live"
+
+    def __init__(self, name: str, options: LiveSinkOptions) -> None:
+        super().__init__(name, options)
+        minute = 60_000_000
+        self.aggregates = LiveAggregates(
+            allowed_lateness_us=int(options.allowed_lateness.total_seconds() * 1e6),
+            keep_minutes=options.keep_minutes,
+            max_pages=options.max_pages,
+            max_future_us=int(options.max_future.total_seconds() * 1e6),
+        )
+        self.recent_minutes = max(1, round(options.recent.total_seconds() * 1e6 / minute))
+        self.alerts = Alerts(options.alerts)
+        self.fired: dict[str, int] = {rule.name: 0 for rule in options.alerts}
+        self.transitions: deque[Transition] = deque(maxlen=50)
+        self.webhook = Webhook(options.webhook) if options.webhook else None
+        self.totals = {"messages": 0, "events": 0}
+        self._rates: deque[tuple[float, int, int]] = deque()
+
+    def routes(self) -> list[tuple[str, str, Handler]]:
+        from clickflow_live import api
+
+        return api.routes(self)
+
+    @asynccontextmanager
+    async def lifespan(self, context: SinkContext) -> AsyncIterator[None]:
+        from clickflow_live.metrics import LiveCollector
+
+        context.registry.register(LiveCollector(self))
+        async with anyio.create_task_group() as tasks:
+            if self.webhook is not None:
+                tasks.start_soon(self.webhook.run)
+            yield
+            if self.webhook is not None:  # the last alerts still go out, within a bound
+                self.webhook.finish()
+                with anyio.move_on_after(WEBHOOK_DRAIN_SECONDS, shield=True):
+                    await self.webhook.done.wait()
+            tasks.cancel_scope.cancel()
+
+    def new_batch(self) -> LiveBatch:
+        return LiveBatch(self)
+
+    def count(self, rows: RowBatch) -> None:
+        """Take a parsed batch into the aggregates as it arrives (rows are not kept)."""
+        tables = rows.tables
+        self.aggregates.add(tables, time.time_ns() // 1000)
+        self.totals["messages"] += len(tables["visits"]) + sum(
+            1 for r in tables["dead_letter"] if r[DeadLetterCol.event_index] is None
+        )
+        self.totals["events"] += len(tables["events"])
+
+    async def write(self, batch: LiveBatch) -> None:
+        """Judge the alerts on what the batch added; nothing to store."""
+        now = time.time()
+        self._rates.append((now, self.totals["messages"], self.totals["events"]))
+        while self._rates and self._rates[0][0] < now - 10:
+            self._rates.popleft()
+        for change in self.alerts.evaluate(self.aggregates):
+            self.transitions.append(change)
+            if change.state == "firing":
+                self.fired[change.alert] += 1
+            if self.webhook is not None:
+                self.webhook.post(change)
+
+    def rates(self) -> tuple[float, float]:
+        """Messages and events per second over the last ten seconds (by arrival)."""
+        if len(self._rates) < 2:
+            return 0.0, 0.0
+        (t0, m0, e0), (t1, m1, e1) = self._rates[0], self._rates[-1]
+        span = max(t1 - t0, 1e-9)
+        return (m1 - m0) / span, (e1 - e0) / span
