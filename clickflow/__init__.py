@@ -26,7 +26,7 @@ from clickflow.api import (
     SourceOptions,
 )
 from clickflow.dlq import DeadLetterGroup, DeadLetterPage, DeadLetterQuery, DeadLetterStore, StoredDeadLetter
-from clickflow.hookspecs import RegisterSink, RegisterSource, hookimpl
+from clickflow.hookspecs import Register, hookimpl
 from clickflow.parser import VisitContext
 from clickflow.schema import TABLE_NAMES, TABLES, Column, DeadLetterCol, EventCol, ItemCol, Table, VisitCol
 
@@ -50,8 +50,7 @@ __all__ = [
     "Message",
     "NoAck",
     "PermanentWriteError",
-    "RegisterSink",
-    "RegisterSource",
+    "Register",
     "RetryPolicy",
     "RowBatch",
     "Sink",

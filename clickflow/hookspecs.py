@@ -6,7 +6,7 @@ registered class is instantiated and its ordinary async methods are called.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import pluggy
 
@@ -19,27 +19,23 @@ hookspec = pluggy.HookspecMarker("clickflow")
 hookimpl = pluggy.HookimplMarker("clickflow")
 
 
-class RegisterSource(Protocol):
-    """``register(SourceClass)``, or ``register("package.module:SourceClass", "type_name")`` to import
+P = TypeVar("P", contravariant=True)
+
+
+class Register(Protocol[P]):
+    """``register(PluginClass)``, or ``register("package.module:PluginClass", "type_name")`` to import
     the module only when a pipeline uses that type."""
 
-    def __call__(self, plugin: type[AnySource] | str, type_name: str | None = None, /) -> None: ...
-
-
-class RegisterSink(Protocol):
-    """``register(SinkClass)``, or ``register("package.module:SinkClass", "type_name")`` to import the
-    module only when a pipeline uses that type."""
-
-    def __call__(self, plugin: type[AnySink] | str, type_name: str | None = None, /) -> None: ...
+    def __call__(self, plugin: type[P] | str, type_name: str | None = None, /) -> None: ...
 
 
 @hookspec
-def register_sources(register: RegisterSource) -> None:
+def register_sources(register: Register[AnySource]) -> None:
     """Register source classes: ``register(SourceClass)`` or ``register("module:Class", "type")``."""
 
 
 @hookspec
-def register_sinks(register: RegisterSink) -> None:
+def register_sinks(register: Register[AnySink]) -> None:
     """Register sink classes: ``register(SinkClass)`` or ``register("module:Class", "type")``."""
 
 

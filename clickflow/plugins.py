@@ -9,7 +9,6 @@ module is imported only when a pipeline uses that type (``Registered.cls``).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
@@ -89,7 +88,7 @@ def _checked(cls: object, kind: type[Any], distribution: str, type_name: str | N
     return cls
 
 
-def _collector(table: dict[str, Registered[C]], kind: type[Any], distribution: str) -> Callable[..., None]:
+def _collector(table: dict[str, Registered[C]], kind: type[Any], distribution: str) -> hookspecs.Register[C]:
     def register(plugin: type[C] | str, type_name: str | None = None, /) -> None:
         if isinstance(plugin, str):
             if not type_name or plugin.count(":") != 1:

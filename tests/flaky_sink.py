@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from clickflow.hookspecs import RegisterSink, hookimpl
+from clickflow.api import AnySink
+from clickflow.hookspecs import Register, hookimpl
 from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions
 from clickflow_duckdb.spool import JsonSpool
 
@@ -25,5 +26,5 @@ class FlakyDuckDBSink(DuckDBSink):
 
 
 @hookimpl
-def register_sinks(register: RegisterSink) -> None:
+def register_sinks(register: Register[AnySink]) -> None:
     register(FlakyDuckDBSink)

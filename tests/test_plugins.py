@@ -14,7 +14,7 @@ import pytest
 
 from clickflow.api import AnySink, RowBatch, Sink, SinkOptions
 from clickflow.config import ConfigError, parse_pipeline
-from clickflow.hookspecs import RegisterSink, hookimpl
+from clickflow.hookspecs import Register, hookimpl
 from clickflow.plugins import PluginError, Registry, load_plugins
 from clickflow.schema import TABLE_NAMES
 from tests.conftest import REPO
@@ -94,7 +94,7 @@ class LazyPlugins:
     """Registers sinks by import path: one that exists, one whose module is missing, one misnamed."""
 
     @hookimpl
-    def register_sinks(self, register: RegisterSink) -> None:
+    def register_sinks(self, register: Register[AnySink]) -> None:
         register("tests.test_plugins:CountSink", "count")
         register("tests.no_such_module:Sink", "missing")
         register("tests.test_plugins:CountSink", "misnamed")
@@ -124,7 +124,7 @@ def test_a_type_registered_by_import_path_loads_when_a_pipeline_uses_it() -> Non
 def test_a_registration_by_path_needs_module_class_and_a_type_name() -> None:
     class NoName:
         @hookimpl
-        def register_sinks(self, register: RegisterSink) -> None:
+        def register_sinks(self, register: Register[AnySink]) -> None:
             register("tests.test_plugins:CountSink")
 
     with pytest.raises(PluginError, match="takes 'module:Class' and its type name"):

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import click
 
-from clickflow.hookspecs import RegisterSink, hookimpl
+from clickflow.api import AnySink
+from clickflow.hookspecs import Register, hookimpl
 
 
 @hookimpl
-def register_sinks(register: RegisterSink) -> None:
+def register_sinks(register: Register[AnySink]) -> None:
     # by import path: a sink's module loads only for a pipeline that uses it
     register("clickflow_bigquery.streaming:BigQueryStreamingSink", "bigquery_streaming")
     register("clickflow_bigquery.load:BigQueryLoadSink", "bigquery_load")

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 import anyio
 from pydantic import Field
 
-from clickflow.api import BatchLimits, RowBatch, Sink, SinkOptions
+from clickflow.api import AnySink, BatchLimits, RowBatch, Sink, SinkOptions
 from clickflow.dlq import DeadLetterGroup, DeadLetterPage, DeadLetterQuery
-from clickflow.hookspecs import RegisterSink, hookimpl
+from clickflow.hookspecs import Register, hookimpl
 from clickflow.parser import VisitContext
 from clickflow.schema import TABLES, Column, ColumnType, Table
 from clickflow_duckdb import deadletters
@@ -249,5 +249,5 @@ def spool_directory(database: str) -> str:
 
 
 @hookimpl
-def register_sinks(register: RegisterSink) -> None:
+def register_sinks(register: Register[AnySink]) -> None:
     register(DuckDBSink)

@@ -14,8 +14,8 @@ from typing import Any
 import anyio
 from pydantic import Field, PositiveInt
 
-from clickflow.api import Message, NoAck, Source, SourceContext, SourceOptions, valid_text
-from clickflow.hookspecs import RegisterSource, hookimpl
+from clickflow.api import AnySource, Message, NoAck, Source, SourceContext, SourceOptions, valid_text
+from clickflow.hookspecs import Register, hookimpl
 from clickflow_file.reader import CountingReader, iter_messages
 
 
@@ -114,5 +114,5 @@ def _next_or_empty(batches: Iterator[list[Message]]) -> list[Message]:
 
 
 @hookimpl
-def register_sources(register: RegisterSource) -> None:
+def register_sources(register: Register[AnySource]) -> None:
     register(FileSource)

@@ -9,9 +9,10 @@ JSON behind it (``/api/live``, see ``api``) and the page's static files from the
 
 from __future__ import annotations
 
-from clickflow.hookspecs import RegisterSink, hookimpl
+from clickflow.api import AnySink
+from clickflow.hookspecs import Register, hookimpl
 
 
 @hookimpl
-def register_sinks(register: RegisterSink) -> None:
+def register_sinks(register: Register[AnySink]) -> None:
     register("clickflow_live.sink:LiveSink", "live")  # its module loads only for a pipeline that uses it

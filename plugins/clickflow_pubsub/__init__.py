@@ -7,10 +7,11 @@ until then.
 
 from __future__ import annotations
 
-from clickflow.hookspecs import RegisterSource, hookimpl
+from clickflow.api import AnySource
+from clickflow.hookspecs import Register, hookimpl
 
 
 @hookimpl
-def register_sources(register: RegisterSource) -> None:
+def register_sources(register: Register[AnySource]) -> None:
     register("clickflow_pubsub.pull:PubSubPullSource", "pubsub_pull")
     register("clickflow_pubsub.push:PubSubPushSource", "pubsub_push")

@@ -13,8 +13,8 @@ import anyio
 import click
 from pydantic import Field, PositiveFloat, PositiveInt
 
-from clickflow.api import Duration, Message, NoAck, Source, SourceContext, SourceOptions
-from clickflow.hookspecs import RegisterSource, hookimpl
+from clickflow.api import AnySource, Duration, Message, NoAck, Source, SourceContext, SourceOptions
+from clickflow.hookspecs import Register, hookimpl
 from clickflow_simulator.generator import Spike, VisitGenerator
 
 __all__ = ["SimulatorSource", "VisitGenerator", "simulated_messages"]
@@ -184,7 +184,7 @@ def _publish(topic: str, options: SimulatorOptions, concurrency: int) -> None:
 
 
 @hookimpl
-def register_sources(register: RegisterSource) -> None:
+def register_sources(register: Register[AnySource]) -> None:
     register(SimulatorSource)
 
 

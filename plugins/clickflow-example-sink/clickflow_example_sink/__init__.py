@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 
-from clickflow import TABLES, RegisterSink, RowBatch, Sink, SinkOptions, hookimpl
+from clickflow import TABLES, AnySink, Register, RowBatch, Sink, SinkOptions, hookimpl
 
 
 class NdjsonSinkOptions(SinkOptions):
@@ -46,5 +46,5 @@ class NdjsonSink(Sink[NdjsonSinkOptions]):
 
 
 @hookimpl
-def register_sinks(register: RegisterSink) -> None:
+def register_sinks(register: Register[AnySink]) -> None:
     register(NdjsonSink)
