@@ -99,15 +99,15 @@ def main() -> None:
             )
             return [sys.executable, "-m", "clickflow", "run", str(pipeline), "--no-progress"], port
 
-        servers: dict[str, tuple[list[str], int | None]] = {
-            "bare aiohttp 204": ([sys.executable, "-c", BARE, str(free_port())], None),
+        bare_port = free_port()
+        servers: dict[str, tuple[list[str], int]] = {
+            "bare aiohttp 204": ([sys.executable, "-c", BARE, str(bare_port)], bare_port),
             # the endpoint and the runtime with a sink that only counts in memory: their own ceiling
             "clickflow push -> live": clickflow("live", "type: live"),
             "clickflow push -> duckdb": clickflow("duckdb", f"type: duckdb, path: '{work}/push.duckdb'"),
         }
         rates: dict[str, dict[int, float]] = {}
-        for name, (command, fixed_port) in servers.items():
-            server_port = fixed_port or int(command[-1])
+        for name, (command, server_port) in servers.items():
             server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 wait_for(partial(ready, server_port), 30)

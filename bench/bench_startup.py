@@ -29,27 +29,28 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from clickflow_simulator import VisitGenerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.emulators import free_port
-
-REPO = Path(__file__).resolve().parent.parent
-
+from tests.emulators import REPO, free_port
 
 ENVIRONMENT = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
 
 
-def timed(command: list[str], runs: int) -> tuple[float, float]:
+def timed(measure: Callable[[int], float], runs: int) -> str:
+    """Best and median of ``measure(1)`` .. ``measure(runs)``, after ``measure(0)``, which is not counted."""
+    seconds = [measure(attempt) for attempt in range(runs + 1)][1:]
+    return f"best {min(seconds):.3f}s  median {statistics.median(seconds):.3f}s"
+
+
+def wall(command: list[str], _attempt: int) -> float:
+    started = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, cwd=REPO, env=ENVIRONMENT)
-    walls = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        subprocess.run(command, check=True, capture_output=True, cwd=REPO, env=ENVIRONMENT)
-        walls.append(time.perf_counter() - started)
-    return min(walls), statistics.median(walls)
+    return time.perf_counter() - started
 
 
 def first_push_stored(command: list[str], port: int, body: bytes) -> float:
@@ -99,8 +100,7 @@ def main() -> None:
             ("clickflow validate config/local.yaml", [*clickflow, "validate", "config/local.yaml"]),
             ("clickflow run: 1,000 visits file -> duckdb", [*clickflow, "run", "--no-progress", str(pipeline)]),
         ):
-            best, median = timed(command, opts.runs)
-            print(f"{name:<44} best {best:.3f}s  median {median:.3f}s")
+            print(f"{name:<44} {timed(partial(wall, command), opts.runs)}")
 
         port = free_port()
         push = Path(work) / "push.yaml"
@@ -109,14 +109,13 @@ def main() -> None:
             f"sinks: [{{type: duckdb, path: '{work}/push.duckdb', batch: {{max_age: 0s}}}}]\n"
             f"monitor: {{port: {port}}}\n"
         )
-        waits = []
-        for attempt in range(opts.runs + 1):  # the first is not counted
+
+        def cold_start(attempt: int) -> float:
             data = base64.b64encode(next(VisitGenerator(seed=attempt).messages(1))).decode()
             body = json.dumps({"message": {"data": data, "messageId": f"cold-{attempt}"}}).encode()
-            waits.append(first_push_stored([*clickflow, "run", "--no-progress", str(push)], port, body))
-        waits = waits[1:]
-        name = "push: start to first request stored"
-        print(f"{name:<44} best {min(waits):.3f}s  median {statistics.median(waits):.3f}s")
+            return first_push_stored([*clickflow, "run", "--no-progress", str(push)], port, body)
+
+        print(f"{'push: start to first request stored':<44} {timed(cold_start, opts.runs)}")
 
         own = import_times([sys.executable, "-X", "importtime", "-m", "clickflow", "validate", "config/local.yaml"])
         total = sum(own.values())
