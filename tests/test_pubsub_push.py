@@ -262,6 +262,16 @@ async def test_a_failing_sink_is_answered_503_so_pubsub_retries(fake_push: Calla
     assert response.status == 503
 
 
+def one_after_another(client: Any, count: int) -> list[asyncio.Task[int]]:
+    """Push requests 20 ms apart, each filling the pipeline a little more; their statuses."""
+
+    async def push(i: int) -> int:
+        await asyncio.sleep(0.02 * i)
+        return (await client.post("/pubsub/push", data=envelope(b'{"session_id": "S"}', str(i)))).status
+
+    return [asyncio.create_task(push(i)) for i in range(count)]
+
+
 @pytest.mark.asyncio
 async def test_a_saturated_pipeline_is_answered_429(fake_push: Callable[[str], Any]) -> None:
     from tests.fakes import MemorySink
@@ -269,11 +279,7 @@ async def test_a_saturated_pipeline_is_answered_429(fake_push: Callable[[str], A
     MemorySink.gate = asyncio.Event()  # type: ignore[assignment] - the sink hangs until the end
     client = await fake_push("{type: memory, gated: true, batch: {max_rows: 1}}")
 
-    async def push(i: int) -> int:
-        await asyncio.sleep(0.02 * i)  # one after another: each fills the pipeline a little more
-        return (await client.post("/pubsub/push", data=envelope(b'{"session_id": "S"}', str(i)))).status
-
-    statuses = await asyncio.gather(*(push(i) for i in range(12)))
+    statuses = [await post for post in one_after_another(client, 12)]
     MemorySink.gate.set()
     assert 429 in statuses
 
@@ -287,12 +293,7 @@ async def test_requests_still_waiting_to_enter_when_the_endpoint_stops_are_answe
     MemorySink.gate = asyncio.Event()  # type: ignore[assignment] - the sink hangs: the pipeline fills up
     client = await fake_push("{type: memory, gated: true, batch: {max_rows: 1}}", "enter_timeout: 60s")
     (runtime, _) = fake_push.runtimes[0]  # type: ignore[attr-defined]
-
-    async def push(i: int) -> int:
-        await asyncio.sleep(0.02 * i)  # one after another: each fills the pipeline a little more
-        return (await client.post("/pubsub/push", data=envelope(b"{}", str(i)))).status
-
-    posts = [asyncio.create_task(push(i)) for i in range(12)]
+    posts = one_after_another(client, 12)
     await asyncio.sleep(0.5)
     started = time.monotonic()
     runtime.request_stop()
