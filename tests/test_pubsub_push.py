@@ -171,18 +171,22 @@ async def test_oversized_bodies_are_refused(push_client: tuple[Any, Runtime], ke
 
 
 @pytest.mark.integration
-def test_emulator_push_subscription_delivers_every_message(pubsub_emulator: PubSubEmulator, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sink_options", ["", ", commit_every: 200ms"], ids=["per-batch", "logged"])
+def test_emulator_push_subscription_delivers_every_message(
+    pubsub_emulator: PubSubEmulator, tmp_path: Path, sink_options: str
+) -> None:
     port, db = free_port(), tmp_path / "push.duckdb"
     pipeline = tmp_path / "push.yaml"
     pipeline.write_text(
         "sources: [{type: pubsub_push, auth: none}]\n"
-        f"sinks: [{{type: duckdb, path: '{db}', batch: {{max_age: 100ms}}}}]\nmonitor: {{port: {port}}}\n"
+        f"sinks: [{{type: duckdb, path: '{db}', batch: {{max_age: 100ms}}{sink_options}}}]\n"
+        f"monitor: {{port: {port}}}\n"
     )
     process = start_clickflow(pipeline, pubsub_emulator.host)
     try:
         wait_for(lambda: metric(port, "clickflow_messages_received_total") >= 0, 30)
-        topic = pubsub_emulator.topic("pushed")
-        pubsub_emulator.subscription("pushed", topic, push_endpoint=f"http://127.0.0.1:{port}/pubsub/push")
+        topic = pubsub_emulator.topic(tmp_path.name)  # one per parameter: the emulator is shared
+        pubsub_emulator.subscription(tmp_path.name, topic, push_endpoint=f"http://127.0.0.1:{port}/pubsub/push")
         payloads = list(VisitGenerator(seed=6, malformed_rate=0.1).messages(500))
         ids = pubsub_emulator.publish(topic, payloads)
         wait_for(lambda: metric(port, "clickflow_messages_acknowledged_total") >= 500, 120)

@@ -13,30 +13,39 @@ in the same batch, so this is exact; ``dead_letter`` rows are anti-joined on
 their own key. There are no primary-key indexes: DuckDB rewrites a whole index
 at every checkpoint, which made large tables quadratically slow to load; the
 count and the anti-join scan one column.
+
+With ``commit_every``, a batch is acknowledged once it is fsynced into a log beside the database,
+and the log is inserted in one transaction that often (see ``log``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import anyio
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from clickflow.api import AnySink, BatchLimits, RowBatch, Sink, SinkOptions
+from clickflow.api import AnySink, BatchLimits, Duration, RowBatch, Sink, SinkContext, SinkOptions
 from clickflow.dlq import DeadLetterGroup, DeadLetterPage, DeadLetterQuery
 from clickflow.hookspecs import Register, hookimpl
 from clickflow.parser import VisitContext
 from clickflow.schema import TABLES, Column, ColumnType, Table
 from clickflow_duckdb import deadletters
+from clickflow_duckdb.log import BatchLog, Logged
 from clickflow_duckdb.spool import JsonSpool
 
 if TYPE_CHECKING:
     import duckdb  # imported where a connection is made: 0.2 s that `clickflow validate` need not pay
+
+log = logging.getLogger(__name__)
 
 DUCKDB_TYPES: dict[ColumnType, str] = {
     "STRING": "VARCHAR",
@@ -55,7 +64,20 @@ class DuckDBSinkOptions(SinkOptions):
     settings: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="Any other DuckDB settings, e.g. {max_vacuum_tasks: 100}; applied last."
     )
+    commit_every: Duration | None = Field(
+        default=None,
+        description="Acknowledge each batch once it is fsynced to a log beside the database, and insert the "
+        "log into the tables this often, in one transaction: for many small batches (the push endpoint). "
+        "Rows reach queries up to this late; a killed run's log is inserted when the database is next opened.",
+    )
     batch: BatchLimits = BatchLimits(max_rows=300_000, max_bytes="256MiB", max_age="5s")  # type: ignore[arg-type]
+
+    @field_validator("commit_every")
+    @classmethod
+    def _longer_than_zero(cls, value: timedelta | None) -> timedelta | None:
+        if value is not None and value <= timedelta(0):
+            raise ValueError("must be longer than 0; leave it out to commit each batch as it is written")
+        return value
 
     def exclusive_resources(self) -> list[str]:
         """Two sinks on one file would each store every row: a file belongs to one sink."""
@@ -88,16 +110,21 @@ def insert_into(table: Table) -> str:
     return f"INSERT INTO {table.name} ({', '.join(c.name for _, c in _stored(table))})"
 
 
-def select_spooled(table: Table, path: str) -> str:
-    """A SELECT that reads one spool file (rows as JSON arrays) as the table's stored columns."""
+def select_spooled(table: Table, paths: str | Sequence[str]) -> str:
+    """A SELECT that reads spool files (rows as JSON arrays) as the table's stored columns."""
     columns = []
     for i, column in _stored(table):
         if column.type == "TIMESTAMP":  # exact microseconds (no float), whatever the session's TimeZone
             columns.append(f"make_timestamptz(j[{i}]::BIGINT) AS {column.name}")
         else:
             columns.append(f"j[{i}]::{DUCKDB_TYPES[column.type]} AS {column.name}")
-    source = f"read_json('{path}', format='newline_delimited', records=false, columns={{'j': 'VARCHAR[]'}})"
+    files = _sql_text(paths) if isinstance(paths, str) else f"[{', '.join(map(_sql_text, paths))}]"
+    source = f"read_json({files}, format='newline_delimited', records=false, columns={{'j': 'VARCHAR[]'}})"
     return f"SELECT {', '.join(columns)} FROM {source}"
+
+
+def _sql_text(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 class DuckDBSink(Sink[DuckDBSinkOptions, JsonSpool]):
@@ -107,22 +134,79 @@ class DuckDBSink(Sink[DuckDBSinkOptions, JsonSpool]):
     beam = "clickflow_duckdb.beam:WriteDuckDB"
 
     _connection: duckdb.DuckDBPyConnection | None = None
+    _log: BatchLog | None = None
 
     async def open(self) -> None:
         self._connection = await anyio.to_thread.run_sync(connect, self.options)
         self._spool_root = spool_directory(self.options.path)
+        if self.options.commit_every is not None:
+            self._log = BatchLog(self.options.path)
+            self._committing = anyio.Lock()
+            await anyio.to_thread.run_sync(self._insert_logged, self._log.left_behind())
 
     def new_batch(self) -> JsonSpool:
         return JsonSpool(self._spool_root)
 
     async def write(self, batch: JsonSpool) -> None:
         batch.close()
-        await anyio.to_thread.run_sync(self._write, batch)
+        if self._log is None:
+            await anyio.to_thread.run_sync(self._insert, batch.paths, batch.counts())
+            return
+        with anyio.CancelScope(shield=True):  # a batch in the log is in the bookkeeping too
+            if self._log.overlaps(batch):  # a redelivery: the tables' anti-join drops it, once they hold the log
+                await self.commit()
+                await anyio.to_thread.run_sync(self._insert, batch.paths, batch.counts())
+            else:
+                self._log.add(await anyio.to_thread.run_sync(self._log.persist, batch), batch)
 
-    def _write(self, batch: JsonSpool) -> None:
+    @asynccontextmanager
+    async def lifespan(self, context: SinkContext) -> AsyncIterator[None]:
+        if self._log is None or self.options.commit_every is None:
+            yield
+            return
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._commit_every, self.options.commit_every.total_seconds())
+            yield
+            tasks.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await self.commit()
+
+    async def _commit_every(self, seconds: float) -> None:
+        failing_since: float | None = None
+        while True:
+            await anyio.sleep(seconds)
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self.commit()
+                failing_since = None
+            except Exception as exc:  # the batches stay logged: tried again, and on the next open
+                now = anyio.current_time()
+                failing_since = now if failing_since is None else failing_since
+                if now - failing_since > self.options.retry.give_up_after.total_seconds():
+                    raise
+                log.warning("sink %s: cannot insert the batch log yet: %s", self.name, exc)
+
+    async def commit(self) -> None:
+        """Insert the logged batches into the tables (with ``commit_every``)."""
+        assert self._log is not None
+        async with self._committing:
+            logged = self._log.take()
+            try:
+                await anyio.to_thread.run_sync(self._insert_logged, logged)
+            except BaseException:
+                self._log.give_back(logged)
+                raise
+            self._log.taken = None
+
+    def _insert_logged(self, logged: Logged) -> None:
+        if logged.directories:
+            self._insert(logged.files(), logged.counts)
+            BatchLog.remove(logged.directories)
+
+    def _insert(self, paths: Mapping[str, str | Sequence[str]], counts: Mapping[str, int]) -> None:
         assert self._connection is not None
         with self._connection.cursor() as cursor:
-            insert(cursor, batch.paths, batch.counts())
+            insert(cursor, paths, counts)
 
     # clickflow.dlq.DeadLetterStore: `clickflow dlq list` and `replay`
 
@@ -149,6 +233,8 @@ class DuckDBSink(Sink[DuckDBSinkOptions, JsonSpool]):
         if self._connection is not None:
             await anyio.to_thread.run_sync(self._connection.close)
             shutil.rmtree(self._spool_root, ignore_errors=True)
+            if self._log is not None:
+                self._log.close()
             self._connection = None
 
 
@@ -177,8 +263,8 @@ def connect(options: DuckDBSinkOptions) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def insert(con: duckdb.DuckDBPyConnection, paths: Mapping[str, str], counts: Mapping[str, int]) -> None:
-    """Insert spooled rows (``paths``: a file or glob per table) in one transaction, skipping rows
+def insert(con: duckdb.DuckDBPyConnection, paths: Mapping[str, str | Sequence[str]], counts: Mapping[str, int]) -> None:
+    """Insert spooled rows (``paths``: a file, a glob or a list of files per table) in one transaction, skipping rows
     already stored. ``counts`` are the rows in each table's files."""
 
     def spooled(name: str) -> str:

@@ -31,7 +31,8 @@ class JsonSpool:
         self.paths = {name: os.path.join(self.directory, f"{name}.ndjson") for name in TABLE_NAMES}
         self._files: dict[str, BinaryIO] = {}
         self._counts = dict.fromkeys(TABLE_NAMES, 0)
-        self._messages: set[str] = set()
+        self.messages: set[str] = set()
+        """The messages whose rows the batch holds: visit ids, and whole-message dead letters' ids."""
         self._broken: OSError | None = None
 
     def add(self, rows: RowBatch) -> None:
@@ -39,9 +40,9 @@ class JsonSpool:
         # every message yields a visits row or a whole-message dead letter keyed by its visit id
         messages = [row[VisitCol.visit_id] for row in tables["visits"]]
         messages += [row[DeadLetterCol.dead_letter_id] for row in tables["dead_letter"] if row[_EVENT_INDEX] is None]
-        if not self._messages.isdisjoint(messages):
-            tables = _without_messages(tables, self._messages)  # redelivered within this batch
-        self._messages.update(messages)
+        if not self.messages.isdisjoint(messages):
+            tables = _without_messages(tables, self.messages)  # redelivered within this batch
+        self.messages.update(messages)
         for name, table_rows in tables.items():
             if table_rows:
                 try:

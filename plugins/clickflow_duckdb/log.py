@@ -1,0 +1,124 @@
+"""The DuckDB sink's batch log, for ``commit_every``: durable at once, inserted together later.
+
+A DuckDB transaction costs a few milliseconds per statement and per commit, whatever its size,
+which bounds a stream of small batches (the push endpoint answers each request only once its
+rows are stored). With a log, a batch's spool files are fsynced and their directory is renamed
+into ``DATABASE.log/`` (atomic: a batch is in the log whole or not at all); the write returns and
+the batch is acknowledged. Every ``commit_every`` the sink inserts all logged batches in one
+transaction, then removes them. A run that is killed leaves its log, which is inserted when the
+database is next opened, so an acknowledged batch is never lost.
+
+Logged batches never share a message: a batch with a message already in the log is written
+after the log is committed, so the insert's anti-join against the tables drops every repeat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from clickflow.schema import TABLE_NAMES
+from clickflow_duckdb.spool import JsonSpool
+
+
+@dataclass
+class Logged:
+    """Batches in the log: their directories, rows per table, and the messages they hold."""
+
+    directories: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TABLE_NAMES, 0))
+    messages: set[str] = field(default_factory=set)
+
+    def files(self) -> dict[str, list[str]]:
+        """Each table's spool files across the batches (a table a batch has no rows for has none)."""
+        return {
+            name: [path for d in self.directories if os.path.exists(path := os.path.join(d, f"{name}.ndjson"))]
+            for name in TABLE_NAMES
+        }
+
+
+class BatchLog:
+    """``DATABASE.log/``: fsynced batches waiting to be inserted. Not thread-safe: the sink
+    calls ``append``'s blocking part in a thread and keeps the bookkeeping on its event loop."""
+
+    def __init__(self, database: str) -> None:
+        if database == ":memory:":
+            self.directory = tempfile.mkdtemp(prefix="clickflow-duckdb-log-")
+        else:
+            self.directory = f"{database}.log"
+            os.makedirs(self.directory, exist_ok=True)
+        self.pending = Logged()
+        self.taken: Logged | None = None
+        """Batches being inserted: until that ends, a new batch must not share their messages either."""
+        self._sequence = 0
+
+    def left_behind(self) -> Logged:
+        """Batches a killed run logged but did not insert, with their rows counted from the files."""
+        logged = Logged(directories=sorted(os.path.join(self.directory, d) for d in os.listdir(self.directory)))
+        for name, paths in logged.files().items():
+            logged.counts[name] = sum(_lines(path) for path in paths)
+        return logged
+
+    def overlaps(self, batch: JsonSpool) -> bool:
+        taken = self.taken.messages if self.taken is not None else set()
+        return not (self.pending.messages.isdisjoint(batch.messages) and taken.isdisjoint(batch.messages))
+
+    def persist(self, batch: JsonSpool) -> str:
+        """Make a closed batch durable in the log (blocking: run it in a thread); returns its new
+        directory, to be handed to ``add`` once this returns."""
+        for path in batch.paths.values():
+            if os.path.exists(path):
+                _fsync(path, os.O_RDONLY)
+        _fsync(batch.directory, os.O_RDONLY | os.O_DIRECTORY)
+        self._sequence += 1
+        logged = os.path.join(self.directory, f"{self._sequence:012d}-{os.path.basename(batch.directory)}")
+        os.rename(batch.directory, logged)
+        _fsync(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        return logged
+
+    def add(self, directory: str, batch: JsonSpool) -> None:
+        self.pending.directories.append(directory)
+        for name, count in batch.counts().items():
+            self.pending.counts[name] += count
+        self.pending.messages.update(batch.messages)
+
+    def take(self) -> Logged:
+        """The pending batches, to be inserted; set ``taken`` to None once they are."""
+        self.taken, self.pending = self.pending, Logged()
+        return self.taken
+
+    def give_back(self, logged: Logged) -> None:
+        """Batches that could not be inserted: pending again, with those logged since."""
+        self.pending.directories[:0] = logged.directories
+        for name, count in logged.counts.items():
+            self.pending.counts[name] += count
+        self.pending.messages |= logged.messages
+        self.taken = None
+
+    @staticmethod
+    def remove(directories: Iterable[str]) -> None:
+        """Drop batches once their rows are committed to the tables."""
+        for directory in directories:
+            shutil.rmtree(directory)
+
+    def close(self) -> None:
+        """Remove the log's directory if every batch was inserted (else the next open inserts them)."""
+        with contextlib.suppress(OSError):
+            os.rmdir(self.directory)
+
+
+def _fsync(path: str, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _lines(path: str) -> int:
+    with open(path, "rb") as file:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: file.read(1 << 20), b""))

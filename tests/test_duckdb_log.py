@@ -1,0 +1,162 @@
+"""The DuckDB sink's ``commit_every``: batches are durable in a log at once, in the tables later."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import anyio
+import pytest
+from prometheus_client import CollectorRegistry
+
+from clickflow.api import RowBatch
+from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions
+from tests.conftest import table_counts
+from tests.test_duckdb_sink import parsed
+
+pytestmark = pytest.mark.anyio
+
+EMPTY = {"visits": 0, "events": 0, "purchase_items": 0, "dead_letter": 0}
+
+
+@asynccontextmanager
+async def logged_sink(path: Path, commit_every: str = "1h") -> AsyncIterator[DuckDBSink]:
+    """A sink with a log, open and in its lifespan, as the runtime runs it."""
+    sink = DuckDBSink("duckdb", DuckDBSinkOptions.model_validate({"path": str(path), "commit_every": commit_every}))
+    await sink.open()
+    try:
+        async with sink.lifespan(SimpleNamespace(registry=CollectorRegistry())):
+            yield sink
+    finally:
+        await sink.close()
+
+
+async def write(sink: DuckDBSink, rows: RowBatch) -> None:
+    batch = sink.new_batch()
+    batch.add(rows)
+    await sink.write(batch)
+    batch.discard()
+
+
+def stored(sink: DuckDBSink) -> dict[str, int]:
+    cursor = sink._cursor()
+    return {name: cursor.execute(f"SELECT count(*) FROM {name}").fetchall()[0][0] for name in EMPTY}
+
+
+def has_log(db: Path) -> bool:
+    return Path(f"{db}.log").exists()
+
+
+def logged_batches(db: Path) -> list[str]:
+    log = Path(f"{db}.log")
+    return sorted(os.listdir(log)) if log.exists() else []
+
+
+async def test_a_written_batch_is_in_the_log_until_the_commit(
+    tmp_path: Path, visit: Callable[..., dict[str, Any]]
+) -> None:
+    db = tmp_path / "db.duckdb"
+    async with logged_sink(db) as sink:
+        await write(sink, parsed([visit(), "garbage", visit()]))
+        assert stored(sink) == EMPTY  # write returned: the batch is durable, in the log only
+        assert len(logged_batches(db)) == 1
+    assert table_counts(db) == {"visits": 2, "events": 6, "purchase_items": 2, "dead_letter": 1}
+    assert not has_log(db)  # every batch inserted: the log is gone
+
+
+async def test_the_log_is_inserted_every_commit_every(tmp_path: Path, visit: Callable[..., dict[str, Any]]) -> None:
+    async with logged_sink(tmp_path / "db.duckdb", commit_every="50ms") as sink:
+        await write(sink, parsed([visit()], prefix="a"))
+        await write(sink, parsed([visit(), visit()], prefix="b"))
+        with anyio.fail_after(10):
+            while stored(sink)["visits"] < 3:  # noqa: ASYNC110  polling the database: no event to wait on
+                await anyio.sleep(0.02)
+        assert stored(sink) == {"visits": 3, "events": 9, "purchase_items": 3, "dead_letter": 0}
+        assert logged_batches(tmp_path / "db.duckdb") == []
+
+
+async def test_redelivered_messages_are_stored_once_across_logged_batches(
+    tmp_path: Path, visit: Callable[..., dict[str, Any]]
+) -> None:
+    first = parsed([visit(), "not json", visit()])
+    overlapping = parsed([visit(), "not json", visit(), visit()])  # m0..m2 again, m3 new
+    db = tmp_path / "db.duckdb"
+    async with logged_sink(db) as sink:
+        await write(sink, first)
+        await write(sink, first)  # shares messages with the log: the log is committed, then this is anti-joined
+        assert stored(sink) == {"visits": 2, "events": 6, "purchase_items": 2, "dead_letter": 1}
+        await write(sink, overlapping)  # repeats what the tables hold, not the log: logged, anti-joined later
+        await write(sink, parsed([visit()], prefix="other"))
+        assert len(logged_batches(db)) == 2
+    assert table_counts(db) == {"visits": 4, "events": 12, "purchase_items": 4, "dead_letter": 1}
+
+
+KILLED_RUN = """
+import anyio, json, os, sys, types
+from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions
+from tests.test_duckdb_sink import parsed
+
+async def main():
+    sink = DuckDBSink("duckdb", DuckDBSinkOptions.model_validate({"path": sys.argv[1], "commit_every": "1h"}))
+    await sink.open()
+    async with sink.lifespan(types.SimpleNamespace(registry=None)):
+        for prefix in "ab":
+            batch = sink.new_batch()
+            batch.add(parsed(json.loads(sys.argv[2]), prefix=prefix))
+            await sink.write(batch)
+        os._exit(9)  # killed after the writes returned, before any commit
+
+anyio.run(main)
+"""
+
+
+def test_a_killed_runs_log_is_inserted_when_the_database_is_next_opened(
+    tmp_path: Path, visit: Callable[..., dict[str, Any]]
+) -> None:
+    db = tmp_path / "db.duckdb"
+    visits = [visit(), "garbage", visit()]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(db), json.dumps(visits)],
+        cwd=Path(__file__).parent.parent, capture_output=True, text=True,
+    )  # fmt: skip
+    assert killed.returncode == 9, killed.stderr
+    assert len(logged_batches(db)) == 2 and table_counts(db) == EMPTY
+
+    async def reopen() -> dict[str, int]:
+        async with logged_sink(db) as sink:  # opening inserts what the killed run logged
+            return stored(sink)
+
+    assert anyio.run(reopen) == {"visits": 4, "events": 12, "purchase_items": 4, "dead_letter": 2}
+    assert table_counts(db) == {"visits": 4, "events": 12, "purchase_items": 4, "dead_letter": 2}
+    assert not has_log(db)
+
+
+async def test_a_failed_commit_keeps_the_batches_for_the_next(
+    tmp_path: Path, visit: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "db.duckdb"
+    async with logged_sink(db) as sink:
+        await write(sink, parsed([visit()], prefix="a"))
+        real_insert = sink._insert
+        monkeypatch.setattr(sink, "_insert", lambda paths, counts: (_ for _ in ()).throw(OSError(28, "disk full")))
+        with pytest.raises(OSError, match="disk full"):
+            await sink.commit()
+        monkeypatch.setattr(sink, "_insert", real_insert)
+        await write(sink, parsed([visit()], prefix="b"))
+        assert len(logged_batches(db)) == 2
+        await sink.commit()
+        assert stored(sink) == {"visits": 2, "events": 6, "purchase_items": 2, "dead_letter": 0}
+
+
+def test_commit_every_must_be_longer_than_zero() -> None:
+    with pytest.raises(ValueError, match="must be longer than 0"):
+        DuckDBSinkOptions.model_validate({"commit_every": "0s"})
+    assert DuckDBSinkOptions.model_validate({"commit_every": "250ms"}).commit_every == timedelta(milliseconds=250)
