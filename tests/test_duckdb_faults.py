@@ -43,8 +43,9 @@ def _remount(mountpoint: Path, size: str) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("sink_options", ["", ", commit_every: 50ms"], ids=["per-batch", "logged"])
 def test_a_full_disk_fails_the_run_with_one_line_then_a_rerun_completes_exactly(
-    small_disk: Path, tmp_path: Path
+    small_disk: Path, tmp_path: Path, sink_options: str
 ) -> None:
     payloads = list(VisitGenerator(seed=21, malformed_rate=0.05).messages(6000))
     source = tmp_path / "visits.jsonl"
@@ -54,7 +55,7 @@ def test_a_full_disk_fails_the_run_with_one_line_then_a_rerun_completes_exactly(
     pipeline.write_text(
         f"sources: [{{type: file, path: '{source}'}}]\n"
         f"sinks: [{{type: duckdb, path: '{db}', batch: {{max_rows: 5000}},"
-        " retry: {attempts: 2, initial_backoff: 10ms}}]\n"
+        f" retry: {{attempts: 2, initial_backoff: 10ms}}{sink_options}}}]\n"
     )
     failed = clickflow("run", "--no-progress", str(pipeline))
     assert failed.returncode == 1, failed.stderr

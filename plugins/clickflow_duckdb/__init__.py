@@ -39,7 +39,7 @@ from clickflow.hookspecs import Register, hookimpl
 from clickflow.parser import VisitContext
 from clickflow.schema import TABLES, Column, ColumnType, Table
 from clickflow_duckdb import deadletters
-from clickflow_duckdb.log import BatchLog, Logged
+from clickflow_duckdb.log import BatchLog, Logged, left_behind, remove_if_empty
 from clickflow_duckdb.spool import JsonSpool
 
 if TYPE_CHECKING:
@@ -139,10 +139,10 @@ class DuckDBSink(Sink[DuckDBSinkOptions, JsonSpool]):
     async def open(self) -> None:
         self._connection = await anyio.to_thread.run_sync(connect, self.options)
         self._spool_root = spool_directory(self.options.path)
+        await anyio.to_thread.run_sync(self._insert_logged, left_behind(self.options.path))
         if self.options.commit_every is not None:
             self._log = BatchLog(self.options.path)
             self._committing = anyio.Lock()
-            await anyio.to_thread.run_sync(self._insert_logged, self._log.left_behind())
 
     def new_batch(self) -> JsonSpool:
         return JsonSpool(self._spool_root)
@@ -202,6 +202,8 @@ class DuckDBSink(Sink[DuckDBSinkOptions, JsonSpool]):
         if logged.directories:
             self._insert(logged.files(), logged.counts)
             BatchLog.remove(logged.directories)
+            if self._log is None:  # a killed run's log, and this run keeps none
+                remove_if_empty(os.path.dirname(logged.directories[0]))
 
     def _insert(self, paths: Mapping[str, str | Sequence[str]], counts: Mapping[str, int]) -> None:
         assert self._connection is not None
@@ -234,7 +236,7 @@ class DuckDBSink(Sink[DuckDBSinkOptions, JsonSpool]):
             await anyio.to_thread.run_sync(self._connection.close)
             shutil.rmtree(self._spool_root, ignore_errors=True)
             if self._log is not None:
-                self._log.close()
+                remove_if_empty(self._log.directory)
             self._connection = None
 
 

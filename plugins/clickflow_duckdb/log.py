@@ -41,9 +41,27 @@ class Logged:
         }
 
 
+def left_behind(database: str) -> Logged:
+    """Batches a killed run logged but did not insert, with their rows counted from the files.
+    Looked for whatever this run's ``commit_every``: they were acknowledged."""
+    directory = f"{database}.log"
+    if database == ":memory:" or not os.path.isdir(directory):
+        return Logged()
+    logged = Logged(directories=sorted(os.path.join(directory, d) for d in os.listdir(directory)))
+    for name, paths in logged.files().items():
+        logged.counts[name] = sum(_lines(path) for path in paths)
+    return logged
+
+
+def remove_if_empty(directory: str) -> None:
+    """Remove a log's directory once every batch in it is inserted."""
+    with contextlib.suppress(OSError):
+        os.rmdir(directory)
+
+
 class BatchLog:
     """``DATABASE.log/``: fsynced batches waiting to be inserted. Not thread-safe: the sink
-    calls ``append``'s blocking part in a thread and keeps the bookkeeping on its event loop."""
+    calls ``persist`` in a thread and keeps the bookkeeping on its event loop."""
 
     def __init__(self, database: str) -> None:
         if database == ":memory:":
@@ -55,13 +73,6 @@ class BatchLog:
         self.taken: Logged | None = None
         """Batches being inserted: until that ends, a new batch must not share their messages either."""
         self._sequence = 0
-
-    def left_behind(self) -> Logged:
-        """Batches a killed run logged but did not insert, with their rows counted from the files."""
-        logged = Logged(directories=sorted(os.path.join(self.directory, d) for d in os.listdir(self.directory)))
-        for name, paths in logged.files().items():
-            logged.counts[name] = sum(_lines(path) for path in paths)
-        return logged
 
     def overlaps(self, batch: JsonSpool) -> bool:
         taken = self.taken.messages if self.taken is not None else set()
@@ -104,11 +115,6 @@ class BatchLog:
         """Drop batches once their rows are committed to the tables."""
         for directory in directories:
             shutil.rmtree(directory)
-
-    def close(self) -> None:
-        """Remove the log's directory if every batch was inserted (else the next open inserts them)."""
-        with contextlib.suppress(OSError):
-            os.rmdir(self.directory)
 
 
 def _fsync(path: str, flags: int) -> None:
