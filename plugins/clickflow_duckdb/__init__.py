@@ -196,7 +196,7 @@ class DuckDBSink(Sink[DuckDBSinkOptions, JsonSpool]):
             except BaseException:
                 self._log.give_back(logged)
                 raise
-            self._log.taken = None
+            self._log.committed()
 
     def _insert_logged(self, logged: Logged) -> None:
         if logged.directories:

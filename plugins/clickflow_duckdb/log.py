@@ -98,9 +98,12 @@ class BatchLog:
         self.pending.messages.update(batch.messages)
 
     def take(self) -> Logged:
-        """The pending batches, to be inserted; set ``taken`` to None once they are."""
+        """The pending batches, to be inserted; then ``committed`` or ``give_back``."""
         self.taken, self.pending = self.pending, Logged()
         return self.taken
+
+    def committed(self) -> None:
+        self.taken = None
 
     def give_back(self, logged: Logged) -> None:
         """Batches that could not be inserted: pending again, with those logged since."""
