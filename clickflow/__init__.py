@@ -9,24 +9,31 @@ from clickflow.api import (
     Acknowledger,
     AnySink,
     AnySource,
-    BatchLimits,
-    Duration,
     Handler,
     Message,
     NoAck,
     PermanentWriteError,
-    RetryPolicy,
     RowBatch,
     Sink,
     SinkBatch,
     SinkContext,
-    SinkOptions,
     Source,
     SourceContext,
-    SourceOptions,
 )
 from clickflow.dlq import DeadLetterGroup, DeadLetterPage, DeadLetterQuery, DeadLetterStore, StoredDeadLetter
 from clickflow.hookspecs import Register, hookimpl
+from clickflow.options import (
+    BatchLimits,
+    ByteSize,
+    Duration,
+    OptionsError,
+    PositiveInt,
+    RetryPolicy,
+    SinkOptions,
+    SourceOptions,
+    check_range,
+    validate_options,
+)
 from clickflow.parser import VisitContext
 from clickflow.schema import TABLE_NAMES, TABLES, Column, DeadLetterCol, EventCol, ItemCol, Table, VisitCol
 
@@ -37,6 +44,7 @@ __all__ = [
     "AnySink",
     "AnySource",
     "BatchLimits",
+    "ByteSize",
     "Column",
     "DeadLetterCol",
     "DeadLetterGroup",
@@ -49,7 +57,9 @@ __all__ = [
     "ItemCol",
     "Message",
     "NoAck",
+    "OptionsError",
     "PermanentWriteError",
+    "PositiveInt",
     "Register",
     "RetryPolicy",
     "RowBatch",
@@ -64,5 +74,7 @@ __all__ = [
     "Table",
     "VisitCol",
     "VisitContext",
+    "check_range",
     "hookimpl",
+    "validate_options",
 ]

@@ -11,110 +11,16 @@ import abc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Generic, Protocol, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, get_args
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ByteSize,
-    ConfigDict,
-    PositiveInt,
-    ValidationInfo,
-    field_validator,
-)
 from typing_extensions import TypeVar
 
+from clickflow.options import PluginOptions, SinkOptions, SourceOptions
 from clickflow.schema import TABLE_NAMES, TABLES
 
 if TYPE_CHECKING:
     from aiohttp import web
     from prometheus_client import CollectorRegistry
-
-
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-_MAX_DURATION = timedelta(days=366)
-
-
-def _parse_duration(value: Any) -> Any:
-    """Accept ``250ms``, ``30s``, ``5m``, ``1h``, ``7d`` or a number of seconds, up to a year."""
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a duration; write e.g. 250ms, 30s, 5m or 1h")
-    if isinstance(value, str | int | float):
-        text = str(value).strip()
-        unit = next((u for u in _DURATION_UNITS if text.endswith(u)), "")
-        try:
-            seconds = float(text.removesuffix(unit)) * _DURATION_UNITS.get(unit, 1.0)
-        except ValueError:
-            raise ValueError(f"{value!r} is not a duration; write e.g. 250ms, 30s, 5m or 1h") from None
-        if not abs(seconds) <= _MAX_DURATION.total_seconds():  # also refuses inf and nan
-            raise ValueError(f"{value!r} is longer than a year; write e.g. 30s, 5m or 1h")
-        return timedelta(seconds=seconds)
-    return value
-
-
-def _not_negative(value: timedelta) -> timedelta:
-    if value < timedelta(0):
-        raise ValueError("a duration cannot be negative")
-    return value
-
-
-Duration = Annotated[timedelta, BeforeValidator(_parse_duration), AfterValidator(_not_negative)]
-"""A length of time written as ``250ms``, ``30s``, ``5m``, ``1h`` or seconds."""
-
-
-class PluginOptions(BaseModel):
-    """Base of every plugin's options: unknown keys are errors, so typos surface."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    def http_paths(self) -> list[str]:
-        """Paths the component serves on the monitoring server; the pipeline then needs ``monitor:``."""
-        return []
-
-    def exclusive_resources(self) -> list[str]:
-        """What no other component of the same pipeline may use, e.g. ``DuckDB database /abs/path``."""
-        return []
-
-
-class BatchLimits(PluginOptions):
-    """A sink is handed a batch once any of these limits is reached."""
-
-    max_rows: PositiveInt = 50_000
-    max_bytes: ByteSize = ByteSize(16 * 1024 * 1024)
-    max_age: Duration = timedelta(seconds=1)
-
-
-class RetryPolicy(PluginOptions):
-    """How often a failing write is retried before its messages are given up."""
-
-    attempts: PositiveInt = 5
-    initial_backoff: Duration = timedelta(milliseconds=200)
-    max_backoff: Duration = timedelta(seconds=10)
-    give_up_after: Duration = timedelta(minutes=5)
-    """With redelivering sources a failed batch is handed back and the sink tried again
-    with the next one; the run fails once the sink has not succeeded for this long."""
-
-
-class SourceOptions(PluginOptions):
-    pass
-
-
-class SinkOptions(PluginOptions):
-    batch: BatchLimits = BatchLimits()
-    retry: RetryPolicy = RetryPolicy()
-
-    @field_validator("batch", "retry", mode="before")
-    @classmethod
-    def _over_this_sinks_defaults(cls, value: Any, info: ValidationInfo) -> Any:
-        """``batch: {max_rows: 10}`` changes that limit only, keeping the sink's own other limits."""
-        if isinstance(value, dict) and info.field_name:
-            default: BaseModel = cls.model_fields[info.field_name].default
-            return {**default.model_dump(), **value}
-        return value
 
 
 @dataclass(slots=True)

@@ -12,47 +12,50 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
+import msgspec
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, PositiveInt, ValidationError
+from msgspec import Meta
 
-from clickflow.api import AnySink, AnySource, Duration, PluginOptions
+from clickflow.api import AnySink, AnySource
+from clickflow.options import (
+    ByteSize,
+    Duration,
+    Loc,
+    OptionsError,
+    PluginOptions,
+    PositiveInt,
+    check_range,
+    validate_options,
+)
 from clickflow.parser import MAX_MESSAGE_BYTES
 from clickflow.plugins import PluginError, Registered, Registry
 
 _VARIABLE = re.compile(r"\$(\$)?\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
-Loc = tuple[str | int, ...]
 
-
-class MonitorOptions(PluginOptions):
+class MonitorOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535)
-    idle_timeout: Duration = timedelta(seconds=75)
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8080
+    idle_timeout: Duration = Duration(seconds=75)
     """A connection that has not sent a whole request for this long is closed (slow clients)."""
 
 
-class RuntimeOptions(PluginOptions):
-    shutdown_timeout: Duration = timedelta(seconds=30)
+class RuntimeOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    shutdown_timeout: Duration = Duration(seconds=30)
     """How long SIGINT/SIGTERM waits for in-flight messages to be written and acknowledged."""
     channel_capacity: PositiveInt = 4
     """Batches queued between stages; small, so a slow sink slows the sources."""
-    heartbeat_max_age: Duration = timedelta(seconds=60)
+    heartbeat_max_age: Duration = Duration(seconds=60)
     """``/healthz`` fails when a running source has not reported for this long."""
-    max_message_bytes: ByteSize = Field(default=ByteSize(MAX_MESSAGE_BYTES), gt=0, le=MAX_MESSAGE_BYTES)
+    max_message_bytes: ByteSize = ByteSize(MAX_MESSAGE_BYTES)
     """A larger message becomes a ``too_large`` dead letter holding its head, size and hash.
     At most 10 MiB, so that every row a message yields fits in every sink."""
 
-
-class _PipelineFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    sources: list[Any] = Field(min_length=1)
-    sinks: list[Any] = Field(min_length=1)
-    monitor: MonitorOptions | None = None
-    runtime: RuntimeOptions = RuntimeOptions()
+    def __post_init__(self) -> None:
+        check_range("max_message_bytes", self.max_message_bytes, 1, MAX_MESSAGE_BYTES)
 
 
 C = TypeVar("C", bound=AnySource | AnySink)
@@ -234,12 +237,9 @@ def _component(
         doc.problems.append(doc.problem((*loc, "type"), str(exc)))
         return None
     try:
-        validated = cls.Options.model_validate(options)
-    except ValidationError as exc:
-        for error in exc.errors():
-            field_loc = (*loc, *error["loc"])
-            message = "unknown option" if error["type"] == "extra_forbidden" else error["msg"]
-            doc.problems.append(doc.problem(field_loc, message))
+        validated = validate_options(cls.Options, options)
+    except OptionsError as exc:
+        doc.problems.append(doc.problem((*loc, *exc.loc), exc.problem))
         return None
     return str(name or type_name), Component(cls, str(name or type_name), validated)
 
@@ -283,28 +283,55 @@ def parse_pipeline(
     doc = _Document(path, text, os.environ if environ is None else environ)
     if not isinstance(doc.data, dict):
         raise ConfigError([Problem(path, 1, "", "a pipeline is a mapping with 'sources' and 'sinks'")])
-    try:
-        top = _PipelineFile.model_validate(doc.data)
-    except ValidationError as exc:
-        for error in exc.errors():
-            message = "unknown section" if error["type"] == "extra_forbidden" else error["msg"]
-            doc.problems.append(doc.problem(tuple(error["loc"]), message))
-        raise ConfigError(doc.problems) from None
-
+    for key in doc.data:
+        if key not in SECTIONS:
+            doc.problems.append(doc.problem((key,), "unknown section"))
+    lists = {kind: _section_list(doc, doc.data, kind) for kind in ("sources", "sinks")}
+    monitor = _options_section(doc, doc.data, "monitor", MonitorOptions)
+    runtime = _options_section(doc, doc.data, "runtime", RuntimeOptions) or RuntimeOptions()
     explicit: set[str] = set()
-    sources = _components(doc, "source", top.sources, registry.sources, explicit)
-    sinks = _components(doc, "sink", top.sinks, registry.sinks, explicit)
+    sources = _components(doc, "source", lists["sources"], registry.sources, explicit)
+    sinks = _components(doc, "sink", lists["sinks"], registry.sinks, explicit)
     if not doc.problems:
-        _check_shared(doc, {"source": list(sources), "sink": list(sinks)}, top.monitor)
+        _check_shared(doc, {"source": list(sources), "sink": list(sinks)}, monitor)
     if doc.problems:
         raise ConfigError(doc.problems)
     return Pipeline(
         path=path,
         sources=_unique(sources, explicit),
         sinks=_unique(sinks, explicit),
-        monitor=top.monitor,
-        runtime=top.runtime,
+        monitor=monitor,
+        runtime=runtime,
     )
+
+
+SECTIONS = ("sources", "sinks", "monitor", "runtime")
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def _section_list(doc: _Document, data: dict[str, Any], kind: str) -> list[Any]:
+    """``sources:`` or ``sinks:``: a list of at least one item."""
+    items = data.get(kind)
+    if items is None:
+        doc.problems.append(doc.problem((kind,), f"required: a list of at least one {kind[:-1]}"))
+    elif not isinstance(items, list):
+        doc.problems.append(doc.problem((kind,), f"must be a list of {kind}"))
+    elif not items:
+        doc.problems.append(doc.problem((kind,), f"needs at least one {kind[:-1]}"))
+    else:
+        return items
+    return []
+
+
+def _options_section(doc: _Document, data: dict[str, Any], key: str, cls: type[S]) -> S | None:
+    """``monitor:`` or ``runtime:``, validated; None when absent or invalid (a problem is recorded)."""
+    if key not in data:
+        return None
+    try:
+        return validate_options(cls, data[key])
+    except OptionsError as exc:
+        doc.problems.append(doc.problem((key, *exc.loc), exc.problem))
+        return None
 
 
 def _components(

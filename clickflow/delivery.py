@@ -16,8 +16,9 @@ import anyio
 import anyio.abc
 from anyio.abc import ObjectReceiveStream
 
-from clickflow.api import Acknowledger, AnySink, BatchLimits, PermanentWriteError, RetryPolicy, RowBatch, SinkBatch
+from clickflow.api import Acknowledger, AnySink, PermanentWriteError, RowBatch, SinkBatch
 from clickflow.metrics import Metrics
+from clickflow.options import BatchLimits, RetryPolicy
 from clickflow.quarantine import Quarantine
 
 log = logging.getLogger(__name__)

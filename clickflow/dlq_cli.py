@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import click
 
-from clickflow.api import AnySink, Duration
+from clickflow.api import AnySink
 from clickflow.config import Pipeline
 from clickflow.dlq import DeadLetterQuery, DeadLetterStore, replay, stores_of
 from clickflow.parser import PARSER_VERSION, VisitParser
@@ -122,12 +122,12 @@ async def _opened(sinks: list[AnySink]) -> AsyncIterator[None]:
 def _since_us(text: str | None) -> int | None:
     if text is None:
         return None
-    from pydantic import TypeAdapter, ValidationError
+    from clickflow.options import parse_duration
 
     try:
-        age = TypeAdapter(Duration).validate_python(text)
+        age = parse_duration(text)
         return int((datetime.now(UTC) - age).timestamp() * 1_000_000)
-    except ValidationError:
+    except ValueError:
         pass
     try:
         moment = datetime.fromisoformat(text)

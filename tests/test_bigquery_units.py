@@ -7,9 +7,9 @@ import time
 
 import anyio
 import pytest
-from pydantic import ValidationError
 
 from clickflow.api import Message
+from clickflow.options import OptionsError, validate_options
 from clickflow.parser import VisitParser
 from clickflow.schema import EVENTS, TABLES, VISITS
 from clickflow_bigquery.client import BigQueryError
@@ -167,10 +167,10 @@ def test_schema_differences_are_listed_clearly() -> None:
 
 
 def test_options_refuse_unknown_tables_and_oversized_requests() -> None:
-    with pytest.raises(ValidationError, match="unknown table"):
-        BigQueryStreamingOptions(project="p", dataset="d", tables={"hits": "x"})
-    with pytest.raises(ValidationError, match="max_rows_per_request"):
-        BigQueryStreamingOptions(project="p", dataset="d", max_rows_per_request=501)
+    with pytest.raises(OptionsError, match="unknown table"):
+        validate_options(BigQueryStreamingOptions, {"project": "p", "dataset": "d", "tables": {"hits": "x"}})
+    with pytest.raises(OptionsError, match="max_rows_per_request"):
+        validate_options(BigQueryStreamingOptions, {"project": "p", "dataset": "d", "max_rows_per_request": 501})
     options = BigQueryStreamingOptions(project="p", dataset="d", table_prefix="web_", tables={"events": "hits"})
     names = options.table_names()
     assert names == {"visits": "web_visits", "events": "hits", "purchase_items": "web_purchase_items",

@@ -18,6 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from clickflow.api import RowBatch
+from clickflow.options import OptionsError, validate_options
 from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions
 from tests.conftest import table_counts
 from tests.test_duckdb_sink import parsed
@@ -30,7 +31,7 @@ EMPTY = {"visits": 0, "events": 0, "purchase_items": 0, "dead_letter": 0}
 @asynccontextmanager
 async def logged_sink(path: Path, commit_every: str = "1h") -> AsyncIterator[DuckDBSink]:
     """A sink with a log, open and in its lifespan, as the runtime runs it."""
-    sink = DuckDBSink("duckdb", DuckDBSinkOptions.model_validate({"path": str(path), "commit_every": commit_every}))
+    sink = DuckDBSink("duckdb", validate_options(DuckDBSinkOptions, {"path": str(path), "commit_every": commit_every}))
     await sink.open()
     try:
         async with sink.lifespan(SimpleNamespace(registry=CollectorRegistry())):
@@ -101,11 +102,12 @@ async def test_redelivered_messages_are_stored_once_across_logged_batches(
 
 KILLED_RUN = """
 import anyio, json, os, sys, types
+from clickflow.options import validate_options
 from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions
 from tests.test_duckdb_sink import parsed
 
 async def main():
-    sink = DuckDBSink("duckdb", DuckDBSinkOptions.model_validate({"path": sys.argv[1], "commit_every": "1h"}))
+    sink = DuckDBSink("duckdb", validate_options(DuckDBSinkOptions, {"path": sys.argv[1], "commit_every": "1h"}))
     await sink.open()
     async with sink.lifespan(types.SimpleNamespace(registry=None)):
         for prefix in "ab":
@@ -161,6 +163,6 @@ async def test_a_failed_commit_keeps_the_batches_for_the_next(
 
 
 def test_commit_every_must_be_longer_than_zero() -> None:
-    with pytest.raises(ValueError, match="must be longer than 0"):
-        DuckDBSinkOptions.model_validate({"commit_every": "0s"})
-    assert DuckDBSinkOptions.model_validate({"commit_every": "250ms"}).commit_every == timedelta(milliseconds=250)
+    with pytest.raises(OptionsError, match="must be longer than 0"):
+        validate_options(DuckDBSinkOptions, {"commit_every": "0s"})
+    assert validate_options(DuckDBSinkOptions, {"commit_every": "250ms"}).commit_every == timedelta(milliseconds=250)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from clickflow.api import AnySink, RowBatch, Sink, SinkOptions
+from clickflow.api import AnySink, RowBatch, Sink
 from clickflow.config import ConfigError, parse_pipeline
 from clickflow.hookspecs import Register, hookimpl
+from clickflow.options import SinkOptions
 from clickflow.plugins import PluginError, Registry, load_plugins
 from clickflow.schema import TABLE_NAMES
 from tests.conftest import REPO
@@ -194,7 +195,7 @@ def test_validating_a_pipeline_imports_no_client_library_and_no_plugin_it_does_n
         "import sys; from clickflow.cli import main; sys.argv = ['clickflow', 'validate', 'config/local.yaml']\n"
         "try: main()\nexcept SystemExit: pass\n"
         "heavy = {'aiohttp', 'asyncio', 'duckdb', 'clickflow.runtime', 'gcloud', 'prometheus_client',"
-        " 'clickflow_file.gcs'}\n"
+        " 'clickflow_file.gcs', 'pydantic'}\n"
         "unused = ('clickflow_pubsub.', 'clickflow_bigquery.')\n"
         "print(sorted(m for m in sys.modules if m in heavy or m.startswith(unused)))"
     )

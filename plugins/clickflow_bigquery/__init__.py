@@ -44,7 +44,9 @@ def create_tables(pipeline: str) -> None:
     async def create() -> None:
         for name, cls, options in sinks:
             assert isinstance(options, BigQueryOptions)
-            sink = cls(name, options.model_copy(update={"create_tables": True}))
+            import msgspec
+
+            sink = cls(name, msgspec.structs.replace(options, create_tables=True))
             await sink.open()
             await sink.close()
             click.echo(f"{name}: {options.project}.{options.dataset} is ready")

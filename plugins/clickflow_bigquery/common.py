@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, TypeVar
+from typing import Annotated, ClassVar, TypeVar
 
-from pydantic import Field, field_validator
+import msgspec
+from msgspec import Meta
 
-from clickflow.api import RowBatch, Sink, SinkBatch, SinkOptions
+from clickflow.api import RowBatch, Sink, SinkBatch
 from clickflow.dlq import DeadLetterGroup, DeadLetterPage, DeadLetterQuery
+from clickflow.options import SinkOptions
 from clickflow.parser import VisitContext
 from clickflow.schema import TABLE_NAMES
 from clickflow_bigquery.client import BigQueryClient
@@ -17,22 +19,26 @@ from clickflow_bigquery.tables import ensure_tables
 NAME = r"^[A-Za-z0-9_]+$"
 
 
-class BigQueryOptions(SinkOptions):
-    project: str = Field(min_length=1, description="Project that owns the dataset (and pays for the writes).")
-    dataset: str = Field(pattern=NAME, description="Dataset of the four tables.")
-    location: str | None = Field(default=None, description="Dataset location when creating it, e.g. US or EU.")
-    table_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9_]*$", description="Put before each table name.")
-    tables: dict[str, str] = Field(default_factory=dict, description="Other names for tables, e.g. {events: hits}.")
-    create_tables: bool = Field(default=True, description="Create the dataset and missing tables when opening.")
-    service_file: str | None = Field(default=None, description="Service-account key; default: ADC.")
+class BigQueryOptions(SinkOptions, kw_only=True):
+    project: Annotated[str, Meta(min_length=1)]
+    """Project that owns the dataset (and pays for the writes)."""
+    dataset: Annotated[str, Meta(pattern=NAME)]
+    """Dataset of the four tables."""
+    location: str | None = None
+    """Dataset location when creating it, e.g. US or EU."""
+    table_prefix: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_]*$")] = ""
+    """Put before each table name."""
+    tables: dict[str, str] = msgspec.field(default_factory=dict)
+    """Other names for tables, e.g. {events: hits}."""
+    create_tables: bool = True
+    """Create the dataset and missing tables when opening."""
+    service_file: str | None = None
+    """Service-account key; default: ADC."""
 
-    @field_validator("tables")
-    @classmethod
-    def _known_tables(cls, tables: dict[str, str]) -> dict[str, str]:
-        unknown = set(tables) - set(TABLE_NAMES)
+    def __post_init__(self) -> None:
+        unknown = set(self.tables) - set(TABLE_NAMES)
         if unknown:
-            raise ValueError(f"unknown table(s) {sorted(unknown)}; the tables are {', '.join(TABLE_NAMES)}")
-        return tables
+            raise ValueError(f"tables: unknown table(s) {sorted(unknown)}; the tables are {', '.join(TABLE_NAMES)}")
 
     def table_names(self) -> dict[str, str]:
         return {name: self.tables.get(name, self.table_prefix + name) for name in TABLE_NAMES}

@@ -30,13 +30,13 @@ import shutil
 import tempfile
 import time
 from array import array
-from datetime import timedelta
-from typing import Any, BinaryIO
+from typing import Annotated, Any, BinaryIO
 
 import anyio
-from pydantic import Field, PositiveInt
+from msgspec import Meta
 
-from clickflow.api import BatchLimits, Duration, RowBatch
+from clickflow.api import RowBatch
+from clickflow.options import BatchLimits, ByteSize, Duration, PositiveInt
 from clickflow.schema import TABLE_NAMES
 from clickflow_bigquery.client import BigQueryError
 from clickflow_bigquery.common import BigQueryOptions, BigQuerySink
@@ -48,12 +48,16 @@ log = logging.getLogger(__name__)
 GS = r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/.*)?$"
 
 
-class BigQueryLoadOptions(BigQueryOptions):
-    staging: str | None = Field(default=None, pattern=GS, description="gs://bucket/prefix to stage files in.")
-    jobs_per_table_per_day: int = Field(default=1000, ge=1, le=1500, description="BigQuery's quota is 1,500.")
-    burst: PositiveInt = Field(default=20, description="Jobs per table that may start back to back.")
-    job_timeout: Duration = Field(default=timedelta(minutes=30), description="How long to wait for one load job.")
-    batch: BatchLimits = BatchLimits(max_rows=2_000_000, max_bytes="1GiB", max_age="2m")  # type: ignore[arg-type]
+class BigQueryLoadOptions(BigQueryOptions, kw_only=True):
+    staging: Annotated[str, Meta(pattern=GS)] | None = None
+    """gs://bucket/prefix to stage files in."""
+    jobs_per_table_per_day: Annotated[int, Meta(ge=1, le=1500)] = 1000
+    """BigQuery's quota is 1,500."""
+    burst: PositiveInt = 20
+    """Jobs per table that may start back to back."""
+    job_timeout: Duration = Duration(minutes=30)
+    """How long to wait for one load job."""
+    batch: BatchLimits = BatchLimits(max_rows=2_000_000, max_bytes=ByteSize(1 << 30), max_age=Duration(minutes=2))
 
 
 class TableFile:

@@ -17,12 +17,14 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import anyio
 import msgspec
-from pydantic import ByteSize, Field, PositiveInt
+from msgspec import Meta
 
-from clickflow.api import BatchLimits, RowBatch
+from clickflow.api import RowBatch
+from clickflow.options import BatchLimits, ByteSize, Duration, PositiveInt, check_range
 from clickflow.parser import REASON_TOO_LARGE
 from clickflow.schema import TABLE_NAMES, DeadLetterCol
 from clickflow_bigquery.common import BigQueryOptions, BigQuerySink
@@ -39,13 +41,18 @@ _BODY_END = b"]}"
 _JSON_FIELD = b',"json":'
 
 
-class BigQueryStreamingOptions(BigQueryOptions):
-    max_rows_per_request: int = Field(default=500, ge=1, le=500, description="BigQuery advises at most 500.")
-    max_request_bytes: ByteSize = Field(
-        default=ByteSize(5 * 1024 * 1024), ge=64 * 1024, le=9 * 1024 * 1024, description="The API's limit is 10 MB."
-    )
-    concurrency: PositiveInt = Field(default=8, description="insertAll requests in flight.")
-    batch: BatchLimits = BatchLimits(max_rows=20_000, max_bytes="16MiB", max_age="1s")  # type: ignore[arg-type]
+class BigQueryStreamingOptions(BigQueryOptions, kw_only=True):
+    max_rows_per_request: Annotated[int, Meta(ge=1, le=500)] = 500
+    """BigQuery advises at most 500."""
+    max_request_bytes: ByteSize = ByteSize(5 * 1024 * 1024)
+    """The API's limit is 10 MB."""
+    concurrency: PositiveInt = 8
+    """insertAll requests in flight."""
+    batch: BatchLimits = BatchLimits(max_rows=20_000, max_bytes=ByteSize(16 << 20), max_age=Duration(seconds=1))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("max_request_bytes", self.max_request_bytes, 64 * 1024, 9 * 1024 * 1024)
 
 
 @dataclass(slots=True)

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import anyio
-from pydantic import ByteSize, Field
 
-from clickflow.api import BatchLimits, PermanentWriteError, RowBatch
+from clickflow.api import PermanentWriteError, RowBatch
+from clickflow.options import BatchLimits, ByteSize, Duration, check_range
 from clickflow.schema import TABLE_NAMES, TABLES
 from clickflow_bigquery.common import BigQueryOptions, BigQuerySink
 from clickflow_bigquery.rowformats import Chunk, Row, RowFormat, RowFormatName, row_format
@@ -48,15 +48,18 @@ ROW_ERROR_ROUNDS = 5
 PERMANENT = ("InvalidArgument", "NotFound", "PermissionDenied", "Unauthenticated", "FailedPrecondition")
 
 
-class BigQueryWriteOptions(BigQueryOptions):
-    mode: Literal["default", "pending"] = Field(
-        default="default", description="default: at least once, at once; pending: each batch committed whole."
-    )
-    row_format: RowFormatName = Field(default="proto", description="proto, or arrow (faster; needs pyarrow).")
-    max_request_bytes: ByteSize = Field(
-        default=ByteSize(9 * 1024 * 1024), ge=1024 * 1024, le=10 * 1000 * 1000, description="The API's limit: 10 MB."
-    )
-    batch: BatchLimits = BatchLimits(max_rows=50_000, max_bytes="32MiB", max_age="1s")  # type: ignore[arg-type]
+class BigQueryWriteOptions(BigQueryOptions, kw_only=True):
+    mode: Literal["default", "pending"] = "default"
+    """default: at least once, at once; pending: each batch committed whole."""
+    row_format: RowFormatName = "proto"
+    """proto, or arrow (faster; needs pyarrow)."""
+    max_request_bytes: ByteSize = ByteSize(9 * 1024 * 1024)
+    """The API's limit: 10 MB."""
+    batch: BatchLimits = BatchLimits(max_rows=50_000, max_bytes=ByteSize(32 << 20), max_age=Duration(seconds=1))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("max_request_bytes", self.max_request_bytes, 1024 * 1024, 10 * 1000 * 1000)
 
 
 @dataclass

@@ -28,14 +28,16 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import anyio
-from pydantic import Field, field_validator
+import msgspec
+from msgspec import Meta
 
-from clickflow.api import AnySink, BatchLimits, Duration, RowBatch, Sink, SinkContext, SinkOptions
+from clickflow.api import AnySink, RowBatch, Sink, SinkContext
 from clickflow.dlq import DeadLetterGroup, DeadLetterPage, DeadLetterQuery
 from clickflow.hookspecs import Register, hookimpl
+from clickflow.options import BatchLimits, ByteSize, Duration, SinkOptions
 from clickflow.parser import VisitContext
 from clickflow.schema import TABLES, Column, ColumnType, Table
 from clickflow_duckdb import deadletters
@@ -55,29 +57,24 @@ DUCKDB_TYPES: dict[ColumnType, str] = {
 }
 
 
-class DuckDBSinkOptions(SinkOptions):
-    path: str = Field(default="clickflow.duckdb", description="Database file, created if missing.")
-    memory_limit: str = Field(
-        default="128MB", description="DuckDB's memory_limit (peak memory is about this plus 160MB)."
-    )
-    threads: int = Field(default=1, ge=1, description="DuckDB worker threads; one leaves a core to the parser.")
-    settings: dict[str, str | int | float | bool] = Field(
-        default_factory=dict, description="Any other DuckDB settings, e.g. {max_vacuum_tasks: 100}; applied last."
-    )
-    commit_every: Duration | None = Field(
-        default=None,
-        description="Acknowledge each batch once it is fsynced to a log beside the database, and insert the "
-        "log into the tables this often, in one transaction: for many small batches (the push endpoint). "
-        "Rows reach queries up to this late; a killed run's log is inserted when the database is next opened.",
-    )
-    batch: BatchLimits = BatchLimits(max_rows=300_000, max_bytes="256MiB", max_age="5s")  # type: ignore[arg-type]
+class DuckDBSinkOptions(SinkOptions, kw_only=True):
+    path: str = "clickflow.duckdb"
+    """Database file, created if missing."""
+    memory_limit: str = "128MB"
+    """DuckDB's memory_limit (peak memory is about this plus 160MB)."""
+    threads: Annotated[int, Meta(ge=1)] = 1
+    """DuckDB worker threads; one leaves a core to the parser."""
+    settings: dict[str, str | int | float | bool] = msgspec.field(default_factory=dict)
+    """Any other DuckDB settings, e.g. {max_vacuum_tasks: 100}; applied last."""
+    commit_every: Duration | None = None
+    """Acknowledge each batch once it is fsynced to a log beside the database, and insert the log
+    into the tables this often, in one transaction: for many small batches (the push endpoint).
+    Rows reach queries up to this late; a killed run's log is inserted when the database is next opened."""
+    batch: BatchLimits = BatchLimits(max_rows=300_000, max_bytes=ByteSize(256 << 20), max_age=Duration(seconds=5))
 
-    @field_validator("commit_every")
-    @classmethod
-    def _longer_than_zero(cls, value: timedelta | None) -> timedelta | None:
-        if value is not None and value <= timedelta(0):
-            raise ValueError("must be longer than 0; leave it out to commit each batch as it is written")
-        return value
+    def __post_init__(self) -> None:
+        if self.commit_every is not None and self.commit_every <= timedelta(0):
+            raise ValueError("commit_every must be longer than 0; leave it out to commit each batch as it is written")
 
     def exclusive_resources(self) -> list[str]:
         """Two sinks on one file would each store every row: a file belongs to one sink."""

@@ -12,18 +12,20 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
-from pydantic import Field, PositiveInt
 
-from clickflow.api import AnySource, Message, NoAck, Source, SourceContext, SourceOptions, valid_text
+from clickflow.api import AnySource, Message, NoAck, Source, SourceContext, valid_text
 from clickflow.hookspecs import Register, hookimpl
+from clickflow.options import PositiveInt, SourceOptions
 from clickflow_file.reader import CountingReader, iter_messages
 
 
-class FileSourceOptions(SourceOptions):
-    path: str | list[str] = Field(description="A path, a glob (** allowed), gs://bucket/glob, or a list of them.")
+class FileSourceOptions(SourceOptions, kw_only=True):
+    path: str | list[str]
+    """A path, a glob (** allowed), gs://bucket/glob, or a list of them."""
     batch_size: PositiveInt = 1000
     """Messages per batch handed to the parser."""
-    service_file: str | None = Field(default=None, description="Service-account key for gs://; default: ADC.")
+    service_file: str | None = None
+    """Service-account key for gs://; default: ADC."""
 
     def patterns(self) -> list[str]:
         return [self.path] if isinstance(self.path, str) else self.path

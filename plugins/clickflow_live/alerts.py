@@ -20,37 +20,35 @@ import logging
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+import msgspec
+from msgspec import Meta
 
+from clickflow.options import PositiveInt
 from clickflow_live.windows import LiveAggregates, Minute, minute_text
 
 log = logging.getLogger(__name__)
 
 
-class AlertRule(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+class AlertRule(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    name: Annotated[str, Meta(pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")]
     kind: Literal["threshold", "spike"]
     above: PositiveInt | None = None
     """``threshold``: page views per minute that fire the alert."""
-    ratio: float = Field(default=3.0, gt=1.0)
-    mad_k: float = Field(default=6.0, gt=0.0)
-    baseline_minutes: int = Field(default=30, ge=3, le=1440)
-    min_baseline: int = Field(default=3, ge=3)
-    warmup_minutes: int = Field(default=3, ge=0)
+    ratio: Annotated[float, Meta(gt=1.0)] = 3.0
+    mad_k: Annotated[float, Meta(gt=0.0)] = 6.0
+    baseline_minutes: Annotated[int, Meta(ge=3, le=1440)] = 30
+    min_baseline: Annotated[int, Meta(ge=3)] = 3
+    warmup_minutes: Annotated[int, Meta(ge=0)] = 3
     """Closed minutes at the start of a stream left out of the baseline: a visit arrives when it
     ends, with events minutes old, so the first minutes of a stream are always incomplete."""
-    min_page_views: int = Field(default=100, ge=0)
+    min_page_views: Annotated[int, Meta(ge=0)] = 100
     clear_after: PositiveInt = 2
 
-    @model_validator(mode="after")
-    def _threshold_needs_above(self) -> AlertRule:
+    def __post_init__(self) -> None:
         if self.kind == "threshold" and self.above is None:
             raise ValueError(f"alert {self.name}: a threshold alert needs above: (page views per minute)")
-        return self
 
     def threshold(self, history: list[int]) -> float | None:
         """The page views per minute above which this rule fires, given the closed minutes before."""

@@ -6,12 +6,14 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from typing import Annotated
 
 import anyio
-from pydantic import Field
+import msgspec
+from msgspec import Meta
 
-from clickflow.api import BatchLimits, Duration, Handler, RowBatch, Sink, SinkContext, SinkOptions
+from clickflow.api import Handler, RowBatch, Sink, SinkContext
+from clickflow.options import BatchLimits, ByteSize, Duration, SinkOptions
 from clickflow.schema import TABLE_NAMES, DeadLetterCol
 from clickflow_live.alerts import AlertRule, Alerts, Transition
 from clickflow_live.webhook import Webhook, WebhookOptions
@@ -21,24 +23,24 @@ DASHBOARD_PATH, API_PATH, STATIC_PREFIX = "/dashboard", "/api/live", "/static/cl
 WEBHOOK_DRAIN_SECONDS = 10.0
 
 
-class LiveSinkOptions(SinkOptions):
-    allowed_lateness: Duration = timedelta(minutes=5)
+class LiveSinkOptions(SinkOptions, kw_only=True):
+    allowed_lateness: Duration = Duration(minutes=5)
     """How far behind the newest event time an event may arrive and still count in its minute."""
-    keep_minutes: int = Field(default=60, ge=2, le=1440)
+    keep_minutes: Annotated[int, Meta(ge=2, le=1440)] = 60
     """One-minute windows kept (and charted)."""
-    recent: Duration = timedelta(minutes=5)
+    recent: Duration = Duration(minutes=5)
     """The sliding window of "clicks by page"."""
-    top_pages: int = Field(default=15, ge=1, le=100)
+    top_pages: Annotated[int, Meta(ge=1, le=100)] = 15
     """Pages charted and exported; the rest are ``other``."""
-    max_pages: int = Field(default=1000, ge=10, le=100_000)
+    max_pages: Annotated[int, Meta(ge=10, le=100_000)] = 1000
     """Distinct pages counted per minute; past it, new pages count as ``other``."""
-    max_future: Duration = timedelta(minutes=5)
+    max_future: Duration = Duration(minutes=5)
     """Events this far ahead of the clock are counted apart, never windowed."""
-    alerts: list[AlertRule] = Field(default_factory=list)
+    alerts: list[AlertRule] = msgspec.field(default_factory=list)
     webhook: WebhookOptions | None = None
-    refresh: Duration = timedelta(seconds=1)
+    refresh: Duration = Duration(seconds=1)
     """How often the dashboard polls ``/api/live``."""
-    batch: BatchLimits = BatchLimits(max_rows=50_000, max_bytes="64MiB", max_age="250ms")  # type: ignore[arg-type]
+    batch: BatchLimits = BatchLimits(max_rows=50_000, max_bytes=ByteSize(64 << 20), max_age=Duration(milliseconds=250))
 
     def http_paths(self) -> list[str]:
         return [DASHBOARD_PATH, API_PATH, f"{STATIC_PREFIX}/"]

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import anyio
+import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from msgspec import Meta
 
-from clickflow.api import Duration
+from clickflow.options import Duration, PositiveInt
 from clickflow_live.alerts import Transition
 
 if TYPE_CHECKING:
@@ -25,11 +25,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class WebhookOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    url: str = Field(pattern=r"^https?://")
-    timeout: Duration = timedelta(seconds=5)
+class WebhookOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    url: Annotated[str, Meta(pattern=r"^https?://")]
+    timeout: Duration = Duration(seconds=5)
     attempts: PositiveInt = 5
     queue: PositiveInt = 100
 

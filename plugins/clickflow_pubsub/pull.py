@@ -25,13 +25,14 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
-from pydantic import ByteSize, Field, PositiveInt
+from msgspec import Meta
 
-from clickflow.api import Duration, Message, Source, SourceContext, SourceOptions
+from clickflow.api import Message, Source, SourceContext
 from clickflow.metrics import shared_metric
+from clickflow.options import ByteSize, Duration, PositiveInt, SourceOptions, check_range
 from clickflow_pubsub.leases import Lease, Leases
 
 if TYPE_CHECKING:  # imported when the source starts, so loading plugins stays quick
@@ -43,19 +44,24 @@ SUBSCRIPTION = r"^projects/[^/]+/subscriptions/[^/]+$"
 MAX_IDS_PER_REQUEST = 2000  # acknowledge/modifyAckDeadline take at most 512 KB of ids
 
 
-class PubSubPullOptions(SourceOptions):
-    subscription: str = Field(pattern=SUBSCRIPTION, description="projects/PROJECT/subscriptions/NAME")
+class PubSubPullOptions(SourceOptions, kw_only=True):
+    subscription: Annotated[str, Meta(pattern=SUBSCRIPTION)]
+    """projects/PROJECT/subscriptions/NAME"""
     max_outstanding_messages: PositiveInt = 100_000
     """Pulled and not yet settled. Keep it above a sink's batch in messages (DuckDB's 300,000 rows are
     about 40,000 visits), or batches wait for their ``max_age`` while pulling waits for room."""
     max_outstanding_bytes: ByteSize = ByteSize(256 * 1024 * 1024)
     pull_concurrency: PositiveInt = 2
-    max_messages_per_pull: int = Field(default=1000, ge=1, le=1000)
-    pull_timeout: Duration = timedelta(seconds=20)
-    ack_deadline: Duration = Field(default=timedelta(seconds=60), ge=timedelta(seconds=10), le=timedelta(seconds=600))
-    max_lease: Duration = timedelta(hours=1)
-    ack_interval: Duration = timedelta(milliseconds=100)
-    service_file: str | None = Field(default=None, description="Service-account key; default: ADC.")
+    max_messages_per_pull: Annotated[int, Meta(ge=1, le=1000)] = 1000
+    pull_timeout: Duration = Duration(seconds=20)
+    ack_deadline: Duration = Duration(seconds=60)
+    max_lease: Duration = Duration(hours=1)
+    ack_interval: Duration = Duration(milliseconds=100)
+    service_file: str | None = None
+    """Service-account key; default: ADC."""
+
+    def __post_init__(self) -> None:
+        check_range("ack_deadline", self.ack_deadline, timedelta(seconds=10), timedelta(seconds=600))
 
 
 def _chunks(ids: list[str]) -> Iterator[list[str]]:

@@ -19,15 +19,15 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import anyio
 import msgspec
-from pydantic import ByteSize, Field, model_validator
+from msgspec import Meta
 
-from clickflow.api import Duration, Handler, Message, Source, SourceContext, SourceOptions, valid_text
+from clickflow.api import Handler, Message, Source, SourceContext, valid_text
 from clickflow.metrics import shared_metric
+from clickflow.options import ByteSize, Duration, SourceOptions, check_range
 
 if TYPE_CHECKING:  # aiohttp and asyncio are imported when the source starts: loading plugins stays quick
     import asyncio
@@ -46,23 +46,25 @@ MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
 """The largest legal push: a 10 MB message is 13.4 MB in base64, plus its attributes and envelope."""
 
 
-class PubSubPushOptions(SourceOptions):
-    path: str = Field(default="/pubsub/push", pattern=r"^/[^\s]*$")
-    max_body_bytes: ByteSize = Field(default=ByteSize(MAX_ENVELOPE_BYTES), gt=0, le=4 * MAX_ENVELOPE_BYTES)
+class PubSubPushOptions(SourceOptions, kw_only=True):
+    path: Annotated[str, Meta(pattern=r"^/[^\s]*$")] = "/pubsub/push"
+    max_body_bytes: ByteSize = ByteSize(MAX_ENVELOPE_BYTES)
     auth: Literal["oidc", "none"] = "oidc"
     """``oidc``: every request needs a Google-signed token for ``audience``; ``none`` must be said."""
-    audience: str | None = Field(default=None, description="The audience push tokens are issued for.")
-    allowed_emails: list[str] = Field(default_factory=list, description="Service accounts allowed to push.")
+    audience: str | None = None
+    """The audience push tokens are issued for."""
+    allowed_emails: list[str] = msgspec.field(default_factory=list)
+    """Service accounts allowed to push."""
     keys_url: str = GOOGLE_KEYS_URL
-    enter_timeout: Duration = timedelta(seconds=1)
+    enter_timeout: Duration = Duration(seconds=1)
     """How long a request may wait for room in the pipeline before it is answered 429."""
-    ack_timeout: Duration = timedelta(seconds=60)
+    ack_timeout: Duration = Duration(seconds=60)
     """How long a request waits for the sinks before it is answered 503 (keep above the sinks' max_age)."""
-    read_timeout: Duration = timedelta(seconds=10)
+    read_timeout: Duration = Duration(seconds=10)
     """How long a request's body may take to arrive; a slower client is answered 408."""
 
-    @model_validator(mode="after")
-    def _auth_is_explicit(self) -> PubSubPushOptions:
+    def __post_init__(self) -> None:
+        check_range("max_body_bytes", self.max_body_bytes, 1, 4 * MAX_ENVELOPE_BYTES)
         if self.auth == "oidc" and not (self.audience or "").strip():
             raise ValueError(
                 "push requests are authenticated by default: set audience to the audience of the push "
@@ -72,7 +74,6 @@ class PubSubPushOptions(SourceOptions):
             raise ValueError("auth: none verifies no token; remove audience and allowed_emails, or use auth: oidc")
         if any(not email.strip() for email in self.allowed_emails):
             raise ValueError("allowed_emails has an empty entry (an unset variable?)")
-        return self
 
     def http_paths(self) -> list[str]:
         return [self.path]

@@ -6,22 +6,23 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from datetime import datetime, timedelta
-from typing import Literal
+from datetime import datetime
+from typing import Annotated, Literal
 
 import anyio
 import click
-from pydantic import Field, PositiveFloat, PositiveInt
+from msgspec import Meta
 
-from clickflow.api import AnySource, Duration, Message, NoAck, Source, SourceContext, SourceOptions
+from clickflow.api import AnySource, Message, NoAck, Source, SourceContext
 from clickflow.hookspecs import Register, hookimpl
+from clickflow.options import Duration, OptionsError, PositiveInt, SourceOptions, validate_options
 from clickflow_simulator.generator import Spike, VisitGenerator
 
 __all__ = ["SimulatorSource", "VisitGenerator", "simulated_messages"]
 
 
-class SimulatorOptions(SourceOptions):
-    visits_per_minute: PositiveFloat | None = None
+class SimulatorOptions(SourceOptions, kw_only=True):
+    visits_per_minute: Annotated[float, Meta(gt=0)] | None = None
     """Throttle to this rate; unset means as fast as the pipeline takes them."""
     duration: Duration | None = None
     count: PositiveInt | None = None
@@ -29,14 +30,14 @@ class SimulatorOptions(SourceOptions):
     start: datetime | None = None
     """Virtual time of the first visit; defaults to now."""
     event_format: Literal["wrapped", "bare"] = "wrapped"
-    malformed_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    malformed_rate: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
     """Share of messages deliberately broken, to exercise dead letters."""
     batch_size: PositiveInt = 1000
     spike_at: Duration | None = None
     """Simulate an attack this long (virtual time) after the start: a burst of page views."""
-    spike_factor: float = Field(default=20.0, gt=1.0, le=1000.0)
+    spike_factor: Annotated[float, Meta(gt=1.0, le=1000.0)] = 20.0
     """How many times the usual rate of visits the burst brings."""
-    spike_duration: Duration = timedelta(minutes=2)
+    spike_duration: Duration = Duration(minutes=2)
 
     def spike(self) -> Spike | None:
         if self.spike_at is None:
@@ -140,22 +141,21 @@ def simulate(
     spike_duration: str,
 ) -> None:
     """Print simulated visits as JSON lines, or publish them to a Pub/Sub topic."""
-    from pydantic import ValidationError
-
+    given = {
+        "visits_per_minute": visits_per_minute,
+        "duration": duration,
+        "count": count,
+        "seed": seed,
+        "event_format": event_format,
+        "malformed_rate": malformed_rate,
+        "spike_at": spike_at,
+        "spike_factor": spike_factor,
+        "spike_duration": spike_duration,
+    }
     try:
-        options = SimulatorOptions(
-            visits_per_minute=visits_per_minute,
-            duration=duration,  # type: ignore[arg-type]
-            count=count,
-            seed=seed,
-            event_format=event_format,  # type: ignore[arg-type]
-            malformed_rate=malformed_rate,
-            spike_at=spike_at,  # type: ignore[arg-type]
-            spike_factor=spike_factor,
-            spike_duration=spike_duration,  # type: ignore[arg-type]
-        )
-    except ValidationError as exc:
-        raise click.UsageError("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+        options = validate_options(SimulatorOptions, {k: v for k, v in given.items() if v is not None})
+    except OptionsError as exc:
+        raise click.UsageError(str(exc)) from None
     if topic:
         _publish(topic, options, concurrency)
         return

@@ -12,7 +12,7 @@ import anyio
 from clickflow import TABLES, AnySink, Register, RowBatch, Sink, SinkOptions, hookimpl
 
 
-class NdjsonSinkOptions(SinkOptions):
+class NdjsonSinkOptions(SinkOptions, kw_only=True):
     directory: str
 
 
