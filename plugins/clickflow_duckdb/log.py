@@ -47,7 +47,8 @@ def left_behind(database: str) -> Logged:
     directory = f"{database}.log"
     if database == ":memory:" or not os.path.isdir(directory):
         return Logged()
-    logged = Logged(directories=sorted(os.path.join(directory, d) for d in os.listdir(directory)))
+    entries = sorted(os.path.join(directory, name) for name in os.listdir(directory))
+    logged = Logged(directories=[path for path in entries if os.path.isdir(path)])  # batches: whole directories
     for name, paths in logged.files().items():
         logged.counts[name] = sum(_lines(path) for path in paths)
     return logged
