@@ -19,19 +19,18 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from clickflow.schema import TABLE_NAMES
 from clickflow_duckdb.spool import JsonSpool
 
 
-@dataclass
 class Logged:
     """Batches in the log: their directories, rows per table, and the messages they hold."""
 
-    directories: list[str] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TABLE_NAMES, 0))
-    messages: set[str] = field(default_factory=set)
+    def __init__(self, directories: list[str] | None = None) -> None:
+        self.directories = directories or []
+        self.counts = dict.fromkeys(TABLE_NAMES, 0)
+        self.messages: set[str] = set()
 
     def files(self) -> dict[str, list[str]]:
         """Each table's spool files across the batches (a table a batch has no rows for has none)."""

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import anyio
 import msgspec
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from msgspec import Meta
 
 from clickflow.options import Duration, PositiveInt
@@ -21,6 +20,7 @@ from clickflow_live.alerts import Transition
 
 if TYPE_CHECKING:
     import aiohttp  # imported when the sender starts, so loading plugins stays quick
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 log = logging.getLogger(__name__)
 
