@@ -324,8 +324,9 @@ def _section_list(doc: _Document, data: dict[str, Any], kind: str) -> list[Any]:
 
 
 def _options_section(doc: _Document, data: dict[str, Any], key: str, cls: type[S]) -> S | None:
-    """``monitor:`` or ``runtime:``, validated; None when absent or invalid (a problem is recorded)."""
-    if key not in data:
+    """``monitor:`` or ``runtime:``, validated; None when absent (or empty) or invalid (a problem is
+    recorded)."""
+    if data.get(key) is None:
         return None
     try:
         return validate_options(cls, data[key])

@@ -93,6 +93,11 @@ def test_a_partial_batch_or_retry_keeps_the_sinks_other_defaults(pipeline: Calla
     assert defaults.batch.max_bytes != BatchLimits().max_bytes  # the sink's own limits, not the generic ones
 
 
+def test_an_empty_runtime_or_monitor_section_means_the_defaults(pipeline: Callable[..., Pipeline]) -> None:
+    loaded = pipeline(MINIMAL + "runtime:\nmonitor:\n")
+    assert loaded.runtime.shutdown_timeout == timedelta(seconds=30) and loaded.monitor is None
+
+
 def test_unknown_section_is_rejected(registry: Registry) -> None:
     assert problems(registry, MINIMAL + "sinkz: []\n") == ["p.yaml:7: sinkz: unknown section"]
 
