@@ -46,15 +46,13 @@ def parse_duration(value: Any) -> Duration:
     """``250ms``, ``30s``, ``5m``, ``1h``, ``7d`` or a number of seconds, up to a year."""
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
-    elif isinstance(value, str | int | float) and not isinstance(value, bool):
-        text = str(value).strip()
+    else:
+        text = str(value).strip() if isinstance(value, str | int | float) and not isinstance(value, bool) else ""
         unit = next((u for u in _DURATION_UNITS if text.endswith(u)), "")
         try:
             seconds = float(text.removesuffix(unit)) * _DURATION_UNITS.get(unit, 1.0)
         except ValueError:
             raise ValueError(f"{value!r} is not a duration; write e.g. 250ms, 30s, 5m or 1h") from None
-    else:
-        raise ValueError(f"{value!r} is not a duration; write e.g. 250ms, 30s, 5m or 1h")
     if not abs(seconds) <= _MAX_DURATION.total_seconds():  # also refuses inf and nan
         raise ValueError(f"{value!r} is longer than a year; write e.g. 30s, 5m or 1h")
     if seconds < 0:
@@ -78,12 +76,14 @@ def parse_bytes(value: Any) -> ByteSize:
     return ByteSize(int(size))
 
 
+_PARSERS: dict[type, Any] = {Duration: parse_duration, ByteSize: parse_bytes}
+
+
 def _decode(type_: type, value: Any) -> Any:
-    if type_ is Duration:
-        return value if isinstance(value, Duration) else parse_duration(value)
-    if type_ is ByteSize:
-        return value if isinstance(value, ByteSize) else parse_bytes(value)
-    raise NotImplementedError(type_)
+    parse = _PARSERS.get(type_)
+    if parse is None:
+        raise NotImplementedError(type_)
+    return parse(value)
 
 
 def check_range(name: str, value: float | timedelta, low: Any = None, high: Any = None) -> None:
