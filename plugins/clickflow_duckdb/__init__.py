@@ -41,7 +41,7 @@ from clickflow.options import BatchLimits, ByteSize, Duration, SinkOptions
 from clickflow.parser import VisitContext
 from clickflow.schema import TABLES, Column, ColumnType, Table
 from clickflow_duckdb import deadletters
-from clickflow_duckdb.log import BatchLog, Logged, left_behind, remove_if_empty
+from clickflow_duckdb.log import BatchLog, Logged, left_behind, log_directory, remove_if_empty
 from clickflow_duckdb.spool import JsonSpool
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ class DuckDBSink(Sink[DuckDBSinkOptions, JsonSpool]):
     async def open(self) -> None:
         self._connection = await anyio.to_thread.run_sync(connect, self.options)
         self._spool_root = spool_directory(self.options.path)
-        await anyio.to_thread.run_sync(self._insert_logged, left_behind(self.options.path))
+        await anyio.to_thread.run_sync(self._insert_left_behind)
         if self.options.commit_every is not None:
             self._log = BatchLog(self.options.path)
             self._committing = anyio.Lock()
@@ -158,11 +158,12 @@ class DuckDBSink(Sink[DuckDBSinkOptions, JsonSpool]):
 
     @asynccontextmanager
     async def lifespan(self, context: SinkContext) -> AsyncIterator[None]:
-        if self._log is None or self.options.commit_every is None:
+        every = self.options.commit_every
+        if every is None:
             yield
             return
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(self._commit_every, self.options.commit_every.total_seconds())
+            tasks.start_soon(self._commit_every, every.total_seconds())
             yield
             tasks.cancel_scope.cancel()
         with anyio.CancelScope(shield=True):
@@ -199,8 +200,11 @@ class DuckDBSink(Sink[DuckDBSinkOptions, JsonSpool]):
         if logged.directories:
             self._insert(logged.files(), logged.counts)
             BatchLog.remove(logged.directories)
-            if self._log is None:  # a killed run's log, and this run keeps none
-                remove_if_empty(os.path.dirname(logged.directories[0]))
+
+    def _insert_left_behind(self) -> None:
+        """What a killed run logged, inserted whatever this run's ``commit_every``: it was acknowledged."""
+        self._insert_logged(left_behind(self.options.path))
+        remove_if_empty(log_directory(self.options.path))
 
     def _insert(self, paths: Mapping[str, str | Sequence[str]], counts: Mapping[str, int]) -> None:
         assert self._connection is not None

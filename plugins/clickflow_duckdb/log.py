@@ -32,6 +32,12 @@ class Logged:
         self.counts = dict.fromkeys(TABLE_NAMES, 0)
         self.messages: set[str] = set()
 
+    def add(self, directories: list[str], counts: dict[str, int], messages: set[str]) -> None:
+        self.directories += directories
+        for name, count in counts.items():
+            self.counts[name] += count
+        self.messages |= messages
+
     def files(self) -> dict[str, list[str]]:
         """Each table's spool files across the batches (a table a batch has no rows for has none)."""
         return {
@@ -40,10 +46,14 @@ class Logged:
         }
 
 
+def log_directory(database: str) -> str:
+    return f"{database}.log"
+
+
 def left_behind(database: str) -> Logged:
     """Batches a killed run logged but did not insert, with their rows counted from the files.
     Looked for whatever this run's ``commit_every``: they were acknowledged."""
-    directory = f"{database}.log"
+    directory = log_directory(database)
     if database == ":memory:" or not os.path.isdir(directory):
         return Logged()
     entries = sorted(os.path.join(directory, name) for name in os.listdir(directory))
@@ -67,7 +77,7 @@ class BatchLog:
         if database == ":memory:":
             self.directory = tempfile.mkdtemp(prefix="clickflow-duckdb-log-")
         else:
-            self.directory = f"{database}.log"
+            self.directory = log_directory(database)
             os.makedirs(self.directory, exist_ok=True)
         self.pending = Logged()
         self.taken: Logged | None = None
@@ -75,8 +85,7 @@ class BatchLog:
         self._sequence = 0
 
     def overlaps(self, batch: JsonSpool) -> bool:
-        taken = self.taken.messages if self.taken is not None else set()
-        return not (self.pending.messages.isdisjoint(batch.messages) and taken.isdisjoint(batch.messages))
+        return any(not logged.messages.isdisjoint(batch.messages) for logged in (self.pending, self.taken) if logged)
 
     def persist(self, batch: JsonSpool) -> str:
         """Make a closed batch durable in the log (blocking: run it in a thread); returns its new
@@ -92,10 +101,7 @@ class BatchLog:
         return logged
 
     def add(self, directory: str, batch: JsonSpool) -> None:
-        self.pending.directories.append(directory)
-        for name, count in batch.counts().items():
-            self.pending.counts[name] += count
-        self.pending.messages.update(batch.messages)
+        self.pending.add([directory], batch.counts(), batch.messages)
 
     def take(self) -> Logged:
         """The pending batches, to be inserted; then ``committed`` or ``give_back``."""
@@ -107,10 +113,7 @@ class BatchLog:
 
     def give_back(self, logged: Logged) -> None:
         """Batches that could not be inserted: pending again, with those logged since."""
-        self.pending.directories[:0] = logged.directories
-        for name, count in logged.counts.items():
-            self.pending.counts[name] += count
-        self.pending.messages |= logged.messages
+        self.pending.add(logged.directories, logged.counts, logged.messages)
         self.taken = None
 
     @staticmethod
