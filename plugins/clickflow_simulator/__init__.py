@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
 import click
@@ -127,32 +127,9 @@ class SimulatorSource(Source[SimulatorOptions]):
 @click.option("--spike-at", help="Simulate an attack this long after the start, e.g. 10m.")
 @click.option("--spike-factor", type=float, default=20.0, show_default=True, help="The attack's rate over the usual.")
 @click.option("--spike-duration", default="2m", show_default=True, help="How long the attack lasts.")
-def simulate(
-    visits_per_minute: float | None,
-    duration: str | None,
-    count: int | None,
-    seed: int | None,
-    event_format: str,
-    malformed_rate: float,
-    topic: str | None,
-    concurrency: int,
-    spike_at: str | None,
-    spike_factor: float,
-    spike_duration: str,
-) -> None:
+def simulate(topic: str | None, concurrency: int, **given: Any) -> None:
     """Print simulated visits as JSON lines, or publish them to a Pub/Sub topic."""
-    given = {
-        "visits_per_minute": visits_per_minute,
-        "duration": duration,
-        "count": count,
-        "seed": seed,
-        "event_format": event_format,
-        "malformed_rate": malformed_rate,
-        "spike_at": spike_at,
-        "spike_factor": spike_factor,
-        "spike_duration": spike_duration,
-    }
-    try:
+    try:  # the other options are the source's own, validated as a pipeline file's would be
         options = validate_options(SimulatorOptions, {k: v for k, v in given.items() if v is not None})
     except OptionsError as exc:
         raise click.UsageError(str(exc)) from None
