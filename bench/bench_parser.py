@@ -17,7 +17,7 @@ import orjson
 
 from clickflow.api import Message
 from clickflow.parser import VisitParser
-from clickflow.runtime import tune_gc
+from clickflow.runtime import tune_interpreter
 from clickflow_simulator.generator import VisitGenerator
 
 
@@ -34,7 +34,7 @@ def main() -> None:
     payloads = [m.data for m in messages]
     parser = VisitParser()
     counts = parser.parse(messages, "bench", 0).counts()
-    tune_gc()  # as `clickflow run` does
+    tune_interpreter()  # as `clickflow run` does
     events = counts["events"]
 
     def orjson_only() -> None:

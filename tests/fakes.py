@@ -44,6 +44,7 @@ class ScriptOptions(SourceOptions):
     per_batch: int = 1
     forever: bool = False
     redelivers: bool = False
+    finite: bool = False
 
 
 class ScriptSource(Source[ScriptOptions]):
@@ -60,6 +61,10 @@ class ScriptSource(Source[ScriptOptions]):
         if len(cls.emitted) < count:
             cls._waiting = (count, anyio.Event())
             await cls._waiting[1].wait()
+
+    @property
+    def finite(self) -> bool:
+        return self.options.finite
 
     async def run(self, context: SourceContext) -> None:
         number = 0

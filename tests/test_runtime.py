@@ -161,6 +161,28 @@ runtime: {channel_capacity: 2}
     assert runtime.summary.acknowledged == 20
 
 
+@pytest.mark.parametrize(("finite", "sizes"), [(True, [1, 19]), (False, [20])])
+async def test_a_finite_sources_rows_are_written_whenever_the_sink_is_free(
+    fake_pipeline: Callable[[str], Pipeline], finite: bool, sizes: list[int]
+) -> None:
+    """A file's input is all there: its rows skip max_age, so the sink starts on the first batch
+    and gathers the rest meanwhile. A stream's rows wait for max_age (here, for the end)."""
+    MemorySink.gate = anyio.Event()
+    runtime = Runtime(fake_pipeline(f"""
+sources: [{{type: script, batches: 20, finite: {str(finite).lower()}}}]
+sinks: [{{type: memory, gated: true, batch: {{max_age: 1h}}}}]
+runtime: {{channel_capacity: 2}}
+"""))  # fmt: skip
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(runtime.run)
+        with anyio.fail_after(5):
+            await ScriptSource.wait_for_emitted(20)
+        await anyio.sleep(0.1)
+        MemorySink.gate.set()
+    assert [len(batch) for _, batch in MemorySink.writes] == sizes
+    assert runtime.summary.acknowledged == 20
+
+
 async def test_stop_drains_and_acknowledges_everything_in_flight(fake_pipeline: Callable[[str], Pipeline]) -> None:
     runtime = Runtime(fake_pipeline("""
 sources: [{type: script, forever: true, per_batch: 5}]
