@@ -19,7 +19,8 @@ from prometheus_client import CollectorRegistry
 
 from clickflow.api import RowBatch
 from clickflow.options import OptionsError, validate_options
-from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions
+from clickflow.schema import TABLE_NAMES
+from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions, load_files
 from tests.conftest import table_counts
 from tests.test_duckdb_sink import parsed
 
@@ -103,7 +104,8 @@ async def test_redelivered_messages_are_stored_once_across_logged_batches(
 KILLED_RUN = """
 import anyio, json, os, sys, types
 from clickflow.options import validate_options
-from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions
+from clickflow.schema import TABLE_NAMES
+from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions, load_files
 from tests.test_duckdb_sink import parsed
 
 async def main():
@@ -120,8 +122,9 @@ anyio.run(main)
 """
 
 
+@pytest.mark.parametrize("opener", ["sink", "beam_load"])
 def test_a_killed_runs_log_is_inserted_when_the_database_is_next_opened(
-    tmp_path: Path, visit: Callable[..., dict[str, Any]]
+    tmp_path: Path, visit: Callable[..., dict[str, Any]], opener: str
 ) -> None:
     db = tmp_path / "db.duckdb"
     visits = [visit(), "garbage", visit()]
@@ -133,15 +136,16 @@ def test_a_killed_runs_log_is_inserted_when_the_database_is_next_opened(
     assert len(logged_batches(db)) == 2 and table_counts(db) == EMPTY
     (Path(f"{db}.log") / "notes.txt").write_text("not a batch")  # something else left there is kept
 
-    async def reopen() -> dict[str, int]:
-        sink = DuckDBSink("duckdb", DuckDBSinkOptions(path=str(db)))  # without a log of its own
-        await sink.open()  # inserts what the killed run logged: those batches were acknowledged
-        try:
-            return stored(sink)
-        finally:
+    if opener == "sink":  # the next local run, without a log of its own
+
+        async def reopen() -> None:
+            sink = DuckDBSink("duckdb", DuckDBSinkOptions(path=str(db)))
+            await sink.open()  # inserts what the killed run logged: those batches were acknowledged
             await sink.close()
 
-    assert anyio.run(reopen) == {"visits": 4, "events": 12, "purchase_items": 4, "dead_letter": 2}
+        anyio.run(reopen)
+    else:  # the last step of `--runner beam` into the same file, here of a run that read nothing
+        load_files(DuckDBSinkOptions(path=str(db)), dict.fromkeys(TABLE_NAMES, ""), dict.fromkeys(TABLE_NAMES, 0))
     assert table_counts(db) == {"visits": 4, "events": 12, "purchase_items": 4, "dead_letter": 2}
     assert logged_batches(db) == ["notes.txt"]
 
@@ -152,11 +156,11 @@ async def test_a_failed_commit_keeps_the_batches_for_the_next(
     db = tmp_path / "db.duckdb"
     async with logged_sink(db) as sink:
         await write(sink, parsed([visit()], prefix="a"))
-        real_insert = sink._insert
-        monkeypatch.setattr(sink, "_insert", lambda paths, counts: (_ for _ in ()).throw(OSError(28, "disk full")))
+        real_insert = sink._insert_logged
+        monkeypatch.setattr(sink, "_insert_logged", lambda logged: (_ for _ in ()).throw(OSError(28, "disk full")))
         with pytest.raises(OSError, match="disk full"):
             await sink.commit()
-        monkeypatch.setattr(sink, "_insert", real_insert)
+        monkeypatch.setattr(sink, "_insert_logged", real_insert)
         await write(sink, parsed([visit()], prefix="b"))
         assert len(logged_batches(db)) == 2
         await sink.commit()

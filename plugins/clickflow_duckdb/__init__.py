@@ -197,18 +197,15 @@ class DuckDBSink(Sink[DuckDBSinkOptions, JsonSpool]):
             self._log.committed()
 
     def _insert_logged(self, logged: Logged) -> None:
-        if logged.directories:
-            self._insert(logged.files(), logged.counts)
-            BatchLog.remove(logged.directories)
+        with self._cursor() as cursor:
+            insert_logged(cursor, logged)
 
     def _insert_left_behind(self) -> None:
-        """What a killed run logged, inserted whatever this run's ``commit_every``: it was acknowledged."""
-        self._insert_logged(left_behind(self.options.path))
-        remove_if_empty(log_directory(self.options.path))
+        with self._cursor() as cursor:
+            insert_left_behind(cursor, self.options.path)
 
     def _insert(self, paths: Mapping[str, str | Sequence[str]], counts: Mapping[str, int]) -> None:
-        assert self._connection is not None
-        with self._connection.cursor() as cursor:
+        with self._cursor() as cursor:
             insert(cursor, paths, counts)
 
     # clickflow.dlq.DeadLetterStore: `clickflow dlq list` and `replay`
@@ -317,9 +314,24 @@ def _insert_visits(con: duckdb.DuckDBPyConnection, spooled: Callable[[str], str]
         con.execute("DROP TABLE clickflow_new_visits")
 
 
+def insert_logged(con: duckdb.DuckDBPyConnection, logged: Logged) -> None:
+    """Logged batches into the tables, then out of the log."""
+    if logged.directories:
+        insert(con, logged.files(), logged.counts)
+        BatchLog.remove(logged.directories)
+
+
+def insert_left_behind(con: duckdb.DuckDBPyConnection, database: str) -> None:
+    """What a killed run logged, inserted by whatever opens the database next (a run with or
+    without ``commit_every``, or Beam's load): it was acknowledged, so it must not wait."""
+    insert_logged(con, left_behind(database))
+    remove_if_empty(log_directory(database))
+
+
 def load_files(options: DuckDBSinkOptions, paths: Mapping[str, str], counts: Mapping[str, int]) -> None:
     """``insert`` on a connection of its own (the Beam translation's last step)."""
     with connect(options) as con:
+        insert_left_behind(con, options.path)
         insert(con, paths, counts)
 
 

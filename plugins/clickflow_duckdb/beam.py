@@ -3,7 +3,8 @@
 Workers write each table as JSON-lines shards in the sink's spool format
 (``DATABASE.spool/beam/TABLE-*.ndjson``); once the pipeline has finished, the
 launching process loads them into the database in one transaction, with the
-same de-duplicating inserts as the async sink. A database file on one machine
+same de-duplicating inserts as the async sink, after the batches a killed
+``commit_every`` run left in the sink's log (they were acknowledged). A database file on one machine
 cannot be written from Dataflow's workers, and a streaming pipeline never
 finishes, so both are refused.
 """
