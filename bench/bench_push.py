@@ -7,13 +7,15 @@ visit, each with its own message id. clickflow runs three times: into DuckDB, an
 request's rows are stored, into DuckDB with `commit_every: 1s` (answering once the rows are fsynced
 to the sink's log), and into the in-memory `live` sink, which shows what the endpoint and the
 runtime cost without storage. Requests that arrive together share a batch. Prints requests/s
-and latency percentiles, and each clickflow rate as a share of the bare handler's, in the same run.
+and latency percentiles, the server's CPU seconds per 1,000 requests (steadier than rates on a
+shared machine), and each clickflow rate as a share of the bare handler's, in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import os
 import re
 import shutil
 import signal
@@ -63,17 +65,24 @@ def milliseconds(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
 
 
-def wrk(port: int, script: Path, connections: int, seconds: int) -> tuple[float, float, float, str]:
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system, every thread) a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(port: int, script: Path, connections: int, seconds: int) -> tuple[float, int, float, float, str]:
     out = subprocess.run(
         ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script),
          f"http://127.0.0.1:{port}/pubsub/push"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     p50 = milliseconds(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = milliseconds(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return rate, p50, p99, f", {errors.group(1)} non-2xx" if errors else ""
+    return rate, requests, p50, p99, f", {errors.group(1)} non-2xx" if errors else ""
 
 
 def main() -> None:
@@ -117,10 +126,12 @@ def main() -> None:
             try:
                 wait_for(partial(ready, server_port), 30)
                 for connections in opts.concurrency:
-                    rate, p50, p99, errors = wrk(server_port, script, connections, opts.seconds)
+                    cpu = cpu_seconds(server.pid)
+                    rate, requests, p50, p99, errors = wrk(server_port, script, connections, opts.seconds)
+                    cpu = cpu_seconds(server.pid) - cpu
                     rates.setdefault(name, {})[connections] = rate
-                    print(f"{name:<30} {connections:>4} concurrent: {rate:>8,.0f} requests/s, "
-                          f"p50 {p50:.1f} ms, p99 {p99:.1f} ms{errors}")  # fmt: skip
+                    print(f"{name:<30} {connections:>4} concurrent: {rate:>8,.0f} requests/s, p50 {p50:.1f} ms, "
+                          f"p99 {p99:.1f} ms, {cpu / requests * 1e3:.3f} CPU s per 1,000{errors}")  # fmt: skip
             finally:
                 server.send_signal(signal.SIGTERM)
                 server.wait(timeout=60)
