@@ -266,6 +266,22 @@ async def test_a_failing_sink_is_answered_503_so_pubsub_retries(fake_push: Calla
     assert response.status == 503
 
 
+@pytest.mark.asyncio
+async def test_a_request_the_sinks_do_not_settle_within_ack_timeout_is_answered_503(
+    fake_push: Callable[..., Any],
+) -> None:
+    from tests.fakes import MemorySink
+
+    MemorySink.gate = asyncio.Event()  # type: ignore[assignment] - the sink hangs until the end
+    client = await fake_push("{type: memory, gated: true, batch: {max_age: 0s}}", "ack_timeout: 300ms")
+    started = time.monotonic()
+    response = await client.post("/pubsub/push", data=envelope(b'{"session_id": "S"}'))
+    waited = time.monotonic() - started
+    MemorySink.gate.set()
+    assert response.status == 503 and "not stored" in await response.text()
+    assert 0.3 <= waited < 5
+
+
 def one_after_another(client: Any, count: int) -> list[asyncio.Task[int]]:
     """Push requests 20 ms apart, each filling the pipeline a little more; their statuses."""
 

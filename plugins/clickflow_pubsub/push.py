@@ -79,59 +79,57 @@ class PubSubPushOptions(SourceOptions, kw_only=True):
         return [self.path]
 
 
-class _Waiting:
-    """One request's message, waiting to enter the pipeline and then to be settled.
+STORED, PIPELINE_FULL, NOT_STORED = 204, 429, 503
+"""What a request is answered: stored; no room in the pipeline within ``enter_timeout`` (never
+entered, so Pub/Sub sends it again); a sink failed or ``ack_timeout`` passed."""
 
-    A request's waits use asyncio's own futures and timeouts: aiohttp runs handlers on asyncio,
-    and per request anyio's events and cancel scopes took a fifth of the event loop's time.
+
+class _Waiting:
+    """One request's message, waiting to enter the pipeline, then for its outcome.
+
+    A request waits on one asyncio future, with one timer on the event loop for ``enter_timeout``
+    (and one per batch for ``ack_timeout``): per request, anyio's events and cancel scopes took a
+    fifth of the event loop's time, and asyncio's timeout blocks a tenth.
     """
 
-    __slots__ = ("done", "entered", "message", "ok", "taken")
+    __slots__ = ("message", "outcome", "timer")
 
-    def __init__(self, message: Message) -> None:
+    def __init__(self, message: Message, loop: asyncio.AbstractEventLoop) -> None:
         self.message = message
-        self.taken = self.ok = False
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        self.entered: asyncio.Future[None] = loop.create_future()
-        self.done: asyncio.Future[None] = loop.create_future()
+        self.outcome: asyncio.Future[int] = loop.create_future()
+        self.timer: asyncio.TimerHandle | None = None
 
 
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():  # a request that timed out cancelled its own wait
-        future.set_result(None)
-
-
-async def _wait(future: asyncio.Future[None], seconds: float) -> None:
-    """Wait for ``future`` at most ``seconds``; the caller reads the outcome from the request."""
-    import asyncio
-
-    try:
-        async with asyncio.timeout(seconds):
-            await future
-    except TimeoutError:
-        pass
+def _answer(request: _Waiting, status: int) -> None:
+    if not request.outcome.done():  # answered once: by its outcome, its timeout or the endpoint stopping
+        request.outcome.set_result(status)
 
 
 class _RequestsAck:
     """Settles a coalesced batch: each request is answered by its own outcome."""
 
-    __slots__ = ("_waiting",)
+    __slots__ = ("_waiting", "timer")
     redelivers = True
 
     def __init__(self, waiting: list[_Waiting]) -> None:
         self._waiting = waiting
+        self.timer: asyncio.TimerHandle | None = None
+        """``ack_timeout``: answers the batch's requests 503 if the sinks take longer."""
 
     def ack(self) -> None:
-        for request in self._waiting:
-            request.ok = True
-            _settle(request.done)
+        self._answer(STORED)
 
     def nack(self, error: BaseException) -> None:
+        self._answer(NOT_STORED)
+
+    def expire(self) -> None:
+        self._answer(NOT_STORED)
+
+    def _answer(self, status: int) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
         for request in self._waiting:
-            _settle(request.entered)  # when the batch could not even enter (the pipeline stopped)
-            _settle(request.done)
+            _answer(request, status)
 
 
 class _PushedMessage(msgspec.Struct):
@@ -184,6 +182,7 @@ class PubSubPushSource(Source[PubSubPushOptions]):
     type_name = "pubsub_push"
 
     _context: SourceContext | None = None
+    _loop: asyncio.AbstractEventLoop
     _session: aiohttp.ClientSession | None = None
     _verifier: Any = None
     _refused: Any = None
@@ -220,9 +219,13 @@ class PubSubPushSource(Source[PubSubPushOptions]):
     async def run(self, context: SourceContext) -> None:
         """Coalesce: every request that arrived while the previous batch was entering the pipeline
         goes in the next batch, so a busy endpoint parses and writes many messages at once."""
+        import asyncio
+
+        self._loop = asyncio.get_running_loop()
         self._waiting: list[_Waiting] = []
         self._arrived = anyio.Event()
         self._context = context
+        ack_timeout = self.options.ack_timeout.total_seconds()
         try:
             while True:
                 if not self._arrived.is_set():  # under load, requests are already waiting
@@ -235,16 +238,24 @@ class PubSubPushSource(Source[PubSubPushOptions]):
                     self._arrived.set()
                 if not batch:
                     continue
-                for request in batch:
-                    request.taken = True
+                for request in batch:  # taken: it goes in, however long the pipeline takes to let it
+                    if request.timer is not None:
+                        request.timer.cancel()
                 self._batch_sizes.observe(len(batch))
-                await context.emit([request.message for request in batch], _RequestsAck(batch))
-                for request in batch:
-                    _settle(request.entered)
+                ack = _RequestsAck(batch)
+                ack.timer = self._loop.call_later(ack_timeout, ack.expire)
+                await context.emit([request.message for request in batch], ack)
         finally:
             self._context = None
-            for request in self._waiting:
-                _settle(request.entered)  # never entered: answered 429 at once, so Pub/Sub sends it again
+            for request in self._waiting:  # never entered: answered at once, so Pub/Sub sends it again
+                if request.timer is not None:
+                    request.timer.cancel()
+                _answer(request, PIPELINE_FULL)
+
+    def _not_entered(self, request: _Waiting) -> None:
+        """``enter_timeout`` passed before the request was taken: withdrawn, never stored."""
+        self._waiting.remove(request)
+        _answer(request, PIPELINE_FULL)
 
     def _refuse(self, status: int, reason: str, text: str) -> web.Response:
         from aiohttp import web
@@ -272,17 +283,16 @@ class PubSubPushSource(Source[PubSubPushOptions]):
         body = await self._read_body(request)
         if isinstance(body, web.Response):
             return body
-        waiting = _Waiting(message_from_body(body, request.headers))
+        waiting = _Waiting(message_from_body(body, request.headers), self._loop)
+        waiting.timer = self._loop.call_later(self.options.enter_timeout.total_seconds(), self._not_entered, waiting)
         self._waiting.append(waiting)
         self._arrived.set()
-        await _wait(waiting.entered, self.options.enter_timeout.total_seconds())
-        if not waiting.taken:  # still waiting for room: withdrawn, never stored
-            self._waiting.remove(waiting)
-            return self._refuse(429, "pipeline_full", "pipeline is full; retry later")
-        await _wait(waiting.done, self.options.ack_timeout.total_seconds())
-        if waiting.ok:
-            return web.Response(status=204)
-        return self._refuse(503, "not_stored", "not stored yet; retry later")
+        status = await waiting.outcome
+        if status == STORED:
+            return web.Response(status=STORED)
+        if status == PIPELINE_FULL:
+            return self._refuse(PIPELINE_FULL, "pipeline_full", "pipeline is full; retry later")
+        return self._refuse(NOT_STORED, "not_stored", "not stored yet; retry later")
 
     async def _read_body(self, request: web.Request) -> bytes | web.Response:
         """The body, read within ``read_timeout`` and ``max_body_bytes`` whatever the headers said."""
