@@ -167,7 +167,7 @@ def validate_options(cls: type[OptionsT], data: Any) -> OptionsT:
     try:
         return msgspec.convert(data, cls, strict=False, dec_hook=_decode)
     except msgspec.ValidationError as exc:
-        raise _located(str(exc)) from None
+        raise _located(str(exc), cls) from None
 
 
 def _over_defaults(cls: type[msgspec.Struct], data: dict[str, Any]) -> dict[str, Any]:
@@ -183,9 +183,10 @@ _AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 _PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 _UNKNOWN = re.compile(r"^Object contains unknown field `(.*)`$")
 _MISSING = re.compile(r"^Object missing required field `(.*)`$")
+_NOT_A_CHOICE = re.compile(r"^Invalid enum value (.*)$")
 
 
-def _located(text: str) -> OptionsError:
+def _located(text: str, cls: type) -> OptionsError:
     """msgspec's ``message - at `$.a[0].b``` as a location and a message in the house style."""
     found = _AT.match(text)
     assert found is not None  # the pattern matches any text
@@ -195,6 +196,35 @@ def _located(text: str) -> OptionsError:
         return OptionsError((*loc, unknown.group(1)), "unknown option")
     if missing := _MISSING.match(message):
         return OptionsError((*loc, missing.group(1)), "required")
+    if (wrong := _NOT_A_CHOICE.match(message)) and (choices := _choices(cls, loc)):
+        return OptionsError(loc, f"expected one of {', '.join(map(repr, choices))}, got {wrong.group(1)}")
     message = message.replace("`array`", "a list").replace("`object`", "a mapping")
     message = message.replace("`", "").replace(" | null", "")
     return OptionsError(loc, message[:1].lower() + message[1:])
+
+
+def _choices(cls: type, loc: Loc) -> tuple[Any, ...]:
+    """The values the ``Literal`` option at ``loc`` in ``cls`` takes (none if it is not one)."""
+    from msgspec import inspect
+
+    info: inspect.Type | None = inspect.type_info(cls)
+    for part in loc:
+        info = _one_type(info)
+        if isinstance(info, inspect.StructType) and isinstance(part, str):
+            info = next((field.type for field in info.fields if field.encode_name == part), None)
+        elif isinstance(info, inspect.ListType | inspect.SetType | inspect.VarTupleType) and isinstance(part, int):
+            info = info.item_type
+        else:
+            return ()
+    info = _one_type(info)
+    return info.values if isinstance(info, inspect.LiteralType) else ()
+
+
+def _one_type(info: Any) -> Any:
+    """The type an optional option holds when set (``X | None`` is ``X``)."""
+    from msgspec import inspect
+
+    if isinstance(info, inspect.UnionType):
+        types = [member for member in info.types if not isinstance(member, inspect.NoneType)]
+        return types[0] if len(types) == 1 else info
+    return info

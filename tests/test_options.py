@@ -75,6 +75,8 @@ def test_a_partial_group_keeps_the_plugins_own_other_defaults() -> None:
         ({"refresh": "often"}, ("refresh",), "'often' is not a duration"),
         ({"top_pages": "many"}, ("top_pages",), "expected int, got str"),
         ({"alerts": "none"}, ("alerts",), "expected a list, got str"),
+        ({"alerts": [{"name": "a", "kind": "sudden"}]}, ("alerts", 0, "kind"),
+         "expected one of 'spike', 'threshold', got 'sudden'"),
     ],
 )  # fmt: skip
 def test_an_error_says_where_it_is(data: dict[str, object], loc: tuple[str | int, ...], problem: str) -> None:
