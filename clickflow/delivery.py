@@ -102,7 +102,7 @@ class SinkWorker:
     that reaches ``max_age`` while the sink is still writing keeps gathering until
     the sink is free (group commit): with a short ``max_age``, a lone message is
     written at once and, under load, each write takes everything that arrived
-    during the one before. Rows from a finite source (a file) skip ``max_age``: its
+    during the one before. Rows from a finite source (a file) skip ``max_age``: a file's
     input is all there, so waiting gathers nothing a busy sink would not gather anyway,
     and a sink left idle while the first batch fills is time lost.
     """
