@@ -24,6 +24,7 @@ from clickflow.options import (
     ByteSize,
     Duration,
     Loc,
+    OptionGroup,
     OptionsError,
     PluginOptions,
     PositiveInt,
@@ -36,14 +37,14 @@ from clickflow.plugins import PluginError, Registered, Registry
 _VARIABLE = re.compile(r"\$(\$)?\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-class MonitorOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+class MonitorOptions(OptionGroup, frozen=True, kw_only=True):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 8080
     idle_timeout: Duration = Duration(seconds=75)
     """A connection that has not sent a whole request for this long is closed (slow clients)."""
 
 
-class RuntimeOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+class RuntimeOptions(OptionGroup, frozen=True, kw_only=True):
     shutdown_timeout: Duration = Duration(seconds=30)
     """How long SIGINT/SIGTERM waits for in-flight messages to be written and acknowledged."""
     channel_capacity: PositiveInt = 4

@@ -103,9 +103,7 @@ def _shown(value: Any) -> str:
 class PluginOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Base of every plugin's options: unknown keys are errors, so typos surface.
 
-    A group of options inside them (``batch:``, ``retry:``) is a frozen struct of its own, so that
-    one instance can be every sink's default: ``msgspec.Struct, forbid_unknown_fields=True,
-    frozen=True, kw_only=True``."""
+    A group of options inside them (``batch:``, ``retry:``) is an ``OptionGroup``."""
 
     def http_paths(self) -> list[str]:
         """Paths the component serves on the monitoring server; the pipeline then needs ``monitor:``."""
@@ -116,7 +114,14 @@ class PluginOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return []
 
 
-class BatchLimits(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+class OptionGroup(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Base of a group of options (``batch:``, ``retry:``, ``monitor:``, an alert): unknown keys are
+    errors, and it is frozen, so that one instance can be every component's default. Subclasses
+    repeat ``frozen=True, kw_only=True``: type checkers read ``frozen`` per class, and msgspec
+    applies ``kw_only`` to each class's own fields."""
+
+
+class BatchLimits(OptionGroup, frozen=True, kw_only=True):
     """A sink is handed a batch once any of these limits is reached."""
 
     max_rows: PositiveInt = 50_000
@@ -124,7 +129,7 @@ class BatchLimits(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_on
     max_age: Duration = Duration(seconds=1)
 
 
-class RetryPolicy(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+class RetryPolicy(OptionGroup, frozen=True, kw_only=True):
     """How often a failing write is retried before its messages are given up."""
 
     attempts: PositiveInt = 5

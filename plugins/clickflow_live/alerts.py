@@ -21,16 +21,15 @@ import time
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-import msgspec
 from msgspec import Meta
 
-from clickflow.options import PositiveInt
+from clickflow.options import OptionGroup, PositiveInt
 from clickflow_live.windows import LiveAggregates, Minute, minute_text
 
 log = logging.getLogger(__name__)
 
 
-class AlertRule(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+class AlertRule(OptionGroup, frozen=True, kw_only=True):
     name: Annotated[str, Meta(pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")]
     kind: Literal["threshold", "spike"]
     above: PositiveInt | None = None

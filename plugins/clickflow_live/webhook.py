@@ -12,10 +12,9 @@ import logging
 from typing import TYPE_CHECKING, Annotated
 
 import anyio
-import msgspec
 from msgspec import Meta
 
-from clickflow.options import Duration, PositiveInt
+from clickflow.options import Duration, OptionGroup, PositiveInt
 from clickflow_live.alerts import Transition
 
 if TYPE_CHECKING:
@@ -25,7 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class WebhookOptions(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+class WebhookOptions(OptionGroup, frozen=True, kw_only=True):
     url: Annotated[str, Meta(pattern=r"^https?://")]
     timeout: Duration = Duration(seconds=5)
     attempts: PositiveInt = 5
