@@ -17,6 +17,7 @@ import anyio
 import pytest
 from prometheus_client import CollectorRegistry
 
+import clickflow_duckdb
 from clickflow.api import RowBatch
 from clickflow.options import OptionsError, validate_options
 from clickflow.schema import TABLE_NAMES
@@ -104,8 +105,7 @@ async def test_redelivered_messages_are_stored_once_across_logged_batches(
 KILLED_RUN = """
 import anyio, json, os, sys, types
 from clickflow.options import validate_options
-from clickflow.schema import TABLE_NAMES
-from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions, load_files
+from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions
 from tests.test_duckdb_sink import parsed
 
 async def main():
@@ -156,11 +156,13 @@ async def test_a_failed_commit_keeps_the_batches_for_the_next(
     db = tmp_path / "db.duckdb"
     async with logged_sink(db) as sink:
         await write(sink, parsed([visit()], prefix="a"))
-        real_insert = sink._insert_logged
-        monkeypatch.setattr(sink, "_insert_logged", lambda logged: (_ for _ in ()).throw(OSError(28, "disk full")))
+        real_insert = clickflow_duckdb.insert_logged
+        monkeypatch.setattr(
+            clickflow_duckdb, "insert_logged", lambda *_: (_ for _ in ()).throw(OSError(28, "disk full"))
+        )
         with pytest.raises(OSError, match="disk full"):
             await sink.commit()
-        monkeypatch.setattr(sink, "_insert_logged", real_insert)
+        monkeypatch.setattr(clickflow_duckdb, "insert_logged", real_insert)
         await write(sink, parsed([visit()], prefix="b"))
         assert len(logged_batches(db)) == 2
         await sink.commit()

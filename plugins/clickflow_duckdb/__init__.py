@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import anyio
 import msgspec
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     import duckdb  # imported where a connection is made: 0.2 s that `clickflow validate` need not pay
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DUCKDB_TYPES: dict[ColumnType, str] = {
     "STRING": "VARCHAR",
@@ -136,7 +137,7 @@ class DuckDBSink(Sink[DuckDBSinkOptions, JsonSpool]):
     async def open(self) -> None:
         self._connection = await anyio.to_thread.run_sync(connect, self.options)
         self._spool_root = spool_directory(self.options.path)
-        await anyio.to_thread.run_sync(self._insert_left_behind)
+        await self._in_thread(insert_left_behind, self.options.path)
         if self.options.commit_every is not None:
             self._log = BatchLog(self.options.path)
             self._committing = anyio.Lock()
@@ -147,12 +148,12 @@ class DuckDBSink(Sink[DuckDBSinkOptions, JsonSpool]):
     async def write(self, batch: JsonSpool) -> None:
         batch.close()
         if self._log is None:
-            await anyio.to_thread.run_sync(self._insert, batch.paths, batch.counts())
+            await self._in_thread(insert, batch.paths, batch.counts())
             return
         with anyio.CancelScope(shield=True):  # a batch in the log is in the bookkeeping too
             if self._log.overlaps(batch):  # a redelivery: the tables' anti-join drops it, once they hold the log
                 await self.commit()
-                await anyio.to_thread.run_sync(self._insert, batch.paths, batch.counts())
+                await self._in_thread(insert, batch.paths, batch.counts())
             else:
                 self._log.add(await anyio.to_thread.run_sync(self._log.persist, batch), batch)
 
@@ -190,40 +191,36 @@ class DuckDBSink(Sink[DuckDBSinkOptions, JsonSpool]):
         async with self._committing:
             logged = self._log.take()
             try:
-                await anyio.to_thread.run_sync(self._insert_logged, logged)
+                await self._in_thread(insert_logged, logged)
             except BaseException:
                 self._log.give_back(logged)
                 raise
             self._log.committed()
 
-    def _insert_logged(self, logged: Logged) -> None:
-        with self._cursor() as cursor:
-            insert_logged(cursor, logged)
-
-    def _insert_left_behind(self) -> None:
-        with self._cursor() as cursor:
-            insert_left_behind(cursor, self.options.path)
-
-    def _insert(self, paths: Mapping[str, str | Sequence[str]], counts: Mapping[str, int]) -> None:
-        with self._cursor() as cursor:
-            insert(cursor, paths, counts)
-
     # clickflow.dlq.DeadLetterStore: `clickflow dlq list` and `replay`
 
     async def dead_letter_groups(self, query: DeadLetterQuery) -> list[DeadLetterGroup]:
-        return await anyio.to_thread.run_sync(deadletters.groups, self._cursor(), query)
+        return await self._in_thread(deadletters.groups, query)
 
     async def dead_letters(self, query: DeadLetterQuery) -> DeadLetterPage:
-        return DeadLetterPage(await anyio.to_thread.run_sync(deadletters.letters, self._cursor(), query))
+        return DeadLetterPage(await self._in_thread(deadletters.letters, query))
 
     async def visit_contexts(self, visit_ids: list[str]) -> dict[str, VisitContext]:
-        return await anyio.to_thread.run_sync(deadletters.visit_contexts, self._cursor(), visit_ids)
+        return await self._in_thread(deadletters.visit_contexts, visit_ids)
 
     async def store_replayed(self, rows: RowBatch) -> None:
-        await anyio.to_thread.run_sync(deadletters.store_new, self._cursor(), rows, self._spool_root)
+        await self._in_thread(deadletters.store_new, rows, self._spool_root)
 
     async def mark_replayed(self, dead_letter_ids: list[str], at_us: int) -> None:
-        await anyio.to_thread.run_sync(deadletters.mark, self._cursor(), dead_letter_ids, at_us)
+        await self._in_thread(deadletters.mark, dead_letter_ids, at_us)
+
+    async def _in_thread(self, work: Callable[..., T], *args: Any) -> T:
+        """``work(cursor, *args)`` in a worker thread, on a cursor of its own, closed after."""
+        return await anyio.to_thread.run_sync(self._on_cursor, work, *args)
+
+    def _on_cursor(self, work: Callable[..., T], *args: Any) -> T:
+        with self._cursor() as cursor:
+            return work(cursor, *args)
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         assert self._connection is not None, "open() first"
