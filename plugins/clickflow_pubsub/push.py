@@ -17,7 +17,7 @@ import base64
 import binascii
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -94,10 +94,12 @@ class _Waiting:
 
     __slots__ = ("message", "outcome", "timer")
 
-    def __init__(self, message: Message, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, message: Message, loop: asyncio.AbstractEventLoop, enter_timeout: float, not_entered: Callable[..., None]
+    ) -> None:
         self.message = message
         self.outcome: asyncio.Future[int] = loop.create_future()
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer = loop.call_later(enter_timeout, not_entered, self)
 
 
 def _answer(request: _Waiting, status: int) -> None:
@@ -106,15 +108,17 @@ def _answer(request: _Waiting, status: int) -> None:
 
 
 class _RequestsAck:
-    """Settles a coalesced batch: each request is answered by its own outcome."""
+    """A coalesced batch, taken into the pipeline: no request in it is refused 429 any more, each is
+    answered by its own outcome, and all 503 if the sinks take longer than ``ack_timeout``."""
 
-    __slots__ = ("_waiting", "timer")
+    __slots__ = ("_timer", "_waiting")
     redelivers = True
 
-    def __init__(self, waiting: list[_Waiting]) -> None:
+    def __init__(self, waiting: list[_Waiting], loop: asyncio.AbstractEventLoop, ack_timeout: float) -> None:
+        for request in waiting:
+            request.timer.cancel()
         self._waiting = waiting
-        self.timer: asyncio.TimerHandle | None = None
-        """``ack_timeout``: answers the batch's requests 503 if the sinks take longer."""
+        self._timer = loop.call_later(ack_timeout, self.expire)
 
     def ack(self) -> None:
         self._answer(STORED)
@@ -126,8 +130,7 @@ class _RequestsAck:
         self._answer(NOT_STORED)
 
     def _answer(self, status: int) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
+        self._timer.cancel()
         for request in self._waiting:
             _answer(request, status)
 
@@ -238,18 +241,13 @@ class PubSubPushSource(Source[PubSubPushOptions]):
                     self._arrived.set()
                 if not batch:
                     continue
-                for request in batch:  # taken: no longer refused 429; ack_timeout counts from here
-                    if request.timer is not None:
-                        request.timer.cancel()
                 self._batch_sizes.observe(len(batch))
-                ack = _RequestsAck(batch)
-                ack.timer = self._loop.call_later(ack_timeout, ack.expire)
+                ack = _RequestsAck(batch, self._loop, ack_timeout)
                 await context.emit([request.message for request in batch], ack)
         finally:
             self._context = None
             for request in self._waiting:  # never entered: answered at once, so Pub/Sub sends it again
-                if request.timer is not None:
-                    request.timer.cancel()
+                request.timer.cancel()
                 _answer(request, PIPELINE_FULL)
 
     def _not_entered(self, request: _Waiting) -> None:
@@ -283,8 +281,8 @@ class PubSubPushSource(Source[PubSubPushOptions]):
         body = await self._read_body(request)
         if isinstance(body, web.Response):
             return body
-        waiting = _Waiting(message_from_body(body, request.headers), self._loop)
-        waiting.timer = self._loop.call_later(self.options.enter_timeout.total_seconds(), self._not_entered, waiting)
+        enter_timeout = self.options.enter_timeout.total_seconds()
+        waiting = _Waiting(message_from_body(body, request.headers), self._loop, enter_timeout, self._not_entered)
         self._waiting.append(waiting)
         self._arrived.set()
         status = await waiting.outcome
