@@ -124,6 +124,11 @@ class SourceContext(Protocol):
     async def emit(self, messages: list[Message], ack: Acknowledger) -> None:
         """Hand a batch to the parser; waits while the pipeline is full (backpressure)."""
 
+    async def until_parsed(self) -> None:
+        """Wait until the parser has handed every batch this source emitted to the sinks. A source
+        that coalesces (the push endpoint) gathers the next batch meanwhile, so a busy pipeline
+        takes fewer, larger batches."""
+
     def heartbeat(self, loop: str = "") -> None:
         """Prove a loop of the source is alive; feeds ``/healthz``. Name loops that run side by side."""
 

@@ -76,6 +76,8 @@ class _Context:
         self._send: MemoryObjectSendStream[RawBatch] | None = None
         self._received = runtime.metrics.messages_received.labels(source.name)
         self.registry = runtime.metrics.registry
+        self._unparsed = 0
+        self._all_parsed: anyio.Event | None = None
 
     async def emit(self, messages: list[Message], ack: Acknowledger) -> None:
         runtime = self._runtime
@@ -91,10 +93,22 @@ class _Context:
             raise
         # no await since the send: nothing downstream has seen the batch yet
         runtime._in_flight.add(delivery)
+        self._unparsed += 1
         runtime.metrics.in_flight.inc(len(messages))
         runtime.summary.messages[self._name] += len(messages)
         self._received.inc(len(messages))
         self.heartbeat()
+
+    async def until_parsed(self) -> None:
+        while self._unparsed:
+            self._all_parsed = anyio.Event()
+            await self._all_parsed.wait()
+
+    def parsed(self) -> None:
+        """The parser handed one of this source's batches to the sinks."""
+        self._unparsed -= 1
+        if not self._unparsed and self._all_parsed is not None:
+            self._all_parsed.set()
 
     def heartbeat(self, loop: str = "") -> None:
         now = time.time()
@@ -254,6 +268,7 @@ class Runtime:
                     parsed = Parsed(rows, delivery, sum(len(m.data) for m in part), isolated)
                     for send in sends:
                         await send.send(parsed)
+                self._contexts[delivery.source].parsed()
 
     def _isolate_suspects(self, messages: list[Message], delivery: Delivery) -> list[tuple[list[Message], str | None]]:
         """The batch as parts: its innocent messages together, each suspect alone."""

@@ -45,6 +45,8 @@ class ScriptOptions(SourceOptions):
     forever: bool = False
     redelivers: bool = False
     finite: bool = False
+    until_parsed: bool = False
+    """Wait after each batch until the parser has handed it to the sinks, then call ``on_parsed``."""
 
 
 class ScriptSource(Source[ScriptOptions]):
@@ -54,6 +56,7 @@ class ScriptSource(Source[ScriptOptions]):
     acks: list[RecordingAck] = []  # noqa: RUF012 - shared with the test on purpose
     emitted: list[int] = []  # noqa: RUF012
     _waiting: tuple[int, anyio.Event] | None = None
+    on_parsed: Callable[[int], None] = staticmethod(lambda number: None)
 
     @classmethod
     async def wait_for_emitted(cls, count: int) -> None:
@@ -77,6 +80,9 @@ class ScriptSource(Source[ScriptOptions]):
             ScriptSource.acks.append(ack)
             await context.emit(messages, ack)
             ScriptSource.emitted.append(number)
+            if self.options.until_parsed:
+                await context.until_parsed()
+                ScriptSource.on_parsed(number)
             if ScriptSource._waiting and len(ScriptSource.emitted) >= ScriptSource._waiting[0]:
                 ScriptSource._waiting[1].set()
             number += 1
@@ -190,6 +196,7 @@ class MemorySink(Sink[MemoryOptions, TrackedBatch]):
 
 def reset() -> None:
     ScriptSource.acks, ScriptSource.emitted, ScriptSource._waiting = [], [], None
+    ScriptSource.on_parsed = staticmethod(lambda number: None)
     MemorySink.writes, MemorySink.gate, MemorySink.written, MemorySink.attempts = [], None, None, 0
     RedeliveringSource.deliveries = 0
 

@@ -183,6 +183,28 @@ runtime: {{channel_capacity: 2}}
     assert runtime.summary.acknowledged == 20
 
 
+async def test_until_parsed_returns_once_the_parser_handed_the_sources_batches_to_the_sinks(
+    fake_pipeline: Callable[[str], Pipeline],
+) -> None:
+    """What a coalescing source (the push endpoint) waits on: the parse, not the write."""
+    MemorySink.gate = anyio.Event()
+    runtime = Runtime(fake_pipeline("""
+sources: [{type: script, batches: 3, per_batch: 2, until_parsed: true}]
+sinks: [{type: memory, gated: true, batch: {max_rows: 1}}]
+"""))  # fmt: skip
+    parsed_then: list[int] = []
+    ScriptSource.on_parsed = staticmethod(lambda number: parsed_then.append(runtime.summary.rows["visits"]))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(runtime.run)
+        with anyio.fail_after(5):
+            while len(parsed_then) < 3:  # noqa: ASYNC110 - the fake source records, it signals nothing
+                await anyio.sleep(0.01)
+        assert parsed_then == [2, 4, 6], "each wait ended once that batch, and no later one, was parsed"
+        assert all(ack.acked == 0 for ack in ScriptSource.acks), "none of them written yet"
+        MemorySink.gate.set()
+    assert runtime.summary.acknowledged == 6
+
+
 async def test_stop_drains_and_acknowledges_everything_in_flight(fake_pipeline: Callable[[str], Pipeline]) -> None:
     runtime = Runtime(fake_pipeline("""
 sources: [{type: script, forever: true, per_batch: 5}]

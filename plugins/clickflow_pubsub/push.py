@@ -7,8 +7,8 @@ with backoff. A body that is not a valid push envelope is still taken in as a
 message (the parser dead-letters it) and answered 2xx, so it is not redelivered
 forever. With ``auth: oidc`` (the default) every request needs a valid
 Google-signed OIDC token first. Requests that arrive while the previous batch is
-entering the pipeline share the next batch (coalescing), so a busy endpoint parses
-and writes many messages at once; each is still answered by its own outcome.
+being parsed share the next batch (coalescing), so a busy endpoint parses and
+writes many messages at once; each is still answered by its own outcome.
 """
 
 from __future__ import annotations
@@ -220,8 +220,8 @@ class PubSubPushSource(Source[PubSubPushOptions]):
             yield
 
     async def run(self, context: SourceContext) -> None:
-        """Coalesce: every request that arrived while the previous batch was entering the pipeline
-        goes in the next batch, so a busy endpoint parses and writes many messages at once."""
+        """Coalesce: every request that arrived while the previous batch was being parsed goes in
+        the next batch, so a busy endpoint parses and writes many messages at once."""
         import asyncio
 
         self._loop = asyncio.get_running_loop()
@@ -244,6 +244,7 @@ class PubSubPushSource(Source[PubSubPushOptions]):
                 self._batch_sizes.observe(len(batch))
                 ack = _RequestsAck(batch, self._loop, ack_timeout)
                 await context.emit([request.message for request in batch], ack)
+                await context.until_parsed()  # requests arriving meanwhile share the next batch
         finally:
             self._context = None
             for request in self._waiting:  # never entered: answered at once, so Pub/Sub sends it again
