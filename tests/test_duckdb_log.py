@@ -22,6 +22,7 @@ from clickflow.api import RowBatch
 from clickflow.options import OptionsError, validate_options
 from clickflow.schema import TABLE_NAMES
 from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions, load_files
+from clickflow_duckdb.log import BatchLog, DamagedLog, LogBatch, records
 from tests.conftest import table_counts
 from tests.test_duckdb_sink import parsed
 
@@ -58,9 +59,9 @@ def has_log(db: Path) -> bool:
     return Path(f"{db}.log").exists()
 
 
-def logged_batches(db: Path) -> list[str]:
-    log = Path(f"{db}.log")
-    return sorted(os.listdir(log)) if log.exists() else []
+def logged_batches(db: Path) -> int:
+    """Batches in the log: the records of its segments."""
+    return sum(1 for segment in Path(f"{db}.log").glob("*.segment") for _ in records(str(segment)))
 
 
 async def test_a_written_batch_is_in_the_log_until_the_commit(
@@ -70,7 +71,7 @@ async def test_a_written_batch_is_in_the_log_until_the_commit(
     async with logged_sink(db) as sink:
         await write(sink, parsed([visit(), "garbage", visit()]))
         assert stored(sink) == EMPTY  # write returned: the batch is durable, in the log only
-        assert len(logged_batches(db)) == 1
+        assert logged_batches(db) == 1
     assert table_counts(db) == {"visits": 2, "events": 6, "purchase_items": 2, "dead_letter": 1}
     assert not has_log(db)  # every batch inserted: the log is gone
 
@@ -83,7 +84,7 @@ async def test_the_log_is_inserted_every_commit_every(tmp_path: Path, visit: Cal
             while stored(sink)["visits"] < 3:  # noqa: ASYNC110  polling the database: no event to wait on
                 await anyio.sleep(0.02)
         assert stored(sink) == {"visits": 3, "events": 9, "purchase_items": 3, "dead_letter": 0}
-        assert logged_batches(tmp_path / "db.duckdb") == []
+        assert logged_batches(tmp_path / "db.duckdb") == 0
 
 
 async def test_redelivered_messages_are_stored_once_across_logged_batches(
@@ -98,7 +99,7 @@ async def test_redelivered_messages_are_stored_once_across_logged_batches(
         assert stored(sink) == {"visits": 2, "events": 6, "purchase_items": 2, "dead_letter": 1}
         await write(sink, overlapping)  # repeats what the tables hold, not the log: logged, anti-joined later
         await write(sink, parsed([visit()], prefix="other"))
-        assert len(logged_batches(db)) == 2
+        assert logged_batches(db) == 2
     assert table_counts(db) == {"visits": 4, "events": 12, "purchase_items": 4, "dead_letter": 1}
 
 
@@ -122,32 +123,64 @@ anyio.run(main)
 """
 
 
-@pytest.mark.parametrize("opener", ["sink", "beam_load"])
-def test_a_killed_runs_log_is_inserted_when_the_database_is_next_opened(
-    tmp_path: Path, visit: Callable[..., dict[str, Any]], opener: str
-) -> None:
-    db = tmp_path / "db.duckdb"
-    visits = [visit(), "garbage", visit()]
+def killed_run(db: Path, visits: list[Any]) -> None:
+    """Two batches of ``visits`` logged (prefixed a and b), then the process killed."""
     killed = subprocess.run(
         [sys.executable, "-c", KILLED_RUN, str(db), json.dumps(visits)],
         cwd=Path(__file__).parent.parent, capture_output=True, text=True,
     )  # fmt: skip
     assert killed.returncode == 9, killed.stderr
-    assert len(logged_batches(db)) == 2 and table_counts(db) == EMPTY
+    assert logged_batches(db) == 2 and table_counts(db) == EMPTY
+
+
+async def reopen(db: Path) -> None:
+    """The next local run, without a log of its own: its sink opens and closes."""
+    sink = DuckDBSink("duckdb", DuckDBSinkOptions(path=str(db)))
+    await sink.open()  # inserts what the killed run logged: those batches were acknowledged
+    await sink.close()
+
+
+@pytest.mark.parametrize("opener", ["sink", "beam_load"])
+def test_a_killed_runs_log_is_inserted_when_the_database_is_next_opened(
+    tmp_path: Path, visit: Callable[..., dict[str, Any]], opener: str
+) -> None:
+    db = tmp_path / "db.duckdb"
+    killed_run(db, [visit(), "garbage", visit()])
     (Path(f"{db}.log") / "notes.txt").write_text("not a batch")  # something else left there is kept
 
-    if opener == "sink":  # the next local run, without a log of its own
-
-        async def reopen() -> None:
-            sink = DuckDBSink("duckdb", DuckDBSinkOptions(path=str(db)))
-            await sink.open()  # inserts what the killed run logged: those batches were acknowledged
-            await sink.close()
-
-        anyio.run(reopen)
+    if opener == "sink":
+        anyio.run(reopen, db)
     else:  # the last step of `--runner beam` into the same file, here of a run that read nothing
         load_files(DuckDBSinkOptions(path=str(db)), dict.fromkeys(TABLE_NAMES, ""), dict.fromkeys(TABLE_NAMES, 0))
     assert table_counts(db) == {"visits": 4, "events": 12, "purchase_items": 4, "dead_letter": 2}
-    assert logged_batches(db) == ["notes.txt"]
+    assert os.listdir(f"{db}.log") == ["notes.txt"]
+
+
+@pytest.mark.parametrize("damage", ["cut_short", "zeros_after", "flipped_in_the_first"])
+def test_a_damaged_last_record_is_dropped_and_earlier_damage_stops_the_insert(
+    tmp_path: Path, visit: Callable[..., dict[str, Any]], damage: str
+) -> None:
+    """Only a segment's last record can be damaged by a kill or a crash: it was never acknowledged."""
+    db = tmp_path / "db.duckdb"
+    killed_run(db, [visit(), "garbage", visit()])
+    (segment,) = Path(f"{db}.log").glob("*.segment")
+    logged = segment.read_bytes()
+    first_end = next(records(str(segment)))[0]
+    if damage == "cut_short":  # killed while a third batch was being appended
+        segment.write_bytes(logged + logged[: first_end - 7])
+    elif damage == "zeros_after":  # the system stopped after the file grew, before its data was written
+        segment.write_bytes(logged + bytes(4096))
+    else:  # a bit flipped in the first batch's rows
+        segment.write_bytes(logged[:100] + bytes([logged[100] ^ 1]) + logged[101:])
+
+    if damage == "flipped_in_the_first":
+        with pytest.raises(DamagedLog, match=r"record at byte 0 is damaged \(CRC mismatch\)"):
+            anyio.run(reopen, db)
+        assert segment.exists() and table_counts(db) == EMPTY  # left for the operator, nothing half-inserted
+    else:
+        anyio.run(reopen, db)
+        assert table_counts(db) == {"visits": 4, "events": 12, "purchase_items": 4, "dead_letter": 2}
+        assert not has_log(db)
 
 
 async def test_a_failed_commit_keeps_the_batches_for_the_next(
@@ -164,7 +197,7 @@ async def test_a_failed_commit_keeps_the_batches_for_the_next(
             await sink.commit()
         monkeypatch.setattr(clickflow_duckdb, "insert_logged", real_insert)
         await write(sink, parsed([visit()], prefix="b"))
-        assert len(logged_batches(db)) == 2
+        assert logged_batches(db) == 2
         await sink.commit()
         assert stored(sink) == {"visits": 2, "events": 6, "purchase_items": 2, "dead_letter": 0}
 
@@ -173,3 +206,26 @@ def test_commit_every_must_be_longer_than_zero() -> None:
     with pytest.raises(OptionsError, match="must be longer than 0"):
         validate_options(DuckDBSinkOptions, {"commit_every": "0s"})
     assert validate_options(DuckDBSinkOptions, {"commit_every": "250ms"}).commit_every == timedelta(milliseconds=250)
+
+
+def test_a_failed_append_leaves_nothing_before_the_next_batch(
+    tmp_path: Path, visit: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose sync failed is retried; its first copy, maybe whole on disk, must not be inserted too."""
+    log = BatchLog(str(tmp_path / "db.duckdb"))
+    batch = LogBatch()
+    batch.add(parsed([visit(), visit()]))
+    real_sync = os.fdatasync
+
+    def failing_sync(fd: int) -> None:
+        monkeypatch.setattr(os, "fdatasync", real_sync)  # once
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", failing_sync)
+    with pytest.raises(OSError, match=r"cannot log a batch to .*\.segment: Input/output error"):
+        log.append(batch)
+    log.append(batch)  # the retry
+    log.add(batch)
+    (segment,) = log.pending.segments
+    assert [counts for _, counts, _ in records(segment)] == [(2, 6, 2, 0)]
+    log.close()

@@ -41,8 +41,8 @@ from clickflow.options import BatchLimits, ByteSize, Duration, SinkOptions
 from clickflow.parser import VisitContext
 from clickflow.schema import TABLES, Column, ColumnType, Table
 from clickflow_duckdb import deadletters
-from clickflow_duckdb.log import BatchLog, Logged, left_behind, log_directory, remove_if_empty
-from clickflow_duckdb.spool import JsonSpool
+from clickflow_duckdb.log import BatchLog, LogBatch, Logged, left_behind, log_directory, remove, remove_if_empty, split
+from clickflow_duckdb.spool import JsonSpool, Spool
 
 if TYPE_CHECKING:
     import duckdb  # imported where a connection is made: 0.2 s that `clickflow validate` need not pay
@@ -125,37 +125,50 @@ def _sql_text(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-class DuckDBSink(Sink[DuckDBSinkOptions, JsonSpool]):
+class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
     """Writes the four tables into a local DuckDB file, idempotently."""
 
     type_name = "duckdb"
     beam = "clickflow_duckdb.beam:WriteDuckDB"
 
     _connection: duckdb.DuckDBPyConnection | None = None
+    _spool_root: str | None = None
     _log: BatchLog | None = None
 
     async def open(self) -> None:
         self._connection = await anyio.to_thread.run_sync(connect, self.options)
-        self._spool_root = spool_directory(self.options.path)
-        await self._in_thread(insert_left_behind, self.options.path)
-        if self.options.commit_every is not None:
-            self._log = BatchLog(self.options.path)
-            self._committing = anyio.Lock()
+        try:
+            self._spool_root = spool_directory(self.options.path)
+            await self._in_thread(insert_left_behind, self.options.path, self._spool_root)
+            if self.options.commit_every is not None:
+                self._log = BatchLog(self.options.path)
+        except BaseException:  # e.g. a damaged log: the database is let go, for the operator
+            with anyio.CancelScope(shield=True):
+                await self.close()
+            raise
+        self._committing = anyio.Lock()
+        self._appending = anyio.Lock()
+        """Held while a batch is appended to the log, and while a commit takes the log's batches."""
 
-    def new_batch(self) -> JsonSpool:
+    def new_batch(self) -> Spool:
+        if self._log is not None:
+            return LogBatch()
+        assert self._spool_root is not None, "open() first"
         return JsonSpool(self._spool_root)
 
-    async def write(self, batch: JsonSpool) -> None:
+    async def write(self, batch: Spool) -> None:
         batch.close()
         if self._log is None:
+            assert isinstance(batch, JsonSpool)
             await self._in_thread(insert, batch.paths, batch.counts())
             return
+        assert isinstance(batch, LogBatch)
         with anyio.CancelScope(shield=True):  # a batch in the log is in the bookkeeping too
-            if self._log.overlaps(batch):  # a redelivery: the tables' anti-join drops it, once they hold the log
+            if self._log.overlaps(batch):  # a redelivery: logged once the tables hold the log, which anti-join drops
                 await self.commit()
-                await self._in_thread(insert, batch.paths, batch.counts())
-            else:
-                self._log.add(await anyio.to_thread.run_sync(self._log.persist, batch), batch)
+            async with self._appending:
+                await anyio.to_thread.run_sync(self._log.append, batch)
+                self._log.add(batch)
 
     @asynccontextmanager
     async def lifespan(self, context: SinkContext) -> AsyncIterator[None]:
@@ -189,9 +202,10 @@ class DuckDBSink(Sink[DuckDBSinkOptions, JsonSpool]):
         """Insert the logged batches into the tables (with ``commit_every``)."""
         assert self._log is not None
         async with self._committing:
-            logged = self._log.take()
+            async with self._appending:
+                logged = self._log.take()
             try:
-                await self._in_thread(insert_logged, logged)
+                await self._in_thread(insert_logged, logged, self._spool_root)
             except BaseException:
                 self._log.give_back(logged)
                 raise
@@ -229,8 +243,10 @@ class DuckDBSink(Sink[DuckDBSinkOptions, JsonSpool]):
     async def close(self) -> None:
         if self._connection is not None:
             await anyio.to_thread.run_sync(self._connection.close)
-            shutil.rmtree(self._spool_root, ignore_errors=True)
+            if self._spool_root is not None:
+                shutil.rmtree(self._spool_root, ignore_errors=True)
             if self._log is not None:
+                self._log.close()
                 remove_if_empty(self._log.directory)
             self._connection = None
 
@@ -311,17 +327,19 @@ def _insert_visits(con: duckdb.DuckDBPyConnection, spooled: Callable[[str], str]
         con.execute("DROP TABLE clickflow_new_visits")
 
 
-def insert_logged(con: duckdb.DuckDBPyConnection, logged: Logged) -> None:
-    """Logged batches into the tables, then out of the log."""
-    if logged.directories:
-        insert(con, logged.files(), logged.counts)
-        BatchLog.remove(logged.directories)
+def insert_logged(con: duckdb.DuckDBPyConnection, logged: Logged, work: str | None = None) -> None:
+    """Logged batches into the tables (through a spool file per table, in a directory made in
+    ``work``), then out of the log."""
+    if logged.segments:
+        with tempfile.TemporaryDirectory(prefix="log-", dir=work) as directory:
+            insert(con, split(logged, directory), logged.counts)
+        remove(logged)
 
 
-def insert_left_behind(con: duckdb.DuckDBPyConnection, database: str) -> None:
+def insert_left_behind(con: duckdb.DuckDBPyConnection, database: str, work: str | None = None) -> None:
     """What a killed run logged, inserted by whatever opens the database next (a run with or
     without ``commit_every``, or Beam's load): it was acknowledged, so it must not wait."""
-    insert_logged(con, left_behind(database))
+    insert_logged(con, left_behind(database), work)
     remove_if_empty(log_directory(database))
 
 

@@ -1,4 +1,4 @@
-"""Gathers a DuckDB batch as newline-delimited JSON files, one per table.
+"""Gathers a DuckDB batch as newline-delimited JSON, one file per table.
 
 Rows are encoded the moment they arrive (one C call per table per parsed
 batch), so a large batch costs disk (page cache), not Python objects. DuckDB
@@ -23,17 +23,14 @@ encode_lines = msgspec.json.Encoder().encode_lines
 _DEAD_LETTER_ID, _EVENT_INDEX = int(DeadLetterCol.dead_letter_id), int(DeadLetterCol.event_index)
 
 
-class JsonSpool:
-    """One batch for the DuckDB sink; ``close`` before reading, ``discard`` after."""
+class Spool:
+    """Rows encoded as spool lines the moment they arrive, each message's rows once; where the lines
+    go is the subclass's: files (``JsonSpool``) or memory (the log's ``LogBatch``)."""
 
-    def __init__(self, directory: str) -> None:
-        self.directory = tempfile.mkdtemp(prefix="batch-", dir=directory)
-        self.paths = {name: os.path.join(self.directory, f"{name}.ndjson") for name in TABLE_NAMES}
-        self._files: dict[str, BinaryIO] = {}
+    def __init__(self) -> None:
         self._counts = dict.fromkeys(TABLE_NAMES, 0)
         self.messages: set[str] = set()
         """The messages whose rows the batch holds: visit ids, and whole-message dead letters' ids."""
-        self._broken: OSError | None = None
 
     def add(self, rows: RowBatch) -> None:
         tables = rows.tables
@@ -45,20 +42,43 @@ class JsonSpool:
         self.messages.update(messages)
         for name, table_rows in tables.items():
             if table_rows:
-                try:
-                    spool = self._files.get(name)
-                    if spool is None:
-                        spool = self._files[name] = open(self.paths[name], "wb")  # noqa: SIM115
-                    spool.write(encode_lines(table_rows))
-                except OSError as exc:
-                    raise OSError(exc.errno, f"cannot spool rows to {self.paths[name]}: {exc.strerror}") from exc
+                self._write(name, encode_lines(table_rows))
                 self._counts[name] += len(table_rows)
+
+    def _write(self, table: str, lines: bytes) -> None:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return sum(self._counts.values())
 
     def counts(self) -> dict[str, int]:
         return dict(self._counts)
+
+    def close(self) -> None:
+        """Make the rows ready to be read."""
+
+    def discard(self) -> None:
+        """Release the rows."""
+
+
+class JsonSpool(Spool):
+    """One batch for the DuckDB sink, in a file per table; ``close`` before reading, ``discard`` after."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__()
+        self.directory = tempfile.mkdtemp(prefix="batch-", dir=directory)
+        self.paths = {name: os.path.join(self.directory, f"{name}.ndjson") for name in TABLE_NAMES}
+        self._files: dict[str, BinaryIO] = {}
+        self._broken: OSError | None = None
+
+    def _write(self, table: str, lines: bytes) -> None:
+        try:
+            spool = self._files.get(table)
+            if spool is None:
+                spool = self._files[table] = open(self.paths[table], "wb")  # noqa: SIM115
+            spool.write(lines)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot spool rows to {self.paths[table]}: {exc.strerror}") from exc
 
     def close(self) -> None:
         """Flush the files; a failure (a full disk) spoils the batch for good, never half-read."""
