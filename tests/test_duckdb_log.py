@@ -22,7 +22,7 @@ from clickflow.api import RowBatch
 from clickflow.options import OptionsError, validate_options
 from clickflow.schema import TABLE_NAMES
 from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions, load_files
-from clickflow_duckdb.log import BatchLog, DamagedLog, LogBatch, records
+from clickflow_duckdb.log import BatchLog, DamagedLog, LogBatch, _write_all, records
 from tests.conftest import table_counts
 from tests.test_duckdb_sink import parsed
 
@@ -229,3 +229,20 @@ def test_a_failed_append_leaves_nothing_before_the_next_batch(
     (segment,) = log.pending.segments
     assert [counts for _, counts, _ in records(segment)] == [(2, 6, 2, 0)]
     log.close()
+
+
+def test_a_record_of_many_chunks_is_written_whole_through_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chunks = [b"", *(b"%d," % i * (i % 5) for i in range(3000))]  # over writev's 1,024 buffers
+    real_writev = os.writev
+
+    def short_writev(fd: int, buffers: list[bytes]) -> int:  # as a kernel may: part of the first buffers
+        return real_writev(fd, [memoryview(b"".join(bytes(b) for b in buffers[:3]))[:7]])
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    _write_all(fd, chunks)
+    os.close(fd)
+    assert path.read_bytes() == b"".join(chunks)

@@ -38,6 +38,8 @@ SUFFIX = ".segment"
 _HEADER = struct.Struct(f"<4s{len(TABLE_NAMES)}Q{len(TABLE_NAMES)}QI")
 """Magic, each table's bytes of lines, each table's rows, CRC-32 of all the lines."""
 _MAGIC = b"CFL1"
+_IOV_MAX = 1024
+"""Buffers one ``writev`` takes at most (Linux's limit)."""
 
 
 class LogBatch(Spool):
@@ -50,10 +52,12 @@ class LogBatch(Spool):
     def _write(self, table: str, lines: bytes) -> None:
         self._lines[table].append(lines)
 
-    def record(self) -> bytes:
-        tables = [b"".join(self._lines[name]) for name in TABLE_NAMES]
+    def record(self) -> list[bytes]:
+        """The batch as a log record: its header, then each table's lines (not copied again)."""
+        chunks = [lines for name in TABLE_NAMES for lines in self._lines[name]]
+        sizes = [sum(map(len, self._lines[name])) for name in TABLE_NAMES]
         counts = [self._counts[name] for name in TABLE_NAMES]
-        return b"".join([_HEADER.pack(_MAGIC, *map(len, tables), *counts, _crc(tables)), *tables])
+        return [_HEADER.pack(_MAGIC, *sizes, *counts, _crc(chunks)), *chunks]
 
     def discard(self) -> None:
         self._lines = {name: [] for name in TABLE_NAMES}
@@ -139,10 +143,10 @@ def records(path: str, size: int | None = None) -> Iterator[tuple[int, tuple[int
             raise DamagedLog(f"{path}: the record at byte {offset} is damaged ({damage}); the log is left as it is")
 
 
-def _crc(lines: list[bytes]) -> int:
+def _crc(chunks: list[bytes]) -> int:
     crc = 0
-    for table_lines in lines:
-        crc = zlib.crc32(table_lines, crc)
+    for chunk in chunks:
+        crc = zlib.crc32(chunk, crc)
     return crc
 
 
@@ -211,9 +215,7 @@ class BatchLog:
         record = batch.record()
         segment = self._segment or self._open_segment()
         try:
-            view = memoryview(record)
-            while view:
-                view = view[os.write(self._fd, view) :]
+            _write_all(self._fd, record)
             os.fdatasync(self._fd)
         except OSError as exc:
             try:  # no part of an unacknowledged record may stay before later ones
@@ -221,7 +223,7 @@ class BatchLog:
             except OSError:
                 self._close_segment()
             raise OSError(exc.errno, f"cannot log a batch to {segment}: {exc.strerror}") from exc
-        self._size += len(record)
+        self._size += sum(map(len, record))
 
     def add(self, batch: LogBatch) -> None:
         """Bookkeeping for a batch ``append`` made durable."""
@@ -264,6 +266,19 @@ class BatchLog:
                 with contextlib.suppress(OSError):
                     os.remove(self._segment)
             self._segment, self._fd = None, -1
+
+
+def _write_all(fd: int, chunks: list[bytes]) -> None:
+    """``chunks``, one after another, in as few system calls as the kernel allows."""
+    buffers: list[bytes | memoryview] = list(chunks)
+    first = 0
+    while first < len(buffers):
+        written = os.writev(fd, buffers[first : first + _IOV_MAX])
+        while first < len(buffers) and written >= len(buffers[first]):
+            written -= len(buffers[first])
+            first += 1
+        if written:  # a short write ended inside this buffer
+            buffers[first] = memoryview(buffers[first])[written:]
 
 
 def _fsync(path: str, flags: int) -> None:
