@@ -6,9 +6,11 @@ Generates a JSON-lines file of simulated visits (once; reused from bench/out/)
 and runs `clickflow run config/files.yaml` on it three ways, each in a child
 process writing its own DuckDB file: the async runtime, Beam in one process,
 and Beam with two worker processes. Prints events per second (wall time of the
-whole command, start-up included) and the peak memory of the `clickflow`
-process (Beam's worker processes not included), and checks that all three
-wrote the same number of rows to every table.
+whole command, start-up included), the peak memory of the `clickflow`
+process (Beam's worker processes not included) and the wall time of the same
+command on a one-visit file (start-up, mostly), then the async runtime's rate
+as a multiple of each Beam run's; checks that all three wrote the same number
+of rows to every table.
 """
 
 from __future__ import annotations
@@ -43,6 +45,24 @@ def counts(database: Path) -> dict[str, int]:
         return {table: con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in TABLE_NAMES}  # type: ignore[index]
 
 
+def run(flags: list[str], source: Path, database: Path) -> tuple[float, int, float]:
+    """One ``clickflow run`` in a child process: wall seconds, events, and the child's own peak MB."""
+    database.unlink(missing_ok=True)
+    env = {**os.environ, "CLICKFLOW_INPUT": str(source), "CLICKFLOW_DUCKDB": str(database)}
+    command = [sys.executable, "-m", "clickflow", "run", "config/files.yaml", *flags]
+    started = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=REPO)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own peak memory, not its workers'
+        seconds = time.perf_counter() - started
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if os.waitstatus_to_exitcode(status):
+        sys.exit(f"clickflow run {' '.join(flags)} failed:\n{stderr}")
+    events = int(re.search(r"events\s+([\d,]+)", stdout).group(1).replace(",", ""))  # type: ignore[union-attr]
+    return seconds, events, usage.ru_maxrss / 1024
+
+
 def main() -> None:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--megabytes", type=float, default=50.0)
@@ -51,34 +71,29 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     source = OUT / f"visits-{opts.megabytes:g}mb.jsonl"
     make_input(source, opts.megabytes / 1000)
+    one_visit = OUT / "one-visit.jsonl"
+    one_visit.write_bytes(source.open("rb").readline())
     print(f"input: {source} ({source.stat().st_size / 1e6:.1f} MB)")
 
-    results: dict[str, tuple[float, dict[str, int]]] = {}
+    rates: dict[str, float] = {}
+    rows: dict[str, dict[str, int]] = {}
     for index, (name, flags) in enumerate(RUNS.items()):
         database = OUT / f"beam-bench-{index}.duckdb"
-        database.unlink(missing_ok=True)
-        env = {**os.environ, "CLICKFLOW_INPUT": str(source), "CLICKFLOW_DUCKDB": str(database)}
-        command = [sys.executable, "-m", "clickflow", "run", "config/files.yaml", *flags]
-        started = time.perf_counter()
-        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            child = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=REPO)
-            _, status, usage = os.wait4(child.pid, 0)  # this child's own peak memory, not its workers'
-            seconds = time.perf_counter() - started
-            out.seek(0), err.seek(0)
-            stdout, stderr = out.read(), err.read()
-        if os.waitstatus_to_exitcode(status):
-            sys.exit(f"{name} failed:\n{stderr}")
-        events = int(re.search(r"events\s+([\d,]+)", stdout).group(1).replace(",", ""))  # type: ignore[union-attr]
-        results[name] = (events / seconds, counts(database))
+        startup, _, _ = run(flags, one_visit, database)
+        seconds, events, peak = run(flags, source, database)
+        rates[name], rows[name] = events / seconds, counts(database)
         database.unlink()
-        print(f"{name:<60} {events:>10,} events in {seconds:6.1f}s = {events / seconds:>9,.0f} events/s", end="")
-        print(f", peak {usage.ru_maxrss / 1024:,.0f} MB")
+        after_startup = events / (seconds - startup)
+        print(f"{name:<60} {events:>10,} events in {seconds:6.1f}s = {rates[name]:>9,.0f} events/s, "
+              f"peak {peak:,.0f} MB; a one-visit file {startup:.1f}s, "
+              f"so {after_startup:,.0f} events/s after start-up")  # fmt: skip
 
-    (reference, *others) = [rows for _, rows in results.values()]
-    same = all(rows == reference for rows in others)
-    print(f"rows per table, every run: {reference}" if same else f"rows differ: {results}")
-    fastest = max(results, key=lambda name: results[name][0])
-    print(f"fastest on this machine ({os.cpu_count()} cores): {fastest}")
+    (ours, *beams) = rates
+    for beam in beams:
+        print(f"{ours.split(' (')[0]}: {rates[ours] / rates[beam]:.1f}x {beam.split(' (')[0]}")
+    (reference, *others) = rows.values()
+    same = all(counted == reference for counted in others)
+    print(f"rows per table, every run: {reference}" if same else f"rows differ: {rows}")
     if not same:
         sys.exit(1)
 
