@@ -140,10 +140,10 @@ def run(
 
 
 def _run_locally(pipeline: Pipeline, progress: bool) -> RunSummary:
-    from clickflow.runtime import PipelineError
+    from clickflow.runtime import PipelineError, backend_options
 
     try:
-        summary = anyio.run(run_pipeline, pipeline, progress)
+        summary = anyio.run(run_pipeline, pipeline, progress, backend_options=backend_options(pipeline.runtime))
     except PipelineError as exc:
         click.echo(f"clickflow: {exc}", err=True)
         sys.exit(EXIT_FAILED)

@@ -17,12 +17,13 @@ import logging
 import sys
 import time
 from contextlib import AsyncExitStack
+from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from clickflow.api import Acknowledger, AnySink, AnySource, Message, RowBatch
-from clickflow.config import Pipeline
+from clickflow.config import Pipeline, RuntimeOptions, uvloop_installed
 from clickflow.delivery import Delivery, Parsed, SinkFailed, SinkWorker
 from clickflow.metrics import Metrics
 from clickflow.parser import VisitParser
@@ -33,6 +34,15 @@ from clickflow.summary import Progress, RunSummary
 log = logging.getLogger(__name__)
 
 RawBatch = tuple[list[Message], Delivery, int]
+
+
+def backend_options(options: RuntimeOptions) -> dict[str, Any]:
+    """``anyio.run``'s options for the event loop ``runtime.event_loop`` names."""
+    if options.event_loop != "asyncio" and uvloop_installed():
+        import uvloop
+
+        return {"loop_factory": uvloop.new_event_loop}
+    return {}
 
 
 def tune_interpreter() -> None:

@@ -25,7 +25,7 @@ import pytest
 
 from clickflow.config import Pipeline, parse_pipeline
 from clickflow.plugins import Registry, load_plugins
-from clickflow.runtime import Runtime
+from clickflow.runtime import Runtime, backend_options
 from clickflow.summary import RunSummary
 
 
@@ -45,6 +45,6 @@ def clickflow_pipeline(clickflow_registry: Registry) -> Callable[..., Pipeline]:
 @pytest.fixture
 def clickflow_run() -> Callable[[Pipeline], RunSummary]:
     def run(pipeline: Pipeline) -> RunSummary:
-        return anyio.run(Runtime(pipeline).run)
+        return anyio.run(Runtime(pipeline).run, backend_options=backend_options(pipeline.runtime))
 
     return run

@@ -98,6 +98,16 @@ def test_an_empty_runtime_or_monitor_section_means_the_defaults(pipeline: Callab
     assert loaded.runtime.shutdown_timeout == timedelta(seconds=30) and loaded.monitor is None
 
 
+def test_an_event_loop_that_is_not_installed_is_refused_with_how_to_get_it(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("clickflow.config.uvloop_installed", lambda: False)
+    assert problems(registry, MINIMAL + "runtime:\n  event_loop: uvloop\n") == [
+        "p.yaml:7: runtime: event_loop: uvloop is not installed (pip install uvloop; it has no Windows build)"
+    ]
+    assert problems(registry, MINIMAL + "runtime: {event_loop: trio}\n")[0].startswith("p.yaml:7: runtime.event_loop")
+
+
 def test_unknown_section_is_rejected(registry: Registry) -> None:
     assert problems(registry, MINIMAL + "sinkz: []\n") == ["p.yaml:7: sinkz: unknown section"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import anyio
@@ -9,6 +10,7 @@ import pytest
 
 from clickflow.config import Pipeline
 from clickflow.runtime import PipelineError, Runtime
+from clickflow.summary import RunSummary
 from tests import fakes
 from tests.fakes import MemorySink, ScriptSource
 
@@ -203,6 +205,24 @@ sinks: [{type: memory, gated: true, batch: {max_rows: 1}}]
         assert all(ack.acked == 0 for ack in ScriptSource.acks), "none of them written yet"
         MemorySink.gate.set()
     assert runtime.summary.acknowledged == 6
+
+
+@pytest.mark.parametrize(("event_loop", "on_uvloop"), [("auto", True), ("uvloop", True), ("asyncio", False)])
+def test_a_run_is_on_the_event_loop_its_runtime_options_name(
+    fake_pipeline: Callable[[str], Pipeline], clickflow_run: Callable[[Pipeline], RunSummary], event_loop: str,
+    on_uvloop: bool,
+) -> None:  # fmt: skip
+    import uvloop
+
+    pipeline = fake_pipeline(f"""
+sources: [{{type: script, batches: 2, until_parsed: true}}]
+sinks: [{{type: memory}}]
+runtime: {{event_loop: {event_loop}}}
+""")  # fmt: skip
+    loops: list[asyncio.AbstractEventLoop] = []
+    ScriptSource.on_parsed = staticmethod(lambda number: loops.append(asyncio.get_running_loop()))
+    assert clickflow_run(pipeline).acknowledged == 2
+    assert [isinstance(loop, uvloop.Loop) for loop in loops] == [on_uvloop, on_uvloop]
 
 
 async def test_stop_drains_and_acknowledges_everything_in_flight(fake_pipeline: Callable[[str], Pipeline]) -> None:
