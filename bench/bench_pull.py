@@ -8,6 +8,7 @@ counts acknowledgements. Printed: messages/s from the first pull to the last ack
 the worker's CPU seconds per 1,000 messages over the same span (all its threads). The reference,
 in the same run: a bare consumer (pull, decode the JSON and the base64, acknowledge; no parse, no
 sink) against the same stand-in, which shows that the stand-in is not what bounds clickflow.
+Each pipeline runs on clickflow's default event loop (uvloop) and on asyncio's own.
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ def measure_bare(messages: int) -> tuple[float, float]:
     return messages / (counts["last_ack"] - counts["first_pull"]), cpu / messages * 1000
 
 
-def measure_clickflow(sink: str, messages: int, workdir: Path, source_options: str) -> tuple[float, float]:
+def measure_clickflow(
+    sink: str, event_loop: str, messages: int, workdir: Path, source_options: str
+) -> tuple[float, float]:
     pipeline = workdir / "pull.yaml"
     database = workdir / "pull.duckdb"
     for stale in (database, database.with_suffix(".duckdb.wal")):
@@ -102,7 +105,7 @@ def measure_clickflow(sink: str, messages: int, workdir: Path, source_options: s
         "bigquery_streaming": "{type: bigquery_streaming, project: bench, dataset: clickstream}",
     }
     source = f"{{type: pubsub_pull, subscription: {SUBSCRIPTION}{source_options}}}"
-    pipeline.write_text(f"sources: [{source}]\nsinks: [{sinks[sink]}]\n")
+    pipeline.write_text(f"sources: [{source}]\nsinks: [{sinks[sink]}]\nruntime: {{event_loop: {event_loop}}}\n")
     with standin(messages) as port:
         host = f"127.0.0.1:{port}"
         env = {**os.environ, "PUBSUB_EMULATOR_HOST": host, "BIGQUERY_EMULATOR_HOST": host}
@@ -132,14 +135,19 @@ def main() -> None:
     args.add_argument("--runs", type=int, default=3)
     args.add_argument("--source-options", default="", help="more pubsub_pull options, e.g. ', pull_concurrency: 4'")
     opts = args.parse_args()
-    results: dict[str, list[tuple[float, float]]] = {"bare consumer": [], "duckdb": [], "bigquery_streaming": []}
+    # each sink on clickflow's default loop (uvloop) and on asyncio's own
+    names = ["bare consumer", "duckdb", "duckdb, asyncio", "bigquery_streaming", "bigquery_streaming, asyncio"]
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as workdir:
         for run in range(1, opts.runs + 1):
             for name in results:
                 if name == "bare consumer":
                     result = measure_bare(opts.messages)
                 else:
-                    result = measure_clickflow(name, opts.messages, Path(workdir), opts.source_options)
+                    sink, _, event_loop = name.partition(", ")
+                    result = measure_clickflow(
+                        sink, event_loop or "auto", opts.messages, Path(workdir), opts.source_options
+                    )
                 results[name].append(result)
                 print(f"run {run} {name:<32} {result[0]:>9,.0f} msg/s  {result[1]:.3f} CPU s per 1,000 messages")
     print(f"medians over {opts.runs} runs of {opts.messages:,} messages:")

@@ -3,12 +3,14 @@
     python bench/bench_push.py [--seconds 10] [--concurrency 32 256]
 
 Each server runs in a child process; wrk (Debian package `wrk`) sends push envelopes of a real
-visit, each with its own message id. clickflow runs three times: into DuckDB, answering 204 only once the
-request's rows are stored, into DuckDB with `commit_every: 1s` (answering once the rows are fsynced
-to the sink's log), and into the in-memory `live` sink, which shows what the endpoint and the
-runtime cost without storage. Requests that arrive together share a batch. Prints requests/s
-and latency percentiles, the server's CPU seconds per 1,000 requests (steadier than rates on a
-shared machine), and each clickflow rate as a share of the bare handler's, in the same run.
+visit, each with its own message id. The bare handler runs on asyncio's loop and on uvloop's.
+clickflow (on uvloop, its default) runs into DuckDB, answering 204 only once the request's rows
+are stored; into DuckDB with `commit_every: 1s`, answering once the rows are fsynced to the
+sink's log; and into the in-memory `live` sink, which shows what the endpoint and the runtime cost
+without storage, on uvloop and on asyncio's loop. Requests that arrive together share a batch.
+Prints requests/s and latency percentiles, the server's CPU seconds per 1,000 requests (steadier
+than rates on a shared machine), and each clickflow rate as a share of each bare handler's, in
+the same run.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ async def handle(request):
 app = web.Application()
 app.router.add_post("/pubsub/push", handle)
 app.router.add_get("/readyz", lambda r: web.Response(text="ok"))
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+loop = __import__("uvloop").new_event_loop() if sys.argv[2] == "uvloop" else None
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None, loop=loop)
 """
 
 LUA = """
@@ -99,21 +102,26 @@ def main() -> None:
         script = work / "push.lua"
         script.write_text(LUA % base64.b64encode(visit).decode())
 
-        def clickflow(name: str, sink: str) -> tuple[list[str], int]:
+        def clickflow(name: str, sink: str, event_loop: str = "auto") -> tuple[list[str], int]:
             port = free_port()
             pipeline = work / f"{name}.yaml"
             pipeline.write_text(
                 "sources: [{type: pubsub_push, auth: none, enter_timeout: 10s}]\n"
                 f"sinks: [{{{sink}, batch: {{max_age: {opts.max_age}}}}}]\n"
-                f"monitor: {{port: {port}}}\n"
+                f"monitor: {{port: {port}}}\nruntime: {{event_loop: {event_loop}}}\n"
             )
             return [sys.executable, "-m", "clickflow", "run", str(pipeline), "--no-progress"], port
 
-        bare_port = free_port()
+        def bare(event_loop: str) -> tuple[list[str], int]:
+            port = free_port()
+            return [sys.executable, "-c", BARE, str(port), event_loop], port
+
         servers: dict[str, tuple[list[str], int]] = {
-            "bare aiohttp 204": ([sys.executable, "-c", BARE, str(bare_port)], bare_port),
+            "bare aiohttp 204": bare("asyncio"),
+            "bare aiohttp 204, uvloop": bare("uvloop"),
             # the endpoint and the runtime with a sink that only counts in memory: their own ceiling
             "clickflow push -> live": clickflow("live", "type: live"),
+            "clickflow push -> live, asyncio": clickflow("live-asyncio", "type: live", "asyncio"),
             "clickflow push -> duckdb": clickflow("duckdb", f"type: duckdb, path: '{work}/push.duckdb'"),
             # each batch fsynced to the sink's log and answered; the log inserted once a second
             "clickflow push -> duckdb log": clickflow(
@@ -135,10 +143,13 @@ def main() -> None:
             finally:
                 server.send_signal(signal.SIGTERM)
                 server.wait(timeout=60)
-        bare = rates.pop("bare aiohttp 204")
-        for connections in opts.concurrency:
-            shares = ", ".join(f"{name} {ours[connections] / bare[connections]:.0%}" for name, ours in rates.items())
-            print(f"{connections} concurrent, share of the bare handler's rate: {shares}")
+        bares = {name: rates.pop(name) for name in ("bare aiohttp 204", "bare aiohttp 204, uvloop")}
+        for bare_name, bare_rates in bares.items():
+            for connections in opts.concurrency:
+                shares = ", ".join(
+                    f"{name} {ours[connections] / bare_rates[connections]:.0%}" for name, ours in rates.items()
+                )
+                print(f"{connections} concurrent, share of the {bare_name!r} rate: {shares}")
 
 
 if __name__ == "__main__":
