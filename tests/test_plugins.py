@@ -195,7 +195,7 @@ def test_validating_a_pipeline_imports_no_client_library_and_no_plugin_it_does_n
         "import sys; from clickflow.cli import main; sys.argv = ['clickflow', 'validate', 'config/local.yaml']\n"
         "try: main()\nexcept SystemExit: pass\n"
         "heavy = {'aiohttp', 'asyncio', 'duckdb', 'clickflow.runtime', 'gcloud', 'prometheus_client',"
-        " 'clickflow_file.gcs', 'pydantic'}\n"
+        " 'clickflow_file.gcs', 'pydantic', 'uvloop'}\n"
         "unused = ('clickflow_pubsub.', 'clickflow_bigquery.')\n"
         "print(sorted(m for m in sys.modules if m in heavy or m.startswith(unused)))"
     )
