@@ -98,6 +98,18 @@ def table_counts(path: str | Path) -> dict[str, int]:
         }
 
 
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """pytest-asyncio's tests run on asyncio's loop; those marked ``event_loops`` on uvloop's too."""
+    import asyncio
+
+    factories: dict[str, Callable[[], Any]] = {"asyncio": asyncio.new_event_loop}
+    if item.get_closest_marker("event_loops"):
+        import uvloop
+
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     """Async tests run on asyncio, as clickflow does."""

@@ -12,7 +12,7 @@ from clickflow.config import Pipeline
 from clickflow.monitor import build_app
 from clickflow.runtime import Runtime
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.event_loops]  # on uvloop too: it serves the monitor in a run
 
 PIPELINE = "sources: [{type: simulator, count: 1}]\nsinks: [{type: duckdb, path: ':memory:'}]\n"
 

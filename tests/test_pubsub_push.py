@@ -29,6 +29,7 @@ from clickflow_simulator import VisitGenerator
 from tests.conftest import table_counts
 from tests.emulators import PubSubEmulator, clickflow, expected_counts, free_port, metric, start_clickflow, wait_for
 
+pytestmark = pytest.mark.event_loops  # async tests on uvloop too, which serves the endpoint in a run
 AUDIENCE = "https://clickflow.example.com/pubsub/push"
 SENDER = "pusher@project.iam.gserviceaccount.com"
 

@@ -27,6 +27,7 @@ from tests.conftest import table_counts
 from tests.test_pubsub_push import AUDIENCE, SENDER, envelope, keys, token
 
 __all__ = ["keys"]  # a fixture
+pytestmark = pytest.mark.event_loops  # on uvloop too, which serves the endpoint in a run
 
 
 @asynccontextmanager
