@@ -4,7 +4,8 @@ Fixtures:
 
 - ``clickflow_registry``: every installed source and sink, loaded like ``clickflow run`` does;
 - ``clickflow_pipeline``: ``clickflow_pipeline(yaml_text, environ=None)`` -> a validated ``Pipeline``;
-- ``clickflow_run``: ``clickflow_run(pipeline)`` -> the ``RunSummary`` of running it to the end.
+- ``clickflow_run``: ``clickflow_run(pipeline)`` -> the ``RunSummary`` of running it to the end, on the
+  event loop ``clickflow run`` would use (also importable as ``run_pipeline``).
 
 A plugin's tests can then run a real pipeline through its own source or sink::
 
@@ -42,9 +43,11 @@ def clickflow_pipeline(clickflow_registry: Registry) -> Callable[..., Pipeline]:
     return build
 
 
+def run_pipeline(pipeline: Pipeline) -> RunSummary:
+    """Run a pipeline to its end, on the event loop its runtime options name, as ``clickflow run`` does."""
+    return anyio.run(Runtime(pipeline).run, backend_options=backend_options(pipeline.runtime))
+
+
 @pytest.fixture
 def clickflow_run() -> Callable[[Pipeline], RunSummary]:
-    def run(pipeline: Pipeline) -> RunSummary:
-        return anyio.run(Runtime(pipeline).run, backend_options=backend_options(pipeline.runtime))
-
-    return run
+    return run_pipeline

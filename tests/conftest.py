@@ -8,15 +8,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import duckdb
 import pytest
 
 import tests.fakes  # noqa: F401 - registered as a plugin by fake_registry
 from clickflow.config import Pipeline, parse_pipeline
 from clickflow.plugins import Registry, load_plugins
-from clickflow.runtime import Runtime
-from clickflow.summary import RunSummary
 
 pytest_plugins = ["tests.emulators", "tests.gcp_emulators"]
 
@@ -84,10 +81,6 @@ def fake_pipeline(fake_registry: Registry) -> Iterator[Callable[[str], Pipeline]
 def files_into(path: str | Path, sink: str) -> str:
     """Pipeline YAML: the file source reading ``path`` into one sink (its options, flow style)."""
     return f"sources: [{{type: file, path: '{path}'}}]\nsinks: [{{{sink}}}]"
-
-
-def run_pipeline(pipeline: Pipeline) -> RunSummary:
-    return anyio.run(Runtime(pipeline).run)
 
 
 def table_counts(path: str | Path) -> dict[str, int]:

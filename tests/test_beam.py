@@ -14,8 +14,9 @@ from clickflow.beam.launch import prepare
 from clickflow.config import parse_pipeline
 from clickflow.plugins import Registry
 from clickflow.schema import TABLE_NAMES
+from clickflow.testing import run_pipeline
 from clickflow_simulator.generator import VisitGenerator
-from tests.conftest import FIXTURES, files_into, run_pipeline, table_counts
+from tests.conftest import FIXTURES, files_into, table_counts
 from tests.emulators import clickflow
 from tests.gcp_emulators import STAGING_BUCKET, upload
 

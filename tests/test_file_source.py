@@ -16,9 +16,10 @@ import pytest
 
 from clickflow.config import Pipeline
 from clickflow.runtime import PipelineError
+from clickflow.testing import run_pipeline
 from clickflow_file import expand_paths
 from clickflow_file.reader import iter_array, iter_lines
-from tests.conftest import run_pipeline, table_counts
+from tests.conftest import table_counts
 
 
 def lines(*visits: Any) -> bytes:

@@ -12,8 +12,9 @@ import pytest
 from clickflow.api import Message
 from clickflow.config import Pipeline
 from clickflow.parser import VisitParser
+from clickflow.testing import run_pipeline
 from clickflow_simulator import SimulatorOptions, VisitGenerator, simulated_messages
-from tests.conftest import run_pipeline, table_counts
+from tests.conftest import table_counts
 from tests.emulators import clickflow
 
 START = datetime(2024, 7, 1, 9, tzinfo=UTC)
