@@ -43,6 +43,20 @@ def make_input(path: Path, gigabytes: float, seed: int = 11, start: datetime | N
             index += 10_000
 
 
+def write_visits(path: Path, visits: int, seed: int = 11) -> None:
+    """A file of exactly ``visits`` simulated visits, one JSON line each."""
+    generator = VisitGenerator(seed=seed)
+    path.write_bytes(b"".join(generator.message(i) + b"\n" for i in range(visits)))
+
+
+def file_pipeline(pipeline: Path, source: Path, database: Path) -> Path:
+    """``pipeline``, written: ``source`` into a new DuckDB ``database`` (any old one removed)."""
+    for stale in (database, database.with_suffix(".duckdb.wal")):
+        stale.unlink(missing_ok=True)
+    pipeline.write_text(f"sources: [{{type: file, path: '{source}'}}]\nsinks: [{{type: duckdb, path: '{database}'}}]\n")
+    return pipeline
+
+
 def main() -> None:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--gigabytes", type=float, default=1.0)
@@ -55,20 +69,16 @@ def main() -> None:
     started = time.perf_counter()
     if opts.visits:
         source = OUT / f"visits-{opts.visits}.jsonl"
-        generator = VisitGenerator(seed=11)
-        source.write_bytes(b"".join(generator.message(i) + b"\n" for i in range(opts.visits)))
+        write_visits(source, opts.visits)
     else:
         source = OUT / f"visits-{opts.gigabytes:g}gb.jsonl"
         make_input(source, opts.gigabytes)
     print(f"input: {source} ({source.stat().st_size / 1e9:.2f} GB, prepared in {time.perf_counter() - started:.0f}s)")
 
     database = OUT / "bench.duckdb"
-    pipeline = OUT / "bench.yaml"
-    pipeline.write_text(f"sources: [{{type: file, path: '{source}'}}]\nsinks: [{{type: duckdb, path: '{database}'}}]\n")
     rates, peaks, ratios = [], [], []
     for run in range(1, opts.runs + 1):
-        for stale in (database, database.with_suffix(".duckdb.wal")):
-            stale.unlink(missing_ok=True)
+        pipeline = file_pipeline(OUT / "bench.yaml", source, database)
         os.sync()
         result = run_once(pipeline)
         bare = bare_decode(source)

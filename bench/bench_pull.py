@@ -136,18 +136,18 @@ def main() -> None:
     args.add_argument("--source-options", default="", help="more pubsub_pull options, e.g. ', pull_concurrency: 4'")
     opts = args.parse_args()
     # each sink on clickflow's default loop (uvloop) and on asyncio's own
-    names = ["bare consumer", "duckdb", "duckdb, asyncio", "bigquery_streaming", "bigquery_streaming, asyncio"]
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    pipelines = {"duckdb": ("duckdb", "auto"), "duckdb, asyncio": ("duckdb", "asyncio"),
+                 "bigquery_streaming": ("bigquery_streaming", "auto"),
+                 "bigquery_streaming, asyncio": ("bigquery_streaming", "asyncio")}  # fmt: skip
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in ["bare consumer", *pipelines]}
     with tempfile.TemporaryDirectory() as workdir:
         for run in range(1, opts.runs + 1):
             for name in results:
-                if name == "bare consumer":
-                    result = measure_bare(opts.messages)
+                if name in pipelines:
+                    sink, event_loop = pipelines[name]
+                    result = measure_clickflow(sink, event_loop, opts.messages, Path(workdir), opts.source_options)
                 else:
-                    sink, _, event_loop = name.partition(", ")
-                    result = measure_clickflow(
-                        sink, event_loop or "auto", opts.messages, Path(workdir), opts.source_options
-                    )
+                    result = measure_bare(opts.messages)
                 results[name].append(result)
                 print(f"run {run} {name:<32} {result[0]:>9,.0f} msg/s  {result[1]:.3f} CPU s per 1,000 messages")
     print(f"medians over {opts.runs} runs of {opts.messages:,} messages:")

@@ -41,7 +41,10 @@ async def handle(request):
 app = web.Application()
 app.router.add_post("/pubsub/push", handle)
 app.router.add_get("/readyz", lambda r: web.Response(text="ok"))
-loop = __import__("uvloop").new_event_loop() if sys.argv[2] == "uvloop" else None
+loop = None
+if sys.argv[2] == "uvloop":
+    import uvloop
+    loop = uvloop.new_event_loop()
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None, loop=loop)
 """
 
