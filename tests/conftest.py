@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import sys
 from collections.abc import Callable, Iterator
@@ -93,8 +94,6 @@ def table_counts(path: str | Path) -> dict[str, int]:
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
     """pytest-asyncio's tests run on asyncio's loop; those marked ``event_loops`` on uvloop's too."""
-    import asyncio
-
     factories: dict[str, Callable[[], Any]] = {"asyncio": asyncio.new_event_loop}
     if item.get_closest_marker("event_loops"):
         import uvloop
