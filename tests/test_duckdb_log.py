@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -21,8 +24,8 @@ import clickflow_duckdb
 from clickflow.api import RowBatch
 from clickflow.options import OptionsError, validate_options
 from clickflow.schema import TABLE_NAMES
-from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions, load_files
-from clickflow_duckdb.log import BatchLog, DamagedLog, LogBatch, _write_all, records
+from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions, load_files, logwriter
+from clickflow_duckdb.log import DamagedLog, records
 from tests.conftest import table_counts
 from tests.test_duckdb_sink import parsed
 
@@ -208,41 +211,81 @@ def test_commit_every_must_be_longer_than_zero() -> None:
     assert validate_options(DuckDBSinkOptions, {"commit_every": "250ms"}).commit_every == timedelta(milliseconds=250)
 
 
-def test_a_failed_append_leaves_nothing_before_the_next_batch(
-    tmp_path: Path, visit: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+def serve(requests: list[bytes]) -> list[int]:
+    """The log writer's answers to ``requests``, served in this process."""
+    replies = io.BytesIO()
+    logwriter.serve(io.BytesIO(b"".join(requests)), replies)
+    answers = replies.getvalue()
+    return [int.from_bytes(answers[i : i + 8], "little") for i in range(0, len(answers), 8)]
+
+
+def open_request(path: Path) -> bytes:
+    return logwriter.request(logwriter.OPEN, len(bytes(path))) + bytes(path)
+
+
+def append_request(record: bytes) -> bytes:
+    return logwriter.request(logwriter.APPEND, len(record)) + record
+
+
+@pytest.mark.parametrize("failing", ["write", "fdatasync"])
+def test_a_failed_append_is_cut_off_and_the_next_request_is_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
-    """A batch whose sync failed is retried; its first copy, maybe whole on disk, must not be inserted too."""
-    log = BatchLog(str(tmp_path / "db.duckdb"))
-    batch = LogBatch()
-    batch.add(parsed([visit(), visit()]))
-    real_sync = os.fdatasync
+    """A record the writer could not write or sync is answered with its errno and leaves nothing
+    in the segment; the writer reads past it to the next request. Records come in pieces."""
+    monkeypatch.setattr(logwriter, "PIECE", 10)
+    real = getattr(os, failing)
+    calls = 0
 
-    def failing_sync(fd: int) -> None:
-        monkeypatch.setattr(os, "fdatasync", real_sync)  # once
-        raise OSError(5, "Input/output error")
+    def fails_once(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the failed record's second piece, or the second record's sync
+            raise OSError(28, "No space left on device")
+        return real(*args)
 
-    monkeypatch.setattr(os, "fdatasync", failing_sync)
-    with pytest.raises(OSError, match=r"cannot log a batch to .*\.segment: Input/output error"):
-        log.append(batch)
-    log.append(batch)  # the retry
-    log.add(batch)
-    (segment,) = log.pending.segments
-    assert [counts for _, counts, _ in records(segment)] == [(2, 6, 2, 0)]
-    log.close()
+    first, second = b"first record, in three pieces", b"second, also in pieces"
+    monkeypatch.setattr(os, failing, fails_once)
+    segment = tmp_path / "1.segment"
+    answers = serve([open_request(segment), append_request(first), append_request(second), append_request(b"third")])
+    if failing == "write":  # the first record failed in its second piece
+        assert answers == [0, 28, 0, 0] and segment.read_bytes() == second + b"third"
+    else:  # the second record failed to sync
+        assert answers == [0, 0, 28, 0] and segment.read_bytes() == first + b"third"
 
 
-def test_a_record_of_many_chunks_is_written_whole_through_short_writes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_record_is_written_whole_through_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data)[:7]))  # as a kernel may
+    record = b"".join(b"%d," % i for i in range(3000))
+    segment = tmp_path / "1.segment"
+    assert serve([open_request(segment), append_request(record)]) == [0, 0]
+    assert segment.read_bytes() == record
+
+
+def test_the_writer_refuses_an_unknown_request_and_an_append_without_a_segment(tmp_path: Path) -> None:
+    assert serve([append_request(b"rows"), logwriter.request(b"X", 0)]) == [errno.EBADF, errno.EPROTO]
+
+
+def writer_pids() -> list[int]:
+    """This process's log writer children."""
+    pids = [int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()]
+    return [pid for pid in pids if b"logwriter.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+async def test_a_writer_process_that_dies_fails_one_write_and_its_retry_is_logged_once(
+    tmp_path: Path, visit: Callable[..., dict[str, Any]]
 ) -> None:
-    chunks = [b"", *(b"%d," % i * (i % 5) for i in range(3000))]  # over writev's 1,024 buffers
-    real_writev = os.writev
-
-    def short_writev(fd: int, buffers: list[bytes]) -> int:  # as a kernel may: part of the first buffers
-        return real_writev(fd, [memoryview(b"".join(bytes(b) for b in buffers[:3]))[:7]])
-
-    monkeypatch.setattr(os, "writev", short_writev)
-    path = tmp_path / "out"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    _write_all(fd, chunks)
-    os.close(fd)
-    assert path.read_bytes() == b"".join(chunks)
+    db = tmp_path / "db.duckdb"
+    async with logged_sink(db) as sink:
+        await write(sink, parsed([visit()], prefix="a"))
+        (pid,) = writer_pids()
+        os.kill(pid, signal.SIGKILL)  # the OOM killer, say
+        batch = sink.new_batch()
+        batch.add(parsed([visit(), visit()], prefix="b"))
+        with pytest.raises(OSError, match=r"cannot log a batch to .*\.segment: the log's writer process stopped"):
+            await sink.write(batch)
+        await sink.write(batch)  # the sink worker's retry: a new writer, a new segment
+        assert writer_pids() != [pid] and logged_batches(db) == 2
+    assert table_counts(db) == {"visits": 3, "events": 9, "purchase_items": 3, "dead_letter": 0}
+    assert writer_pids() == []  # closed with the sink

@@ -14,8 +14,8 @@ their own key. There are no primary-key indexes: DuckDB rewrites a whole index
 at every checkpoint, which made large tables quadratically slow to load; the
 count and the anti-join scan one column.
 
-With ``commit_every``, a batch is acknowledged once it is fsynced into a log beside the database,
-and the log is inserted in one transaction that often (see ``log``).
+With ``commit_every``, a batch is acknowledged once a child process has fsynced it into a log
+beside the database, and the log is inserted in one transaction that often (see ``log``).
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
             if self._log.overlaps(batch):  # a redelivery: logged once the tables hold the log, which anti-join drops
                 await self.commit()
             async with self._appending:
-                await anyio.to_thread.run_sync(self._log.append, batch)
+                await self._log.append(batch)
                 self._log.add(batch)
 
     @asynccontextmanager
@@ -246,7 +246,7 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
             if self._spool_root is not None:
                 shutil.rmtree(self._spool_root, ignore_errors=True)
             if self._log is not None:
-                self._log.close()
+                await self._log.aclose()
                 remove_if_empty(self._log.directory)
             self._connection = None
 

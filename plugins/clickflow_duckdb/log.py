@@ -4,16 +4,17 @@ A DuckDB transaction costs a few milliseconds per statement and per commit, what
 which bounds a stream of small batches (the push endpoint answers each request only once its
 rows are stored). With a log, a batch gathers in memory as spool lines (``LogBatch``) and is
 appended to the log's current segment, ``DATABASE.log/NNNNNNNNNNNN.segment``, as one record, then
-fdatasynced: one write and one sync per batch, whatever its tables. The write returns and the
-batch is acknowledged. Every ``commit_every`` the sink starts a new segment and inserts the
-finished ones in one transaction, then removes them. A run that is killed leaves its segments,
-which are inserted when the database is next opened, so an acknowledged batch is never lost.
+fdatasynced: one write and one sync per batch, whatever its tables, done by a child process
+(``logwriter``) so that the event loop never hands the GIL to a thread for it. The append returns
+and the batch is acknowledged. Every ``commit_every`` the sink starts a new segment and inserts
+the finished ones in one transaction, then removes them. A run that is killed leaves its
+segments, which are inserted when the database is next opened, so an acknowledged batch is never lost.
 
 A record is a header (a magic number, each table's bytes and rows, a CRC-32 of the lines) and
 each table's lines. Only the last record of a segment can be incomplete: a record is appended
-after the one before it was synced, and a failed append is cut off (or its segment closed). So
-a damaged last record was never acknowledged and is dropped; damage before it stops the insert
-with an error, and the segment stays where it is.
+after the one before it was synced, and after a failed append the next batch starts a new
+segment. So a damaged last record was never acknowledged and is dropped; damage before it stops
+the insert with an error, and the segment stays where it is.
 
 Logged batches never share a message: a batch with a message already in the log is logged only
 after the log is committed, so the insert's anti-join against the tables drops every repeat.
@@ -22,14 +23,22 @@ after the log is committed, so the insert's anti-join against the tables drops e
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import struct
+import subprocess
+import sys
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+
+import anyio
+from anyio.abc import Process
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from clickflow.schema import TABLE_NAMES
+from clickflow_duckdb import logwriter
 from clickflow_duckdb.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -38,8 +47,6 @@ SUFFIX = ".segment"
 _HEADER = struct.Struct(f"<4s{len(TABLE_NAMES)}Q{len(TABLE_NAMES)}QI")
 """Magic, each table's bytes of lines, each table's rows, CRC-32 of all the lines."""
 _MAGIC = b"CFL1"
-_IOV_MAX = 1024
-"""Buffers one ``writev`` takes at most (Linux's limit)."""
 
 
 class LogBatch(Spool):
@@ -187,8 +194,8 @@ def remove_if_empty(directory: str) -> None:
 
 
 class BatchLog:
-    """``DATABASE.log/``: synced batches waiting to be inserted. Not thread-safe: the sink calls
-    ``append`` in a thread, never while it calls ``take``, and keeps the bookkeeping on its event loop."""
+    """``DATABASE.log/``: synced batches waiting to be inserted. The sink calls ``append`` (then
+    ``add``) one batch at a time, never while it calls ``take``, all on its event loop."""
 
     def __init__(self, database: str) -> None:
         if database == ":memory:":
@@ -204,24 +211,21 @@ class BatchLog:
         existing = [int(name[: -len(SUFFIX)]) for name in os.listdir(self.directory) if name.endswith(SUFFIX)]
         self._sequence = max(existing, default=0)
         self._segment: str | None = None
-        self._fd = -1
         self._size = 0
+        self._writer = LogWriter()
 
     def overlaps(self, batch: Spool) -> bool:
         return any(not logged.messages.isdisjoint(batch.messages) for logged in (self.pending, self.taken) if logged)
 
-    def append(self, batch: LogBatch) -> None:
-        """Make a batch durable in the current segment (blocking: run it in a thread); then ``add``."""
+    async def append(self, batch: LogBatch) -> None:
+        """Make a batch durable in the current segment; then ``add``. After a failure the next
+        batch starts a new segment: what the failed one left is past the last acknowledged byte."""
+        segment = self._segment or await self._open_segment()
         record = batch.record()
-        segment = self._segment or self._open_segment()
         try:
-            _write_all(self._fd, record)
-            os.fdatasync(self._fd)
+            await self._writer.append(record)
         except OSError as exc:
-            try:  # no part of an unacknowledged record may stay before later ones
-                os.ftruncate(self._fd, self._size)
-            except OSError:
-                self._close_segment()
+            self._close_segment()
             raise OSError(exc.errno, f"cannot log a batch to {segment}: {exc.strerror}") from exc
         self._size += sum(map(len, record))
 
@@ -245,40 +249,94 @@ class BatchLog:
         self.pending.merge(logged)
         self.taken = None
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         self._close_segment()
+        await self._writer.aclose()
 
-    def _open_segment(self) -> str:
+    async def _open_segment(self) -> str:
         self._sequence += 1
         segment = os.path.join(self.directory, f"{self._sequence:012d}{SUFFIX}")
         try:
-            self._fd = os.open(segment, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
-            self._segment, self._size = segment, 0
-            _fsync(self.directory, os.O_RDONLY | os.O_DIRECTORY)  # the new file's name is durable too
+            await self._writer.open(segment)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot start a log segment {segment}: {exc.strerror}") from exc
+        self._segment, self._size = segment, 0
         return segment
 
     def _close_segment(self) -> None:
+        """Append no more to the segment; removed if no batch in it was acknowledged."""
         if self._segment is not None:
-            os.close(self._fd)
-            if not self._size:  # nothing appended (or the only append failed): nothing to insert
+            if not self._size:
                 with contextlib.suppress(OSError):
                     os.remove(self._segment)
-            self._segment, self._fd = None, -1
+            self._segment = None
 
 
-def _write_all(fd: int, chunks: list[bytes]) -> None:
-    """``chunks``, one after another, in as few system calls as the kernel allows."""
-    buffers: list[bytes | memoryview] = list(chunks)
-    first = 0
-    while first < len(buffers):
-        written = os.writev(fd, buffers[first : first + _IOV_MAX])
-        while first < len(buffers) and written >= len(buffers[first]):
-            written -= len(buffers[first])
-            first += 1
-        if written:  # a short write ended inside this buffer
-            buffers[first] = memoryview(buffers[first])[written:]
+class LogWriter:
+    """The event loop's end of a ``logwriter`` process, started when first needed and again
+    after it stopped. Each request is sent whole and answered before the next."""
+
+    def __init__(self) -> None:
+        self._process: Process | None = None
+        self._replies: BufferedByteReceiveStream | None = None
+
+    async def open(self, path: str) -> None:
+        data = os.fsencode(path)
+        await self._request([logwriter.request(logwriter.OPEN, len(data)) + data])
+
+    async def append(self, record: list[bytes]) -> None:
+        size = sum(map(len, record))
+        await self._request(_pieces([logwriter.request(logwriter.APPEND, size), *record]))
+
+    async def _request(self, pieces: Iterable[bytes]) -> None:
+        if self._process is None or self._process.returncode is not None:
+            await self._start()
+        assert self._process is not None and self._process.stdin is not None and self._replies is not None
+        try:
+            for piece in pieces:
+                await self._process.stdin.send(piece)
+            status = int.from_bytes(await self._replies.receive_exactly(8), "little")
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, anyio.IncompleteRead) as exc:
+            await self.aclose()  # started again for the next request
+            raise OSError(errno.EIO, f"the log's writer process stopped ({type(exc).__name__})") from exc
+        if status:
+            raise OSError(status, os.strerror(status))
+
+    async def _start(self) -> None:
+        await self.aclose()
+        self._process = await anyio.open_process(
+            [sys.executable, "-P", logwriter.__file__],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, start_new_session=True,
+        )  # fmt: skip
+        assert self._process.stdout is not None
+        self._replies = BufferedByteReceiveStream(self._process.stdout)
+
+    async def aclose(self) -> None:
+        """End the process: it exits at the end of its input; one that does not is killed."""
+        process, self._process, self._replies = self._process, None, None
+        if process is None:
+            return
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(10):
+                await process.aclose()  # closes its input, then waits for it
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+def _pieces(chunks: list[bytes]) -> Iterator[bytes]:
+    """``chunks`` joined into pieces of about ``logwriter.PIECE`` bytes: one send for a small
+    record, and no second copy of a large one."""
+    group: list[bytes] = []
+    size = 0
+    for chunk in chunks:
+        group.append(chunk)
+        size += len(chunk)
+        if size >= logwriter.PIECE:
+            yield b"".join(group)
+            group, size = [], 0
+    if group:
+        yield b"".join(group)
 
 
 def _fsync(path: str, flags: int) -> None:
