@@ -41,6 +41,7 @@ USER 10001:10001
 EXPOSE 8080
 HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8080'), timeout=2)"]
-# Exec form: clickflow is PID 1's only process and gets SIGTERM itself (it drains, then exits 0).
+# Exec form: clickflow is PID 1 and gets SIGTERM itself (it drains, then exits 0). Its only child,
+# the DuckDB log's writer (with commit_every), ignores SIGTERM, finishes the last appends, ends with it.
 ENTRYPOINT ["clickflow"]
 CMD ["run", "/etc/clickflow/local.yaml"]
