@@ -25,11 +25,22 @@ from clickflow.api import RowBatch
 from clickflow.options import OptionsError, validate_options
 from clickflow.schema import TABLE_NAMES
 from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions, load_files, logwriter
-from clickflow_duckdb.log import DamagedLog, records
+from clickflow_duckdb.log import DamagedLog, LogWriter, records
 from tests.conftest import table_counts
 from tests.test_duckdb_sink import parsed
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    """On asyncio's loop and on uvloop's (a run's default): the log's writer is a child process of either."""
+    if request.param == "uvloop":
+        import uvloop
+
+        return "asyncio", {"loop_factory": uvloop.new_event_loop}
+    return "asyncio", {}
+
 
 EMPTY = {"visits": 0, "events": 0, "purchase_items": 0, "dead_letter": 0}
 
@@ -289,3 +300,22 @@ async def test_a_writer_process_that_dies_fails_one_write_and_its_retry_is_logge
         assert writer_pids() != [pid] and logged_batches(db) == 2
     assert table_counts(db) == {"visits": 3, "events": 9, "purchase_items": 3, "dead_letter": 0}
     assert writer_pids() == []  # closed with the sink
+
+
+async def test_a_request_cancelled_midway_ends_its_writer_and_the_next_request_starts_another(tmp_path: Path) -> None:
+    writer = LogWriter()
+    try:
+        await writer.open(str(tmp_path / "1.segment"))
+        (first,) = writer_pids()
+        with anyio.CancelScope() as scope:
+            scope.cancel()  # felt once the pipe is full, part of the way into the record
+            await writer.append([bytes(8 << 20)])
+        with anyio.fail_after(10):
+            while first in writer_pids():  # noqa: ASYNC110  killed; no event to wait on
+                await anyio.sleep(0.01)
+        await writer.open(str(tmp_path / "2.segment"))
+        await writer.append([b"whole"])
+        assert (tmp_path / "2.segment").read_bytes() == b"whole"
+    finally:
+        await writer.aclose()
+    assert writer_pids() == []

@@ -227,6 +227,9 @@ class BatchLog:
         except OSError as exc:
             self._close_segment()
             raise OSError(exc.errno, f"cannot log a batch to {segment}: {exc.strerror}") from exc
+        except BaseException:  # cancelled: the writer was stopped with the segment
+            self._close_segment()
+            raise
         self._size += sum(map(len, record))
 
     def add(self, batch: LogBatch) -> None:
@@ -272,9 +275,14 @@ class BatchLog:
             self._segment = None
 
 
+_PIPE_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, anyio.IncompleteRead, OSError)
+"""What a writer that died leaves its pipes raising (uvloop: EBADF once it has closed them)."""
+
+
 class LogWriter:
-    """The event loop's end of a ``logwriter`` process, started when first needed and again
-    after it stopped. Each request is sent whole and answered before the next."""
+    """The event loop's end of a ``logwriter`` process. Each request is sent whole and answered
+    before the next. A request that finds the process stopped fails; the next starts another,
+    which has no segment open until it is told one."""
 
     def __init__(self) -> None:
         self._process: Process | None = None
@@ -289,21 +297,28 @@ class LogWriter:
         await self._request(_pieces([logwriter.request(logwriter.APPEND, size), *record]))
 
     async def _request(self, pieces: Iterable[bytes]) -> None:
-        if self._process is None or self._process.returncode is not None:
+        if self._process is None:
             await self._start()
         assert self._process is not None and self._process.stdin is not None and self._replies is not None
+        if self._process.returncode is not None:  # not started again here: its segment went with it
+            code = self._process.returncode
+            await self.aclose()
+            raise OSError(errno.EIO, f"the log's writer process stopped (exit status {code})")
         try:
             for piece in pieces:
                 await self._process.stdin.send(piece)
             status = int.from_bytes(await self._replies.receive_exactly(8), "little")
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, anyio.IncompleteRead) as exc:
+        except _PIPE_ERRORS as exc:
             await self.aclose()  # started again for the next request
-            raise OSError(errno.EIO, f"the log's writer process stopped ({type(exc).__name__})") from exc
+            raise OSError(errno.EIO, f"the log's writer process stopped ({exc or type(exc).__name__})") from exc
+        except BaseException:  # cancelled midway (the sink shields its writes): the pipe is out of step
+            self._process.kill()
+            self._process = self._replies = None
+            raise
         if status:
             raise OSError(status, os.strerror(status))
 
     async def _start(self) -> None:
-        await self.aclose()
         self._process = await anyio.open_process(
             [sys.executable, "-P", logwriter.__file__],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, start_new_session=True,
