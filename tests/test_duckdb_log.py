@@ -279,9 +279,18 @@ def test_the_writer_refuses_an_unknown_request_and_an_append_without_a_segment(t
 
 
 def writer_pids() -> list[int]:
-    """This process's log writer children."""
-    pids = [int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()]
-    return [pid for pid in pids if b"logwriter.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    """This process's log writer children (threads and children may end while they are listed)."""
+
+    def read(path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except (FileNotFoundError, ProcessLookupError):
+            return b""
+
+    children = [
+        int(pid) for task in os.listdir("/proc/self/task") for pid in read(f"/proc/self/task/{task}/children").split()
+    ]
+    return [pid for pid in children if b"logwriter.py" in read(f"/proc/{pid}/cmdline")]
 
 
 async def test_a_writer_process_that_dies_fails_one_write_and_its_retry_is_logged_once(
