@@ -204,7 +204,7 @@ class BatchLog:
             self.directory = log_directory(database)
             if not os.path.isdir(self.directory):
                 os.mkdir(self.directory)
-                _fsync(os.path.dirname(os.path.abspath(self.directory)), os.O_RDONLY | os.O_DIRECTORY)
+                logwriter.fsync_directory(os.path.dirname(os.path.abspath(self.directory)))
         self.pending = Logged()
         self.taken: Logged | None = None
         """Batches being inserted: until that ends, a new batch must not share their messages either."""
@@ -221,16 +221,15 @@ class BatchLog:
         """Make a batch durable in the current segment; then ``add``. After a failure the next
         batch starts a new segment: what the failed one left is past the last acknowledged byte."""
         segment = self._segment or await self._open_segment()
-        record = batch.record()
         try:
-            await self._writer.append(record)
+            size = await self._writer.append(batch.record())
         except OSError as exc:
             self._close_segment()
             raise OSError(exc.errno, f"cannot log a batch to {segment}: {exc.strerror}") from exc
         except BaseException:  # cancelled: the writer was stopped with the segment
             self._close_segment()
             raise
-        self._size += sum(map(len, record))
+        self._size += size
 
     def add(self, batch: LogBatch) -> None:
         """Bookkeeping for a batch ``append`` made durable."""
@@ -281,8 +280,9 @@ _PIPE_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndO
 
 class LogWriter:
     """The event loop's end of a ``logwriter`` process. Each request is sent whole and answered
-    before the next. A request that finds the process stopped fails; the next starts another,
-    which has no segment open until it is told one."""
+    before the next. A request to a process that stopped fails on its pipes; the next request
+    starts another, which has no segment open until it is told one (never started behind a
+    segment's back)."""
 
     def __init__(self) -> None:
         self._process: Process | None = None
@@ -292,18 +292,16 @@ class LogWriter:
         data = os.fsencode(path)
         await self._request([logwriter.request(logwriter.OPEN, len(data)) + data])
 
-    async def append(self, record: list[bytes]) -> None:
+    async def append(self, record: list[bytes]) -> int:
+        """Append a record's chunks; returns its size."""
         size = sum(map(len, record))
         await self._request(_pieces([logwriter.request(logwriter.APPEND, size), *record]))
+        return size
 
     async def _request(self, pieces: Iterable[bytes]) -> None:
         if self._process is None:
             await self._start()
         assert self._process is not None and self._process.stdin is not None and self._replies is not None
-        if self._process.returncode is not None:  # not started again here: its segment went with it
-            code = self._process.returncode
-            await self.aclose()
-            raise OSError(errno.EIO, f"the log's writer process stopped (exit status {code})")
         try:
             for piece in pieces:
                 await self._process.stdin.send(piece)
@@ -352,11 +350,3 @@ def _pieces(chunks: list[bytes]) -> Iterator[bytes]:
             group, size = [], 0
     if group:
         yield b"".join(group)
-
-
-def _fsync(path: str, flags: int) -> None:
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -41,27 +41,25 @@ def request(kind: bytes, length: int) -> bytes:
 def serve(requests: BinaryIO, replies: BinaryIO) -> None:
     """Answer requests until the end of ``requests``."""
     segment = Segment()
-    while True:
-        header = requests.read(HEADER)
-        if len(header) < HEADER:
-            segment.close()
-            return
-        kind, length = header[:1], int.from_bytes(header[1:], "little")
-        try:
-            if kind == OPEN:
-                segment.open(os.fsdecode(_read(requests, length)))
-            elif kind == APPEND:
-                segment.append(requests, length)
-            else:
-                raise OSError(errno.EPROTO, f"unknown request {kind!r}")
-            status = 0
-        except EOFError:
-            segment.close()
-            return
-        except OSError as exc:
-            status = exc.errno or errno.EIO
-        replies.write(status.to_bytes(8, "little"))
-        replies.flush()
+    try:
+        while len(header := requests.read(HEADER)) == HEADER:
+            kind, length = header[:1], int.from_bytes(header[1:], "little")
+            try:
+                if kind == OPEN:
+                    segment.open(os.fsdecode(_read(requests, length)))
+                elif kind == APPEND:
+                    segment.append(requests, length)
+                else:
+                    raise OSError(errno.EPROTO, f"unknown request {kind!r}")
+                status = 0
+            except OSError as exc:
+                status = exc.errno or errno.EIO
+            replies.write(status.to_bytes(8, "little"))
+            replies.flush()
+    except EOFError:  # the input ended inside a request
+        pass
+    finally:
+        segment.close()
 
 
 class Segment:
@@ -75,38 +73,34 @@ class Segment:
         self.close()
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
         self._size = 0
-        directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)  # the new file's name is durable too
-        finally:
-            os.close(directory)
+        fsync_directory(os.path.dirname(path) or ".")  # the new file's name is durable too
 
     def append(self, requests: BinaryIO, length: int) -> None:
         """Write the next ``length`` bytes of ``requests`` and sync them; on a failure, read the
         rest of the record all the same (the next request follows it) and cut the segment back."""
-        failure: OSError | None = None if self._fd >= 0 else OSError(errno.EBADF, "no segment is open")
         left = length
-        while left:
-            piece = _read(requests, min(left, PIECE))
-            left -= len(piece)
-            if failure is None:
-                try:
-                    _write_all(self._fd, piece)
-                except OSError as exc:
-                    failure = exc
-        if failure is None:
-            try:
-                os.fdatasync(self._fd)
-                self._size += length
-                return
-            except OSError as exc:
-                failure = exc
+        try:
+            if self._fd < 0:
+                raise OSError(errno.EBADF, "no segment is open")
+            while left:
+                piece = _read(requests, min(left, PIECE))
+                left -= len(piece)
+                _write_all(self._fd, piece)
+            os.fdatasync(self._fd)
+        except OSError:
+            while left:
+                left -= len(_read(requests, min(left, PIECE)))
+            self._cut_back()
+            raise
+        self._size += length
+
+    def _cut_back(self) -> None:
+        """Truncate the segment to its synced records; close it if even that fails."""
         if self._fd >= 0:
             try:
                 os.ftruncate(self._fd, self._size)
             except OSError:
                 self.close()
-        raise failure
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -119,6 +113,15 @@ def _read(requests: BinaryIO, length: int) -> bytes:
     if len(data) < length:
         raise EOFError
     return data
+
+
+def fsync_directory(path: str) -> None:
+    """Make the names in a directory durable (a file just made in it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
