@@ -9,7 +9,8 @@ are stored; into DuckDB with `commit_every: 1s`, answering once the rows are fsy
 sink's log; and into the in-memory `live` sink, which shows what the endpoint and the runtime cost
 without storage, on uvloop and on asyncio's loop. Requests that arrive together share a batch.
 Prints requests/s and latency percentiles, the server's CPU seconds per 1,000 requests (its child
-processes' included; steadier than rates on a shared machine), and each clickflow rate as a
+processes' included; steadier than rates on a shared machine), how many requests each of
+clickflow's batches held on average, and each clickflow rate as a
 share of each bare handler's, in the same run.
 """
 
@@ -24,6 +25,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from functools import partial
 from pathlib import Path
 
@@ -78,6 +81,18 @@ def cpu_seconds(pid: int) -> float:
     tasks = Path(f"/proc/{pid}/task").iterdir()
     children = [int(child) for task in tasks for child in (task / "children").read_text().split()]
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(map(cpu_seconds, children))
+
+
+def batched(port: int) -> tuple[float, float]:
+    """The push source's requests and batches so far, from a clickflow server's /metrics ((0, 0)
+    for a bare handler, which has no such metric)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+    except urllib.error.HTTPError:
+        return 0.0, 0.0
+    found = dict(re.findall(r"^clickflow_push_batch_requests_(sum|count)\{[^}]*\} (\S+)$", text, re.MULTILINE))
+    return float(found.get("sum", 0)), float(found.get("count", 0))
 
 
 def wrk(port: int, script: Path, connections: int, seconds: int) -> tuple[float, int, float, float, str]:
@@ -140,12 +155,15 @@ def main() -> None:
             try:
                 wait_for(partial(ready, server_port), 30)
                 for connections in opts.concurrency:
-                    cpu = cpu_seconds(server.pid)
-                    rate, requests, p50, p99, errors = wrk(server_port, script, connections, opts.seconds)
+                    cpu, (pushed, batches) = cpu_seconds(server.pid), batched(server_port)
+                    rate, requests, p50, p99, notes = wrk(server_port, script, connections, opts.seconds)
                     cpu = cpu_seconds(server.pid) - cpu
+                    pushed_now, batches_now = batched(server_port)
+                    if batches_now > batches:
+                        notes += f", {(pushed_now - pushed) / (batches_now - batches):.1f} requests per batch"
                     rates.setdefault(name, {})[connections] = rate
                     print(f"{name:<30} {connections:>4} concurrent: {rate:>8,.0f} requests/s, p50 {p50:.1f} ms, "
-                          f"p99 {p99:.1f} ms, {cpu / requests * 1e3:.3f} CPU s per 1,000{errors}")  # fmt: skip
+                          f"p99 {p99:.1f} ms, {cpu / requests * 1e3:.3f} CPU s per 1,000{notes}")  # fmt: skip
             finally:
                 server.send_signal(signal.SIGTERM)
                 server.wait(timeout=60)

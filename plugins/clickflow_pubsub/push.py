@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import anyio
 import msgspec
+from anyio.lowlevel import checkpoint
 from msgspec import Meta
 
 from clickflow.api import Handler, Message, Source, SourceContext, valid_text
@@ -221,7 +222,12 @@ class PubSubPushSource(Source[PubSubPushOptions]):
 
     async def run(self, context: SourceContext) -> None:
         """Coalesce: every request that arrived while the previous batch was being parsed goes in
-        the next batch, so a busy endpoint parses and writes many messages at once."""
+        the next batch, so a busy endpoint parses and writes many messages at once.
+
+        After a parse the loop gets one turn before the next batch is cut: requests whose bytes
+        it read meanwhile have handlers ready to run, and they join too. At 32 concurrent
+        requests this made batches about 16 requests instead of 11, and the endpoint a tenth
+        cheaper per request (``bench/bench_push.py``)."""
         import asyncio
 
         self._loop = asyncio.get_running_loop()
@@ -244,7 +250,8 @@ class PubSubPushSource(Source[PubSubPushOptions]):
                 self._batch_sizes.observe(len(batch))
                 ack = _RequestsAck(batch, self._loop, ack_timeout)
                 await context.emit([request.message for request in batch], ack)
-                await context.until_parsed()  # requests arriving meanwhile share the next batch
+                await context.until_parsed()  # requests arriving meanwhile share the next batch,
+                await checkpoint()  # and so do those read in the meantime, whose handlers run in this turn
         finally:
             self._context = None
             for request in self._waiting:  # never entered: answered at once, so Pub/Sub sends it again
