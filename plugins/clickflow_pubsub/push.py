@@ -225,8 +225,8 @@ class PubSubPushSource(Source[PubSubPushOptions]):
         the next batch, so a busy endpoint parses and writes many messages at once.
 
         After a parse the loop gets one turn before the next batch is cut: requests whose bytes
-        it read meanwhile have handlers ready to run, and they join too. At 32 concurrent
-        requests this made batches about 16 requests instead of 11, and the endpoint a tenth
+        it read meanwhile have handlers ready to run, and they join too. On uvloop at 32
+        concurrent requests this made batches about 16 requests instead of 11, and the endpoint a tenth
         cheaper per request (``bench/bench_push.py``)."""
         import asyncio
 
