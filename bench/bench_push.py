@@ -9,9 +9,8 @@ are stored; into DuckDB with `commit_every: 1s`, answering once the rows are fsy
 sink's log; and into the in-memory `live` sink, which shows what the endpoint and the runtime cost
 without storage, on uvloop and on asyncio's loop. Requests that arrive together share a batch.
 Prints requests/s and latency percentiles, the server's CPU seconds per 1,000 requests (its child
-processes' included; steadier than rates on a shared machine), how many requests each of
-clickflow's batches held on average, and each clickflow rate as a
-share of each bare handler's, in the same run.
+processes' included; steadier than rates on a shared machine), how many requests clickflow's
+batches held on average, and each clickflow rate as a share of each bare handler's, in the same run.
 """
 
 from __future__ import annotations
