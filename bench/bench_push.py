@@ -24,15 +24,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from functools import partial
 from pathlib import Path
 
 from clickflow_simulator import VisitGenerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.emulators import free_port, ready, wait_for
+from tests.emulators import free_port, metric, ready, wait_for
 
 BARE = """
 import sys
@@ -83,15 +81,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def batched(port: int) -> tuple[float, float]:
-    """The push source's requests and batches so far, from a clickflow server's /metrics ((0, 0)
-    for a bare handler, which has no such metric)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
-            text = answer.read().decode()
-    except urllib.error.HTTPError:
-        return 0.0, 0.0
-    found = dict(re.findall(r"^clickflow_push_batch_requests_(sum|count)\{[^}]*\} (\S+)$", text, re.MULTILINE))
-    return float(found.get("sum", 0)), float(found.get("count", 0))
+    """A clickflow server's push requests and batches so far, from its /metrics."""
+    return metric(port, "clickflow_push_batch_requests_sum"), metric(port, "clickflow_push_batch_requests_count")
 
 
 def wrk(port: int, script: Path, connections: int, seconds: int) -> tuple[float, int, float, float, str]:
@@ -136,9 +127,10 @@ def main() -> None:
             port = free_port()
             return [sys.executable, "-c", BARE, str(port), event_loop], port
 
+        bare_names = ("bare aiohttp 204", "bare aiohttp 204, uvloop")
         servers: dict[str, tuple[list[str], int]] = {
-            "bare aiohttp 204": bare("asyncio"),
-            "bare aiohttp 204, uvloop": bare("uvloop"),
+            bare_names[0]: bare("asyncio"),
+            bare_names[1]: bare("uvloop"),
             # the endpoint and the runtime with a sink that only counts in memory: their own ceiling
             "clickflow push -> live": clickflow("live", "type: live"),
             "clickflow push -> live, asyncio": clickflow("live-asyncio", "type: live", "asyncio"),
@@ -154,19 +146,20 @@ def main() -> None:
             try:
                 wait_for(partial(ready, server_port), 30)
                 for connections in opts.concurrency:
-                    cpu, (pushed, batches) = cpu_seconds(server.pid), batched(server_port)
+                    before = None if name in bare_names else batched(server_port)  # bare: no /metrics
+                    cpu = cpu_seconds(server.pid)
                     rate, requests, p50, p99, notes = wrk(server_port, script, connections, opts.seconds)
                     cpu = cpu_seconds(server.pid) - cpu
-                    pushed_now, batches_now = batched(server_port)
-                    if batches_now > batches:
-                        notes += f", {(pushed_now - pushed) / (batches_now - batches):.1f} requests per batch"
+                    if before is not None:
+                        pushed, batches = (now - then for now, then in zip(batched(server_port), before, strict=True))
+                        notes += f", {pushed / batches:.1f} requests per batch"
                     rates.setdefault(name, {})[connections] = rate
                     print(f"{name:<30} {connections:>4} concurrent: {rate:>8,.0f} requests/s, p50 {p50:.1f} ms, "
                           f"p99 {p99:.1f} ms, {cpu / requests * 1e3:.3f} CPU s per 1,000{notes}")  # fmt: skip
             finally:
                 server.send_signal(signal.SIGTERM)
                 server.wait(timeout=60)
-        bares = {name: rates.pop(name) for name in ("bare aiohttp 204", "bare aiohttp 204, uvloop")}
+        bares = {name: rates.pop(name) for name in bare_names}
         for bare_name, bare_rates in bares.items():
             for connections in opts.concurrency:
                 shares = ", ".join(
