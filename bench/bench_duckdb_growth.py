@@ -3,10 +3,11 @@
     python bench/bench_duckdb_growth.py [--stored 1000000 3000000] [--batch 32] [--writes 20]
 
 The DuckDB sink stores each visit once by inserting only the visits whose ``visit_id`` is not in
-the table yet (an ANTI JOIN). DuckDB keeps no index for that, so every write scans the stored
-``visit_id`` column: this prints the median time of one push- or pull-sized write (``--batch``
-visits with their events, through the sink's own spool and ``insert``) into an empty database,
-then after filling ``visits`` to each ``--stored`` size with distinct ids of the same shape.
+the table yet (an ANTI JOIN on ``visit_key``, the id as a number). DuckDB keeps no index for that,
+so every write scans the stored keys: this prints the median time of one push- or pull-sized
+write (``--batch`` visits with their events, through the sink's own spool and ``insert``) into an
+empty database, then after filling ``visits`` to each ``--stored`` size with distinct ids of the
+same shape.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 
 from clickflow.api import Message
 from clickflow.parser import VisitParser
-from clickflow_duckdb import DuckDBSinkOptions, connect, insert
+from clickflow_duckdb import VISIT_KEY, DuckDBSinkOptions, connect, insert, visit_key
 from clickflow_duckdb.spool import JsonSpool
 from clickflow_simulator.generator import VisitGenerator
 
@@ -57,8 +58,9 @@ def main() -> None:
             (stored,) = con.execute("SELECT count(*) FROM visits").fetchone() or (0,)
             # Distinct 32-hex-digit ids, like the parser's: copies of one stored visit under new ids.
             con.execute(
-                "INSERT INTO visits SELECT v.* REPLACE (md5('fill:' || r.i::VARCHAR) AS visit_id) "
-                f"FROM (SELECT * FROM visits LIMIT 1) v CROSS JOIN range({stored}, {size}) r(i)"
+                f"INSERT INTO visits SELECT v.* REPLACE (id AS visit_id, {visit_key('id')} AS {VISIT_KEY}) "
+                f"FROM (SELECT * FROM visits LIMIT 1) v CROSS JOIN "
+                f"(SELECT md5('fill:' || i::VARCHAR) AS id FROM range({stored}, {size}) r(i))"
             )
             ms = median_write_ms()
             print(f"{size:>15,} visits: {ms:6.1f} ms per write, {ms / empty:4.1f}x the empty database's")

@@ -45,7 +45,7 @@ async def test_creates_the_four_tables_with_the_schema_columns(tmp_path: Path) -
     with duckdb.connect(str(tmp_path / "db.duckdb"), read_only=True) as con:
         for table in TABLES.values():
             names = [row[0] for row in con.execute(f"DESCRIBE {table.name}").fetchall()]
-            assert names == list(table.column_names)
+            assert names == [*table.column_names, *(["visit_key"] if table.name == "visits" else [])]
 
 
 async def test_rows_round_trip_with_types_and_utc_times(tmp_path: Path, visit: Callable[..., dict[str, Any]]) -> None:
@@ -67,6 +67,30 @@ async def test_redelivered_messages_are_not_written_twice(tmp_path: Path, visit:
     overlapping = parsed([visit(), b"not json".decode(), visit(), visit()])  # m0..m2 again, m3 new
     await write(tmp_path / "db.duckdb", first, first, overlapping)  # all seen before, then some
     assert table_counts(tmp_path / "db.duckdb") == {"visits": 3, "events": 9, "purchase_items": 3, "dead_letter": 1}
+
+
+async def test_visit_key_is_the_visit_id_as_a_number(tmp_path: Path, visit: Callable[..., dict[str, Any]]) -> None:
+    await write(tmp_path / "db.duckdb", parsed([visit(), visit()]))
+    with duckdb.connect(str(tmp_path / "db.duckdb"), read_only=True) as con:
+        pairs = con.execute("SELECT visit_id, visit_key FROM visits").fetchall()
+    assert len(pairs) == 2 and all(key == int(visit_id, 16) for visit_id, key in pairs)
+
+
+async def test_a_file_from_before_visit_key_is_keyed_and_still_drops_redeliveries(
+    tmp_path: Path, visit: Callable[..., dict[str, Any]]
+) -> None:
+    db = tmp_path / "db.duckdb"
+    first = parsed([visit(), visit()])
+    await write(db, first)
+    with duckdb.connect(str(db)) as con:  # as clickflow stored visits before the key
+        con.execute("ALTER TABLE visits DROP COLUMN visit_key")
+        con.execute("INSERT INTO visits (visit_id, session_id, event_count, rejected_event_count, source, message_id, "
+                    "ingested_at) VALUES ('not hex', 's', 0, 0, 'other writer', 'x', now())")  # fmt: skip
+    await write(db, first, parsed([visit(), visit(), visit()]))  # m0, m1 again, then m2 new
+    with duckdb.connect(str(db), read_only=True) as con:
+        keys = con.execute("SELECT visit_id, visit_key FROM visits ORDER BY message_id").fetchall()
+    assert [key == (int(visit_id, 16) if visit_id != "not hex" else None) for visit_id, key in keys] == [True] * 4
+    assert table_counts(db) == {"visits": 4, "events": 9, "purchase_items": 3, "dead_letter": 0}
 
 
 async def test_a_message_twice_in_one_batch_is_written_once(

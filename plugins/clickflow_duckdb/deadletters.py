@@ -22,7 +22,7 @@ _MATCHING = """replayed_at IS NULL AND (len($reasons) = 0 OR list_contains($reas
 _ALL_TIME = -(2**62)
 
 KEY_MATCH = {
-    "visits": "b.visit_id = t.visit_id",
+    "visits": "b.visit_key = t.visit_key",  # visit_id as a number, DuckDB's alone (see VISIT_KEY)
     "events": "b.visit_id = t.visit_id AND b.event_index = t.event_index",  # event_id is computed from them
     "purchase_items": "b.event_id = t.event_id AND b.item_index = t.item_index",
     "dead_letter": "b.dead_letter_id = t.dead_letter_id",
