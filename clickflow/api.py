@@ -8,7 +8,7 @@ goes through it.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, get_args
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, get_args
 from typing_extensions import TypeVar
 
 from clickflow.options import PluginOptions, SinkOptions, SourceOptions
-from clickflow.schema import TABLE_NAMES, TABLES
+from clickflow.schema import TABLE_NAMES, TABLES, DeadLetterCol, EventCol, ItemCol, VisitCol
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -72,6 +72,9 @@ class NoAck:
         pass
 
 
+_DEAD_LETTER_ID, _EVENT_INDEX = int(DeadLetterCol.dead_letter_id), int(DeadLetterCol.event_index)
+
+
 @dataclass(slots=True)
 class RowBatch:
     """Rows for each analytic table, as tuples in the schema's column order."""
@@ -90,6 +93,24 @@ class RowBatch:
 
     def discard(self) -> None:
         pass
+
+    def message_keys(self) -> list[str]:
+        """A key for each message these rows came from, the same on every delivery: an accepted
+        visit's id, or a whole-message dead letter's id (its visit id)."""
+        tables = self.tables
+        keys = [row[VisitCol.visit_id] for row in tables["visits"]]
+        keys += [row[_DEAD_LETTER_ID] for row in tables["dead_letter"] if row[_EVENT_INDEX] is None]
+        return keys
+
+    def without_messages(self, keys: Container[str]) -> RowBatch:
+        """These rows but those from the messages whose ``message_keys`` are in ``keys``."""
+        tables = self.tables
+        return RowBatch({
+            "visits": [r for r in tables["visits"] if r[VisitCol.visit_id] not in keys],
+            "events": [r for r in tables["events"] if r[EventCol.visit_id] not in keys],
+            "purchase_items": [r for r in tables["purchase_items"] if r[ItemCol.visit_id] not in keys],
+            "dead_letter": [r for r in tables["dead_letter"] if r[_DEAD_LETTER_ID].partition(":")[0] not in keys],
+        })  # fmt: skip
 
     def dicts(self, table: str) -> Iterator[dict[str, Any]]:
         """Rows of one table as dicts; convenient for simple sinks, slower than tuples."""

@@ -1,4 +1,5 @@
-"""Event-time windows and traffic alerts of the live view, on hand-made rows and simulated traffic."""
+"""Event-time windows, traffic alerts and redeliveries in the live view, on hand-made rows and simulated
+traffic."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from clickflow.api import Message
 from clickflow.parser import VisitParser
 from clickflow.schema import EVENTS, VISITS, EventCol, VisitCol
 from clickflow_live.alerts import AlertRule, Alerts
+from clickflow_live.api import snapshot
+from clickflow_live.sink import LiveSink, LiveSinkOptions, RecentKeys
 from clickflow_live.windows import MINUTE_US, OTHER, LiveAggregates
 from clickflow_simulator.generator import Spike, VisitGenerator
 
@@ -146,3 +149,40 @@ def test_the_threshold_rule_fires_as_soon_as_the_open_minute_crosses_it() -> Non
 def test_a_threshold_rule_needs_its_threshold() -> None:
     with pytest.raises(ValueError, match="needs above"):
         AlertRule(name="x", kind="threshold")
+
+
+def live_counts(sink: LiveSink) -> dict[str, object]:
+    """What the live view shows of its counts, less what depends on the clock."""
+    shown = snapshot(sink)
+    keys = ("page_views_per_minute", "purchases_per_minute", "events_by_type", "visits_by_device",
+            "dead_letters_by_reason", "totals")  # fmt: skip
+    return {key: shown[key] for key in keys}
+
+
+def test_a_message_delivered_again_is_counted_once() -> None:
+    first, second = simulated(seed=5, minutes=1)  # two batches of 500 visits
+    garbage = Message(b"not json", "g1")  # dead-lettered whole
+    once, again, parser = LiveSink("live", LiveSinkOptions()), LiveSink("live", LiveSinkOptions()), VisitParser()
+    for batch in ([*first, garbage], second):
+        once.count(parser.parse(batch, "sim", T0))
+    for batch in ([*first, garbage], [*second, garbage], first, second[:100]):  # "g1" again, a batch, part of one
+        again.count(parser.parse(batch, "sim", T0))
+    counted_once = live_counts(once)
+    assert counted_once["totals"] == {"messages": 1001, "events": once.totals["events"], "redelivered": 0}
+    assert live_counts(again) == counted_once | {"totals": {**once.totals, "redelivered": 1 + 500 + 100}}
+
+
+def test_remember_visits_0_counts_every_delivery() -> None:
+    sink, rows = LiveSink("live", LiveSinkOptions(remember_visits=0)), VisitParser().parse(simulated(5, 1)[0], "s", T0)
+    sink.count(rows)
+    sink.count(rows)
+    assert sink.totals["messages"] == 1000 and sink.totals["redelivered"] == 0
+
+
+def test_recent_keys_remember_the_last_capacity_to_twice_capacity_keys() -> None:
+    recent = RecentKeys(capacity=2)
+    recent.add(["a", "b"])  # full: becomes the older generation
+    recent.add(["c"])
+    assert recent.known(["a", "b", "c", "d"]) == {"a", "b", "c"}
+    recent.add(["d"])  # full again: "a" and "b" are dropped with the oldest generation
+    assert recent.known(["a", "b", "c", "d"]) == {"c", "d"}

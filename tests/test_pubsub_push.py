@@ -21,8 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from clickflow.api import Message
 from clickflow.config import Pipeline
 from clickflow.monitor import build_app
+from clickflow.parser import VisitParser
 from clickflow.runtime import Runtime
 from clickflow_pubsub.push import MAX_ENVELOPE_BYTES, _message_from_any, message_from_body
 from clickflow_simulator import VisitGenerator
@@ -265,6 +267,21 @@ async def test_a_failing_sink_is_answered_503_so_pubsub_retries(fake_push: Calla
     client = await fake_push("{type: memory, fail_first: 1000, batch: {max_rows: 1}, retry: {attempts: 1}}")
     response = await client.post("/pubsub/push", data=envelope(b'{"session_id": "S"}'))
     assert response.status == 503
+
+
+@pytest.mark.asyncio
+async def test_the_live_view_counts_a_message_pubsub_sends_again_once(fake_push: Callable[[str], Any]) -> None:
+    from clickflow_live.sink import LiveSink
+
+    client = await fake_push("{type: memory, fail_first: 1, retry: {attempts: 1}, batch: {max_age: 0s}}, {type: live}")
+    visit = next(VisitGenerator(seed=8).messages(1))
+    events = len(VisitParser().parse([Message(visit, "once")], "s", 0).tables["events"])
+    statuses = [(await client.post("/pubsub/push", data=envelope(visit, "once"))).status for _ in range(2)]
+    (runtime, *_) = [r for r, _ in fake_push.runtimes]  # type: ignore[attr-defined]
+    live = runtime.sinks[1]
+    assert isinstance(live, LiveSink)
+    assert statuses == [503, 204]  # the storage sink failed the first delivery; Pub/Sub sent it again
+    assert events > 0 and live.totals == {"messages": 1, "events": events, "redelivered": 1}
 
 
 @pytest.mark.asyncio

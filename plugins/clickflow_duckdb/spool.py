@@ -11,16 +11,15 @@ import contextlib
 import os
 import shutil
 import tempfile
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import msgspec
 
 from clickflow.api import RowBatch
-from clickflow.schema import TABLE_NAMES, DeadLetterCol, EventCol, ItemCol, VisitCol
+from clickflow.schema import TABLE_NAMES
 
 encode_lines = msgspec.json.Encoder().encode_lines
 """Rows as spool lines: each a JSON array in the table's column order, ending in a newline."""
-_DEAD_LETTER_ID, _EVENT_INDEX = int(DeadLetterCol.dead_letter_id), int(DeadLetterCol.event_index)
 
 
 class Spool:
@@ -33,14 +32,11 @@ class Spool:
         """The messages whose rows the batch holds: visit ids, and whole-message dead letters' ids."""
 
     def add(self, rows: RowBatch) -> None:
-        tables = rows.tables
-        # every message yields a visits row or a whole-message dead letter keyed by its visit id
-        messages = [row[VisitCol.visit_id] for row in tables["visits"]]
-        messages += [row[DeadLetterCol.dead_letter_id] for row in tables["dead_letter"] if row[_EVENT_INDEX] is None]
+        messages = rows.message_keys()
         if not self.messages.isdisjoint(messages):
-            tables = _without_messages(tables, self.messages)  # redelivered within this batch
+            rows = rows.without_messages(self.messages)  # redelivered within this batch
         self.messages.update(messages)
-        for name, table_rows in tables.items():
+        for name, table_rows in rows.tables.items():
             if table_rows:
                 self._write(name, encode_lines(table_rows))
                 self._counts[name] += len(table_rows)
@@ -98,13 +94,3 @@ class JsonSpool(Spool):
             with contextlib.suppress(OSError):
                 spool.close()
         shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def _without_messages(tables: dict[str, list[tuple[Any, ...]]], seen: set[str]) -> dict[str, list[tuple[Any, ...]]]:
-    """Drop every row derived from a message (visit id) in ``seen``."""
-    return {
-        "visits": [r for r in tables["visits"] if r[VisitCol.visit_id] not in seen],
-        "events": [r for r in tables["events"] if r[EventCol.visit_id] not in seen],
-        "purchase_items": [r for r in tables["purchase_items"] if r[ItemCol.visit_id] not in seen],
-        "dead_letter": [r for r in tables["dead_letter"] if r[_DEAD_LETTER_ID].partition(":")[0] not in seen],
-    }

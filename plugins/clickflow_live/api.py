@@ -6,7 +6,8 @@ The JSON (``version`` 1) is a contract; fields are only ever added::
     generated_at         RFC 3339 time of this answer
     watermark            newest event time minus the allowed lateness (null before any event)
     throughput           {messages_per_second, events_per_second}: arrivals over the last 10 s
-    totals               {messages, events}: since the run started
+    totals               {messages, events, redelivered}: since the run started; messages
+                         counted before and delivered again are counted only as redelivered
     page_views_per_minute  [{minute, page_views, closed}], oldest first, one per minute kept
     purchases_per_minute   [{minute, purchases, revenue}], the same minutes
     clicks_by_page       {window_minutes, pages: [{page, page_views}]}: the newest minutes, top pages

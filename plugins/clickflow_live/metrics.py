@@ -49,6 +49,8 @@ class LiveCollector(Collector):
             for key, count in counts.items():
                 family.add_metric([key], count)
             yield family
+        yield CounterMetricFamily("clickflow_live_redelivered_messages", "Messages delivered again, counted once "
+                                  "(within remember_visits)", value=sink.totals["redelivered"])  # fmt: skip
         outside = CounterMetricFamily("clickflow_live_unwindowed_events", "Events outside the windows", labels=["why"])
         outside.add_metric(["late"], aggregates.late_events)
         outside.add_metric(["future"], aggregates.future_events)

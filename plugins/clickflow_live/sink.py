@@ -40,6 +40,10 @@ class LiveSinkOptions(SinkOptions, kw_only=True):
     webhook: WebhookOptions | None = None
     refresh: Duration = Duration(seconds=1)
     """How often the dashboard polls ``/api/live``."""
+    remember_visits: Annotated[int, Meta(ge=0, le=10_000_000)] = 100_000
+    """Message keys kept (the last this many to twice as many, about 120 bytes each) so that a
+    message delivered again, as Pub/Sub does when its batch was not acknowledged in time, counts
+    once; 0 keeps none."""
     batch: BatchLimits = BatchLimits(max_rows=50_000, max_bytes=ByteSize(64 << 20), max_age=Duration(milliseconds=250))
 
     def http_paths(self) -> list[str]:
@@ -47,6 +51,27 @@ class LiveSinkOptions(SinkOptions, kw_only=True):
 
     def exclusive_resources(self) -> list[str]:
         return ["the live dashboard and its metrics"]
+
+
+class RecentKeys:
+    """The last ``capacity`` to ``2 * capacity`` keys added, in two generations: the older one is
+    dropped whole when the newer one fills, so memory stays bounded with no per-key bookkeeping."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._newer: set[str] = set()
+        self._older: set[str] = set()
+
+    def known(self, keys: list[str]) -> set[str]:
+        """Those of ``keys`` added before (usually none, found by two C-level passes)."""
+        if self._newer.isdisjoint(keys) and self._older.isdisjoint(keys):
+            return set()
+        return {key for key in keys if key in self._newer or key in self._older}
+
+    def add(self, keys: list[str]) -> None:
+        self._newer.update(keys)
+        if len(self._newer) >= self.capacity:
+            self._older, self._newer = self._newer, set()
 
 
 class LiveBatch:
@@ -90,7 +115,8 @@ class LiveSink(Sink[LiveSinkOptions, LiveBatch]):
         self.fired: dict[str, int] = {rule.name: 0 for rule in options.alerts}
         self.transitions: deque[Transition] = deque(maxlen=50)
         self.webhook = Webhook(options.webhook) if options.webhook else None
-        self.totals = {"messages": 0, "events": 0}
+        self.totals = {"messages": 0, "events": 0, "redelivered": 0}
+        self.recent_keys = RecentKeys(options.remember_visits) if options.remember_visits else None
         self._rates: deque[tuple[float, int, int]] = deque()
 
     def routes(self) -> list[tuple[str, str, Handler]]:
@@ -117,7 +143,15 @@ class LiveSink(Sink[LiveSinkOptions, LiveBatch]):
         return LiveBatch(self)
 
     def count(self, rows: RowBatch) -> None:
-        """Take a parsed batch into the aggregates as it arrives (rows are not kept)."""
+        """Take a parsed batch into the aggregates as it arrives (rows are not kept), but the
+        messages it counted before."""
+        if self.recent_keys is not None:
+            keys = rows.message_keys()
+            again = self.recent_keys.known(keys)
+            if again:
+                rows = rows.without_messages(again)
+                self.totals["redelivered"] += len(again)
+            self.recent_keys.add(keys)
         tables = rows.tables
         self.aggregates.add(tables, time.time_ns() // 1000)
         self.totals["messages"] += len(tables["visits"]) + sum(
