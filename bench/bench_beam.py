@@ -1,6 +1,6 @@
 """The async runtime against Apache Beam's local runner, on the same file, in the same run.
 
-    python bench/bench_beam.py [--megabytes 50]
+    python bench/bench_beam.py [--megabytes 50] [--runs 3]
 
 Generates a JSON-lines file of simulated visits (once; reused from bench/out/)
 and runs `clickflow run config/files.yaml` on it three ways, each in a child
@@ -8,9 +8,9 @@ process writing its own DuckDB file: the async runtime, Beam in one process,
 and Beam with two worker processes. Prints events per second (wall time of the
 whole command, start-up included), the peak memory of the `clickflow`
 process (Beam's worker processes not included) and the wall time of the same
-command on a one-visit file (start-up, mostly), then the async runtime's rate
-as a multiple of each Beam run's; checks that all three wrote the same number
-of rows to every table.
+command on a one-visit file (start-up, mostly), for each of ``--runs`` rounds,
+then the medians and the async runtime's rate as a multiple of each Beam run's;
+checks that all three wrote the same number of rows to every table.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,7 @@ def run(flags: list[str], source: Path, database: Path) -> tuple[float, int, flo
 def main() -> None:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--megabytes", type=float, default=50.0)
+    args.add_argument("--runs", type=int, default=3, help="rounds of the three runs (medians are compared)")
     opts = args.parse_args()
 
     OUT.mkdir(exist_ok=True)
@@ -75,18 +77,25 @@ def main() -> None:
     one_visit.write_bytes(source.open("rb").readline())
     print(f"input: {source} ({source.stat().st_size / 1e6:.1f} MB)")
 
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in RUNS}  # (whole file, one visit)
     rates: dict[str, float] = {}
     rows: dict[str, dict[str, int]] = {}
-    for index, (name, flags) in enumerate(RUNS.items()):
-        database = OUT / f"beam-bench-{index}.duckdb"
-        startup, _, _ = run(flags, one_visit, database)
-        seconds, events, peak = run(flags, source, database)
-        rates[name], rows[name] = events / seconds, counts(database)
-        database.unlink()
-        after_startup = events / (seconds - startup)
-        print(f"{name:<60} {events:>10,} events in {seconds:6.1f}s = {rates[name]:>9,.0f} events/s, "
-              f"peak {peak:,.0f} MB; a one-visit file {startup:.1f}s, "
-              f"so {after_startup:,.0f} events/s after start-up")  # fmt: skip
+    for round_ in range(1, opts.runs + 1):
+        for index, (name, flags) in enumerate(RUNS.items()):  # interleaved, so a slow minute hits all three
+            database = OUT / f"beam-bench-{index}.duckdb"
+            startup, _, _ = run(flags, one_visit, database)
+            seconds, events, peak = run(flags, source, database)
+            times[name].append((seconds, startup))
+            rows[name] = counts(database)
+            database.unlink()
+            print(f"run {round_} {name:<60} {seconds:5.2f}s ({events / seconds:>9,.0f} events/s), "
+                  f"peak {peak:,.0f} MB; a one-visit file {startup:.2f}s")  # fmt: skip
+    print(f"medians of {opts.runs} runs, {events:,} events:")
+    for name, measured in times.items():
+        seconds, startup = (statistics.median(column) for column in zip(*measured, strict=True))
+        rates[name] = events / seconds
+        print(f"  {name:<60} {seconds:5.2f}s = {rates[name]:>9,.0f} events/s; a one-visit file {startup:.2f}s, "
+              f"so {events / (seconds - startup):,.0f} events/s after start-up")  # fmt: skip
 
     (ours, *beams) = rates
     for beam in beams:
