@@ -79,14 +79,14 @@ def main() -> None:
 
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in RUNS}  # (whole file, one visit)
     rates: dict[str, float] = {}
-    rows: dict[str, dict[str, int]] = {}
+    rows: dict[tuple[str, int], dict[str, int]] = {}  # every run's, all compared
     for round_ in range(1, opts.runs + 1):
         for index, (name, flags) in enumerate(RUNS.items()):  # interleaved, so a slow minute hits all three
             database = OUT / f"beam-bench-{index}.duckdb"
             startup, _, _ = run(flags, one_visit, database)
             seconds, events, peak = run(flags, source, database)
             times[name].append((seconds, startup))
-            rows[name] = counts(database)
+            rows[name, round_] = counts(database)
             database.unlink()
             print(f"run {round_} {name:<60} {seconds:5.2f}s ({events / seconds:>9,.0f} events/s), "
                   f"peak {peak:,.0f} MB; a one-visit file {startup:.2f}s")  # fmt: skip

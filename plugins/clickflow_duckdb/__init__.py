@@ -117,22 +117,29 @@ def create_table_sql(table: Table) -> str:
     return f"CREATE TABLE IF NOT EXISTS {table.name} ({', '.join(columns)})"
 
 
+def _written(table: Table) -> list[tuple[str, str]]:
+    """The columns an insert writes, in order, each with its value's SQL from a spooled row ``j``:
+    the schema's stored columns, then ``visits``' ``visit_key``. ``insert_into`` and
+    ``select_spooled`` both come from it, so their columns always line up."""
+    written = []
+    for i, column in _stored(table):
+        if column.type == "TIMESTAMP":  # exact microseconds (no float), whatever the session's TimeZone
+            written.append((column.name, f"make_timestamptz(j[{i}]::BIGINT)"))
+        else:
+            written.append((column.name, f"j[{i}]::{DUCKDB_TYPES[column.type]}"))
+    if table.name == "visits":
+        written.append((VISIT_KEY, visit_key(f"j[{VisitCol.visit_id + 1}]")))
+    return written
+
+
 def insert_into(table: Table) -> str:
-    """``INSERT INTO table (stored columns)``, to be followed by a SELECT of those columns."""
-    names = [c.name for _, c in _stored(table)] + ([VISIT_KEY] if table.name == "visits" else [])
-    return f"INSERT INTO {table.name} ({', '.join(names)})"
+    """``INSERT INTO table (written columns)``, to be followed by ``select_spooled``."""
+    return f"INSERT INTO {table.name} ({', '.join(name for name, _ in _written(table))})"
 
 
 def select_spooled(table: Table, paths: str | Sequence[str]) -> str:
-    """A SELECT that reads spool files (rows as JSON arrays) as the table's stored columns."""
-    columns = []
-    for i, column in _stored(table):
-        if column.type == "TIMESTAMP":  # exact microseconds (no float), whatever the session's TimeZone
-            columns.append(f"make_timestamptz(j[{i}]::BIGINT) AS {column.name}")
-        else:
-            columns.append(f"j[{i}]::{DUCKDB_TYPES[column.type]} AS {column.name}")
-    if table.name == "visits":
-        columns.append(f"{visit_key(f'j[{VisitCol.visit_id + 1}]')} AS {VISIT_KEY}")
+    """A SELECT that reads spool files (rows as JSON arrays) as the table's written columns."""
+    columns = [f"{value} AS {name}" for name, value in _written(table)]
     files = _sql_text(paths) if isinstance(paths, str) else f"[{', '.join(map(_sql_text, paths))}]"
     source = f"read_json({files}, format='newline_delimited', records=false, columns={{'j': 'VARCHAR[]'}})"
     return f"SELECT {', '.join(columns)} FROM {source}"

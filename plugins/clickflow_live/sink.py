@@ -14,7 +14,7 @@ from msgspec import Meta
 
 from clickflow.api import Handler, RowBatch, Sink, SinkContext
 from clickflow.options import BatchLimits, ByteSize, Duration, SinkOptions
-from clickflow.schema import TABLE_NAMES, DeadLetterCol
+from clickflow.schema import TABLE_NAMES
 from clickflow_live.alerts import AlertRule, Alerts, Transition
 from clickflow_live.webhook import Webhook, WebhookOptions
 from clickflow_live.windows import LiveAggregates
@@ -145,19 +145,16 @@ class LiveSink(Sink[LiveSinkOptions, LiveBatch]):
     def count(self, rows: RowBatch) -> None:
         """Take a parsed batch into the aggregates as it arrives (rows are not kept), but the
         messages it counted before."""
+        keys = rows.message_keys()
         if self.recent_keys is not None:
-            keys = rows.message_keys()
             again = self.recent_keys.known(keys)
-            if again:
-                rows = rows.without_messages(again)
-                self.totals["redelivered"] += len(again)
             self.recent_keys.add(keys)
-        tables = rows.tables
-        self.aggregates.add(tables, time.time_ns() // 1000)
-        self.totals["messages"] += len(tables["visits"]) + sum(
-            1 for r in tables["dead_letter"] if r[DeadLetterCol.event_index] is None
-        )
-        self.totals["events"] += len(tables["events"])
+            if again:
+                rows, keys = rows.without_messages(again), [key for key in keys if key not in again]
+                self.totals["redelivered"] += len(again)
+        self.aggregates.add(rows.tables, time.time_ns() // 1000)
+        self.totals["messages"] += len(keys)
+        self.totals["events"] += len(rows.tables["events"])
 
     async def write(self, batch: LiveBatch) -> None:
         """Judge the alerts on what the batch added; nothing to store."""
