@@ -13,12 +13,14 @@ from typing import Any
 import anyio
 import duckdb
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from clickflow.config import Pipeline
 from clickflow.runtime import PipelineError
 from clickflow.testing import run_pipeline
 from clickflow_file import expand_paths
-from clickflow_file.reader import iter_array, iter_lines
+from clickflow_file.reader import iter_array, iter_lines, iter_messages
 from tests.conftest import table_counts
 
 
@@ -67,6 +69,62 @@ def test_malformed_array_ends_with_its_remainder(text: bytes, expected_last: tup
     found = list(iter_array(io.BytesIO(text), "f"))
     assert found[0] == ("f:[0]", b'{"a": 1}')
     assert found[-1] == expected_last
+
+
+DEEP = b"[" * 5000 + b'"]}\\"", {"[": "{"}' + b"]" * 5000
+"""An element nested past ``json``'s recursion limit, with brackets and an escaped quote in strings."""
+
+
+def deep(depth: int, inner: bytes) -> bytes:
+    return b"[" * depth + inner + b"]" * depth
+
+
+elements = st.one_of(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\, \n\u00e9x'),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+        max_leaves=8,
+    ).map(lambda value: json.dumps(value, ensure_ascii=False).encode()),
+    st.tuples(st.integers(4000, 6000), st.sampled_from([b"", b'"]\\"["', b'{"}": 1}', b"[1 2}{]"])),
+)
+"""Any JSON value, or (depth, text) for ``deep``: too deep for json's scanner (even with the
+recursion limit hypothesis raises), sometimes malformed inside (the parser's to reject, not the reader's)."""
+
+
+@given(
+    values=st.lists(elements, max_size=5),
+    tail=st.lists(st.sampled_from([b'{"a": 1}', b"", b"  ", b"[1, 2]", "{\u00e9}".encode()]), max_size=3),
+    chunk=st.sampled_from([7, 64, 4096, 1 << 20]),
+)
+def test_every_element_and_every_line_after_the_array_comes_out_whole(
+    values: list[bytes | tuple[int, bytes]], tail: list[bytes], chunk: int
+) -> None:
+    """However deeply an element nests and wherever the reads cut the text, each element comes out
+    as its own bytes, and what follows the closing bracket as JSON lines numbered in the file."""
+    import clickflow_file.reader as reader
+
+    values_text = [value if isinstance(value, bytes) else deep(*value) for value in values]
+    after = b"".join(b"\n" + line for line in tail)
+    text = b"[" + b",\n ".join(values_text) + b"]" + after
+    original, reader.CHUNK = reader.CHUNK, chunk
+    try:
+        found = list(iter_messages(io.BufferedReader(io.BytesIO(text)), "f"))
+    finally:
+        reader.CHUNK = original
+    array_ends_on = 1 + text[: len(text) - len(after)].count(b"\n")
+    lines = [(f"f:{array_ends_on + 1 + i}", line.strip()) for i, line in enumerate(tail) if line.strip()]
+    assert found == [(f"f:[{i}]", value) for i, value in enumerate(values_text)] + lines
+
+
+def test_a_json_lines_file_that_starts_with_an_array_loses_no_line() -> None:
+    text = b'[1, "two"] {"same": "line"}\n\n{"a": 1}\n[3]\n'
+    assert list(iter_messages(io.BufferedReader(io.BytesIO(text)), "f")) == [
+        ("f:[0]", b"1"),
+        ("f:[1]", b'"two"'),
+        ("f:1", b'{"same": "line"}'),
+        ("f:3", b'{"a": 1}'),
+        ("f:4", b"[3]"),
+    ]
 
 
 def test_paths_globs_and_lists_expand_in_order(tmp_path: Path) -> None:
@@ -164,3 +222,22 @@ def test_a_file_whose_name_is_not_utf8_is_read_with_a_printable_id(
     with duckdb.connect(str(db), read_only=True) as con:
         (message_id,) = con.execute("SELECT message_id FROM visits").fetchone()  # type: ignore[misc]
     assert message_id == f"{tmp_path}/caf\\xe9.jsonl:1"
+
+
+def test_deep_nesting_and_an_array_first_line_lose_no_message(
+    tmp_path: Path, visit: Callable[..., dict[str, Any]], pipeline: Callable[..., Pipeline]
+) -> None:
+    """Each used to end the run or drop the rest of the file: an array element nested past json's
+    recursion limit failed the source, and lines after an array's closing bracket were skipped."""
+    good = json.dumps(visit()).encode()
+    nested = tmp_path / "deep.json"
+    nested.write_bytes(b"[" + good + b", " + DEEP + b", " + good.replace(b'"events"', b'"x": 1, "events"') + b"]")
+    first_line = tmp_path / "first.jsonl"
+    first_line.write_bytes(b"[1, 2]\n" + good.replace(b'"events"', b'"y": 2, "events"') + b"\n")
+    db = tmp_path / "out.duckdb"
+    sources = f"sources: [{{type: file, path: ['{nested}', '{first_line}']}}]"
+    summary = run_pipeline(pipeline(f"{sources}\nsinks: [{{type: duckdb, path: '{db}'}}]"))
+    assert sum(summary.messages.values()) == 6
+    assert summary.dead_letters == {"too_deep": 1, "not_an_object": 2}
+    assert table_counts(db)["visits"] == 3
+    assert table_counts(db)["dead_letter"] == 3

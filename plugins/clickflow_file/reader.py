@@ -3,7 +3,10 @@ by content, so a gzip'd object without ``.gz`` in its name reads too).
 
 Both yield ``(message_id, raw_bytes)`` pairs in constant memory. Message ids are
 ``PATH:LINE`` for JSON lines and ``PATH:[INDEX]`` for arrays, so a re-run of
-the same file produces the same ids (and so the same row ids).
+the same file produces the same ids (and so the same row ids). Nothing in a file is
+skipped: what follows an array's closing bracket is read on as JSON lines, and an
+element nested too deeply for ``json``'s scanner is still cut out whole (the parser
+dead-letters it).
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import gzip
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +66,14 @@ def iter_messages(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
     return read(stream, path)
 
 
-def iter_lines(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
+class _Lines(Protocol):
+    def readline(self, size: int = -1, /) -> bytes: ...
+
+
+def iter_lines(stream: _Lines, path: str, first_line: int = 1) -> Iterator[tuple[str, bytes]]:
     """Each non-blank line; one longer than ``MAX_ELEMENT`` is cut there (the parser dead-letters
     it as too large) and the rest of it skipped, so memory stays bounded."""
-    number = 0
+    number = first_line - 1
     while line := stream.readline(MAX_ELEMENT + 1):
         number += 1
         if len(line) > MAX_ELEMENT and not line.endswith(b"\n"):
@@ -83,19 +91,30 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
     """Each element of a top-level JSON array as its original bytes.
 
     A malformed element ends the file: what is left (up to ``MAX_REMAINDER``)
-    becomes one final message, which the parser turns into a dead letter.
+    becomes one final message, which the parser turns into a dead letter. What
+    follows the closing bracket (a JSON-lines file whose first line is an array,
+    files joined together) is read on as JSON lines, numbered from the line the
+    array ends on.
     """
-    decode = codecs.getincrementaldecoder("utf-8")("surrogateescape").decode
+    decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
     scan = json.JSONDecoder().raw_decode
     buf, pos, eof, index = "", 0, False, 0
+    newlines = 0
+    """Line ends in the text already dropped from ``buf``."""
 
     def more() -> bool:
-        nonlocal buf, pos, eof
+        nonlocal buf, pos, eof, newlines
         chunk = stream.read(CHUNK)
         eof = not chunk
-        buf = buf[pos:] + decode(chunk, final=eof)
+        newlines += buf.count("\n", 0, pos)
+        buf = buf[pos:] + decoder.decode(chunk, final=eof)
         pos = 0
         return not eof
+
+    def lines_after() -> Iterator[tuple[str, bytes]]:
+        rest = buf[pos:].encode("utf-8", "surrogateescape") + decoder.getstate()[0]
+        line = newlines + buf.count("\n", 0, pos) + 1
+        return iter_lines(_Prefixed(rest, stream), path, first_line=line)
 
     def skip_whitespace() -> bool:
         nonlocal pos
@@ -124,6 +143,8 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
     while skip_whitespace():
         char = buf[pos]
         if char == "]" and (index == 0 or not expect_element):
+            pos += 1
+            yield from lines_after()
             return
         if not expect_element:
             if char != ",":
@@ -132,11 +153,15 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
             pos += 1
             expect_element = True
             continue
+        deep: _DeepValue | None = None
         while True:
             try:
-                _, end = scan(buf, pos)
+                end = deep.end(buf, pos) if deep else scan(buf, pos)[1]
             except json.JSONDecodeError:
                 end = -1
+            except RecursionError:
+                deep = _DeepValue()
+                end = deep.end(buf, pos)
             if (end == -1 or end == len(buf)) and not eof and len(buf) - pos < MAX_ELEMENT:
                 more()
                 continue
@@ -147,3 +172,50 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
         yield f"{path}:[{index}]", buf[pos:end].encode("utf-8", "surrogateescape")
         pos, index, expect_element = end, index + 1, False
     yield remainder()  # truncated: the closing bracket never came
+
+
+class _Prefixed:
+    """Bytes already read from a stream, then the rest of the stream, line by line."""
+
+    def __init__(self, head: bytes, stream: BinaryIO) -> None:
+        self._head = io.BytesIO(head)
+        self._stream = stream
+
+    def readline(self, size: int = -1, /) -> bytes:
+        line = self._head.readline(size)
+        if line.endswith(b"\n") or 0 <= size <= len(line):
+            return line
+        return line + self._stream.readline(size - len(line) if size >= 0 else -1)
+
+
+_BRACKETS_OR_STRING = re.compile(r'[\[{]+|[\]}]+|"(?:[^"\\]++|\\.)*+"|"', re.DOTALL)
+"""Runs of opening brackets, runs of closing ones, a whole string, or a string cut off."""
+
+
+class _DeepValue:
+    """Where a value nested too deeply for ``json``'s scanner ends, found by counting brackets
+    outside strings; ``end`` is called again, with more text, while the value is cut off.
+
+    It does not check the value: that is the parser's, which dead-letters it as too deep."""
+
+    def __init__(self) -> None:
+        self._scanned = 0
+        """How far past the value's start the text is counted, up to a string cut off."""
+        self._depth = 0
+
+    def end(self, buf: str, start: int) -> int:
+        """The index in ``buf`` just past the value at ``start``, or -1 if ``buf`` ends first."""
+        depth = self._depth
+        for match in _BRACKETS_OR_STRING.finditer(buf, start + self._scanned):
+            token = match.group()
+            if token[0] in "[{":
+                depth += len(token)
+            elif token[0] in "]}":
+                depth -= len(token)
+                if depth <= 0:  # closers past the value's own belong to what holds it
+                    return match.end() + depth
+            elif len(token) == 1:  # a string the buffer cuts off: counted from its start next time
+                self._scanned, self._depth = match.start() - start, depth
+                return -1
+        self._scanned, self._depth = len(buf) - start, depth
+        return -1
