@@ -241,3 +241,22 @@ def test_deep_nesting_and_an_array_first_line_lose_no_message(
     assert summary.dead_letters == {"too_deep": 1, "not_an_object": 2}
     assert table_counts(db)["visits"] == 3
     assert table_counts(db)["dead_letter"] == 3
+
+
+@pytest.mark.parametrize("damage", ["cut short", "corrupt"])
+def test_a_damaged_gzip_file_fails_the_run_naming_the_file(
+    tmp_path: Path, damage: str, visit: Callable[..., dict[str, Any]], pipeline: Callable[..., Pipeline]
+) -> None:
+    """The error says which file and how far it was read; once the file is whole again, running
+    again stores every visit once."""
+    whole = gzip.compress(lines(*[visit(session_id=f"S{i}") for i in range(3000)]))
+    middle = len(whole) // 2
+    source = tmp_path / "visits.jsonl.gz"
+    source.write_bytes(whole[:middle] if damage == "cut short" else whole[:middle] + bytes(64) + whole[middle + 64 :])
+    db = tmp_path / "out.duckdb"
+    text = f"sources: [{{type: file, path: '{source}', batch_size: 100}}]\nsinks: [{{type: duckdb, path: '{db}'}}]"
+    with pytest.raises(PipelineError, match=r"visits\.jsonl\.gz: unreadable after \d+ messages: "):
+        run_pipeline(pipeline(text))
+    source.write_bytes(whole)
+    run_pipeline(pipeline(text))
+    assert table_counts(db)["visits"] == 3000

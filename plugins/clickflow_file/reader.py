@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import re
+import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO, Protocol
 
@@ -61,9 +62,18 @@ def first_significant_byte(stream: BinaryIO) -> bytes:
 
 
 def iter_messages(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
-    """``(message id, bytes)`` of each visit in a file: a JSON array's elements, or else its lines."""
-    read = iter_array if first_significant_byte(stream) == b"[" else iter_lines
-    return read(stream, path)
+    """``(message id, bytes)`` of each visit in a file: a JSON array's elements, or else its lines.
+
+    A file that cannot be read to its end (a gzip stream cut short or corrupt, a read error) raises
+    ``OSError`` naming the file and how far it was read, whatever the error underneath."""
+    count = 0
+    try:
+        read = iter_array if first_significant_byte(stream) == b"[" else iter_lines
+        for message in read(stream, path):
+            yield message
+            count += 1
+    except (OSError, EOFError, zlib.error) as exc:
+        raise OSError(f"{path}: unreadable after {count} messages: {exc}") from exc
 
 
 class _Lines(Protocol):
