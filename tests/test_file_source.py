@@ -85,10 +85,12 @@ elements = st.one_of(
         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
         max_leaves=8,
     ).map(lambda value: json.dumps(value, ensure_ascii=False).encode()),
+    st.sampled_from([b'{"a": tru}', b'{"a" 1, "b": "}"}', b"[1 2]", b'{"\xff": NaN]', b"[{]}"]),
     st.tuples(st.integers(4000, 6000), st.sampled_from([b"", b'"]\\"["', b'{"}": 1}', b"[1 2}{]"])),
 )
-"""Any JSON value, or (depth, text) for ``deep``: too deep for json's scanner (even with the
-recursion limit hypothesis raises), sometimes malformed inside (the parser's to reject, not the reader's)."""
+"""Any JSON value; an object or array that is malformed but whose brackets balance; or (depth,
+text) for ``deep``: too deep for json's scanner (even with the recursion limit hypothesis raises),
+sometimes malformed inside. Judging them is the parser's, not the reader's."""
 
 
 @given(
@@ -99,8 +101,9 @@ recursion limit hypothesis raises), sometimes malformed inside (the parser's to 
 def test_every_element_and_every_line_after_the_array_comes_out_whole(
     values: list[bytes | tuple[int, bytes]], tail: list[bytes], chunk: int
 ) -> None:
-    """However deeply an element nests and wherever the reads cut the text, each element comes out
-    as its own bytes, and what follows the closing bracket as JSON lines numbered in the file."""
+    """However deeply an element nests, whether json can read it, and wherever the reads cut the
+    text, each element comes out as its own bytes, and what follows the closing bracket as JSON
+    lines numbered in the file."""
     import clickflow_file.reader as reader
 
     values_text = [value if isinstance(value, bytes) else deep(*value) for value in values]
@@ -224,23 +227,26 @@ def test_a_file_whose_name_is_not_utf8_is_read_with_a_printable_id(
     assert message_id == f"{tmp_path}/caf\\xe9.jsonl:1"
 
 
-def test_deep_nesting_and_an_array_first_line_lose_no_message(
+def test_deep_nesting_a_malformed_element_and_an_array_first_line_lose_no_message(
     tmp_path: Path, visit: Callable[..., dict[str, Any]], pipeline: Callable[..., Pipeline]
 ) -> None:
-    """Each used to end the run or drop the rest of the file: an array element nested past json's
-    recursion limit failed the source, and lines after an array's closing bracket were skipped."""
+    """Each used to end the run or drop the rest of a file: an array element nested past json's
+    recursion limit failed the source, a malformed object took every element after it into one dead
+    letter, and lines after an array's closing bracket were skipped."""
     good = json.dumps(visit()).encode()
     nested = tmp_path / "deep.json"
-    nested.write_bytes(b"[" + good + b", " + DEEP + b", " + good.replace(b'"events"', b'"x": 1, "events"') + b"]")
+    nested.write_bytes(
+        b"[" + good + b", " + DEEP + b', {"session_id": tru}, ' + good.replace(b'"events"', b'"x": 1, "events"') + b"]"
+    )
     first_line = tmp_path / "first.jsonl"
     first_line.write_bytes(b"[1, 2]\n" + good.replace(b'"events"', b'"y": 2, "events"') + b"\n")
     db = tmp_path / "out.duckdb"
     sources = f"sources: [{{type: file, path: ['{nested}', '{first_line}']}}]"
     summary = run_pipeline(pipeline(f"{sources}\nsinks: [{{type: duckdb, path: '{db}'}}]"))
-    assert sum(summary.messages.values()) == 6
-    assert summary.dead_letters == {"too_deep": 1, "not_an_object": 2}
+    assert sum(summary.messages.values()) == 7
+    assert summary.dead_letters == {"too_deep": 1, "invalid_json": 1, "not_an_object": 2}
     assert table_counts(db)["visits"] == 3
-    assert table_counts(db)["dead_letter"] == 3
+    assert table_counts(db)["dead_letter"] == 4
 
 
 @pytest.mark.parametrize("damage", ["cut short", "corrupt"])

@@ -5,8 +5,8 @@ Both yield ``(message_id, raw_bytes)`` pairs in constant memory. Message ids are
 ``PATH:LINE`` for JSON lines and ``PATH:[INDEX]`` for arrays, so a re-run of
 the same file produces the same ids (and so the same row ids). Nothing in a file is
 skipped: what follows an array's closing bracket is read on as JSON lines, and an
-element nested too deeply for ``json``'s scanner is still cut out whole (the parser
-dead-letters it).
+object or array element that ``json``'s scanner cannot read (malformed, or nested too
+deeply) is still cut out whole, for the parser to dead-letter.
 """
 
 from __future__ import annotations
@@ -100,9 +100,12 @@ def iter_lines(stream: _Lines, path: str, first_line: int = 1) -> Iterator[tuple
 def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
     """Each element of a top-level JSON array as its original bytes.
 
-    A malformed element ends the file: what is left (up to ``MAX_REMAINDER``)
-    becomes one final message, which the parser turns into a dead letter. What
-    follows the closing bracket (a JSON-lines file whose first line is an array,
+    An object or array that ``json`` cannot read (malformed, or nested past its
+    recursion limit) is cut out by counting brackets outside strings, and the
+    parser dead-letters it; reading goes on after it. Anything else malformed (a
+    bare word, brackets that never balance, a missing comma) ends the file: what
+    is left (up to ``MAX_REMAINDER``) becomes one final message, which the parser
+    turns into a dead letter. What follows the closing bracket (a JSON-lines file whose first line is an array,
     files joined together) is read on as JSON lines, numbered from the line the
     array ends on.
     """
@@ -163,15 +166,13 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
             pos += 1
             expect_element = True
             continue
-        deep: _DeepValue | None = None
+        extent: _Extent | None = None
         while True:
             try:
-                end = deep.end(buf, pos) if deep else scan(buf, pos)[1]
-            except json.JSONDecodeError:
-                end = -1
-            except RecursionError:
-                deep = _DeepValue()
-                end = deep.end(buf, pos)
+                end = extent.end(buf, pos) if extent else scan(buf, pos)[1]
+            except (json.JSONDecodeError, RecursionError):  # malformed, too deep, or cut off by the buffer
+                extent = _Extent() if char in "[{" else None
+                end = extent.end(buf, pos) if extent else -1
             if (end == -1 or end == len(buf)) and not eof and len(buf) - pos < MAX_ELEMENT:
                 more()
                 continue
@@ -202,11 +203,12 @@ _BRACKETS_OR_STRING = re.compile(r'[\[{]+|[\]}]+|"(?:[^"\\]++|\\.)*+"|"', re.DOT
 """Runs of opening brackets, runs of closing ones, a whole string, or a string cut off."""
 
 
-class _DeepValue:
-    """Where a value nested too deeply for ``json``'s scanner ends, found by counting brackets
-    outside strings; ``end`` is called again, with more text, while the value is cut off.
+class _Extent:
+    """Where an object or array that ``json``'s scanner cannot read ends, found by counting
+    brackets outside strings; ``end`` is called again, with more text, while the value is cut off.
 
-    It does not check the value: that is the parser's, which dead-letters it as too deep."""
+    It does not check the value: that is the parser's, which dead-letters it (as malformed, or
+    as too deep)."""
 
     def __init__(self) -> None:
         self._scanned = 0
