@@ -119,6 +119,32 @@ def test_every_element_and_every_line_after_the_array_comes_out_whole(
     assert found == [(f"f:[{i}]", value) for i, value in enumerate(values_text)] + lines
 
 
+@pytest.mark.parametrize("chunk", [7, 64, 4096])
+def test_an_array_element_over_the_limit_is_cut_there_and_the_rest_read_on(
+    monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """As a line over the limit is: its head goes on (the parser dead-letters it as too large),
+    the rest of it is skipped without being held, whatever strings and brackets are in it."""
+    import clickflow_file.reader as reader
+
+    monkeypatch.setattr(reader, "MAX_ELEMENT", 40)
+    monkeypatch.setattr(reader, "CHUNK", chunk)
+    big = json.dumps({"big": list(range(100)), "s": 'x]}"' * 100, "deep": [[[[]]]]}).encode()
+    text = b'[{"a": 1}, ' + big + b", " + DEEP + b', {"b": 2}]\n{"line": 3}\n'
+    assert list(iter_messages(io.BufferedReader(io.BytesIO(text)), "f")) == [
+        ("f:[0]", b'{"a": 1}'),
+        ("f:[1]", big[:41]),
+        ("f:[2]", DEEP[:41]),
+        ("f:[3]", b'{"b": 2}'),
+        ("f:2", b'{"line": 3}'),
+    ]
+    cut_off = b'[{"a": 1}, ' + big[:300]
+    assert list(iter_messages(io.BufferedReader(io.BytesIO(cut_off)), "f")) == [
+        ("f:[0]", b'{"a": 1}'),
+        ("f:[1]", big[:41]),
+    ]
+
+
 def test_a_json_lines_file_that_starts_with_an_array_loses_no_line() -> None:
     text = b'[1, "two"] {"same": "line"}\n\n{"a": 1}\n[3]\n'
     assert list(iter_messages(io.BufferedReader(io.BytesIO(text)), "f")) == [

@@ -102,12 +102,13 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
 
     An object or array that ``json`` cannot read (malformed, or nested past its
     recursion limit) is cut out by counting brackets outside strings, and the
-    parser dead-letters it; reading goes on after it. Anything else malformed (a
-    bare word, brackets that never balance, a missing comma) ends the file: what
-    is left (up to ``MAX_REMAINDER``) becomes one final message, which the parser
-    turns into a dead letter. What follows the closing bracket (a JSON-lines file whose first line is an array,
-    files joined together) is read on as JSON lines, numbered from the line the
-    array ends on.
+    parser dead-letters it; reading goes on after it. One longer than
+    ``MAX_ELEMENT`` is cut there, as a line is, and the rest of it skipped. Anything
+    else malformed (a bare word, brackets that never balance, a missing comma) ends
+    the file: what is left (up to ``MAX_REMAINDER``) becomes one final message,
+    which the parser turns into a dead letter. What follows the closing bracket (a
+    JSON-lines file whose first line is an array, files joined together) is read on
+    as JSON lines, numbered from the line the array ends on.
     """
     decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
     scan = json.JSONDecoder().raw_decode
@@ -136,6 +137,25 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
                 pos += 1
             if pos < len(buf) or not more():
                 return pos < len(buf)
+
+    def skip_rest(extent: _Extent) -> tuple[tuple[str, bytes], bool]:
+        """The element at ``pos``, longer than ``MAX_ELEMENT``, as its first ``MAX_ELEMENT`` + 1 bytes;
+        the rest of it is read and dropped. Whether it ended: if so, ``pos`` is past it; if not, the
+        file ended first."""
+        nonlocal pos
+        head = buf[pos : pos + MAX_ELEMENT + 1].encode("utf-8", "surrogateescape")[: MAX_ELEMENT + 1]
+        skipped, end = -len(head), -1
+        while end == -1:
+            counted = extent.forget()
+            skipped += _utf8_size(buf[pos : pos + counted])
+            pos += counted
+            if not more():
+                break
+            end = extent.end(buf, pos)
+        skipped += _utf8_size(buf[pos:end] if end != -1 else buf[pos:])
+        _cut(path, index, skipped, ended=end != -1)
+        pos = end if end != -1 else len(buf)
+        return (f"{path}:[{index}]", head), end != -1
 
     def remainder() -> tuple[str, bytes]:
         rest = buf[pos:].encode("utf-8", "surrogateescape")
@@ -177,12 +197,31 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
                 more()
                 continue
             break
-        if end == -1:
+        if end == -1 and extent is not None and not eof:  # longer than MAX_ELEMENT
+            message, ended = skip_rest(extent)
+            yield message
+            if not ended:
+                return
+        elif end == -1:
             yield remainder()
             return
-        yield f"{path}:[{index}]", buf[pos:end].encode("utf-8", "surrogateescape")
-        pos, index, expect_element = end, index + 1, False
+        else:
+            element = buf[pos:end].encode("utf-8", "surrogateescape")
+            if len(element) > MAX_ELEMENT:
+                _cut(path, index, len(element) - MAX_ELEMENT - 1, ended=True)
+            yield f"{path}:[{index}]", element[: MAX_ELEMENT + 1]
+            pos = end
+        index, expect_element = index + 1, False
     yield remainder()  # truncated: the closing bracket never came
+
+
+def _cut(path: str, index: int, skipped: int, ended: bool) -> None:
+    log.warning("%s: array element %d is over %d bytes; %d more bytes of it skipped%s", path, index, MAX_ELEMENT,
+                skipped, "" if ended else " (the file ends in it)")  # fmt: skip
+
+
+def _utf8_size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogateescape"))
 
 
 class _Prefixed:
@@ -199,8 +238,10 @@ class _Prefixed:
         return line + self._stream.readline(size - len(line) if size >= 0 else -1)
 
 
-_BRACKETS_OR_STRING = re.compile(r'[\[{]+|[\]}]+|"(?:[^"\\]++|\\.)*+"|"', re.DOTALL)
-"""Runs of opening brackets, runs of closing ones, a whole string, or a string cut off."""
+_BRACKETS_OR_QUOTE = re.compile(r'[\[{]+|[\]}]+|"')
+"""A run of opening brackets, a run of closing ones, or a string's opening quote."""
+_IN_STRING = re.compile(r'(?:[^"\\]++|\\.)*+', re.DOTALL)
+"""A string's characters: up to its closing quote, or where the text ends (before a lone backslash)."""
 
 
 class _Extent:
@@ -212,22 +253,37 @@ class _Extent:
 
     def __init__(self) -> None:
         self._scanned = 0
-        """How far past the value's start the text is counted, up to a string cut off."""
+        """How far past the value's start the text is counted."""
         self._depth = 0
+        self._in_string = False
+
+    def forget(self) -> int:
+        """How far the text is counted from the value's start, which moves there: the text before
+        it is not read again, so a caller may drop it."""
+        counted, self._scanned = self._scanned, 0
+        return counted
 
     def end(self, buf: str, start: int) -> int:
         """The index in ``buf`` just past the value at ``start``, or -1 if ``buf`` ends first."""
-        depth = self._depth
-        for match in _BRACKETS_OR_STRING.finditer(buf, start + self._scanned):
-            token = match.group()
-            if token[0] in "[{":
+        at, depth, in_string = start + self._scanned, self._depth, self._in_string
+        while True:
+            if in_string:
+                at = _IN_STRING.match(buf, at).end()  # type: ignore[union-attr]  # it matches an empty string
+                if at == len(buf) or buf[at] != '"':  # cut off, perhaps before an escape's backslash
+                    break
+                at, in_string = at + 1, False
+            match = _BRACKETS_OR_QUOTE.search(buf, at)
+            if match is None:
+                at = len(buf)
+                break
+            token, at = match.group(), match.end()
+            if token == '"':
+                in_string = True
+            elif token[0] in "[{":
                 depth += len(token)
-            elif token[0] in "]}":
+            else:
                 depth -= len(token)
                 if depth <= 0:  # closers past the value's own belong to what holds it
-                    return match.end() + depth
-            elif len(token) == 1:  # a string the buffer cuts off: counted from its start next time
-                self._scanned, self._depth = match.start() - start, depth
-                return -1
-        self._scanned, self._depth = len(buf) - start, depth
+                    return at + depth
+        self._scanned, self._depth, self._in_string = at - start, depth, in_string
         return -1
