@@ -88,6 +88,8 @@ BROKEN: list[tuple[str, bytes | str, int, str]] = [
      + OK_SINK + MONITOR, 2, "sources[1]: HTTP path /pubsub/push is already used by source 'pubsub_push'"),
     ("push body limit too big", "sources: [{type: pubsub_push, auth: none, max_body_bytes: 1GB}]\n" + OK_SINK
      + MONITOR, 2, "max_body_bytes"),
+    ("push pending below a body", "sources: [{type: pubsub_push, auth: none, max_pending_bytes: 1MiB}]\n" + OK_SINK
+     + MONITOR, 2, "max_pending_bytes (1048576) is below max_body_bytes"),
     ("bad subscription", "sources: [{type: pubsub_pull, subscription: my-sub}]\n" + OK_SINK, 2, "subscription"),
 ]
 # fmt: on

@@ -138,10 +138,10 @@ def served(pipeline: Callable[..., Pipeline], tmp_path: Path) -> Callable[..., A
     """A push pipeline (``auth: none``) served on a real port; yields its URL and runtime."""
 
     @asynccontextmanager
-    async def start(options: str = "", monitor: str = "") -> AsyncIterator[tuple[str, Runtime]]:
+    async def start(options: str = "", monitor: str = "", max_age: str = "20ms") -> AsyncIterator[tuple[str, Runtime]]:
         loaded = pipeline(
             f"sources: [{{type: pubsub_push, auth: none, {options}}}]\n"
-            f"sinks: [{{type: duckdb, path: '{tmp_path}/push.duckdb', batch: {{max_age: 20ms}}}}]\n"
+            f"sinks: [{{type: duckdb, path: '{tmp_path}/push.duckdb', batch: {{max_age: {max_age}}}}}]\n"
             f"monitor: {{port: 0, {monitor}}}\n"
         )
         runtime = Runtime(loaded)
@@ -256,6 +256,45 @@ async def test_a_concurrent_flood_stores_every_message_once(served: Callable[...
     assert statuses == [204] * count
     assert runtime.summary.acknowledged == count
     assert table_counts(tmp_path / "push.duckdb") == {"visits": 350, "events": 0, "purchase_items": 0, "dead_letter": 0}
+
+
+@pytest.mark.asyncio
+async def test_bodies_over_max_pending_bytes_are_refused_at_once_and_the_others_stored(
+    served: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Bodies waiting for their batch count against ``max_pending_bytes``: a request that would go
+    over is answered 429 before its body is read (Pub/Sub sends it again later), so a burst of large
+    messages cannot exhaust memory, and the requests already held are stored."""
+    pad = b"x" * 300_000
+
+    def body(n: int) -> bytes:  # about 400 KB: two fit in 1 MiB, three do not
+        return envelope(b'{"session_id": "S-%d", "pad": "%s", "events": []}' % (n, pad), str(n))
+
+    options = "max_body_bytes: 512KiB, max_pending_bytes: 1MiB"
+    async with served(options, max_age="1s") as (url, runtime), aiohttp.ClientSession() as session:
+
+        async def push(n: int) -> int:
+            async with session.post(f"{url}/pubsub/push", data=body(n)) as answer:
+                return answer.status
+
+        def pending() -> float:
+            value = runtime.metrics.registry.get_sample_value("clickflow_push_pending_bytes", {"source": "pubsub_push"})
+            return value or 0.0
+
+        held = [asyncio.create_task(push(n)) for n in range(2)]
+        while pending() < 2 * len(body(0)):  # noqa: ASYNC110 - the gauge is what is being tested
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        assert await push(2) == 429
+        assert time.monotonic() - started < 0.5  # at once, not after the held batch
+        assert await asyncio.gather(*held) == [204, 204]
+        assert pending() == 0
+        assert await push(3) == 204
+        refused = runtime.metrics.registry.get_sample_value(
+            "clickflow_push_refused_total", {"source": "pubsub_push", "reason": "pending_bytes"}
+        )
+    assert refused == 1
+    assert table_counts(tmp_path / "push.duckdb")["visits"] == 3
 
 
 def test_push_auth_never_fails_open_on_the_example_pipeline(registry: Any) -> None:

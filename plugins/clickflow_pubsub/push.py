@@ -63,9 +63,18 @@ class PubSubPushOptions(SourceOptions, kw_only=True):
     """How long a request waits for the sinks before it is answered 503 (keep above the sinks' max_age)."""
     read_timeout: Duration = Duration(seconds=10)
     """How long a request's body may take to arrive; a slower client is answered 408."""
+    max_pending_bytes: ByteSize = ByteSize(128 << 20)
+    """Request bodies held at once (being read, waiting to enter, waiting to be stored); a request
+    that would go over is answered 429 before its body is read, so a burst of large messages
+    cannot exhaust memory (each body costs three to four times its size until it is stored)."""
 
     def __post_init__(self) -> None:
         check_range("max_body_bytes", self.max_body_bytes, 1, 4 * MAX_ENVELOPE_BYTES)
+        if self.max_pending_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_pending_bytes ({self.max_pending_bytes}) is below max_body_bytes ({self.max_body_bytes}): "
+                "a request of the largest size allowed could never be taken in"
+            )
         if self.auth == "oidc" and not (self.audience or "").strip():
             raise ValueError(
                 "push requests are authenticated by default: set audience to the audience of the push "
@@ -191,6 +200,7 @@ class PubSubPushSource(Source[PubSubPushOptions]):
     _verifier: Any = None
     _refused: Any = None
     _batch_sizes: Any = None
+    _pending_bytes = 0
 
     def routes(self) -> list[tuple[str, str, Handler]]:
         return [("POST", self.options.path, self._handle)]
@@ -207,7 +217,7 @@ class PubSubPushSource(Source[PubSubPushOptions]):
                 raise RuntimeError("verifying push tokens needs: pip install 'clickflow[gcp]'") from exc
             assert self.options.audience
             self._verifier = TokenVerifier(self.options.audience, self.options.keys_url, self.options.allowed_emails)
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         registry = context.registry
         self._refused = shared_metric(registry, Counter, "clickflow_push_refused",
@@ -217,6 +227,9 @@ class PubSubPushSource(Source[PubSubPushOptions]):
                                           "Push requests that entered the pipeline together, as one batch",
                                           ["source"], buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
                                           ).labels(self.name)  # fmt: skip
+        shared_metric(registry, Gauge, "clickflow_push_pending_bytes",
+                      "Push request bodies held: being read, waiting to enter, or waiting to be stored",
+                      ["source"]).labels(self.name).set_function(lambda: self._pending_bytes)  # fmt: skip
         async with aiohttp.ClientSession() as self._session:
             yield
 
@@ -285,14 +298,21 @@ class PubSubPushSource(Source[PubSubPushOptions]):
             except AuthError as exc:
                 log.warning("%s: refused a push request (%d): %s", self.name, exc.status, exc)
                 return self._refuse(exc.status, exc.code, str(exc))
-        body = await self._read_body(request)
-        if isinstance(body, web.Response):
-            return body
-        enter_timeout = self.options.enter_timeout.total_seconds()
-        waiting = _Waiting(message_from_body(body, request.headers), self._loop, enter_timeout, self._not_entered)
-        self._waiting.append(waiting)
-        self._arrived.set()
-        status = await waiting.outcome
+        held = request.content_length if request.content_length is not None else self.options.max_body_bytes
+        if self._pending_bytes + held > self.options.max_pending_bytes:
+            return self._refuse(PIPELINE_FULL, "pending_bytes", "too many bytes waiting to be stored; retry later")
+        self._pending_bytes += held
+        try:
+            body = await self._read_body(request)
+            if isinstance(body, web.Response):
+                return body
+            enter_timeout = self.options.enter_timeout.total_seconds()
+            waiting = _Waiting(message_from_body(body, request.headers), self._loop, enter_timeout, self._not_entered)
+            self._waiting.append(waiting)
+            self._arrived.set()
+            status = await waiting.outcome
+        finally:
+            self._pending_bytes -= held
         if status == STORED:
             return web.Response(status=STORED)
         if status == PIPELINE_FULL:
