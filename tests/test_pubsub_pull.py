@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anyio
+import duckdb
 import pytest
 
 from clickflow.config import Pipeline
@@ -17,6 +18,7 @@ from tests.conftest import table_counts
 from tests.emulators import (
     PubSubEmulator,
     clickflow,
+    expected_counts,
     free_port,
     metric,
     simulated_visits,
@@ -57,6 +59,52 @@ def test_every_published_message_is_in_the_tables_exactly_once(
     assert pulls_settled is not None and 3 <= pulls_settled <= 3000  # one per pull, each of up to 1,000
     assert expected["dead_letter"] > 0
     time.sleep(1)  # acknowledgements are batched; then nothing may be left to deliver
+    assert pubsub_emulator.pull(subscription) == []
+
+
+HOSTILE_PAYLOADS = [
+    b"\xff\xfe\x00 not UTF-8 \xc3\x28",
+    b'{"session_id": "S", "events": [' + b"[" * 100_000,
+    b"[" * 50_000 + b"]" * 50_000,
+    b'{"session_id": "S", "events": []}\x00',
+    b"\xef\xbb\xbf" + b'{"session_id": "BOM", "events": []}',
+    b'{"session_id": "S", "x": 1e999999, "events": []}',
+    b'{"session_id": "S", "user_agent": "' + b"\\u0000" * 1000 + b'", "events": []}',
+    b'"just a string"',
+    b"{" * 7 + b"}",
+    b'{"session_id": "big", "junk": "' + b"x" * (7 << 20) + b'"}',
+    b" ",
+]
+"""Payloads Pub/Sub accepts (data up to 10 MB) that are no visit, or are one only just."""
+
+
+def test_hostile_messages_are_each_a_row_or_a_dead_letter_and_all_acknowledged(
+    pubsub_emulator: PubSubEmulator, pipeline: Callable[..., Pipeline], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub_emulator.host)
+    topic = pubsub_emulator.topic("hostile")
+    subscription = pubsub_emulator.subscription("hostile", topic)
+    good = simulated_visits(200, seed=3)
+    payloads = good[:100] + HOSTILE_PAYLOADS + good[100:]
+    ids = [message_id for payload in payloads for message_id in pubsub_emulator.publish(topic, [payload])]
+    db = tmp_path / "hostile.duckdb"
+    runtime = Runtime(pipeline(
+        f"sources: [{{type: pubsub_pull, subscription: {subscription}}}]\n"
+        f"sinks: [{{type: duckdb, path: '{db}', batch: {{max_age: 200ms}}}}]\n"
+    ))  # fmt: skip
+    anyio.run(run_until_acknowledged, runtime, len(payloads))
+    assert runtime.summary.acknowledged == len(payloads) and runtime.summary.not_acknowledged == 0
+    assert table_counts(db) == expected_counts(payloads, ids)
+    hostile_ids = ids[100 : 100 + len(HOSTILE_PAYLOADS)]
+    with duckdb.connect(str(db), read_only=True) as con:
+        found = con.execute(
+            "SELECT message_id, count(*) FROM (SELECT message_id FROM visits UNION ALL "
+            "SELECT message_id FROM dead_letter WHERE event_index IS NULL) WHERE list_contains($ids, message_id) "
+            "GROUP BY ALL",
+            {"ids": hostile_ids},
+        ).fetchall()
+    assert sorted(found) == sorted((message_id, 1) for message_id in hostile_ids)  # each once: a visit or a letter
+    time.sleep(1)
     assert pubsub_emulator.pull(subscription) == []
 
 
