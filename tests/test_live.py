@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,11 @@ def test_the_dashboard_renders_live_numbers_in_a_browser(chromium: str, tmp_path
     try:
         wait_for(lambda: ready(port), 30)
         time.sleep(2)
-        dom = headless(chromium, tmp_path / "profile", "--virtual-time-budget=6000", "--dump-dom", url).stdout
+        rendered = headless(chromium, tmp_path / "profile", "--enable-logging=stderr", "--virtual-time-budget=6000",
+                            "--dump-dom", url)  # fmt: skip
+        dom = rendered.stdout
+        with urllib.request.urlopen(url) as page:
+            headers = page.headers
         shot = tmp_path / "dashboard.png"
         headless(chromium, tmp_path / "profile2", "--window-size=1400,1000", "--virtual-time-budget=6000",
                  f"--screenshot={shot}", url)  # fmt: skip
@@ -164,3 +169,5 @@ def test_the_dashboard_renders_live_numbers_in_a_browser(chromium: str, tmp_path
     assert "ALERT: ceiling" in dom  # 30,000 visits a minute is far above 1,000 page views
     assert re.search(r'id="dead-letters"[^>]*>.*invalid_json', dom, re.S)
     assert shot.stat().st_size > 20_000
+    assert "script-src 'self'" in headers["Content-Security-Policy"] and headers["X-Content-Type-Options"] == "nosniff"
+    assert "Content Security Policy" not in rendered.stderr  # the page needs nothing the policy refuses
