@@ -5,8 +5,8 @@ Both yield ``(message_id, raw_bytes)`` pairs in constant memory. Message ids are
 ``PATH:LINE`` for JSON lines and ``PATH:[INDEX]`` for arrays, so a re-run of
 the same file produces the same ids (and so the same row ids). Nothing in a file is
 skipped: what follows an array's closing bracket is read on as JSON lines, and an
-object or array element that ``json``'s scanner cannot read (malformed, or nested too
-deeply) is still cut out whole, for the parser to dead-letter.
+element that ``json``'s scanner cannot read (malformed, or nested too deeply) is still
+cut out whole, for the parser to dead-letter.
 """
 
 from __future__ import annotations
@@ -100,13 +100,15 @@ def iter_lines(stream: _Lines, path: str, first_line: int = 1) -> Iterator[tuple
 def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
     """Each element of a top-level JSON array as its original bytes.
 
-    An object or array that ``json`` cannot read (malformed, or nested past its
-    recursion limit) is cut out by counting brackets outside strings, and the
-    parser dead-letters it; reading goes on after it. One longer than
-    ``MAX_ELEMENT`` is cut there, as a line is, and the rest of it skipped. Anything
-    else malformed (a bare word, brackets that never balance, a missing comma) ends
-    the file: what is left (up to ``MAX_REMAINDER``) becomes one final message,
-    which the parser turns into a dead letter. What follows the closing bracket (a
+    An element that ``json`` cannot read (malformed, or nested past its recursion
+    limit) is cut out by counting brackets outside strings: up to its closing
+    bracket, or, if it does not start with one, up to the array's next comma or
+    closing bracket. The parser dead-letters it, and reading goes on after it; an
+    element that follows another without a comma is read as one of its own. One
+    longer than ``MAX_ELEMENT`` is cut there, as a line is, and the rest of it
+    skipped. An element that never ends (brackets or a string left open) ends the
+    file: what is left (up to ``MAX_REMAINDER``) becomes one final message, which
+    the parser turns into a dead letter. What follows the closing bracket (a
     JSON-lines file whose first line is an array, files joined together) is read on
     as JSON lines, numbered from the line the array ends on.
     """
@@ -180,19 +182,18 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
             yield from lines_after()
             return
         if not expect_element:
-            if char != ",":
-                yield remainder()
-                return
-            pos += 1
             expect_element = True
-            continue
+            if char == ",":
+                pos += 1
+                continue
+            log.warning("%s: no comma before array element %d; read as an element of its own", path, index)
         extent: _Extent | None = None
         while True:
             try:
                 end = extent.end(buf, pos) if extent else scan(buf, pos)[1]
             except (json.JSONDecodeError, RecursionError):  # malformed, too deep, or cut off by the buffer
-                extent = _Extent() if char in "[{" else None
-                end = extent.end(buf, pos) if extent else -1
+                extent = _Extent(bracketed=char in "[{")
+                end = extent.end(buf, pos)
             if (end == -1 or end == len(buf)) and not eof and len(buf) - pos < MAX_ELEMENT:
                 more()
                 continue
@@ -240,18 +241,23 @@ class _Prefixed:
 
 _BRACKETS_OR_QUOTE = re.compile(r'[\[{]+|[\]}]+|"')
 """A run of opening brackets, a run of closing ones, or a string's opening quote."""
+_COMMA_BRACKET_OR_QUOTE = re.compile(r'[\[\]{}",]')
 _IN_STRING = re.compile(r'(?:[^"\\]++|\\.)*+', re.DOTALL)
 """A string's characters: up to its closing quote, or where the text ends (before a lone backslash)."""
 
 
 class _Extent:
-    """Where an object or array that ``json``'s scanner cannot read ends, found by counting
-    brackets outside strings; ``end`` is called again, with more text, while the value is cut off.
+    """Where an array element that ``json``'s scanner cannot read ends, found by counting
+    brackets outside strings: at its closing bracket if it starts with one (``bracketed``), else
+    before the comma or closing bracket that follows it. ``end`` is called again, with more text,
+    while the element is cut off.
 
-    It does not check the value: that is the parser's, which dead-letters it (as malformed, or
+    It does not check the element: that is the parser's, which dead-letters it (as malformed, or
     as too deep)."""
 
-    def __init__(self) -> None:
+    def __init__(self, bracketed: bool) -> None:
+        self._bracketed = bracketed
+        self._tokens = _BRACKETS_OR_QUOTE if bracketed else _COMMA_BRACKET_OR_QUOTE
         self._scanned = 0
         """How far past the value's start the text is counted."""
         self._depth = 0
@@ -272,7 +278,7 @@ class _Extent:
                 if at == len(buf) or buf[at] != '"':  # cut off, perhaps before an escape's backslash
                     break
                 at, in_string = at + 1, False
-            match = _BRACKETS_OR_QUOTE.search(buf, at)
+            match = self._tokens.search(buf, at)
             if match is None:
                 at = len(buf)
                 break
@@ -281,9 +287,13 @@ class _Extent:
                 in_string = True
             elif token[0] in "[{":
                 depth += len(token)
-            else:
+            elif self._bracketed:
                 depth -= len(token)
-                if depth <= 0:  # closers past the value's own belong to what holds it
+                if depth <= 0:  # closers past the element's own belong to the array
                     return at + depth
+            elif depth == 0 and token in ",]":  # the array's: the element ends before it
+                return start + len(buf[start : match.start()].rstrip(_WHITESPACE))
+            elif depth > 0 and token in "]}":
+                depth -= 1
         self._scanned, self._depth, self._in_string = at - start, depth, in_string
         return -1
