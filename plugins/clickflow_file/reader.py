@@ -242,6 +242,8 @@ class _Prefixed:
 _BRACKETS_OR_QUOTE = re.compile(r'[\[{]+|[\]}]+|"')
 """A run of opening brackets, a run of closing ones, or a string's opening quote."""
 _COMMA_BRACKET_OR_QUOTE = re.compile(r'[\[\]{}",]')
+"""What ends an element that does not start with a bracket: a comma or closing bracket outside
+brackets and strings; brackets and quotes are counted on the way."""
 _IN_STRING = re.compile(r'(?:[^"\\]++|\\.)*+', re.DOTALL)
 """A string's characters: up to its closing quote, or where the text ends (before a lone backslash)."""
 
