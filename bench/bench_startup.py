@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import re
 import signal
 import statistics
@@ -33,12 +32,12 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from bench_file_duckdb import ENVIRONMENT  # this folder is on sys.path when run as a script
+
 from clickflow_simulator import VisitGenerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.emulators import REPO, free_port
-
-ENVIRONMENT = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
 
 
 def timed(measure: Callable[[int], float], runs: int) -> str:
