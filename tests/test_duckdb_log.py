@@ -109,12 +109,32 @@ async def test_redelivered_messages_are_stored_once_across_logged_batches(
     db = tmp_path / "db.duckdb"
     async with logged_sink(db) as sink:
         await write(sink, first)
-        await write(sink, first)  # shares messages with the log: the log is committed, then this is anti-joined
-        assert stored(sink) == {"visits": 2, "events": 6, "purchase_items": 2, "dead_letter": 1}
+        await write(sink, first)  # every message in the log already: nothing to log, and no commit
+        assert stored(sink) == EMPTY
+        assert logged_batches(db) == 1
+        await write(sink, overlapping)  # m0..m2 left out, m3 logged
+        assert logged_batches(db) == 2
+        await sink.commit()
         await write(sink, overlapping)  # repeats what the tables hold, not the log: logged, anti-joined later
         await write(sink, parsed([visit()], prefix="other"))
         assert logged_batches(db) == 2
     assert table_counts(db) == {"visits": 4, "events": 12, "purchase_items": 4, "dead_letter": 1}
+
+
+async def test_a_batch_that_gathered_a_message_the_log_took_meanwhile_is_logged_after_a_commit(
+    tmp_path: Path, visit: Callable[..., dict[str, Any]]
+) -> None:
+    first = parsed([visit(), "not json", visit()])
+    db = tmp_path / "db.duckdb"
+    async with logged_sink(db) as sink:
+        gathering = sink.new_batch()
+        gathering.add(first)  # the log does not hold these yet
+        await write(sink, first)  # now it does
+        await sink.write(gathering)  # shares messages with the log: the log is committed first
+        gathering.discard()
+        assert stored(sink) == {"visits": 2, "events": 6, "purchase_items": 2, "dead_letter": 1}
+        assert logged_batches(db) == 1
+    assert table_counts(db) == {"visits": 2, "events": 6, "purchase_items": 2, "dead_letter": 1}
 
 
 KILLED_RUN = """

@@ -176,7 +176,7 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
 
     def new_batch(self) -> Spool:
         if self._log is not None:
-            return LogBatch()
+            return LogBatch(self._log)
         assert self._spool_root is not None, "open() first"
         return JsonSpool(self._spool_root)
 
@@ -187,8 +187,10 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
             await self._in_thread(insert, batch.paths, batch.counts())
             return
         assert isinstance(batch, LogBatch)
+        if not len(batch):  # only messages the log holds: stored already
+            return
         with anyio.CancelScope(shield=True):  # a batch in the log is in the bookkeeping too
-            if self._log.overlaps(batch):  # a redelivery: logged once the tables hold the log, which anti-join drops
+            if self._log.overlaps(batch):  # logged while the batch gathered: once the tables hold it, anti-joined
                 await self.commit()
             async with self._appending:
                 await self._log.append(batch)

@@ -16,8 +16,10 @@ after the one before it was synced, and after a failed append the next batch sta
 segment. So a damaged last record was never acknowledged and is dropped; damage before it stops
 the insert with an error, and the segment stays where it is.
 
-Logged batches never share a message: a batch with a message already in the log is logged only
-after the log is committed, so the insert's anti-join against the tables drops every repeat.
+Logged batches never share a message, so the insert's anti-join against the tables drops every
+repeat: a message the log holds when it is added to a batch is left out of it (its rows are
+durable already), and a batch that shares one with the log all the same (logged while the batch
+gathered) is logged only after the log is committed.
 """
 
 from __future__ import annotations
@@ -52,9 +54,15 @@ _MAGIC = b"CFL1"
 class LogBatch(Spool):
     """A batch for the log: each table's spool lines, in memory until appended."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: BatchLog | None = None) -> None:
         super().__init__()
         self._lines: dict[str, list[bytes]] = {name: [] for name in TABLE_NAMES}
+        self._log = log
+
+    def held(self, messages: set[str]) -> set[str]:
+        """Also those the log holds: a redelivery of a logged message is answered without a commit."""
+        held = super().held(messages)
+        return held | self._log.holding(messages) if self._log is not None else held
 
     def _write(self, table: str, lines: bytes) -> None:
         self._lines[table].append(lines)
@@ -213,6 +221,10 @@ class BatchLog:
         self._segment: str | None = None
         self._size = 0
         self._writer = LogWriter()
+
+    def holding(self, messages: set[str]) -> set[str]:
+        """Which of ``messages`` the log holds: appended and synced, not yet committed."""
+        return {message for logged in (self.pending, self.taken) if logged for message in messages & logged.messages}
 
     def overlaps(self, batch: Spool) -> bool:
         return any(not logged.messages.isdisjoint(batch.messages) for logged in (self.pending, self.taken) if logged)

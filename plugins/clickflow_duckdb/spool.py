@@ -32,14 +32,20 @@ class Spool:
         """The messages whose rows the batch holds: visit ids, and whole-message dead letters' ids."""
 
     def add(self, rows: RowBatch) -> None:
-        messages = rows.message_keys()
-        if not self.messages.isdisjoint(messages):
-            rows = rows.without_messages(self.messages)  # redelivered within this batch
-        self.messages.update(messages)
+        messages = set(rows.message_keys())
+        held = self.held(messages)
+        if held:  # redelivered: their rows are kept once
+            rows = rows.without_messages(held)
+            messages -= held
+        self.messages |= messages
         for name, table_rows in rows.tables.items():
             if table_rows:
                 self._write(name, encode_lines(table_rows))
                 self._counts[name] += len(table_rows)
+
+    def held(self, messages: set[str]) -> set[str]:
+        """Which of ``messages`` have their rows where this batch goes already: in the batch itself."""
+        return messages & self.messages
 
     def _write(self, table: str, lines: bytes) -> None:
         raise NotImplementedError
