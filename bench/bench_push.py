@@ -6,8 +6,10 @@ Each server runs in a child process; wrk (Debian package `wrk`) sends push envel
 visit, each with its own message id. The bare handler runs on asyncio's loop and on uvloop's.
 clickflow (on uvloop, its default) runs into DuckDB, answering 204 only once the request's rows
 are stored; into DuckDB with `commit_every: 1s`, answering once the rows are fsynced to the
-sink's log; and into the in-memory `live` sink, which shows what the endpoint and the runtime cost
-without storage, on uvloop and on asyncio's loop. Requests that arrive together share a batch.
+sink's log, once with new messages and once ("again") with 500 message ids per wrk thread sent
+over and over, as Pub/Sub redelivers what was not acknowledged in time; and into the in-memory
+`live` sink, which shows what the endpoint and the runtime cost without storage, on uvloop and on
+asyncio's loop. Requests that arrive together share a batch.
 Prints requests/s and latency percentiles, the server's CPU seconds per 1,000 requests (its child
 processes' included; steadier than rates on a shared machine), how many requests clickflow's
 batches held on average, and each clickflow rate as a share of each bare handler's, in the same run.
@@ -56,7 +58,7 @@ function setup(thread) id = id + 1; thread:set("id", id) end
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 request = function()
-  counter = counter + 1
+  counter = counter %% %d + 1
   return wrk.format(nil, nil, nil, '{"message":{"data":"' .. data .. '","messageId":"' .. id .. "-" .. counter ..
     '"},"subscription":"projects/bench/subscriptions/push"}')
 end
@@ -110,8 +112,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         visit = next(VisitGenerator(seed=22).messages(1))
-        script = work / "push.lua"
-        script.write_text(LUA % base64.b64encode(visit).decode())
+        script, replay = work / "push.lua", work / "replay.lua"
+        script.write_text(LUA % (base64.b64encode(visit).decode(), 2**53))
+        replay.write_text(LUA % (base64.b64encode(visit).decode(), 500))
 
         def clickflow(name: str, sink: str, event_loop: str = "auto") -> tuple[list[str], int]:
             port = free_port()
@@ -139,7 +142,11 @@ def main() -> None:
             "clickflow push -> duckdb log": clickflow(
                 "duckdb-log", f"type: duckdb, path: '{work}/log.duckdb', commit_every: 1s"
             ),
+            "clickflow push -> duckdb log, again": clickflow(
+                "duckdb-again", f"type: duckdb, path: '{work}/again.duckdb', commit_every: 1s"
+            ),
         }
+        scripts = {"clickflow push -> duckdb log, again": replay}
         rates: dict[str, dict[int, float]] = {}
         for name, (command, server_port) in servers.items():
             server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -148,13 +155,15 @@ def main() -> None:
                 for connections in opts.concurrency:
                     before = None if name in bare_names else batched(server_port)  # bare: no /metrics
                     cpu = cpu_seconds(server.pid)
-                    rate, requests, p50, p99, notes = wrk(server_port, script, connections, opts.seconds)
+                    rate, requests, p50, p99, notes = wrk(
+                        server_port, scripts.get(name, script), connections, opts.seconds
+                    )
                     cpu = cpu_seconds(server.pid) - cpu
                     if before is not None:
                         pushed, batches = (now - then for now, then in zip(batched(server_port), before, strict=True))
                         notes += f", {pushed / batches:.1f} requests per batch"
                     rates.setdefault(name, {})[connections] = rate
-                    print(f"{name:<30} {connections:>4} concurrent: {rate:>8,.0f} requests/s, p50 {p50:.1f} ms, "
+                    print(f"{name:<36} {connections:>4} concurrent: {rate:>8,.0f} requests/s, p50 {p50:.1f} ms, "
                           f"p99 {p99:.1f} ms, {cpu / requests * 1e3:.3f} CPU s per 1,000{notes}")  # fmt: skip
             finally:
                 server.send_signal(signal.SIGTERM)
