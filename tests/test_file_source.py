@@ -150,6 +150,60 @@ def test_an_array_element_over_the_limit_is_cut_there_and_the_rest_read_on(
     ]
 
 
+UNBALANCED = b'{"a": [1, {"b": "x}'
+"""An element whose brackets never balance, with a string left open."""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (  # one element per line
+            b'[{"a": 1},\n' + UNBALANCED + b',\n{"c": 3},\n{"d": [4]}]',
+            [b'{"a": 1}', UNBALANCED, b'{"c": 3}', b'{"d": [4]}'],
+        ),
+        (  # indented: objects nested deeper in the broken element are its own
+            b'[\n  {"a": [\n    {"x": 1},\n    {"y": 2}\n  },\n\n  {"c": 3}\n]',
+            [b'{"a": [\n    {"x": 1},\n    {"y": 2}\n  }', b'{"c": 3}'],
+        ),
+        (  # a next line that does not start a whole object goes on with the broken element
+            b"[" + UNBALANCED + b',\n{"c": tru},\n{"d": 4} 5,\n{"e": 5}]',
+            [UNBALANCED + b',\n{"c": tru},\n{"d": 4} 5', b'{"e": 5}'],
+        ),
+    ],
+)
+@pytest.mark.parametrize("chunk", [7, 64, 4096])
+def test_an_element_whose_brackets_never_balance_ends_where_the_next_line_starts_an_element(
+    monkeypatch: pytest.MonkeyPatch, chunk: int, text: bytes, expected: list[bytes]
+) -> None:
+    """It used to take the rest of the array along: one dead letter of at most 16 MiB, and what
+    lay past it lost."""
+    import clickflow_file.reader as reader
+
+    monkeypatch.setattr(reader, "CHUNK", chunk)
+    found = list(iter_messages(io.BufferedReader(io.BytesIO(text)), "f"))
+    assert found == [(f"f:[{i}]", element) for i, element in enumerate(expected)]
+
+
+def test_a_hostile_broken_element_has_a_bounded_number_of_lines_judged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each line opens one more bracket, so ``json`` reads on for a thousand lines before it gives up
+    on one: judged line by line, a megabyte of them took 15 s."""
+    import clickflow_file.reader as reader
+
+    scans = 0
+
+    def counted(text: str, at: int) -> tuple[Any, int]:
+        nonlocal scans
+        scans += 1
+        return scan(text, at)
+
+    scan = reader._scan
+    monkeypatch.setattr(reader, "_scan", counted)
+    text = b'[{"a": [' + b',\n{"k": [1' * 20_000 + b"]\n"
+    found = list(iter_messages(io.BufferedReader(io.BytesIO(text)), "f"))
+    assert found == [("f:[0]", text[1:])]  # never ends: the rest is its one dead letter
+    assert scans <= 1 + reader._MAX_TRIES + 1  # the element, the lines judged, one judged again at the file's end
+
+
 def test_a_json_lines_file_that_starts_with_an_array_loses_no_line() -> None:
     text = b'[1, "two"] {"same": "line"}\n\n{"a": 1}\n[3]\n'
     assert list(iter_messages(io.BufferedReader(io.BytesIO(text)), "f")) == [
@@ -262,8 +316,8 @@ def test_deep_nesting_a_malformed_element_and_an_array_first_line_lose_no_messag
     tmp_path: Path, visit: Callable[..., dict[str, Any]], pipeline: Callable[..., Pipeline]
 ) -> None:
     """Each used to end the run or drop the rest of a file: an array element nested past json's
-    recursion limit failed the source, a malformed object took every element after it into one dead
-    letter, and lines after an array's closing bracket were skipped."""
+    recursion limit failed the source, a malformed object (or one cut short) took every element
+    after it into one dead letter, and lines after an array's closing bracket were skipped."""
     good = json.dumps(visit()).encode()
     nested = tmp_path / "deep.json"
     nested.write_bytes(
@@ -271,13 +325,16 @@ def test_deep_nesting_a_malformed_element_and_an_array_first_line_lose_no_messag
     )
     first_line = tmp_path / "first.jsonl"
     first_line.write_bytes(b"[1, 2]\n" + good.replace(b'"events"', b'"y": 2, "events"') + b"\n")
+    unbalanced = tmp_path / "unbalanced.json"  # one visit per line, one of them cut short
+    visits = [json.dumps(visit(session_id=f"U{i}")).encode() for i in range(1000)]
+    unbalanced.write_bytes(b"[" + b",\n".join([*visits[:3], visits[3][:-40], *visits[4:]]) + b"]\n")
     db = tmp_path / "out.duckdb"
-    sources = f"sources: [{{type: file, path: ['{nested}', '{first_line}']}}]"
+    sources = f"sources: [{{type: file, path: ['{nested}', '{first_line}', '{unbalanced}']}}]"
     summary = run_pipeline(pipeline(f"{sources}\nsinks: [{{type: duckdb, path: '{db}'}}]"))
-    assert sum(summary.messages.values()) == 7
-    assert summary.dead_letters == {"too_deep": 1, "invalid_json": 1, "not_an_object": 2}
-    assert table_counts(db)["visits"] == 3
-    assert table_counts(db)["dead_letter"] == 4
+    assert sum(summary.messages.values()) == 7 + 1000
+    assert summary.dead_letters == {"too_deep": 1, "invalid_json": 2, "not_an_object": 2}
+    assert table_counts(db)["visits"] == 3 + 999
+    assert table_counts(db)["dead_letter"] == 5
 
 
 @pytest.mark.parametrize("damage", ["cut short", "corrupt"])

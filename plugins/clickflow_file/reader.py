@@ -106,23 +106,31 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
     closing bracket. The parser dead-letters it, and reading goes on after it; an
     element that follows another without a comma is read as one of its own. One
     longer than ``MAX_ELEMENT`` is cut there, as a line is, and the rest of it
-    skipped. An element that never ends (brackets or a string left open) ends the
-    file: what is left (up to ``MAX_REMAINDER``) becomes one final message, which
-    the parser turns into a dead letter. What follows the closing bracket (a
+    skipped. One whose brackets never balance (cut short, or a string left open)
+    ends before the comma at the end of a line if the next line starts the next
+    element (see ``_Resync``); failing that, it ends the file: what is left (up to
+    ``MAX_REMAINDER``) becomes one final message, which the parser turns into a dead
+    letter. What follows the closing bracket (a
     JSON-lines file whose first line is an array, files joined together) is read on
     as JSON lines, numbered from the line the array ends on.
     """
     decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
-    scan = json.JSONDecoder().raw_decode
     buf, pos, eof, index = "", 0, False, 0
     newlines = 0
     """Line ends in the text already dropped from ``buf``."""
+    first_column = 0
+    """The column ``buf`` starts at."""
+
+    def column(at: int) -> int:
+        line_end = buf.rfind("\n", 0, at)
+        return at - line_end - 1 if line_end != -1 else first_column + at
 
     def more() -> bool:
-        nonlocal buf, pos, eof, newlines
+        nonlocal buf, pos, eof, newlines, first_column
         chunk = stream.read(CHUNK)
         eof = not chunk
         newlines += buf.count("\n", 0, pos)
+        first_column = column(pos)
         buf = buf[pos:] + decoder.decode(chunk, final=eof)
         pos = 0
         return not eof
@@ -188,12 +196,16 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
                 continue
             log.warning("%s: no comma before array element %d; read as an element of its own", path, index)
         extent: _Extent | None = None
+        resync: _Resync | None = None
         while True:
             try:
-                end = extent.end(buf, pos) if extent else scan(buf, pos)[1]
+                end = extent.end(buf, pos) if extent else _scan(buf, pos)[1]
             except (json.JSONDecodeError, RecursionError):  # malformed, too deep, or cut off by the buffer
-                extent = _Extent(bracketed=char in "[{")
+                extent, resync = _Extent(bracketed=char in "[{"), _Resync(column(pos))
                 end = extent.end(buf, pos)
+            if resync is not None and (cut := resync.find(buf, pos, end, eof)) != -1:
+                end = cut
+                break
             if (end == -1 or end == len(buf)) and not eof and len(buf) - pos < MAX_ELEMENT:
                 more()
                 continue
@@ -237,6 +249,58 @@ class _Prefixed:
         if line.endswith(b"\n") or 0 <= size <= len(line):
             return line
         return line + self._stream.readline(size - len(line) if size >= 0 else -1)
+
+
+_scan = json.JSONDecoder().raw_decode
+_NEXT_LINE_OBJECT = re.compile(r",[ \t\r]*\n(?:[ \t\r]*\n)*([ \t]*)(?=\{)")
+"""A comma that ends a line, and the indentation of the next line that is not blank, if it starts
+with an object."""
+_LOOK_AHEAD = 1 << 20
+"""How much text an object at the start of a line may need before it is judged."""
+_MAX_TRIES = 100
+"""Lines judged per broken element at most: a hostile one of lines that each open one more
+bracket made ``json`` read a thousand lines for each (15 s a megabyte)."""
+
+
+class _Resync:
+    """Where an array element that ``json``'s scanner cannot read ends if its brackets do not
+    balance (one cut short, or with a string left open): before the comma at the end of a line
+    whose next line, no more indented than the element's first, starts a whole object followed by
+    a comma or the array's closing bracket. An array written one element per line, or indented,
+    goes on there, so a broken element does not take what follows it along. ``find`` is called
+    again, with more text, while it finds nothing."""
+
+    def __init__(self, column: int) -> None:
+        self._column = column
+        self._scanned = 0
+        """How far past the element's start the text is searched."""
+        self._tries = _MAX_TRIES
+
+    def find(self, buf: str, start: int, end: int, eof: bool) -> int:
+        """The index in ``buf`` where the element at ``start`` ends, if a line before ``end`` (the
+        end its brackets give, or -1) starts the next element; else -1."""
+        at, stop = start + self._scanned, len(buf) if end == -1 else end
+        while self._tries and (match := _NEXT_LINE_OBJECT.search(buf, at, stop)) is not None:
+            if len(match.group(1)) <= self._column:
+                try:
+                    after = _scan(buf, match.end())[1]
+                except (json.JSONDecodeError, RecursionError):
+                    if not eof and len(buf) - match.end() < _LOOK_AHEAD:
+                        break  # perhaps cut off by the buffer: judged again with more text
+                else:
+                    while after < len(buf) and buf[after] in _WHITESPACE:
+                        after += 1
+                    if after < len(buf) and buf[after] in ",]":
+                        return start + len(buf[start : match.start()].rstrip(_WHITESPACE))
+                    if after == len(buf) and not eof:
+                        break
+                self._tries -= 1
+            at = match.start() + 1
+        else:  # a match may begin at a last comma that only whitespace follows, and end in text not read yet
+            last = buf.rfind(",", at, stop)
+            at = last if last != -1 and not buf[last + 1 : stop].strip(_WHITESPACE) else stop
+        self._scanned = at - start
+        return -1
 
 
 _BRACKETS_OR_QUOTE = re.compile(r'[\[{]+|[\]}]+|"')
