@@ -16,10 +16,11 @@ import gzip
 import io
 import json
 import logging
-import re
 import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO, Protocol
+
+from clickflow_file.elements import WHITESPACE, Extent, Resync, scan
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,6 @@ MAX_ELEMENT = 64 << 20
 """An array element larger than this is treated as malformed rather than read on."""
 MAX_REMAINDER = 16 << 20
 """How much of a malformed array's unread rest goes into its dead letter."""
-_WHITESPACE = " \t\r\n"
 GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -108,7 +108,7 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
     longer than ``MAX_ELEMENT`` is cut there, as a line is, and the rest of it
     skipped. One whose brackets never balance (cut short, or a string left open)
     ends before the comma at the end of a line if the next line starts the next
-    element (see ``_Resync``); failing that, it ends the file: what is left (up to
+    element (see ``Resync``); failing that, it ends the file: what is left (up to
     ``MAX_REMAINDER``) becomes one final message, which the parser turns into a dead
     letter. What follows the closing bracket (a
     JSON-lines file whose first line is an array, files joined together) is read on
@@ -143,12 +143,12 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
     def skip_whitespace() -> bool:
         nonlocal pos
         while True:
-            while pos < len(buf) and buf[pos] in _WHITESPACE:
+            while pos < len(buf) and buf[pos] in WHITESPACE:
                 pos += 1
             if pos < len(buf) or not more():
                 return pos < len(buf)
 
-    def skip_rest(extent: _Extent) -> tuple[tuple[str, bytes], bool]:
+    def skip_rest(extent: Extent) -> tuple[tuple[str, bytes], bool]:
         """The element at ``pos``, longer than ``MAX_ELEMENT``, as its first ``MAX_ELEMENT`` + 1 bytes;
         the rest of it is read and dropped. Whether it ended: if so, ``pos`` is past it; if not, the
         file ended first."""
@@ -195,13 +195,13 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
                 pos += 1
                 continue
             log.warning("%s: no comma before array element %d; read as an element of its own", path, index)
-        extent: _Extent | None = None
-        resync: _Resync | None = None
+        extent: Extent | None = None
+        resync: Resync | None = None
         while True:
             try:
-                end = extent.end(buf, pos) if extent else _scan(buf, pos)[1]
+                end = extent.end(buf, pos) if extent else scan(buf, pos)[1]
             except (json.JSONDecodeError, RecursionError):  # malformed, too deep, or cut off by the buffer
-                extent, resync = _Extent(bracketed=char in "[{"), _Resync(column(pos))
+                extent, resync = Extent(bracketed=char in "[{"), Resync(column(pos))
                 end = extent.end(buf, pos)
             if resync is not None and (cut := resync.find(buf, pos, end, eof)) != -1:
                 end = cut
@@ -249,117 +249,3 @@ class _Prefixed:
         if line.endswith(b"\n") or 0 <= size <= len(line):
             return line
         return line + self._stream.readline(size - len(line) if size >= 0 else -1)
-
-
-_scan = json.JSONDecoder().raw_decode
-_NEXT_LINE_OBJECT = re.compile(r",[ \t\r]*\n(?:[ \t\r]*\n)*([ \t]*)(?=\{)")
-"""A comma that ends a line, and the indentation of the next line that is not blank, if it starts
-with an object."""
-_LOOK_AHEAD = 1 << 20
-"""How much text an object at the start of a line may need before it is judged."""
-_MAX_TRIES = 100
-"""Lines judged per broken element at most: a hostile one of lines that each open one more
-bracket made ``json`` read a thousand lines for each (15 s a megabyte)."""
-
-
-class _Resync:
-    """Where an array element that ``json``'s scanner cannot read ends if its brackets do not
-    balance (one cut short, or with a string left open): before the comma at the end of a line
-    whose next line, no more indented than the element's first, starts a whole object followed by
-    a comma or the array's closing bracket. An array written one element per line, or indented,
-    goes on there, so a broken element does not take what follows it along. ``find`` is called
-    again, with more text, while it finds nothing."""
-
-    def __init__(self, column: int) -> None:
-        self._column = column
-        self._scanned = 0
-        """How far past the element's start the text is searched."""
-        self._tries = _MAX_TRIES
-
-    def find(self, buf: str, start: int, end: int, eof: bool) -> int:
-        """The index in ``buf`` where the element at ``start`` ends, if a line before ``end`` (the
-        end its brackets give, or -1) starts the next element; else -1."""
-        at, stop = start + self._scanned, len(buf) if end == -1 else end
-        while self._tries and (match := _NEXT_LINE_OBJECT.search(buf, at, stop)) is not None:
-            if len(match.group(1)) <= self._column:
-                try:
-                    after = _scan(buf, match.end())[1]
-                except (json.JSONDecodeError, RecursionError):
-                    if not eof and len(buf) - match.end() < _LOOK_AHEAD:
-                        break  # perhaps cut off by the buffer: judged again with more text
-                else:
-                    while after < len(buf) and buf[after] in _WHITESPACE:
-                        after += 1
-                    if after < len(buf) and buf[after] in ",]":
-                        return start + len(buf[start : match.start()].rstrip(_WHITESPACE))
-                    if after == len(buf) and not eof:
-                        break
-                self._tries -= 1
-            at = match.start() + 1
-        else:  # a match may begin at a last comma that only whitespace follows, and end in text not read yet
-            last = buf.rfind(",", at, stop)
-            at = last if last != -1 and not buf[last + 1 : stop].strip(_WHITESPACE) else stop
-        self._scanned = at - start
-        return -1
-
-
-_BRACKETS_OR_QUOTE = re.compile(r'[\[{]+|[\]}]+|"')
-"""A run of opening brackets, a run of closing ones, or a string's opening quote."""
-_COMMA_BRACKET_OR_QUOTE = re.compile(r'[\[\]{}",]')
-"""What ends an element that does not start with a bracket: a comma or closing bracket outside
-brackets and strings; brackets and quotes are counted on the way."""
-_IN_STRING = re.compile(r'(?:[^"\\]++|\\.)*+', re.DOTALL)
-"""A string's characters: up to its closing quote, or where the text ends (before a lone backslash)."""
-
-
-class _Extent:
-    """Where an array element that ``json``'s scanner cannot read ends, found by counting
-    brackets outside strings: at its closing bracket if it starts with one (``bracketed``), else
-    before the comma or closing bracket that follows it. ``end`` is called again, with more text,
-    while the element is cut off.
-
-    It does not check the element: that is the parser's, which dead-letters it (as malformed, or
-    as too deep)."""
-
-    def __init__(self, bracketed: bool) -> None:
-        self._bracketed = bracketed
-        self._tokens = _BRACKETS_OR_QUOTE if bracketed else _COMMA_BRACKET_OR_QUOTE
-        self._scanned = 0
-        """How far past the value's start the text is counted."""
-        self._depth = 0
-        self._in_string = False
-
-    def forget(self) -> int:
-        """How far the text is counted from the value's start, which moves there: the text before
-        it is not read again, so a caller may drop it."""
-        counted, self._scanned = self._scanned, 0
-        return counted
-
-    def end(self, buf: str, start: int) -> int:
-        """The index in ``buf`` just past the value at ``start``, or -1 if ``buf`` ends first."""
-        at, depth, in_string = start + self._scanned, self._depth, self._in_string
-        while True:
-            if in_string:
-                at = _IN_STRING.match(buf, at).end()  # type: ignore[union-attr]  # it matches an empty string
-                if at == len(buf) or buf[at] != '"':  # cut off, perhaps before an escape's backslash
-                    break
-                at, in_string = at + 1, False
-            match = self._tokens.search(buf, at)
-            if match is None:
-                at = len(buf)
-                break
-            token, at = match.group(), match.end()
-            if token == '"':
-                in_string = True
-            elif token[0] in "[{":
-                depth += len(token)
-            elif self._bracketed:
-                depth -= len(token)
-                if depth <= 0:  # closers past the element's own belong to the array
-                    return at + depth
-            elif depth == 0 and token in ",]":  # the array's: the element ends before it
-                return start + len(buf[start : match.start()].rstrip(_WHITESPACE))
-            elif depth > 0 and token in "]}":
-                depth -= 1
-        self._scanned, self._depth, self._in_string = at - start, depth, in_string
-        return -1
