@@ -62,6 +62,10 @@ async def serve(runtime: Runtime, options: MonitorOptions) -> AsyncIterator[str]
         access_log=None,
         handle_signals=False,
         keepalive_timeout=options.idle_timeout.total_seconds(),
+        # A body a handler left unread (refused as too large, undecodable) is not drained after the
+        # answer: its connection is closed. Draining inflated compressed bodies for up to 10 s
+        # (aiohttp's default) and logged an error for one that could not be decoded.
+        lingering_time=0,
     )
     await runner.setup()
     try:

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import gzip
 import json
 import logging
+import resource
 import socket
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -197,6 +201,54 @@ async def test_a_body_over_the_limit_is_413_whatever_its_headers_say(served: Cal
         answer = await session.post(f"{url}/pubsub/push", data=chunks())  # chunked: no Content-Length
         assert answer.status == 413
     assert sum(runtime.summary.messages.values()) == 0
+
+
+def _bomb(wbits: int) -> bytes:
+    """256 MiB of zeros, compressed to about 250 KB."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    return b"".join(compressor.compress(bytes(1 << 24)) for _ in range(16)) + compressor.flush()
+
+
+async def _post_status(url: str, encoding: str, body: bytes) -> int:
+    """The status a push request with this body gets; the server may answer and close before it
+    has read all of it, which a client library reports as a broken connection instead."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = (
+        f"POST /pubsub/push HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    writer.write(head.encode() + body)
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    writer.close()
+    return int(status_line.split()[1])
+
+
+@pytest.mark.asyncio
+async def test_compressed_bodies_count_what_they_inflate_to_and_undecodable_ones_are_400(
+    served: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A compression bomb is refused as too large without being inflated whole; a body that is not
+    in the encoding it names (it used to be a 500 and a traceback) is 400, and a well-formed
+    compressed envelope is stored."""
+    gzip_bomb, zlib_bomb = _bomb(31), _bomb(15)
+    compressed = gzip.compress(envelope(b'{"session_id": "gz"}', "gz-1"))
+    cases = [
+        ("gzip", gzip_bomb, 413),
+        ("deflate", zlib_bomb, 413),
+        ("deflate", gzip_bomb, 400),  # gzip's framing where deflate is named
+        ("gzip", b"not compressed at all", 400),
+        ("gzip", compressed, 204),
+    ]
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    async with served("max_body_bytes: 1MiB") as (url, runtime):
+        for encoding, body, expected in cases:
+            assert await _post_status(url, encoding, body) == expected, (encoding, len(body))
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) * 1024 < 64 << 20
+    assert runtime.summary.acknowledged == 1
+    assert "Traceback" not in caplog.text
 
 
 @pytest.mark.asyncio

@@ -320,8 +320,10 @@ class PubSubPushSource(Source[PubSubPushOptions]):
         return self._refuse(NOT_STORED, "not_stored", "not stored yet; retry later")
 
     async def _read_body(self, request: web.Request) -> bytes | web.Response:
-        """The body, read within ``read_timeout`` and ``max_body_bytes`` whatever the headers said."""
+        """The body, read within ``read_timeout`` and ``max_body_bytes`` whatever the headers said
+        (decompressed, if a ``Content-Encoding`` says so: the limit counts what it inflates to)."""
         import aiohttp
+        from aiohttp.web_protocol import RequestPayloadError
 
         limit = self.options.max_body_bytes
         content = request.content
@@ -342,4 +344,7 @@ class PubSubPushSource(Source[PubSubPushOptions]):
         except (aiohttp.ClientError, ConnectionError) as exc:
             log.warning("%s: a push request's body was cut off: %s", self.name, exc or type(exc).__name__)
             return self._refuse(400, "body_cut_off", "body cut off")
+        except RequestPayloadError as exc:  # e.g. not in the Content-Encoding it names
+            log.warning("%s: a push request's body cannot be read: %s", self.name, str(exc).replace("\n", " "))
+            return self._refuse(400, "unreadable_body", "body cannot be decoded")
         return b"".join(chunks)
