@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from clickflow.api import AnySink, AnySource
@@ -41,6 +42,24 @@ async def _readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "not ready"}, status=503)
 
 
+class _ClientErrorsAsWarnings(logging.Filter):
+    """aiohttp logs a request it cannot parse (the client's error, answered 400) at ERROR with a
+    traceback, so anyone who can reach the port could fill the log, and error reporting, with
+    them: here each is one WARNING line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError) and 400 <= error.code < 500:
+            reason = " ".join(str(error.message).split())
+            record.msg, record.args = f"{record.getMessage()}: {error.code} {reason}", ()
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_CLIENT_ERRORS = _ClientErrorsAsWarnings()
+
+
 def build_app(runtime: Runtime) -> web.Application:
     app = web.Application()  # routes that take large bodies read them with limits of their own
     app[RUNTIME] = runtime
@@ -57,6 +76,7 @@ def build_app(runtime: Runtime) -> web.Application:
 @asynccontextmanager
 async def serve(runtime: Runtime, options: MonitorOptions) -> AsyncIterator[str]:
     """Serve the monitoring app while the block runs; yields its base URL."""
+    logging.getLogger("aiohttp.server").addFilter(_CLIENT_ERRORS)
     runner = web.AppRunner(
         build_app(runtime),
         access_log=None,

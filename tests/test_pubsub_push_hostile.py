@@ -251,6 +251,38 @@ async def test_compressed_bodies_count_what_they_inflate_to_and_undecodable_ones
     assert "Traceback" not in caplog.text
 
 
+MALFORMED_REQUESTS = [
+    b"POST /pubsub/push HTTP/1.1\r\nHost: x\r\nNoColon\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST /pubsub/push HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}",
+    b"POST /pubsub/push HTTP/9.9\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST /pubsub/push HTTP/1.1\r\nHost: x\r\nContent-Encoding: br\r\nContent-Length: 2\r\n\r\n{}",
+    b"POST /pubsub/push HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+    b"POST /pubsub/push HTTP/1.1\r\nHost: x\r\nX: \x00\x1b[31m\r\nContent-Length: 2\r\n\r\n{}",
+]
+
+
+@pytest.mark.asyncio
+async def test_a_malformed_request_is_400_and_one_warning_line(
+    served: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp logs each at ERROR with a traceback: anyone who reaches the port could fill the log,
+    and error reporting, with them."""
+    async with served() as (url, runtime):
+        host, port = url.removeprefix("http://").split(":")
+        caplog.clear()
+        for raw in MALFORMED_REQUESTS:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(raw)
+            status_line = await asyncio.wait_for(reader.readline(), 5)
+            writer.close()
+            assert status_line.split()[1] == b"400", raw
+    assert sum(runtime.summary.messages.values()) == 0
+    server_lines = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert [r.levelname for r in server_lines] == ["WARNING"] * len(MALFORMED_REQUESTS)
+    assert all("\n" not in r.getMessage() and r.exc_info is None for r in server_lines)
+    assert "Traceback" not in caplog.text
+
+
 @pytest.mark.asyncio
 async def test_a_slow_body_is_answered_408_and_a_cut_body_logs_one_line(
     served: Callable[..., Any], caplog: pytest.LogCaptureFixture
