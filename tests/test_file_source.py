@@ -165,6 +165,10 @@ UNBALANCED = b'{"a": [1, {"b": "x}'
             b'[\n  {"a": [\n    {"x": 1},\n    {"y": 2}\n  },\n\n  {"c": 3}\n]',
             [b'{"a": [\n    {"x": 1},\n    {"y": 2}\n  }', b'{"c": 3}'],
         ),
+        (  # brackets that balance stand: objects at the start of lines inside are the element's
+            b'[{"a": 1, "events": [\n{"x": 1},\n{"y": 2}], "b": tru},\n{"c": 3}]',
+            [b'{"a": 1, "events": [\n{"x": 1},\n{"y": 2}], "b": tru}', b'{"c": 3}'],
+        ),
         (  # a next line that does not start a whole object goes on with the broken element
             b"[" + UNBALANCED + b',\n{"c": tru},\n{"d": 4} 5,\n{"e": 5}]',
             [UNBALANCED + b',\n{"c": tru},\n{"d": 4} 5', b'{"e": 5}'],
@@ -182,6 +186,19 @@ def test_an_element_whose_brackets_never_balance_ends_where_the_next_line_starts
     monkeypatch.setattr(reader, "CHUNK", chunk)
     found = list(iter_messages(io.BufferedReader(io.BytesIO(text)), "f"))
     assert found == [(f"f:[{i}]", element) for i, element in enumerate(expected)]
+
+
+def test_a_broken_element_far_from_the_end_is_resolved_within_max_element(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its brackets might still balance further on, so the reader reads on, but never holds more
+    than ``MAX_ELEMENT`` of it: there it looks for the line that starts the next element."""
+    import clickflow_file.reader as reader
+
+    monkeypatch.setattr(reader, "MAX_ELEMENT", 200)
+    monkeypatch.setattr(reader, "CHUNK", 16)
+    objects = [b'{"n": %d}' % i for i in range(100)]
+    text = b"[" + b",\n".join([UNBALANCED, *objects]) + b"]\n"
+    found = list(iter_messages(io.BufferedReader(io.BytesIO(text)), "f"))
+    assert found == [(f"f:[{i}]", element) for i, element in enumerate([UNBALANCED, *objects])]
 
 
 def test_a_hostile_broken_element_has_a_bounded_number_of_lines_judged(monkeypatch: pytest.MonkeyPatch) -> None:

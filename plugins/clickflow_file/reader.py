@@ -106,9 +106,10 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
     closing bracket. The parser dead-letters it, and reading goes on after it; an
     element that follows another without a comma is read as one of its own. One
     longer than ``MAX_ELEMENT`` is cut there, as a line is, and the rest of it
-    skipped. One whose brackets never balance (cut short, or a string left open)
-    ends before the comma at the end of a line if the next line starts the next
-    element (see ``Resync``); failing that, it ends the file: what is left (up to
+    skipped. One whose brackets never balance (cut short, or a string left open:
+    where they do, no comma or closing bracket follows) ends before the comma at the
+    end of a line if the next line starts the next element (see ``Resync``);
+    failing that, it ends the file: what is left (up to
     ``MAX_REMAINDER``) becomes one final message, which the parser turns into a dead
     letter. What follows the closing bracket (a
     JSON-lines file whose first line is an array, files joined together) is read on
@@ -139,6 +140,12 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
         rest = buf[pos:].encode("utf-8", "surrogateescape") + decoder.getstate()[0]
         line = newlines + buf.count("\n", 0, pos) + 1
         return iter_lines(_Prefixed(rest, stream), path, first_line=line)
+
+    def next_character(at: int) -> str | None:
+        """The first character from ``at`` on that is not whitespace; None if ``buf`` ends first."""
+        while at < len(buf) and buf[at] in WHITESPACE:
+            at += 1
+        return buf[at] if at < len(buf) else None
 
     def skip_whitespace() -> bool:
         nonlocal pos
@@ -203,9 +210,14 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
             except (json.JSONDecodeError, RecursionError):  # malformed, too deep, or cut off by the buffer
                 extent, resync = Extent(bracketed=char in "[{"), Resync(column(pos))
                 end = extent.end(buf, pos)
-            if resync is not None and (cut := resync.find(buf, pos, end, eof)) != -1:
-                end = cut
-                break
+            if resync is not None:  # the brackets' end stands if the array goes on after it
+                follows = next_character(end) if end != -1 else None
+                if follows is None and not eof and len(buf) - pos < MAX_ELEMENT:
+                    more()
+                    continue
+                if follows not in (",", "]") and (cut := resync.find(buf, pos, end, eof)) != -1:
+                    end = cut
+                    break
             if (end == -1 or end == len(buf)) and not eof and len(buf) - pos < MAX_ELEMENT:
                 more()
                 continue
