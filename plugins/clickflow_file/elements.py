@@ -10,6 +10,20 @@ import re
 WHITESPACE = " \t\r\n"
 scan = json.JSONDecoder().raw_decode
 """A JSON value's end in a text, or an error (``json`` reads it, up to its recursion limit)."""
+_NOT_WHITESPACE = re.compile(r"[^ \t\r\n]")
+
+
+def past_whitespace(buf: str, at: int) -> int:
+    """Where the first character of ``buf`` from ``at`` on that is not whitespace is; ``len(buf)`` if none."""
+    found = _NOT_WHITESPACE.search(buf, at)
+    return found.start() if found else len(buf)
+
+
+def next_character(buf: str, at: int) -> str | None:
+    """The first character of ``buf`` from ``at`` on that is not whitespace; None if ``buf`` ends first."""
+    at = past_whitespace(buf, at)
+    return buf[at] if at < len(buf) else None
+
 
 _NEXT_LINE_OBJECT = re.compile(r",[ \t\r]*\n(?:[ \t\r]*\n)*([ \t]*)(?=\{)")
 """A comma that ends a line, and the indentation of the next line that is not blank, if it starts
@@ -47,11 +61,10 @@ class Resync:
                     if not eof and len(buf) - match.end() < _LOOK_AHEAD:
                         break  # perhaps cut off by the buffer: judged again with more text
                 else:
-                    while after < len(buf) and buf[after] in WHITESPACE:
-                        after += 1
-                    if after < len(buf) and buf[after] in ",]":
+                    follows = next_character(buf, after)
+                    if follows in (",", "]"):
                         return start + len(buf[start : match.start()].rstrip(WHITESPACE))
-                    if after == len(buf) and not eof:
+                    if follows is None and not eof:
                         break
                 self._tries -= 1
             at = match.start() + 1

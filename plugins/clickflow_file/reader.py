@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Iterator
 from typing import Any, BinaryIO, Protocol
 
-from clickflow_file.elements import WHITESPACE, Extent, Resync, scan
+from clickflow_file.elements import Extent, Resync, next_character, past_whitespace, scan
 
 log = logging.getLogger(__name__)
 
@@ -141,17 +141,10 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
         line = newlines + buf.count("\n", 0, pos) + 1
         return iter_lines(_Prefixed(rest, stream), path, first_line=line)
 
-    def next_character(at: int) -> str | None:
-        """The first character from ``at`` on that is not whitespace; None if ``buf`` ends first."""
-        while at < len(buf) and buf[at] in WHITESPACE:
-            at += 1
-        return buf[at] if at < len(buf) else None
-
     def skip_whitespace() -> bool:
         nonlocal pos
         while True:
-            while pos < len(buf) and buf[pos] in WHITESPACE:
-                pos += 1
+            pos = past_whitespace(buf, pos)
             if pos < len(buf) or not more():
                 return pos < len(buf)
 
@@ -210,17 +203,14 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
             except (json.JSONDecodeError, RecursionError):  # malformed, too deep, or cut off by the buffer
                 extent, resync = Extent(bracketed=char in "[{"), Resync(column(pos))
                 end = extent.end(buf, pos)
-            if resync is not None:  # the brackets' end stands if the array goes on after it
-                follows = next_character(end) if end != -1 else None
-                if follows is None and not eof and len(buf) - pos < MAX_ELEMENT:
-                    more()
-                    continue
-                if follows not in (",", "]") and (cut := resync.find(buf, pos, end, eof)) != -1:
-                    end = cut
-                    break
-            if (end == -1 or end == len(buf)) and not eof and len(buf) - pos < MAX_ELEMENT:
+            # a broken element's end by its brackets stands if the array goes on after it
+            follows = next_character(buf, end) if resync is not None and end != -1 else None
+            unknown = end == -1 or end == len(buf) or (resync is not None and follows is None)
+            if unknown and not eof and len(buf) - pos < MAX_ELEMENT:
                 more()
                 continue
+            if resync is not None and follows not in (",", "]") and (cut := resync.find(buf, pos, end, eof)) != -1:
+                end = cut
             break
         if end == -1 and extent is not None and not eof:  # longer than MAX_ELEMENT
             message, ended = skip_rest(extent)
