@@ -190,7 +190,7 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
         if not len(batch):  # only messages the log holds: stored already
             return
         with anyio.CancelScope(shield=True):  # a batch in the log is in the bookkeeping too
-            if self._log.overlaps(batch):  # logged while the batch gathered: once the tables hold it, anti-joined
+            if self._log.holding(batch.messages):  # logged while it gathered: once the tables hold it, anti-joined
                 await self.commit()
             async with self._appending:
                 await self._log.append(batch)

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 
 import anyio
 from anyio.abc import Process
@@ -54,15 +54,14 @@ _MAGIC = b"CFL1"
 class LogBatch(Spool):
     """A batch for the log: each table's spool lines, in memory until appended."""
 
-    def __init__(self, log: BatchLog | None = None) -> None:
+    def __init__(self, log: BatchLog) -> None:
         super().__init__()
         self._lines: dict[str, list[bytes]] = {name: [] for name in TABLE_NAMES}
         self._log = log
 
-    def held(self, messages: set[str]) -> set[str]:
+    def held(self, messages: Collection[str]) -> set[str]:
         """Also those the log holds: a redelivery of a logged message is answered without a commit."""
-        held = super().held(messages)
-        return held | self._log.holding(messages) if self._log is not None else held
+        return super().held(messages) | self._log.holding(messages)
 
     def _write(self, table: str, lines: bytes) -> None:
         self._lines[table].append(lines)
@@ -222,12 +221,10 @@ class BatchLog:
         self._size = 0
         self._writer = LogWriter()
 
-    def holding(self, messages: set[str]) -> set[str]:
-        """Which of ``messages`` the log holds: appended and synced, not yet committed."""
-        return {message for logged in (self.pending, self.taken) if logged for message in messages & logged.messages}
-
-    def overlaps(self, batch: Spool) -> bool:
-        return any(not logged.messages.isdisjoint(batch.messages) for logged in (self.pending, self.taken) if logged)
+    def holding(self, messages: Iterable[str]) -> set[str]:
+        """Which of ``messages`` the log holds: appended and synced, or being inserted, not yet committed."""
+        held = self.pending.messages.intersection(messages)
+        return held | self.taken.messages.intersection(messages) if self.taken is not None else held
 
     async def append(self, batch: LogBatch) -> None:
         """Make a batch durable in the current segment; then ``add``. After a failure the next

@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Collection
 from typing import BinaryIO
 
 import msgspec
@@ -32,20 +33,20 @@ class Spool:
         """The messages whose rows the batch holds: visit ids, and whole-message dead letters' ids."""
 
     def add(self, rows: RowBatch) -> None:
-        messages = set(rows.message_keys())
+        messages = rows.message_keys()
         held = self.held(messages)
         if held:  # redelivered: their rows are kept once
             rows = rows.without_messages(held)
-            messages -= held
-        self.messages |= messages
+            messages = [message for message in messages if message not in held]
+        self.messages.update(messages)
         for name, table_rows in rows.tables.items():
             if table_rows:
                 self._write(name, encode_lines(table_rows))
                 self._counts[name] += len(table_rows)
 
-    def held(self, messages: set[str]) -> set[str]:
+    def held(self, messages: Collection[str]) -> set[str]:
         """Which of ``messages`` have their rows where this batch goes already: in the batch itself."""
-        return messages & self.messages
+        return self.messages.intersection(messages)
 
     def _write(self, table: str, lines: bytes) -> None:
         raise NotImplementedError
