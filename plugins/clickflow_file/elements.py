@@ -1,6 +1,6 @@
 """Where an array element ends when ``json``'s scanner cannot read it (``reader.iter_array``):
-by its brackets (``Extent``), or, if they never balance, at the line that starts the next
-element (``Resync``)."""
+by its brackets (``Extent``), or, if they never balance, where the next element starts
+(``Resync``)."""
 
 from __future__ import annotations
 
@@ -25,23 +25,34 @@ def next_character(buf: str, at: int) -> str | None:
     return buf[at] if at < len(buf) else None
 
 
-_NEXT_LINE_OBJECT = re.compile(r",[ \t\r]*\n(?:[ \t\r]*\n)*([ \t]*)(?=\{)")
-"""A comma that ends a line, and the indentation of the next line that is not blank, if it starts
-with an object."""
+_NEXT_OBJECT = re.compile(r",(?:[ \t\r]*\n(?:[ \t\r]*\n)*(?P<indent>[ \t]*)|[ \t\r]*)(?=\{)")
+"""A comma before an object: at the end of a line, with the indentation of the next line that is
+not blank, if that line starts with the object (``indent`` is None if the object is on the
+comma's line)."""
 _LOOK_AHEAD = 1 << 20
 """How much text an object at the start of a line may need before it is judged."""
+RUN_ON = 1 << 20
+"""How long a run of whole elements after a comma within a line must be, if the array's closing
+bracket does not end it, to be the array's rest."""
 _MAX_TRIES = 100
-"""Lines judged per broken element at most: a hostile one of lines that each open one more
+"""Places judged per broken element at most: a hostile one of lines that each open one more
 bracket made ``json`` read a thousand lines for each (15 s a megabyte)."""
 
 
 class Resync:
     """Where an array element that ``json``'s scanner cannot read ends if its brackets do not
-    balance (one cut short, or with a string left open): before the comma at the end of a line
-    whose next line, no more indented than the element's first, starts a whole object followed by
-    a comma or the array's closing bracket. An array written one element per line, or indented,
-    goes on there, so a broken element does not take what follows it along. ``find`` is called
-    again, with more text, while it finds nothing."""
+    balance (one cut short, or with a string left open), so that it does not take what follows it
+    along: before a comma followed by an object that starts the next element.
+
+    - At the end of a line: if the next line, no more indented than the element's first, starts
+      with a whole object followed by a comma or the array's closing bracket. An array written one
+      element per line, or indented, goes on there.
+    - Within a line (an array on one line, as ``json.dump`` writes it): if whole values separated
+      by commas run from the object to a closing bracket that ends its line, or for ``RUN_ON``
+      characters. A run of objects nested in the broken element ends inside it, as a bracket
+      that other text follows.
+
+    ``find`` is called again, with more text, while it finds nothing."""
 
     def __init__(self, column: int) -> None:
         self._column = column
@@ -50,11 +61,21 @@ class Resync:
         self._tries = _MAX_TRIES
 
     def find(self, buf: str, start: int, end: int, eof: bool) -> int:
-        """The index in ``buf`` where the element at ``start`` ends, if a line before ``end`` (the
-        end its brackets give, or -1) starts the next element; else -1."""
+        """The index in ``buf`` where the element at ``start`` ends, if an object before ``end``
+        (the end its brackets give, or -1) starts the next element; else -1."""
         at, stop = start + self._scanned, len(buf) if end == -1 else end
-        while self._tries and (match := _NEXT_LINE_OBJECT.search(buf, at, stop)) is not None:
-            if len(match.group(1)) <= self._column:
+        while self._tries and (match := _NEXT_OBJECT.search(buf, at, stop)) is not None:
+            indent = match.group("indent")
+            if indent is None:
+                starts, at = _starts_run(buf, match.end(), eof)
+                if starts is None:  # the text ends before the run can be judged
+                    at = match.start()
+                    break
+                if starts:
+                    return start + len(buf[start : match.start()].rstrip(WHITESPACE))
+                self._tries -= 1  # and any comma before ``at``, in the run or nested in it, fails alike
+                continue
+            if len(indent) <= self._column:
                 try:
                     after = scan(buf, match.end())[1]
                 except (json.JSONDecodeError, RecursionError):
@@ -73,6 +94,39 @@ class Resync:
             at = last if last != -1 and not buf[last + 1 : stop].strip(WHITESPACE) else stop
         self._scanned = at - start
         return -1
+
+
+def _starts_run(buf: str, at: int, eof: bool) -> tuple[bool | None, int]:
+    """Whether whole values separated by commas run from ``at`` to a closing bracket that only
+    whitespace follows on its line, or for ``RUN_ON`` characters; None if ``buf`` ends before that
+    can be told. With False, where the run broke."""
+    first = at
+    while at - first < RUN_ON:
+        try:
+            at = scan(buf, at)[1]
+        except json.JSONDecodeError as exc:
+            return (None if not eof and _cut_off(exc, buf) else False), at
+        except RecursionError:
+            return False, at
+        at = past_whitespace(buf, at)
+        if at == len(buf):
+            return (None if not eof else False), at
+        if buf[at] == "]":
+            line_end = buf.find("\n", at)
+            rest = buf[at + 1 : line_end if line_end != -1 else len(buf)]
+            if rest.strip(WHITESPACE):
+                return False, at
+            return (None if line_end == -1 and not eof else True), at
+        if buf[at] != ",":
+            return False, at
+        at = past_whitespace(buf, at + 1)
+    return True, at
+
+
+def _cut_off(error: json.JSONDecodeError, text: str) -> bool:
+    """Whether ``json`` failed only for want of more text: in a string, or within a token's length
+    (``-Infinity``) of the end."""
+    return error.msg.startswith("Unterminated string") or error.pos >= len(text) - len("-Infinity")
 
 
 _BRACKETS_OR_QUOTE = re.compile(r'[\[{]+|[\]}]+|"')

@@ -107,13 +107,14 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
     element that follows another without a comma is read as one of its own. One
     longer than ``MAX_ELEMENT`` is cut there, as a line is, and the rest of it
     skipped. One whose brackets never balance (cut short, or a string left open:
-    where they do, no comma or closing bracket follows) ends before the comma at the
-    end of a line if the next line starts the next element (see ``Resync``);
-    failing that, it ends the file: what is left (up to
-    ``MAX_REMAINDER``) becomes one final message, which the parser turns into a dead
-    letter. What follows the closing bracket (a
-    JSON-lines file whose first line is an array, files joined together) is read on
-    as JSON lines, numbered from the line the array ends on.
+    where they do, no comma or closing bracket follows) ends before the comma before
+    the object that starts the next element (see ``Resync``); failing that, it ends
+    the file: what is left (up to ``MAX_REMAINDER``) becomes one final message, which
+    the parser turns into a dead letter. A closing bracket that a comma or another
+    closer follows is a broken element's, not the array's, if a next element is
+    found so. What follows the array's closing bracket (a JSON-lines file whose
+    first line is an array, files joined together) is read on as JSON lines,
+    numbered from the line the array ends on.
     """
     decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
     buf, pos, eof, index = "", 0, False, 0
@@ -173,6 +174,20 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
         log.warning("%s: malformed JSON array at element %d; its rest goes to dead_letter", path, index)
         return f"{path}:[{index}]", rest[:MAX_REMAINDER]
 
+    def stray_closer() -> int:
+        """-1 if the bracket at ``pos`` closes the array; else where the next element starts. One that
+        a comma or another closer follows closes what a broken element left open: if a later
+        element is found (as after an element whose brackets never balance: ``Resync``), the text
+        up to it is an element of its own."""
+        while (follows := next_character(buf, pos + 1)) is None and more():
+            pass
+        if follows not in (",", "]", "}", ":"):
+            return -1
+        resync = Resync(column(pos))
+        while (cut := resync.find(buf, pos, -1, eof)) == -1 and not eof and len(buf) - pos < MAX_ELEMENT:
+            more()
+        return cut
+
     if not skip_whitespace():
         return
     if buf.startswith("\ufeff", pos):
@@ -186,9 +201,16 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
     while skip_whitespace():
         char = buf[pos]
         if char == "]" and (index == 0 or not expect_element):
-            pos += 1
-            yield from lines_after()
-            return
+            cut = stray_closer()
+            if cut == -1:
+                pos += 1
+                yield from lines_after()
+                return
+            log.warning("%s: a closing bracket before array element %d is not the array's; read as an element", path,
+                        index)  # fmt: skip
+            yield f"{path}:[{index}]", buf[pos:cut].encode("utf-8", "surrogateescape")
+            pos, index = cut, index + 1
+            continue
         if not expect_element:
             expect_element = True
             if char == ",":
