@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 import jwt
 import pytest
 from aiohttp import web
@@ -341,13 +342,29 @@ async def test_a_concurrent_flood_stores_every_message_once(served: Callable[...
     assert table_counts(tmp_path / "push.duckdb") == {"visits": 350, "events": 0, "purchase_items": 0, "dead_letter": 0}
 
 
+async def _in_chunks(body: bytes) -> AsyncIterator[bytes]:
+    """A body sent chunked: without a Content-Length."""
+    for at in range(0, len(body), 1 << 16):
+        yield body[at : at + (1 << 16)]
+
+
+SENT_AS: dict[str, Callable[[bytes], dict[str, Any]]] = {
+    "with its length": lambda body: {"data": body},
+    "gzip'd": lambda body: {"data": gzip.compress(body), "headers": {"Content-Encoding": "gzip"}},
+    "chunked": lambda body: {"data": _in_chunks(body)},
+}
+
+
 @pytest.mark.asyncio
+@pytest.mark.parametrize("sent_as", list(SENT_AS))
 async def test_bodies_over_max_pending_bytes_are_refused_at_once_and_the_others_stored(
-    served: Callable[..., Any], tmp_path: Path
+    served: Callable[..., Any], tmp_path: Path, sent_as: str
 ) -> None:
     """Bodies waiting for their batch count against ``max_pending_bytes``: a request that would go
-    over is answered 429 before its body is read (Pub/Sub sends it again later), so a burst of large
-    messages cannot exhaust memory, and the requests already held are stored."""
+    over is answered 429 at once (Pub/Sub sends it again later), so a burst of large messages
+    cannot exhaust memory, and the requests already held are stored. A body counts what it
+    inflates to: a gzip'd one counted its compressed length, so bodies of a few kilobytes each
+    held 400 KB past the limit."""
     pad = b"x" * 300_000
 
     def body(n: int) -> bytes:  # about 400 KB: two fit in 1 MiB, three do not
@@ -357,7 +374,7 @@ async def test_bodies_over_max_pending_bytes_are_refused_at_once_and_the_others_
     async with served(options, max_age="1s") as (url, runtime), aiohttp.ClientSession() as session:
 
         async def push(n: int) -> int:
-            async with session.post(f"{url}/pubsub/push", data=body(n)) as answer:
+            async with session.post(f"{url}/pubsub/push", **SENT_AS[sent_as](body(n))) as answer:
                 return answer.status
 
         def pending() -> float:
@@ -365,8 +382,9 @@ async def test_bodies_over_max_pending_bytes_are_refused_at_once_and_the_others_
             return value or 0.0
 
         held = [asyncio.create_task(push(n)) for n in range(2)]
-        while pending() < 2 * len(body(0)):  # noqa: ASYNC110 - the gauge is what is being tested
-            await asyncio.sleep(0.01)
+        with anyio.fail_after(5):
+            while pending() < 2 * len(body(0)):  # noqa: ASYNC110 - the gauge is what is being tested
+                await asyncio.sleep(0.01)
         started = time.monotonic()
         assert await push(2) == 429
         assert time.monotonic() - started < 0.5  # at once, not after the held batch
@@ -378,6 +396,23 @@ async def test_bodies_over_max_pending_bytes_are_refused_at_once_and_the_others_
         )
     assert refused == 1
     assert table_counts(tmp_path / "push.duckdb")["visits"] == 3
+
+
+@pytest.mark.asyncio
+async def test_a_body_without_a_length_holds_what_it_sends(served: Callable[..., Any], tmp_path: Path) -> None:
+    """Not ``max_body_bytes``: with 1 MiB pending and bodies of up to 512 KiB, only two chunked
+    requests of any size could wait for their batch at once."""
+    options = "max_body_bytes: 512KiB, max_pending_bytes: 1MiB"
+    async with served(options, max_age="1s") as (url, runtime), aiohttp.ClientSession() as session:
+
+        async def push(n: int) -> int:
+            body = envelope(b'{"session_id": "S-%d", "events": []}' % n, str(n))
+            async with session.post(f"{url}/pubsub/push", data=_in_chunks(body)) as answer:
+                return answer.status
+
+        assert await asyncio.gather(*(push(n) for n in range(20))) == [204] * 20
+    assert runtime.summary.acknowledged == 20
+    assert table_counts(tmp_path / "push.duckdb")["visits"] == 20
 
 
 def test_push_auth_never_fails_open_on_the_example_pipeline(registry: Any) -> None:

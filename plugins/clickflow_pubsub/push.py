@@ -64,9 +64,10 @@ class PubSubPushOptions(SourceOptions, kw_only=True):
     read_timeout: Duration = Duration(seconds=10)
     """How long a request's body may take to arrive; a slower client is answered 408."""
     max_pending_bytes: ByteSize = ByteSize(128 << 20)
-    """Request bodies held at once (being read, waiting to enter, waiting to be stored); a request
-    that would go over is answered 429 before its body is read, so a burst of large messages
-    cannot exhaust memory (each body costs three to four times its size until it is stored)."""
+    """Request bodies held at once (being read, waiting to enter, waiting to be stored), counted as
+    they inflate; a request that would go over is answered 429 (before its body is read if its
+    Content-Length says so), so a burst of large messages cannot exhaust memory (each body costs
+    three to four times its size until it is stored)."""
 
     def __post_init__(self) -> None:
         check_range("max_body_bytes", self.max_body_bytes, 1, 4 * MAX_ENVELOPE_BYTES)
@@ -115,6 +116,42 @@ class _Waiting:
 def _answer(request: _Waiting, status: int) -> None:
     if not request.outcome.done():  # answered once: by its outcome, its timeout or the endpoint stopping
         request.outcome.set_result(status)
+
+
+class _Pending:
+    """The request bodies an endpoint holds, against ``max_pending_bytes``; each request's are
+    reserved as it is read (``_Reservation``)."""
+
+    __slots__ = ("bytes", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.bytes = 0
+        self.limit = limit
+
+
+class _Reservation:
+    """One request body's share of ``_Pending``: its Content-Length at first, then what it
+    inflates to, or what it sends without a length, as it is read; released when it is answered."""
+
+    __slots__ = ("_pending", "bytes")
+
+    def __init__(self, pending: _Pending) -> None:
+        self._pending = pending
+        self.bytes = 0
+
+    def grow(self, size: int) -> bool:
+        """Hold ``size`` bytes in all, if they fit: else hold no more and say so."""
+        more = size - self.bytes
+        if more > 0:
+            if self._pending.bytes + more > self._pending.limit:
+                return False
+            self._pending.bytes += more
+            self.bytes = size
+        return True
+
+    def release(self) -> None:
+        self._pending.bytes -= self.bytes
+        self.bytes = 0
 
 
 class _RequestsAck:
@@ -200,7 +237,7 @@ class PubSubPushSource(Source[PubSubPushOptions]):
     _verifier: Any = None
     _refused: Any = None
     _batch_sizes: Any = None
-    _pending_bytes = 0
+    _pending: _Pending
 
     def routes(self) -> list[tuple[str, str, Handler]]:
         return [("POST", self.options.path, self._handle)]
@@ -210,6 +247,7 @@ class PubSubPushSource(Source[PubSubPushOptions]):
         import aiohttp
 
         self._verifier = None
+        self._pending = pending = _Pending(self.options.max_pending_bytes)
         if self.options.auth == "oidc":
             try:
                 from clickflow_pubsub.oidc import TokenVerifier
@@ -229,7 +267,7 @@ class PubSubPushSource(Source[PubSubPushOptions]):
                                           ).labels(self.name)  # fmt: skip
         shared_metric(registry, Gauge, "clickflow_push_pending_bytes",
                       "Push request bodies held: being read, waiting to enter, or waiting to be stored",
-                      ["source"]).labels(self.name).set_function(lambda: self._pending_bytes)  # fmt: skip
+                      ["source"]).labels(self.name).set_function(lambda: pending.bytes)  # fmt: skip
         async with aiohttp.ClientSession() as self._session:
             yield
 
@@ -298,12 +336,11 @@ class PubSubPushSource(Source[PubSubPushOptions]):
             except AuthError as exc:
                 log.warning("%s: refused a push request (%d): %s", self.name, exc.status, exc)
                 return self._refuse(exc.status, exc.code, str(exc))
-        held = request.content_length if request.content_length is not None else self.options.max_body_bytes
-        if self._pending_bytes + held > self.options.max_pending_bytes:
-            return self._refuse(PIPELINE_FULL, "pending_bytes", "too many bytes waiting to be stored; retry later")
-        self._pending_bytes += held
+        held = _Reservation(self._pending)
+        if not held.grow(request.content_length or 0):
+            return self._refuse_pending()
         try:
-            body = await self._read_body(request)
+            body = await self._read_body(request, held)
             if isinstance(body, web.Response):
                 return body
             enter_timeout = self.options.enter_timeout.total_seconds()
@@ -312,16 +349,20 @@ class PubSubPushSource(Source[PubSubPushOptions]):
             self._arrived.set()
             status = await waiting.outcome
         finally:
-            self._pending_bytes -= held
+            held.release()
         if status == STORED:
             return web.Response(status=STORED)
         if status == PIPELINE_FULL:
             return self._refuse(PIPELINE_FULL, "pipeline_full", "pipeline is full; retry later")
         return self._refuse(NOT_STORED, "not_stored", "not stored yet; retry later")
 
-    async def _read_body(self, request: web.Request) -> bytes | web.Response:
+    def _refuse_pending(self) -> web.Response:
+        return self._refuse(PIPELINE_FULL, "pending_bytes", "too many bytes waiting to be stored; retry later")
+
+    async def _read_body(self, request: web.Request, held: _Reservation) -> bytes | web.Response:
         """The body, read within ``read_timeout`` and ``max_body_bytes`` whatever the headers said
-        (decompressed, if a ``Content-Encoding`` says so: the limit counts what it inflates to)."""
+        (decompressed, if a ``Content-Encoding`` says so: the limits count what it inflates to),
+        ``held`` growing with it."""
         import aiohttp
         from aiohttp.web_protocol import RequestPayloadError
 
@@ -329,7 +370,9 @@ class PubSubPushSource(Source[PubSubPushOptions]):
         content = request.content
         if content.is_eof() and content.exception() is None:  # all of it came with the headers
             body = content.read_nowait()
-            return body if len(body) <= limit else self._refuse(413, "too_large", "body too large")
+            if len(body) > limit:
+                return self._refuse(413, "too_large", "body too large")
+            return body if held.grow(len(body)) else self._refuse_pending()
         chunks, size = [], 0
         try:
             with anyio.fail_after(self.options.read_timeout.total_seconds()):
@@ -337,6 +380,8 @@ class PubSubPushSource(Source[PubSubPushOptions]):
                     size += len(chunk)
                     if size > limit:
                         return self._refuse(413, "too_large", "body too large")
+                    if not held.grow(size):
+                        return self._refuse_pending()
                     chunks.append(chunk)
         except TimeoutError:
             log.warning("%s: a push request's body took over %s; answered 408", self.name, self.options.read_timeout)
