@@ -355,6 +355,30 @@ def test_a_json_lines_file_that_starts_with_an_array_loses_no_line() -> None:
     ]
 
 
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_a_file_in_utf_16_or_32_with_its_byte_order_mark_is_read_as_utf_8(encoding: str, gzipped: bool) -> None:
+    """As Windows PowerShell 5.1 writes what is redirected to a file (UTF-16 LE): every line was a
+    dead letter. A lone surrogate spoils its own line only, as invalid UTF-8, and so does a file
+    cut inside a character."""
+    import codecs
+
+    from clickflow_file.reader import CountingReader
+
+    bom = {"utf-16-le": codecs.BOM_UTF16_LE, "utf-16-be": codecs.BOM_UTF16_BE,
+           "utf-32-le": codecs.BOM_UTF32_LE, "utf-32-be": codecs.BOM_UTF32_BE}[encoding]  # fmt: skip
+    text = '[{"a": "\u00e9t\u00e9"}, {"b": 1}]\r\n{"c": "\U0001f600"}\n{"d": "\ud800"}\n{"e": 5}'
+    data = bom + text.encode(encoding, "surrogatepass")[:-1]  # cut inside the last character
+    reader = CountingReader(io.BytesIO(gzip.compress(data) if gzipped else data))
+    assert list(iter_messages(reader.stream, "f")) == [
+        ("f:[0]", '{"a": "\u00e9t\u00e9"}'.encode()),
+        ("f:[1]", b'{"b": 1}'),
+        ("f:2", '{"c": "\U0001f600"}'.encode()),
+        ("f:3", b'{"d": "\xed\xa0\x80"}'),
+        ("f:4", b'{"e": 5' + "}".encode(encoding)[:-1]),  # what is left of the cut character, as it is
+    ]
+
+
 def test_paths_globs_and_lists_expand_in_order(tmp_path: Path) -> None:
     for name in ("b.jsonl", "a.jsonl", "sub/c.jsonl.gz"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
@@ -371,7 +395,7 @@ def test_unmatched_path_is_an_error(tmp_path: Path, pattern: str) -> None:
 
 
 def write_inputs(tmp_path: Path, visit: Callable[..., dict[str, Any]]) -> dict[str, int]:
-    """Four files of every format, valid and malformed mixed; returns what they must produce."""
+    """Five files of every format, valid and malformed mixed; returns what they must produce."""
     good, bad_event = visit(), visit()
     bad_event["events"].append({"event_type": "hover", "timestamp": "2024-07-01T09:00:00", "details": {}})
     (tmp_path / "a.jsonl").write_bytes(lines(good, b"{oops", good, b"", bad_event))
@@ -380,9 +404,10 @@ def write_inputs(tmp_path: Path, visit: Callable[..., dict[str, Any]]) -> dict[s
     (tmp_path / "c.json").write_text(json.dumps([good, bad_event, "text"]))
     with gzip.open(tmp_path / "d.json.gz", "wt") as text_out:
         json.dump([good], text_out)
-    # 10 messages: 7 visits (5 good + 2 with a bad event), 3 rejected whole (bad JSON, array, no session)
-    # plus "text" in c.json: 4 rejected whole in total, 7 visits, 2 event-level dead letters
-    return {"visits": 7, "events": 21, "purchase_items": 7, "dead_letter": 4 + 2}
+    (tmp_path / "e.jsonl").write_text(json.dumps(good) + "\r\n", encoding="utf-16")  # with its byte-order mark
+    # 11 messages: 8 visits (6 good + 2 with a bad event), 3 rejected whole (bad JSON, array, no session)
+    # plus "text" in c.json: 4 rejected whole in total, 8 visits, 2 event-level dead letters
+    return {"visits": 8, "events": 24, "purchase_items": 8, "dead_letter": 4 + 2}
 
 
 def test_every_message_of_every_format_is_accounted_for(
@@ -394,7 +419,7 @@ def test_every_message_of_every_format_is_accounted_for(
         f"sources: [{{type: file, path: '{tmp_path}/*.json*', batch_size: 2}}]\nsinks: [{{type: duckdb, path: '{db}'}}]"
     )
     summary = run_pipeline(pipeline(text))
-    assert sum(summary.messages.values()) == 11
+    assert sum(summary.messages.values()) == 12
     assert table_counts(db) == expected
     assert summary.dead_letters == {"invalid_json": 1, "not_an_object": 2, "invalid_session_id": 1,
                                     "unknown_event_type": 2}  # fmt: skip

@@ -1,5 +1,6 @@
 """Streaming readers for visit files: JSON lines or one JSON array, optionally gzip'd (detected
-by content, so a gzip'd object without ``.gz`` in its name reads too).
+by content, so a gzip'd object without ``.gz`` in its name reads too), in UTF-8, or in UTF-16 or
+UTF-32 with a byte-order mark (read as UTF-8).
 
 Both yield ``(message_id, raw_bytes)`` pairs in constant memory. Message ids are
 ``PATH:LINE`` for JSON lines and ``PATH:[INDEX]`` for arrays, so a re-run of
@@ -32,14 +33,29 @@ MAX_REMAINDER = 16 << 20
 GZIP_MAGIC = b"\x1f\x8b"
 
 
+BYTE_ORDER_MARKS = (  # UTF-32 LE's starts with UTF-16 LE's
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
 class CountingReader:
-    """Reads a byte stream, gunzipping it if it starts like gzip, and counts the bytes read from it."""
+    """Reads a byte stream, gunzipping it if it starts like gzip and transcoding it to UTF-8 if
+    it starts with a UTF-16 or UTF-32 byte-order mark, and counts the bytes read from it."""
 
     def __init__(self, raw: Any) -> None:
         self._raw = raw
         buffered = raw if hasattr(raw, "peek") else io.BufferedReader(raw, CHUNK)
         gzipped = buffered.peek(2)[:2] == GZIP_MAGIC
-        self.stream: BinaryIO = gzip.GzipFile(fileobj=buffered) if gzipped else buffered  # type: ignore[assignment]
+        stream = gzip.GzipFile(fileobj=buffered) if gzipped else buffered
+        head = stream.peek(4)[:4]
+        for mark, encoding in BYTE_ORDER_MARKS:
+            if head.startswith(mark):
+                stream = io.BufferedReader(_AsUtf8(stream, encoding), CHUNK)
+                break
+        self.stream: BinaryIO = stream  # type: ignore[assignment]
 
     @classmethod
     def open(cls, path: str) -> CountingReader:
@@ -52,6 +68,42 @@ class CountingReader:
     def close(self) -> None:
         self.stream.close()
         self._raw.close()
+
+
+class _Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class _AsUtf8(io.RawIOBase):
+    """A stream of text in UTF-16 or UTF-32 (the codec reads its byte-order mark), as UTF-8. Lone
+    surrogates pass through, and bytes left at the end that are not a whole character are kept as
+    they are: either makes its message invalid UTF-8, for the parser to dead-letter."""
+
+    def __init__(self, stream: _Readable, encoding: str) -> None:
+        self._stream = stream
+        self._decoder = codecs.getincrementaldecoder(encoding)("surrogatepass")
+        self._encoded = b""
+        self._at = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._at == len(self._encoded):
+            raw = self._stream.read(CHUNK)
+            try:
+                text = self._decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError:  # the stream ends inside a character
+                self._encoded, self._at = self._decoder.getstate()[0], 0
+                self._decoder.reset()
+                break
+            self._encoded, self._at = text.encode("utf-8", "surrogatepass"), 0
+            if not raw:
+                break
+        size = min(len(buffer), len(self._encoded) - self._at)
+        buffer[:size] = self._encoded[self._at : self._at + size]
+        self._at += size
+        return size
 
 
 def first_significant_byte(stream: BinaryIO) -> bytes:
