@@ -344,6 +344,17 @@ def test_a_hostile_broken_element_has_a_bounded_number_of_lines_judged(monkeypat
     assert scans == elements._MAX_TRIES  # of the 20,000 lines that start with an object
 
 
+def test_a_rest_over_max_remainder_is_cut_there_and_says_what_it_skipped(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import clickflow_file.reader as reader
+
+    monkeypatch.setattr(reader, "MAX_REMAINDER", 50)
+    text = b'[{"a": "x' + b" y" * 100
+    assert list(iter_messages(io.BufferedReader(io.BytesIO(text)), "f")) == [("f:[0]", text[1:51])]
+    assert f"its first 50 bytes; {len(text) - 1 - 50} more skipped" in caplog.text
+
+
 def test_a_json_lines_file_that_starts_with_an_array_loses_no_line() -> None:
     text = b'[1, "two"] {"same": "line"}\n\n{"a": 1}\n[3]\n'
     assert list(iter_messages(io.BufferedReader(io.BytesIO(text)), "f")) == [

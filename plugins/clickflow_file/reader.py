@@ -223,7 +223,9 @@ def iter_array(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
     def remainder() -> tuple[str, bytes]:
         rest = buf[pos:].encode("utf-8", "surrogateescape")
         rest += stream.read(max(0, MAX_REMAINDER - len(rest)))
-        log.warning("%s: malformed JSON array at element %d; its rest goes to dead_letter", path, index)
+        skipped = len(rest) - MAX_REMAINDER
+        log.warning("%s: malformed JSON array at element %d; its rest goes to dead_letter%s", path, index,
+                    f" (its first {MAX_REMAINDER} bytes; {skipped} more skipped)" if skipped > 0 else "")  # fmt: skip
         return f"{path}:[{index}]", rest[:MAX_REMAINDER]
 
     def stray_closer() -> int:
