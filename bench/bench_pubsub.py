@@ -133,7 +133,7 @@ def bench_push(requests: int, concurrency: int, workdir: Path) -> None:
     pipeline = workdir / "push.yaml"
     pipeline.write_text(
         "sources: [{type: pubsub_push, auth: none}]\n"
-        f"sinks: [{{type: duckdb, path: '{workdir}/push.duckdb', batch: {{max_age: 20ms}}}}]\n"
+        f"sinks: [{{type: duckdb, path: '{workdir}/push.duckdb'}}]\n"
         f"monitor: {{port: {port}}}\n"
     )
     server = subprocess.Popen([sys.executable, "-m", "clickflow", "run", str(pipeline), "--no-progress"],

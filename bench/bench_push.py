@@ -105,7 +105,6 @@ def main() -> None:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--seconds", type=int, default=10)
     args.add_argument("--concurrency", type=int, nargs="+", default=[32, 256])
-    args.add_argument("--max-age", default="0s", help="the DuckDB sink's batch max_age")
     opts = args.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install wrk)")
@@ -121,7 +120,7 @@ def main() -> None:
             pipeline = work / f"{name}.yaml"
             pipeline.write_text(
                 "sources: [{type: pubsub_push, auth: none, enter_timeout: 10s}]\n"
-                f"sinks: [{{{sink}, batch: {{max_age: {opts.max_age}}}}}]\n"
+                f"sinks: [{{{sink}}}]\n"
                 f"monitor: {{port: {port}}}\nruntime: {{event_loop: {event_loop}}}\n"
             )
             return [sys.executable, "-m", "clickflow", "run", str(pipeline), "--no-progress"], port

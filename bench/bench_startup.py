@@ -105,7 +105,7 @@ def main() -> None:
         push = Path(work) / "push.yaml"
         push.write_text(
             "sources: [{type: pubsub_push, auth: none}]\n"
-            f"sinks: [{{type: duckdb, path: '{work}/push.duckdb', batch: {{max_age: 0s}}}}]\n"
+            f"sinks: [{{type: duckdb, path: '{work}/push.duckdb'}}]\n"
             f"monitor: {{port: {port}}}\n"
         )
 

@@ -214,6 +214,15 @@ class Source(abc.ABC, Generic[SourceOptionsT]):
         earlier leaves input unread, and the run says so (exit 3) instead of reporting success."""
         return False
 
+    @property
+    def eager(self) -> bool:
+        """Whether sinks write this source's rows as soon as they are free, whatever their
+        ``max_age``. A finite source's are: its input is all there, so waiting would only leave the
+        sink idle. So are those of a source whose senders wait for each answer (``pubsub_push``):
+        waiting would only add latency, and on Cloud Run billed time. Either way a busy sink still
+        gathers what arrives during each write."""
+        return self.finite
+
     @asynccontextmanager
     async def lifespan(self, context: SourceContext) -> AsyncIterator[None]:
         """Resources that outlive ``run``: entered before it, left once every sink is flushed.

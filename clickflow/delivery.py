@@ -36,7 +36,7 @@ class SinkFailed(Exception):
 class Delivery:
     """One batch of source messages on its way through every sink; settled exactly once."""
 
-    __slots__ = ("_ack", "_on_settled", "_pending", "finite_input", "message_ids", "messages", "settled", "source")
+    __slots__ = ("_ack", "_on_settled", "_pending", "eager", "message_ids", "messages", "settled", "source")
 
     def __init__(
         self,
@@ -46,15 +46,15 @@ class Delivery:
         sinks: int,
         on_settled: Callable[[Delivery, bool], None],
         message_ids: list[str] | None = None,
-        finite_input: bool = False,
+        eager: bool = False,
     ) -> None:
         self.source = source
         self.messages = messages
         self.message_ids = message_ids
         """Kept for redelivering sources only: they become suspects if a sink cannot write them."""
-        self.finite_input = finite_input
-        """From a source that reads to the end of its input (a file): its rows are written as soon
-        as the sink is free, whatever ``max_age``."""
+        self.eager = eager
+        """From an eager source (``Source.eager``: a file, the push endpoint): its rows are written
+        as soon as the sink is free, whatever ``max_age``."""
         self.settled = False
         self._ack = ack
         self._pending = sinks
@@ -102,9 +102,10 @@ class SinkWorker:
     that reaches ``max_age`` while the sink is still writing keeps gathering until
     the sink is free (group commit): with a short ``max_age``, a lone message is
     written at once and, under load, each write takes everything that arrived
-    during the one before. Rows from a finite source (a file) skip ``max_age``: a file's
-    input is all there, so waiting gathers nothing a busy sink would not gather anyway,
-    and a sink left idle while the first batch fills is time lost.
+    during the one before. Rows from an eager source skip ``max_age``: a file's input
+    is all there, so waiting gathers nothing a busy sink would not gather anyway, and a
+    sink left idle while the first batch fills is time lost; a push request's sender
+    waits for its answer, so waiting is latency (and billed time on Cloud Run).
     """
 
     def __init__(
@@ -167,7 +168,7 @@ class SinkWorker:
 
     def _add(self, item: Parsed) -> None:
         deadline = anyio.current_time()
-        if not item.delivery.finite_input:
+        if not item.delivery.eager:
             deadline += self._limits.max_age.total_seconds()
         if not self._deliveries or deadline < self._deadline:
             self._deadline = deadline

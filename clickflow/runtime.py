@@ -82,7 +82,7 @@ class _Context:
     def __init__(self, runtime: Runtime, source: AnySource) -> None:
         self._runtime = runtime
         self._name = source.name
-        self._finite = source.finite
+        self._eager = source.eager
         self._send: MemoryObjectSendStream[RawBatch] | None = None
         self._received = runtime.metrics.messages_received.labels(source.name)
         self.registry = runtime.metrics.registry
@@ -95,7 +95,7 @@ class _Context:
             ack.nack(PipelineError("the pipeline is not running"))
             raise PipelineError(f"source {self._name!r} emitted while the pipeline is not running")
         ids = [m.message_id for m in messages] if ack.redelivers else None
-        delivery = Delivery(self._name, ack, len(messages), len(runtime.sinks), runtime._settled, ids, self._finite)
+        delivery = Delivery(self._name, ack, len(messages), len(runtime.sinks), runtime._settled, ids, self._eager)
         try:
             await self._send.send((messages, delivery, time.time_ns() // 1000))
         except BaseException as exc:

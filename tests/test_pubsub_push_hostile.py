@@ -24,8 +24,9 @@ import jwt
 import pytest
 from aiohttp import web
 
-from clickflow.config import MonitorOptions, Pipeline
+from clickflow.config import MonitorOptions, parse_pipeline
 from clickflow.monitor import serve
+from clickflow.plugins import Registry, load_plugins
 from clickflow.runtime import Runtime
 from clickflow_pubsub.oidc import AuthError, TokenVerifier
 from tests.conftest import table_counts
@@ -138,17 +139,26 @@ async def test_odd_claims_and_headers_are_refused_not_crashed(
     assert refused.value.code == code and refused.value.status in (401, 403)
 
 
+@pytest.fixture(scope="module")
+def with_slow_sink() -> Registry:
+    from tests import flaky_sink
+
+    return load_plugins(extra=[(flaky_sink, "tests")])
+
+
 @pytest.fixture
-def served(pipeline: Callable[..., Pipeline], tmp_path: Path) -> Callable[..., Any]:
-    """A push pipeline (``auth: none``) served on a real port; yields its URL and runtime."""
+def served(with_slow_sink: Registry, tmp_path: Path) -> Callable[..., Any]:
+    """A push pipeline (``auth: none``) into DuckDB served on a real port; yields its URL and
+    runtime. With ``hold``, each write waits that long first."""
 
     @asynccontextmanager
-    async def start(options: str = "", monitor: str = "", max_age: str = "20ms") -> AsyncIterator[tuple[str, Runtime]]:
-        loaded = pipeline(
-            f"sources: [{{type: pubsub_push, auth: none, {options}}}]\n"
-            f"sinks: [{{type: duckdb, path: '{tmp_path}/push.duckdb', batch: {{max_age: {max_age}}}}}]\n"
-            f"monitor: {{port: 0, {monitor}}}\n"
-        )
+    async def start(
+        options: str = "", monitor: str = "", max_age: str = "20ms", hold: str = "0s"
+    ) -> AsyncIterator[tuple[str, Runtime]]:
+        sink = f"type: flaky_duckdb, hold: {hold}, path: '{tmp_path}/push.duckdb', batch: {{max_age: {max_age}}}"
+        source = f"type: pubsub_push, auth: none, {options}"
+        text = f"sources: [{{{source}}}]\nsinks: [{{{sink}}}]\nmonitor: {{port: 0, {monitor}}}\n"
+        loaded = parse_pipeline(text, with_slow_sink, "served.yaml", {})
         runtime = Runtime(loaded)
         assert loaded.monitor is not None
         async with serve(runtime, loaded.monitor) as url:
@@ -342,6 +352,23 @@ async def test_a_concurrent_flood_stores_every_message_once(served: Callable[...
     assert table_counts(tmp_path / "push.duckdb") == {"visits": 350, "events": 0, "purchase_items": 0, "dead_letter": 0}
 
 
+@pytest.mark.asyncio
+async def test_a_lone_request_is_answered_once_stored_not_after_the_sinks_max_age(
+    served: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Its sender waits for the answer: with DuckDB's default ``max_age`` of 5 s, every request
+    took 5 s unless the pipeline said ``max_age: 0s``."""
+    async with served(max_age="30s") as (url, runtime), aiohttp.ClientSession() as session:
+        for n in range(3):
+            started = time.monotonic()
+            body = envelope(b'{"session_id": "S-%d", "events": []}' % n, str(n))
+            async with session.post(f"{url}/pubsub/push", data=body) as answer:
+                assert answer.status == 204
+            assert time.monotonic() - started < 5
+    assert runtime.summary.acknowledged == 3
+    assert table_counts(tmp_path / "push.duckdb")["visits"] == 3
+
+
 async def _in_chunks(body: bytes) -> AsyncIterator[bytes]:
     """A body sent chunked: without a Content-Length."""
     for at in range(0, len(body), 1 << 16):
@@ -371,7 +398,7 @@ async def test_bodies_over_max_pending_bytes_are_refused_at_once_and_the_others_
         return envelope(b'{"session_id": "S-%d", "pad": "%s", "events": []}' % (n, pad), str(n))
 
     options = "max_body_bytes: 512KiB, max_pending_bytes: 1MiB"
-    async with served(options, max_age="1s") as (url, runtime), aiohttp.ClientSession() as session:
+    async with served(options, hold="1s") as (url, runtime), aiohttp.ClientSession() as session:
 
         async def push(n: int) -> int:
             async with session.post(f"{url}/pubsub/push", **SENT_AS[sent_as](body(n))) as answer:
@@ -403,7 +430,7 @@ async def test_a_body_without_a_length_holds_what_it_sends(served: Callable[...,
     """Not ``max_body_bytes``: with 1 MiB pending and bodies of up to 512 KiB, only two chunked
     requests of any size could wait for their batch at once."""
     options = "max_body_bytes: 512KiB, max_pending_bytes: 1MiB"
-    async with served(options, max_age="1s") as (url, runtime), aiohttp.ClientSession() as session:
+    async with served(options, hold="1s") as (url, runtime), aiohttp.ClientSession() as session:
 
         async def push(n: int) -> int:
             body = envelope(b'{"session_id": "S-%d", "events": []}' % n, str(n))

@@ -60,7 +60,7 @@ class PubSubPushOptions(SourceOptions, kw_only=True):
     enter_timeout: Duration = Duration(seconds=1)
     """How long a request may wait for room in the pipeline before it is answered 429."""
     ack_timeout: Duration = Duration(seconds=60)
-    """How long a request waits for the sinks before it is answered 503 (keep above the sinks' max_age)."""
+    """How long a request waits for the sinks before it is answered 503 (keep above a write's time)."""
     read_timeout: Duration = Duration(seconds=10)
     """How long a request's body may take to arrive; a slower client is answered 408."""
     max_pending_bytes: ByteSize = ByteSize(128 << 20)
@@ -241,6 +241,11 @@ class PubSubPushSource(Source[PubSubPushOptions]):
 
     def routes(self) -> list[tuple[str, str, Handler]]:
         return [("POST", self.options.path, self._handle)]
+
+    @property
+    def eager(self) -> bool:
+        """Each sender waits for its answer: sinks write as soon as they are free, not after ``max_age``."""
+        return True
 
     @asynccontextmanager
     async def lifespan(self, context: SourceContext) -> AsyncIterator[None]:
