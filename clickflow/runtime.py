@@ -16,7 +16,8 @@ import gc
 import logging
 import sys
 import time
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -174,15 +175,10 @@ class Runtime:
                 except Exception as exc:
                     raise PipelineError(f"sink {sink.name!r} could not start: {exc}") from exc
                 stack.push_async_callback(self._close, sink)
-                try:
-                    await stack.enter_async_context(sink.lifespan(self.metrics))
-                except Exception as exc:
-                    raise PipelineError(f"sink {sink.name!r} could not start: {exc}") from exc
+                await stack.enter_async_context(_lifespan(f"sink {sink.name!r}", sink.lifespan(self.metrics)))
             for source in self.sources:
-                try:
-                    await stack.enter_async_context(source.lifespan(self._contexts[source.name]))
-                except Exception as exc:
-                    raise PipelineError(f"source {source.name!r} could not start: {exc}") from exc
+                lifespan = source.lifespan(self._contexts[source.name])
+                await stack.enter_async_context(_lifespan(f"source {source.name!r}", lifespan))
             self.ready = True
             try:
                 async with anyio.create_task_group() as outer:
@@ -308,6 +304,25 @@ class Runtime:
             self.summary.acknowledged += delivery.messages
         else:
             self.summary.not_acknowledged += delivery.messages
+
+
+@asynccontextmanager
+async def _lifespan(what: str, lifespan: AbstractAsyncContextManager[None]) -> AsyncIterator[None]:
+    """A plugin's ``lifespan``, whose own failure to start or to end is a ``PipelineError`` naming
+    it (one line, as other failures are, not a traceback). What the run raises passes unchanged."""
+    entered = in_run = False
+    try:
+        async with lifespan:
+            entered = True
+            try:
+                yield
+            except BaseException:
+                in_run = True
+                raise
+    except Exception as exc:
+        if in_run or isinstance(exc, PipelineError):
+            raise
+        raise PipelineError(f"{what} {'failed as it ended' if entered else 'could not start'}: {exc}") from exc
 
 
 def pipeline_error_in(group: BaseExceptionGroup) -> BaseException:

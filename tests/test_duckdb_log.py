@@ -22,8 +22,11 @@ from prometheus_client import CollectorRegistry
 
 import clickflow_duckdb
 from clickflow.api import RowBatch
+from clickflow.config import Pipeline
 from clickflow.options import OptionsError, validate_options
+from clickflow.runtime import PipelineError
 from clickflow.schema import TABLE_NAMES
+from clickflow.testing import run_pipeline
 from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions, load_files, logwriter
 from clickflow_duckdb.log import DamagedLog, LogWriter, records
 from tests.conftest import table_counts
@@ -234,6 +237,35 @@ async def test_a_failed_commit_keeps_the_batches_for_the_next(
         assert logged_batches(db) == 2
         await sink.commit()
         assert stored(sink) == {"visits": 2, "events": 6, "purchase_items": 2, "dead_letter": 0}
+
+
+def test_a_log_that_cannot_be_inserted_at_the_end_fails_the_run_with_one_line_and_waits_for_the_next(
+    tmp_path: Path, pipeline: Callable[..., Pipeline], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk at the last commit: the run used to end in a traceback. Its batches were
+    acknowledged, so they stay logged, and the next open inserts every one."""
+    db = tmp_path / "db.duckdb"
+    real_insert = clickflow_duckdb.insert_logged
+
+    def disk_full(con: Any, logged: Any, *rest: Any) -> None:
+        if sum(logged.counts.values()):
+            raise OSError(28, "disk full")
+        real_insert(con, logged, *rest)
+
+    monkeypatch.setattr(clickflow_duckdb, "insert_logged", disk_full)
+    sink = f"type: duckdb, path: '{db}', commit_every: 1h"
+    text = f"sources: [{{type: simulator, count: 50, seed: 3}}]\nsinks: [{{{sink}}}]"
+    with pytest.raises(PipelineError) as failed:
+        run_pipeline(pipeline(text))
+    assert str(failed.value) == (
+        "sink 'duckdb' failed as it ended: cannot insert the batch log ([Errno 28] disk full); its batches stay in "
+        f"{db}.log, and are inserted when the sink next opens"
+    )
+    assert has_log(db)
+    monkeypatch.setattr(clickflow_duckdb, "insert_logged", real_insert)
+    anyio.run(reopen, db)
+    assert table_counts(db)["visits"] == 50
+    assert not has_log(db)
 
 
 def test_commit_every_must_be_longer_than_zero() -> None:

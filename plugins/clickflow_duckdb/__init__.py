@@ -207,7 +207,14 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
             yield
             tasks.cancel_scope.cancel()
         with anyio.CancelScope(shield=True):
-            await self.commit()
+            try:
+                await self.commit()
+            except Exception as exc:
+                assert self._log is not None
+                raise OSError(
+                    f"cannot insert the batch log ({exc}); its batches stay in {self._log.directory}, "
+                    "and are inserted when the sink next opens"
+                ) from exc
 
     async def _commit_every(self, seconds: float) -> None:
         failing_since: float | None = None
