@@ -276,6 +276,24 @@ def _check_shared(doc: _Document, built: dict[str, list[tuple[str, Component[Any
                     doc.problems.append(doc.problem(loc, f"{resource} is already used by {owner}; give each its own"))
 
 
+def _check_answers(doc: _Document, built: dict[str, list[tuple[str, Component[Any]]]]) -> None:
+    """A sink that keeps more time between writes (a quota) than a source's senders wait for their
+    answer would have every message of theirs answered as not stored, sent again, and stored again."""
+    for index, (sink, sink_component) in enumerate(built["sink"]):
+        spacing = sink_component.options.write_spacing()
+        for source, source_component in built["source"]:
+            wait = source_component.options.answer_within()
+            if spacing is None or wait is None or spacing < wait:
+                continue
+            problem = (
+                f"sink {sink!r} keeps {spacing.total_seconds():g}s between writes under steady load, no less than "
+                f"source {source!r} waits for its messages to be stored ({wait.total_seconds():g}s): they would "
+                "be answered as not stored, sent again and stored again; use a sink that stores sooner, or let "
+                "the source wait longer"
+            )
+            doc.problems.append(doc.problem(("sinks", index), problem))
+
+
 def _unique(components: list[tuple[str, Component[C]]], explicit: set[str]) -> list[Component[C]]:
     seen: dict[str, int] = {}
     result = []
@@ -304,7 +322,9 @@ def parse_pipeline(
     sources = _components(doc, "source", lists["sources"], registry.sources, explicit)
     sinks = _components(doc, "sink", lists["sinks"], registry.sinks, explicit)
     if not doc.problems:
-        _check_shared(doc, {"source": list(sources), "sink": list(sinks)}, monitor)
+        built: dict[str, list[tuple[str, Component[Any]]]] = {"source": list(sources), "sink": list(sinks)}
+        _check_shared(doc, built, monitor)
+        _check_answers(doc, built)
     if doc.problems:
         raise ConfigError(doc.problems)
     return Pipeline(

@@ -113,6 +113,16 @@ class PluginOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         """What no other component of the same pipeline may use, e.g. ``DuckDB database /abs/path``."""
         return []
 
+    def answer_within(self) -> timedelta | None:
+        """A source's: how long a sender waits for its messages to be stored before it takes them as
+        not stored and sends them again (the push endpoint's ``ack_timeout``); None if none waits."""
+        return None
+
+    def write_spacing(self) -> timedelta | None:
+        """A sink's: the time it keeps between writes under steady load (a quota), or None. A
+        pipeline is refused where this is not below a source's ``answer_within``."""
+        return None
+
 
 class OptionGroup(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Base of a group of options (``batch:``, ``retry:``, ``monitor:``, an alert): unknown keys are

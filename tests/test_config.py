@@ -124,6 +124,32 @@ def test_invalid_yaml_reports_its_line(registry: Registry) -> None:
     assert problem.startswith("p.yaml:3: invalid YAML")
 
 
+@pytest.mark.parametrize(
+    ("source", "jobs", "refused"),
+    [
+        ("{type: pubsub_push, auth: none, ack_timeout: 90s}", 1000, False),  # 86.4 s apart
+        ("{type: pubsub_push, auth: none, ack_timeout: 90s}", 900, True),  # 96 s apart
+        ("{type: pubsub_pull, subscription: projects/p/subscriptions/s}", 1, False),  # leases, waits for nobody
+        ("{type: file, path: in.json}", 1, False),
+    ],
+)
+def test_a_sink_spacing_its_writes_longer_than_a_sender_waits_is_refused(
+    registry: Registry, source: str, jobs: int, refused: bool
+) -> None:
+    text = (
+        f"sources: [{source}]\nmonitor: {{port: 0}}\n"
+        f"sinks: [{{type: bigquery_load, name: bq, project: p, dataset: d, jobs_per_table_per_day: {jobs}}}]\n"
+    )
+    if refused:
+        assert problems(registry, text) == [
+            "p.yaml:3: sinks[0]: sink 'bq' keeps 96s between writes under steady load, no less than source "
+            "'pubsub_push' waits for its messages to be stored (90s): they would be answered as not stored, sent "
+            "again and stored again; use a sink that stores sooner, or let the source wait longer"
+        ]
+    else:
+        assert parse_pipeline(text, registry, "p.yaml", {}).sinks[0].name == "bq"
+
+
 def test_duplicate_types_get_distinct_names(pipeline: Callable[..., Pipeline]) -> None:
     text = MINIMAL.replace("sinks:", "  - type: simulator\n    count: 1\nsinks:")
     assert [s.name for s in pipeline(text).sources] == ["simulator", "simulator-2"]

@@ -90,6 +90,11 @@ BROKEN: list[tuple[str, bytes | str, int, str]] = [
      + MONITOR, 2, "max_body_bytes"),
     ("push pending below a body", "sources: [{type: pubsub_push, auth: none, max_pending_bytes: 1MiB}]\n" + OK_SINK
      + MONITOR, 2, "max_pending_bytes (1048576) is below max_body_bytes"),
+    ("push waiting past Pub/Sub", "sources: [{type: pubsub_push, auth: none, ack_timeout: 11m}]\n" + OK_SINK
+     + MONITOR, 2, "ack_timeout is above 600s, the longest Pub/Sub waits"),
+    ("push into load jobs", PUSH + "sinks: [{type: bigquery_load, project: p, dataset: d}]\n" + MONITOR, 2,
+     "p.yaml:2: sinks[0]: sink 'bigquery_load' keeps 86.4s between writes under steady load, no less than "
+     "source 'pubsub_push' waits for its messages to be stored (60s)"),
     ("bad subscription", "sources: [{type: pubsub_pull, subscription: my-sub}]\n" + OK_SINK, 2, "subscription"),
 ]
 # fmt: on

@@ -30,6 +30,7 @@ import shutil
 import tempfile
 import time
 from array import array
+from datetime import timedelta
 from typing import Annotated, Any, BinaryIO
 
 import anyio
@@ -58,6 +59,10 @@ class BigQueryLoadOptions(BigQueryOptions, kw_only=True):
     job_timeout: Duration = Duration(minutes=30)
     """How long to wait for one load job."""
     batch: BatchLimits = BatchLimits(max_rows=2_000_000, max_bytes=ByteSize(1 << 30), max_age=Duration(minutes=2))
+
+    def write_spacing(self) -> timedelta:
+        """Under steady load a table's jobs start a day divided by ``jobs_per_table_per_day`` apart."""
+        return timedelta(days=1) / self.jobs_per_table_per_day
 
 
 class TableFile:

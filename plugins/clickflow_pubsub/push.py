@@ -19,6 +19,7 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import anyio
@@ -45,6 +46,8 @@ MAX_BATCH = 1000
 """Requests coalesced into one batch at most."""
 MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
 """The largest legal push: a 10 MB message is 13.4 MB in base64, plus its attributes and envelope."""
+MAX_ACK_DEADLINE = timedelta(minutes=10)
+"""A push subscription's longest acknowledgement deadline: how long Pub/Sub waits for an answer."""
 
 
 class PubSubPushOptions(SourceOptions, kw_only=True):
@@ -60,7 +63,8 @@ class PubSubPushOptions(SourceOptions, kw_only=True):
     enter_timeout: Duration = Duration(seconds=1)
     """How long a request may wait for room in the pipeline before it is answered 429."""
     ack_timeout: Duration = Duration(seconds=60)
-    """How long a request waits for the sinks before it is answered 503 (keep above a write's time)."""
+    """How long a request waits for the sinks before it is answered 503: keep it above a write's
+    time and below the subscription's acknowledgement deadline (at most 10 minutes)."""
     read_timeout: Duration = Duration(seconds=10)
     """How long a request's body may take to arrive; a slower client is answered 408."""
     max_pending_bytes: ByteSize = ByteSize(128 << 20)
@@ -71,6 +75,11 @@ class PubSubPushOptions(SourceOptions, kw_only=True):
 
     def __post_init__(self) -> None:
         check_range("max_body_bytes", self.max_body_bytes, 1, 4 * MAX_ENVELOPE_BYTES)
+        if self.ack_timeout > MAX_ACK_DEADLINE:
+            raise ValueError(
+                f"ack_timeout is above {MAX_ACK_DEADLINE.total_seconds():g}s, the longest Pub/Sub waits for a "
+                "push request's answer (the subscription's acknowledgement deadline)"
+            )
         if self.max_pending_bytes < self.max_body_bytes:
             raise ValueError(
                 f"max_pending_bytes ({self.max_pending_bytes}) is below max_body_bytes ({self.max_body_bytes}): "
@@ -88,6 +97,9 @@ class PubSubPushOptions(SourceOptions, kw_only=True):
 
     def http_paths(self) -> list[str]:
         return [self.path]
+
+    def answer_within(self) -> timedelta:
+        return self.ack_timeout
 
 
 STORED, PIPELINE_FULL, NOT_STORED = 204, 429, 503
