@@ -11,8 +11,10 @@ over and over, as Pub/Sub redelivers what was not acknowledged in time; and into
 `live` sink, which shows what the endpoint and the runtime cost without storage, on uvloop and on
 asyncio's loop. Requests that arrive together share a batch.
 Prints requests/s and latency percentiles, the server's CPU seconds per 1,000 requests (its child
-processes' included; steadier than rates on a shared machine), how many requests clickflow's
-batches held on average, and each clickflow rate as a share of each bare handler's, in the same run.
+processes' included; steadier than rates on a shared machine), how busy its event loop's thread
+was and its CPU per request (where it nears 100%, the rate is one over that time), how many
+requests clickflow's batches held on average, and each clickflow rate as a share of each bare
+handler's, in the same run.
 """
 
 from __future__ import annotations
@@ -80,6 +82,12 @@ def cpu_seconds(pid: int) -> float:
     tasks = Path(f"/proc/{pid}/task").iterdir()
     children = [int(child) for task in tasks for child in (task / "children").read_text().split()]
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(map(cpu_seconds, children))
+
+
+def loop_seconds(pid: int) -> float:
+    """CPU time the process's main thread, its event loop, has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def batched(port: int) -> tuple[float, float]:
@@ -153,11 +161,13 @@ def main() -> None:
                 wait_for(partial(ready, server_port), 30)
                 for connections in opts.concurrency:
                     before = None if name in bare_names else batched(server_port)  # bare: no /metrics
-                    cpu = cpu_seconds(server.pid)
+                    cpu, loop = cpu_seconds(server.pid), loop_seconds(server.pid)
                     rate, requests, p50, p99, notes = wrk(
                         server_port, scripts.get(name, script), connections, opts.seconds
                     )
-                    cpu = cpu_seconds(server.pid) - cpu
+                    cpu, loop = cpu_seconds(server.pid) - cpu, loop_seconds(server.pid) - loop
+                    busy = f", event loop busy {loop / opts.seconds:.0%} ({loop / requests * 1e6:.0f} µs a request)"
+                    notes = busy + notes
                     if before is not None:
                         pushed, batches = (now - then for now, then in zip(batched(server_port), before, strict=True))
                         notes += f", {pushed / batches:.1f} requests per batch"
