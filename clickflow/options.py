@@ -24,6 +24,9 @@ Loc = tuple[str | int, ...]
 
 PositiveInt = Annotated[int, Meta(gt=0)]
 
+GCS_BUCKET = r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]"
+"""A Cloud Storage bucket's name, as ``gs://BUCKET/...`` spells it (no wildcard)."""
+
 
 class Duration(timedelta):
     """A length of time written as ``250ms``, ``30s``, ``5m``, ``1h``, ``7d`` or seconds; not negative."""

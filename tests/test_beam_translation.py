@@ -73,9 +73,9 @@ def test_file_patterns_are_matched_by_beam_as_absolute_paths(
     launch: Callable[..., Launch], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    built = launch("sources: [{type: file, path: [data/*.jsonl, 'gs://b/v/*.gz']}]\nsinks: [{type: duckdb}]")
+    built = launch("sources: [{type: file, path: [data/*.jsonl, 'gs://bkt/v/*.gz']}]\nsinks: [{type: duckdb}]")
     transforms = graph(built)
-    assert list(transforms["Read file/Patterns"].values) == [str(tmp_path / "data/*.jsonl"), "gs://b/v/*.gz"]
+    assert list(transforms["Read file/Patterns"].values) == [str(tmp_path / "data/*.jsonl"), "gs://bkt/v/*.gz"]
     assert {"Read file/Match", "Read file/Each once", "Read file/Read", "Parse file"} <= set(transforms)
     assert "Read file/Spread batches" not in transforms  # only on Dataflow: locally it would hold them all
     assert built.runner == BATCH_RUNNER
@@ -153,7 +153,7 @@ def test_bigquery_load_on_a_stream_loads_every_max_age(launch: Callable[..., Lau
 
 
 def test_bigquery_streaming_sends_refused_rows_to_dead_letter(launch: Callable[..., Launch]) -> None:
-    text = "sources: [{type: file, path: data}]\nsinks: [{type: bigquery_streaming, project: my-project, dataset: d}]"
+    text = "sources: [{type: file, path: data}]\nsinks: [{type: bigquery_streaming, project: my-proj, dataset: d}]"
     transforms = graph(launch(text))
     writes = of_kind(transforms, WriteToBigQuery)
     assert len(writes) == 4
@@ -195,7 +195,7 @@ def test_duckdb_writes_table_files_per_table(launch: Callable[..., Launch], tmp_
         ),
         (
             "sources: [{type: pubsub_push, auth: none}]\nmonitor: {port: 0}\n"
-            "sinks: [{type: bigquery_streaming, project: my-project, dataset: d}]",
+            "sinks: [{type: bigquery_streaming, project: my-proj, dataset: d}]",
             "beam",
             [],
             "source 'pubsub_push': type 'pubsub_push' has no Beam translation; run it with --runner local",
@@ -213,14 +213,14 @@ def test_duckdb_writes_table_files_per_table(launch: Callable[..., Launch], tmp_
             "sink 'duckdb': duckdb loads its files when a batch pipeline ends; a streaming source never ends",
         ),
         (
-            "sources: [{type: file, path: x}]\nsinks: [{type: bigquery_load, project: my-project, dataset: d}]",
+            "sources: [{type: file, path: x}]\nsinks: [{type: bigquery_load, project: my-proj, dataset: d}]",
             "beam",
             [],
             "sink 'bigquery_load': load jobs on Beam read their files from Cloud Storage: "
             "set staging: gs://... or --temp_location",
         ),
         (
-            "sources: [{type: file, path: x.jsonl}]\nsinks: [{type: bigquery_load, project: my-project, dataset: d}]",
+            "sources: [{type: file, path: x.jsonl}]\nsinks: [{type: bigquery_load, project: my-proj, dataset: d}]",
             "dataflow",
             DATAFLOW,
             "source 'file': Dataflow's workers cannot read this machine's files (x.jsonl): use gs:// paths",
@@ -228,7 +228,7 @@ def test_duckdb_writes_table_files_per_table(launch: Callable[..., Launch], tmp_
         ("sources: [{type: file, path: x}]\nsinks: [{type: duckdb}]", "beam", ["--no_such_option=1"],
          "unknown Beam option --no_such_option"),
         (
-            "sources: [{type: file, path: x}]\nsinks: [{type: bigquery_streaming, project: my-project, dataset: d}]",
+            "sources: [{type: file, path: x}]\nsinks: [{type: bigquery_streaming, project: my-proj, dataset: d}]",
             "dataflow",
             ["--temp_location=/tmp"],
             "Dataflow needs --project",
@@ -244,9 +244,7 @@ def test_refused_before_anything_runs(
 
 
 def test_every_problem_is_reported_at_once(launch: Callable[..., Launch]) -> None:
-    text = (
-        "sources: [{type: simulator, count: 1}]\nsinks: [{type: bigquery_streaming, project: my-project, dataset: d}]"
-    )
+    text = "sources: [{type: simulator, count: 1}]\nsinks: [{type: bigquery_streaming, project: my-proj, dataset: d}]"
     with pytest.raises(BeamError) as refused:
         launch(text, "dataflow", [])
     assert refused.value.problems == [
@@ -261,7 +259,7 @@ def test_every_problem_is_reported_at_once(launch: Callable[..., Launch]) -> Non
 
 
 def test_dataflow_flags_package_this_checkout_and_pass_options_through(launch: Callable[..., Launch]) -> None:
-    text = "sources: [{type: file, path: 'gs://b/*'}]\nsinks: [{type: bigquery_load, project: my-project, dataset: d}]"
+    text = "sources: [{type: file, path: 'gs://bkt/*'}]\nsinks: [{type: bigquery_load, project: my-proj, dataset: d}]"
     extra = ["--service_account_email=etl@my-project.iam.gserviceaccount.com", "--max_num_workers=20",
              "--machine_type=n2-standard-4", "--experiments=use_runner_v2"]  # fmt: skip
     built = launch(text, "dataflow", DATAFLOW + extra)
@@ -274,7 +272,7 @@ def test_dataflow_flags_package_this_checkout_and_pass_options_through(launch: C
 def test_a_dataflow_stream_or_template_is_left_running_and_a_batch_job_is_waited_for(
     launch: Callable[..., Launch],
 ) -> None:
-    batch = "sources: [{type: file, path: 'gs://b/*'}]\nsinks: [{type: bigquery_load, project: my-project, dataset: d}]"
+    batch = "sources: [{type: file, path: 'gs://bkt/*'}]\nsinks: [{type: bigquery_load, project: my-proj, dataset: d}]"
     stream = f"sources: [{{type: pubsub_pull, subscription: {SUBSCRIPTION}}}]\n" + batch.split("\n")[1]
     template = "--template_location=gs://my-bucket/templates/job.json"  # what a Flex Template's launcher adds
     assert not launch(batch, "dataflow", DATAFLOW).detached
@@ -285,7 +283,7 @@ def test_a_dataflow_stream_or_template_is_left_running_and_a_batch_job_is_waited
 
 
 def test_a_package_given_by_the_user_is_kept(launch: Callable[..., Launch]) -> None:
-    text = "sources: [{type: file, path: 'gs://b/*'}]\nsinks: [{type: bigquery_load, project: my-project, dataset: d}]"
+    text = "sources: [{type: file, path: 'gs://bkt/*'}]\nsinks: [{type: bigquery_load, project: my-proj, dataset: d}]"
     flags = launch(text, "dataflow", [*DATAFLOW, "--extra_package=/dist/clickflow-0.1.0-py3-none-any.whl"]).flags()
     assert (
         "--extra_package=/dist/clickflow-0.1.0-py3-none-any.whl" in flags

@@ -95,6 +95,13 @@ BROKEN: list[tuple[str, bytes | str, int, str]] = [
     ("push into load jobs", PUSH + "sinks: [{type: bigquery_load, project: p, dataset: d}]\n" + MONITOR, 2,
      "p.yaml:2: sinks[0]: sink 'bigquery_load' keeps 86.4s between writes under steady load, no less than "
      "source 'pubsub_push' waits for its messages to be stored (60s)"),
+    ("file with no path", "sources: [{type: file, path: []}]\n" + OK_SINK, 2, "path names nothing to read"),
+    ("file path unset", "sources: [{type: file, path: '${IN:-}'}]\n" + OK_SINK, 2,
+     "path has an empty entry (an unset variable?)"),
+    ("file in no bucket", "sources: [{type: file, path: [a.json, 'gs:///x.json']}]\n" + OK_SINK, 2,
+     "path 'gs:///x.json' is not gs://BUCKET/NAME"),
+    ("file a whole bucket", "sources: [{type: file, path: 'gs://logs'}]\n" + OK_SINK, 2,
+     "path 'gs://logs' is not gs://BUCKET/NAME"),
     ("bad subscription", "sources: [{type: pubsub_pull, subscription: my-sub}]\n" + OK_SINK, 2, "subscription"),
 ]
 # fmt: on

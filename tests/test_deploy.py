@@ -298,8 +298,8 @@ def test_the_flex_template_maps_its_parameters_to_the_batch_pipelines_variables(
     for variable in flex.VARIABLES.values():
         assert "${" + variable in batch, variable
     environ: dict[str, str] = {}
-    argv = flex.command(["--input=gs://b/v/*.jsonl", "--output_project=p", "--region=europe-west1"], environ)
-    assert environ == {"CLICKFLOW_INPUT": "gs://b/v/*.jsonl", "PROJECT_ID": "p"}
+    argv = flex.command(["--input=gs://bkt/v/*.jsonl", "--output_project=p", "--region=europe-west1"], environ)
+    assert environ == {"CLICKFLOW_INPUT": "gs://bkt/v/*.jsonl", "PROJECT_ID": "p"}
     assert argv == ["run", flex.PIPELINE, "--runner", "dataflow", "--region=europe-west1"]
     assert flex.PIPELINE == "/etc/clickflow/batch.yaml"
 
@@ -307,16 +307,16 @@ def test_the_flex_template_maps_its_parameters_to_the_batch_pipelines_variables(
 def test_what_the_flex_launcher_passes_is_accepted_by_clickflow() -> None:
     """The launcher adds the job's options, its own runner and a template location to the parameters."""
     flex = flex_template()
-    launcher = ["--input=gs://b/visits/*.jsonl.gz", "--output_project=p", "--runner=DataflowRunner",
-                "--project=p", "--region=europe-west1", "--temp_location=gs://b/tmp",
-                "--staging_location=gs://b/staging",
-                "--template_location=gs://b/staging/template_launches/job"]  # fmt: skip
+    launcher = ["--input=gs://bkt/visits/*.jsonl.gz", "--output_project=p", "--runner=DataflowRunner",
+                "--project=p", "--region=europe-west1", "--temp_location=gs://bkt/tmp",
+                "--staging_location=gs://bkt/staging",
+                "--template_location=gs://bkt/staging/template_launches/job"]  # fmt: skip
     environ: dict[str, str] = {}
     argv = flex.command(launcher, environ)
     argv[argv.index(flex.PIPELINE)] = "config/batch.yaml"
     result = clickflow(*argv, "--dry-run", env=environ)
     assert result.returncode == 0, result.stderr
-    assert "--template_location=gs://b/staging/template_launches/job" in result.stdout
+    assert "--template_location=gs://bkt/staging/template_launches/job" in result.stdout
 
 
 def test_the_flex_template_is_built_from_this_repository_and_its_workers_get_only_what_they_need(

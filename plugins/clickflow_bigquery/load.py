@@ -37,7 +37,7 @@ import anyio
 from msgspec import Meta
 
 from clickflow.api import RowBatch
-from clickflow.options import BatchLimits, ByteSize, Duration, PositiveInt
+from clickflow.options import GCS_BUCKET, BatchLimits, ByteSize, Duration, PositiveInt
 from clickflow.schema import TABLE_NAMES
 from clickflow_bigquery.client import BigQueryError
 from clickflow_bigquery.common import BigQueryOptions, BigQuerySink
@@ -46,7 +46,7 @@ from clickflow_bigquery.rows import ROW_ENCODERS, ROW_IDS, error_locations, json
 
 log = logging.getLogger(__name__)
 
-GS = r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/.*)?$"
+GS = rf"^gs://{GCS_BUCKET}(/.*)?$"
 
 
 class BigQueryLoadOptions(BigQueryOptions, kw_only=True):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -15,7 +16,7 @@ import anyio
 
 from clickflow.api import AnySource, Message, NoAck, Source, SourceContext, valid_text
 from clickflow.hookspecs import Register, hookimpl
-from clickflow.options import PositiveInt, SourceOptions
+from clickflow.options import GCS_BUCKET, PositiveInt, SourceOptions
 from clickflow_file.reader import CountingReader, iter_messages
 
 
@@ -27,8 +28,23 @@ class FileSourceOptions(SourceOptions, kw_only=True):
     service_file: str | None = None
     """Service-account key for gs://; default: ADC."""
 
+    def __post_init__(self) -> None:
+        """What ``run`` would only find out after the sinks opened: no path, an empty one, or a
+        ``gs://`` one without a bucket and an object's name (or glob) in it."""
+        patterns = self.patterns()
+        if not patterns:
+            raise ValueError("path names nothing to read: give a path, a glob, gs://bucket/glob or a list of them")
+        for pattern in patterns:
+            if not pattern.strip():
+                raise ValueError("path has an empty entry (an unset variable?)")
+            if pattern.startswith("gs://") and not _GS_OBJECTS.match(pattern):
+                raise ValueError(f"path {pattern!r} is not gs://BUCKET/NAME: a bucket, then an object's name or glob")
+
     def patterns(self) -> list[str]:
         return [self.path] if isinstance(self.path, str) else self.path
+
+
+_GS_OBJECTS = re.compile(rf"gs://{GCS_BUCKET}/.")
 
 
 def expand_local(pattern: str) -> list[str]:
