@@ -8,6 +8,7 @@ whether the sinks are connected. Push-style sources mount their routes here too.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -90,7 +91,11 @@ async def serve(runtime: Runtime, options: MonitorOptions) -> AsyncIterator[str]
     await runner.setup()
     try:
         site = web.TCPSite(runner, options.host, options.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:  # a port in use, a host name that does not resolve or is not this machine's
+            why = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)  # < 0: gaierror
+            raise OSError(f"monitor: cannot listen on {options.host}:{options.port}: {why}") from exc
         host, port = runner.addresses[0][:2]
         url = f"http://{host}:{port}"
         log.info("monitoring on %s (/metrics /healthz /readyz)", url)

@@ -102,6 +102,8 @@ BROKEN: list[tuple[str, bytes | str, int, str]] = [
      "path 'gs:///x.json' is not gs://BUCKET/NAME"),
     ("file a whole bucket", "sources: [{type: file, path: 'gs://logs'}]\n" + OK_SINK, 2,
      "path 'gs://logs' is not gs://BUCKET/NAME"),
+    ("duckdb path unset", OK_SOURCE + "sinks: [{type: duckdb, path: '${OUT:-}'}]\n", 2,
+     "sinks[0]: path is empty (an unset variable?); write :memory: for a database that is not kept"),
     ("bad subscription", "sources: [{type: pubsub_pull, subscription: my-sub}]\n" + OK_SINK, 2, "subscription"),
 ]
 # fmt: on
@@ -182,8 +184,23 @@ def test_a_monitor_port_in_use_fails_the_run_with_one_line(invoke: object, tmp_p
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
+        port = taken.getsockname()[1]
         path = tmp_path / "p.yaml"
-        path.write_text(OK_SOURCE + OK_SINK + f"monitor: {{port: {taken.getsockname()[1]}}}\n")
+        path.write_text(OK_SOURCE + OK_SINK + f"monitor: {{port: {port}}}\n")
         exit_code, stderr, unexpected = invoke("run", "--no-progress", str(path))  # type: ignore[operator]
     assert (exit_code, unexpected) == (1, None), stderr
-    assert stderr.startswith("clickflow: ") and "address already in use" in stderr.lower()
+    assert stderr == f"clickflow: monitor: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+@pytest.mark.parametrize(
+    ("host", "why"),
+    [("no-such-host.invalid", ""), ("203.0.113.9", "Cannot assign requested address")],  # DNS's words vary
+)
+def test_a_monitor_host_the_run_cannot_listen_on_is_named_in_one_line(
+    invoke: object, tmp_path: Path, host: str, why: str
+) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(OK_SOURCE + OK_SINK + f"monitor: {{host: {host}, port: 0}}\n")
+    exit_code, stderr, unexpected = invoke("run", "--no-progress", str(path))  # type: ignore[operator]
+    assert (exit_code, unexpected) == (1, None), stderr
+    assert stderr.startswith(f"clickflow: monitor: cannot listen on {host}:0: {why}") and stderr.count("\n") == 1

@@ -74,6 +74,8 @@ class DuckDBSinkOptions(SinkOptions, kw_only=True):
     batch: BatchLimits = BatchLimits(max_rows=300_000, max_bytes=ByteSize(256 << 20), max_age=Duration(seconds=5))
 
     def __post_init__(self) -> None:
+        if not self.path.strip():  # DuckDB would take it for a database in memory, lost at the end
+            raise ValueError("path is empty (an unset variable?); write :memory: for a database that is not kept")
         if self.commit_every is not None and self.commit_every <= timedelta(0):
             raise ValueError("commit_every must be longer than 0; leave it out to commit each batch as it is written")
 
