@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import time
 
 import anyio
@@ -175,6 +177,41 @@ def test_options_refuse_unknown_tables_and_oversized_requests() -> None:
     names = options.table_names()
     assert names == {"visits": "web_visits", "events": "hits", "purchase_items": "web_purchase_items",
                      "dead_letter": "web_dead_letter"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("tables", "refused"),
+    [
+        ({"events": "page hits-2024"}, None),  # spaces and dashes: BigQuery takes them
+        ({"events": "таблица_событий"}, None),
+        ({"events": "web.hits"}, "tables: events would be written to 'web.hits', which BigQuery does not take"),
+        ({"events": "a/b"}, "tables: events would be written to 'a/b'"),
+        ({"events": ""}, "tables: events would be written to ''"),
+        ({"events": "x" * 1025}, "which BigQuery does not take for a table's name"),
+        ({"events": "visits"}, "tables: visits and events would both be written to 'visits'"),
+        ({"visits": "all", "dead_letter": "all"}, "tables: visits and dead_letter would both be written to 'all'"),
+    ],
+)
+def test_options_refuse_table_names_bigquery_would_refuse_or_that_two_tables_share(
+    tables: dict[str, str], refused: str | None
+) -> None:
+    options = {"project": "p", "dataset": "d", "tables": tables}
+    if refused is None:
+        assert validate_options(BigQueryStreamingOptions, options).table_names()["events"] == tables["events"]
+    else:
+        with pytest.raises(OptionsError, match=re.escape(refused)):
+            validate_options(BigQueryStreamingOptions, options)
+
+
+def test_arrow_rows_without_pyarrow_are_refused_when_the_pipeline_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clickflow_bigquery.write import BigQueryWriteOptions
+
+    options = {"project": "p", "dataset": "d", "row_format": "arrow"}
+    assert validate_options(BigQueryWriteOptions, options).row_format == "arrow"  # the dev install has pyarrow
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyarrow" else real(name, *a))
+    with pytest.raises(OptionsError, match=r"row_format: arrow needs pyarrow, which is not installed"):
+        validate_options(BigQueryWriteOptions, options)
 
 
 def test_the_job_budget_allows_a_burst_then_spaces_jobs() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Annotated, ClassVar, TypeVar
 
 import msgspec
@@ -17,6 +18,15 @@ from clickflow_bigquery.deadletters import BigQueryDeadLetters
 from clickflow_bigquery.tables import ensure_tables
 
 NAME = r"^[A-Za-z0-9_]+$"
+_TABLE_NAME_CHARACTERS = ("L", "M", "N", "Pc", "Pd", "Zs")
+"""Unicode categories a BigQuery table's name may use (letters, marks, numbers, _, dashes, spaces)."""
+
+
+def _valid_table_name(name: str) -> bool:
+    """Whether BigQuery takes ``name`` for a table: 1 to 1,024 UTF-8 bytes of those categories."""
+    return 0 < len(name.encode()) <= 1024 and all(
+        unicodedata.category(c).startswith(_TABLE_NAME_CHARACTERS) for c in name
+    )
 
 
 class BigQueryOptions(SinkOptions, kw_only=True):
@@ -39,6 +49,18 @@ class BigQueryOptions(SinkOptions, kw_only=True):
         unknown = set(self.tables) - set(TABLE_NAMES)
         if unknown:
             raise ValueError(f"tables: unknown table(s) {sorted(unknown)}; the tables are {', '.join(TABLE_NAMES)}")
+        names = self.table_names()
+        for table, name in names.items():
+            if not _valid_table_name(name):
+                raise ValueError(
+                    f"tables: {table} would be written to {name!r}, which BigQuery does not take for a table's name "
+                    "(letters, digits, marks, _, dashes and spaces, at most 1,024 bytes)"
+                )
+        owners: dict[str, str] = {}
+        for table, name in names.items():
+            if name in owners:
+                raise ValueError(f"tables: {owners[name]} and {table} would both be written to {name!r}")
+            owners[name] = table
 
     def table_names(self) -> dict[str, str]:
         return {name: self.tables.get(name, self.table_prefix + name) for name in TABLE_NAMES}

@@ -20,6 +20,7 @@ missing table or a denied permission fails the batch at once (``PermanentWriteEr
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import time
@@ -60,6 +61,8 @@ class BigQueryWriteOptions(BigQueryOptions, kw_only=True):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range("max_request_bytes", self.max_request_bytes, 1024 * 1024, 10 * 1000 * 1000)
+        if self.row_format == "arrow" and importlib.util.find_spec("pyarrow") is None:
+            raise ValueError("row_format: arrow needs pyarrow, which is not installed (pip install pyarrow)")
 
 
 @dataclass
