@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from clickflow.api import Message
+from clickflow.options import OptionsError, validate_options
 from clickflow.parser import VisitParser
 from clickflow.schema import EVENTS, VISITS, EventCol, VisitCol
 from clickflow_live.alerts import AlertRule, Alerts
@@ -149,6 +150,47 @@ def test_the_threshold_rule_fires_as_soon_as_the_open_minute_crosses_it() -> Non
 def test_a_threshold_rule_needs_its_threshold() -> None:
     with pytest.raises(ValueError, match="needs above"):
         AlertRule(name="x", kind="threshold")
+
+
+def spike_fires(keep_minutes: int, lateness_s: int, rule: AlertRule) -> bool:
+    """Forty minutes of 100 page views a minute, then three of 2,000, judged as they arrive."""
+    aggregates, alerts = (
+        LiveAggregates(allowed_lateness_us=lateness_s * 10**6, keep_minutes=keep_minutes),
+        Alerts([rule]),
+    )
+    states = []
+    for minute in range(50):
+        n = 2000 if 40 <= minute < 43 else 100
+        feed(aggregates, *[minute * 60 + i * 60 / n for i in range(n)])
+        states += [change.state for change in alerts.evaluate(aggregates)]
+    return "firing" in states
+
+
+@pytest.mark.parametrize(("lateness_s", "warmup", "min_baseline"), [(0, 3, 3), (300, 3, 3), (90, 0, 5), (270, 2, 4)])
+def test_a_spike_alert_is_refused_exactly_when_the_windows_kept_could_never_fire_it(
+    lateness_s: int, warmup: int, min_baseline: int
+) -> None:
+    """Validation's bound against the aggregates': the fewest windows kept with which the spike fires."""
+    rule = {
+        "name": "spike",
+        "kind": "spike",
+        "warmup_minutes": warmup,
+        "min_baseline": min_baseline,
+        "min_page_views": 10,
+    }
+    fewest = next(keep for keep in range(2, 30) if spike_fires(keep, lateness_s, AlertRule(**rule)))
+    options = {"allowed_lateness": lateness_s, "alerts": [rule]}
+    assert validate_options(LiveSinkOptions, {**options, "keep_minutes": fewest}).keep_minutes == fewest
+    with pytest.raises(OptionsError, match=rf"alert spike could never fire: a spike needs {fewest} minutes kept"):
+        validate_options(LiveSinkOptions, {**options, "keep_minutes": fewest - 1})
+
+
+def test_alerts_that_share_a_name_or_a_recent_past_the_windows_kept_are_refused() -> None:
+    twice = [{"name": "a", "kind": "threshold", "above": 5}, {"name": "a", "kind": "threshold", "above": 6}]
+    with pytest.raises(OptionsError, match="alerts: each needs a name of its own; a is given twice"):
+        validate_options(LiveSinkOptions, {"alerts": twice})
+    with pytest.raises(OptionsError, match=r"recent \(1800s\) is longer than the keep_minutes \(10\) kept"):
+        validate_options(LiveSinkOptions, {"keep_minutes": 10, "recent": "30m"})
 
 
 def live_counts(sink: LiveSink) -> dict[str, object]:

@@ -6,6 +6,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Annotated
 
 import anyio
@@ -45,6 +46,27 @@ class LiveSinkOptions(SinkOptions, kw_only=True):
     message delivered again, as Pub/Sub does when its batch was not acknowledged in time, counts
     once; 0 keeps none."""
     batch: BatchLimits = BatchLimits(max_rows=50_000, max_bytes=ByteSize(64 << 20), max_age=Duration(milliseconds=250))
+
+    def __post_init__(self) -> None:
+        """What would silently not work: alerts sharing a name (one metric series for two), a
+        spike alert that the windows kept can never give a baseline, "recent" past those windows."""
+        names = [rule.name for rule in self.alerts]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"alerts: each needs a name of its own; {', '.join(twice)} is given twice")
+        open_minutes = int(self.allowed_lateness / timedelta(minutes=1))  # not closed yet: not a baseline
+        for rule in self.alerts:
+            needed = rule.warmup_minutes + rule.min_baseline + open_minutes + 1
+            if rule.kind == "spike" and self.keep_minutes < needed:
+                raise ValueError(
+                    f"alert {rule.name} could never fire: a spike needs {needed} minutes kept (warmup_minutes "
+                    f"{rule.warmup_minutes}, min_baseline {rule.min_baseline}, {open_minutes} still open within "
+                    f"allowed_lateness, and the newest), keep_minutes is {self.keep_minutes}"
+                )
+        if self.recent > timedelta(minutes=self.keep_minutes):
+            raise ValueError(
+                f"recent ({self.recent.total_seconds():g}s) is longer than the keep_minutes ({self.keep_minutes}) kept"
+            )
 
     def http_paths(self) -> list[str]:
         return [DASHBOARD_PATH, API_PATH, f"{STATIC_PREFIX}/"]
