@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
@@ -61,6 +62,7 @@ class RuntimeOptions(OptionGroup, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         check_range("max_message_bytes", self.max_message_bytes, 1, MAX_MESSAGE_BYTES)
+        check_range("heartbeat_max_age", self.heartbeat_max_age, timedelta(seconds=1))  # 0: /healthz always fails
         if self.event_loop == "uvloop" and not uvloop_installed():
             raise ValueError("event_loop: uvloop is not installed (pip install uvloop; it has no Windows build)")
 
@@ -294,6 +296,24 @@ def _check_answers(doc: _Document, built: dict[str, list[tuple[str, Component[An
             doc.problems.append(doc.problem(("sinks", index), problem))
 
 
+def _check_heartbeats(
+    doc: _Document, built: dict[str, list[tuple[str, Component[Any]]]], runtime: RuntimeOptions
+) -> None:
+    """``/healthz`` must not fail while a healthy source waits: a pull held open on a quiet
+    subscription, a throttled simulator between visits."""
+    limit = runtime.heartbeat_max_age
+    for index, (source, component) in enumerate(built["source"]):
+        quiet = component.options.heartbeat_within()
+        if quiet is None or quiet < limit:
+            continue
+        problem = (
+            f"source {source!r} may report only every {quiet.total_seconds():g}s while it waits, no sooner than "
+            f"runtime.heartbeat_max_age ({limit.total_seconds():g}s): /healthz would fail whenever traffic "
+            "pauses; raise heartbeat_max_age"
+        )
+        doc.problems.append(doc.problem(("sources", index), problem))
+
+
 def _unique(components: list[tuple[str, Component[C]]], explicit: set[str]) -> list[Component[C]]:
     seen: dict[str, int] = {}
     result = []
@@ -325,6 +345,7 @@ def parse_pipeline(
         built: dict[str, list[tuple[str, Component[Any]]]] = {"source": list(sources), "sink": list(sinks)}
         _check_shared(doc, built, monitor)
         _check_answers(doc, built)
+        _check_heartbeats(doc, built, runtime)
     if doc.problems:
         raise ConfigError(doc.problems)
     return Pipeline(

@@ -24,6 +24,9 @@ Loc = tuple[str | int, ...]
 
 PositiveInt = Annotated[int, Meta(gt=0)]
 
+HEARTBEAT_EVERY = timedelta(seconds=5)
+"""How often a source waiting for room or for requests reports anyway (``heartbeat_within``)."""
+
 GCS_BUCKET = r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]"
 """A Cloud Storage bucket's name, as ``gs://BUCKET/...`` spells it (no wildcard)."""
 
@@ -119,6 +122,12 @@ class PluginOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def answer_within(self) -> timedelta | None:
         """A source's: how long a sender waits for its messages to be stored before it takes them as
         not stored and sends them again (the push endpoint's ``ack_timeout``); None if none waits."""
+        return None
+
+    def heartbeat_within(self) -> timedelta | None:
+        """A source's: the longest it may go between heartbeats while healthy and quiet (a held
+        pull, a throttled simulator's wait), or None. A pipeline is refused where this is not
+        below ``runtime.heartbeat_max_age``, or ``/healthz`` would fail whenever traffic pauses."""
         return None
 
     def write_spacing(self) -> timedelta | None:

@@ -150,6 +150,32 @@ def test_a_sink_spacing_its_writes_longer_than_a_sender_waits_is_refused(
         assert parse_pipeline(text, registry, "p.yaml", {}).sinks[0].name == "bq"
 
 
+@pytest.mark.parametrize(
+    ("source", "runtime", "refused"),
+    [
+        ("{type: pubsub_pull, subscription: projects/p/subscriptions/s}", "", False),  # 20 s against 60 s
+        ("{type: pubsub_pull, subscription: projects/p/subscriptions/s, pull_timeout: 50s}", "", False),
+        ("{type: pubsub_pull, subscription: projects/p/subscriptions/s, pull_timeout: 60s}", "", True),
+        ("{type: pubsub_pull, subscription: projects/p/subscriptions/s, pull_timeout: 60s}", "61s", False),
+        ("{type: pubsub_push, auth: none}", "5s", True),  # it reports every 5 s while no request comes
+        ("{type: pubsub_push, auth: none}", "6s", False),
+        ("{type: simulator, visits_per_minute: 2}", "30s", True),
+        ("{type: simulator}", "1s", False),  # unthrottled: never waits
+        ("{type: file, path: in.json}", "1s", False),
+    ],
+)
+def test_a_source_that_reports_less_often_than_healthz_expects_is_refused(
+    registry: Registry, source: str, runtime: str, refused: bool
+) -> None:
+    text = f"sources: [{source}]\nsinks: [{{type: duckdb, path: x.db}}]\nmonitor: {{port: 0}}\n"
+    text += f"runtime: {{heartbeat_max_age: {runtime}}}\n" if runtime else ""
+    if refused:
+        (problem,) = problems(registry, text)
+        assert problem.startswith("p.yaml:1: sources[0]: source ") and "/healthz would fail" in problem
+    else:
+        assert len(parse_pipeline(text, registry, "p.yaml", {}).sources) == 1
+
+
 def test_duplicate_types_get_distinct_names(pipeline: Callable[..., Pipeline]) -> None:
     text = MINIMAL.replace("sinks:", "  - type: simulator\n    count: 1\nsinks:")
     assert [s.name for s in pipeline(text).sources] == ["simulator", "simulator-2"]

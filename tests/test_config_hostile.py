@@ -104,6 +104,19 @@ BROKEN: list[tuple[str, bytes | str, int, str]] = [
      "path 'gs://logs' is not gs://BUCKET/NAME"),
     ("duckdb path unset", OK_SOURCE + "sinks: [{type: duckdb, path: '${OUT:-}'}]\n", 2,
      "sinks[0]: path is empty (an unset variable?); write :memory: for a database that is not kept"),
+    ("pull in a tight loop", "sources: [{type: pubsub_pull, subscription: projects/p/subscriptions/s, "
+     "pull_timeout: 0s}]\n" + OK_SINK, 2, "pull_timeout must be at least 1s"),
+    ("acknowledging in a tight loop", "sources: [{type: pubsub_pull, subscription: projects/p/subscriptions/s, "
+     "ack_interval: 0s}]\n" + OK_SINK, 2, "ack_interval must be at least 0.001s"),
+    ("push refusing everything", "sources: [{type: pubsub_push, auth: none, read_timeout: 0s}]\n" + OK_SINK
+     + MONITOR, 2, "read_timeout must be at least 0.001s"),
+    ("healthz always failing", OK_SOURCE + OK_SINK + "runtime: {heartbeat_max_age: 0s}\n", 2,
+     "runtime: heartbeat_max_age must be at least 1s"),
+    ("healthz failing on a quiet pull", "sources: [{type: pubsub_pull, subscription: projects/p/subscriptions/s, "
+     "pull_timeout: 90s}]\n" + OK_SINK, 2, "p.yaml:1: sources[0]: source 'pubsub_pull' may report only every 90s "
+     "while it waits, no sooner than runtime.heartbeat_max_age (60s): /healthz would fail whenever traffic pauses"),
+    ("healthz failing on a slow simulator", "sources: [{type: simulator, visits_per_minute: 0.5}]\n" + OK_SINK
+     + "runtime: {heartbeat_max_age: 2m}\n", 2, "source 'simulator' may report only every 120s while it waits"),
     ("bad subscription", "sources: [{type: pubsub_pull, subscription: my-sub}]\n" + OK_SINK, 2, "subscription"),
 ]
 # fmt: on

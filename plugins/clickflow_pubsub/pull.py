@@ -32,7 +32,7 @@ from msgspec import Meta
 
 from clickflow.api import Message, Source, SourceContext
 from clickflow.metrics import shared_metric
-from clickflow.options import ByteSize, Duration, PositiveInt, SourceOptions, check_range
+from clickflow.options import HEARTBEAT_EVERY, ByteSize, Duration, PositiveInt, SourceOptions, check_range
 from clickflow_pubsub.leases import Lease, Leases
 
 if TYPE_CHECKING:  # imported when the source starts, so loading plugins stays quick
@@ -62,6 +62,12 @@ class PubSubPullOptions(SourceOptions, kw_only=True):
 
     def __post_init__(self) -> None:
         check_range("ack_deadline", self.ack_deadline, timedelta(seconds=10), timedelta(seconds=600))
+        check_range("pull_timeout", self.pull_timeout, timedelta(seconds=1))  # 0 pulls in a tight loop
+        check_range("ack_interval", self.ack_interval, timedelta(milliseconds=1))  # 0 acknowledges in one
+
+    def heartbeat_within(self) -> timedelta:
+        """A pull held open on a quiet subscription reports when it ends empty."""
+        return max(self.pull_timeout, HEARTBEAT_EVERY)
 
 
 def _chunks(ids: list[str]) -> Iterator[list[str]]:
@@ -158,7 +164,7 @@ class PubSubPullSource(Source[PubSubPullOptions]):
         while True:
             while not (room := self._leases.room()):  # flow control: wait, but stay healthy
                 context.heartbeat(loop)
-                with anyio.move_on_after(5):
+                with anyio.move_on_after(HEARTBEAT_EVERY.total_seconds()):
                     await self._leases.freed()
             try:
                 received = await self._client.pull_messages(

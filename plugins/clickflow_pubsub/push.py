@@ -29,7 +29,7 @@ from msgspec import Meta
 
 from clickflow.api import Handler, Message, Source, SourceContext, valid_text
 from clickflow.metrics import shared_metric
-from clickflow.options import ByteSize, Duration, SourceOptions, check_range
+from clickflow.options import HEARTBEAT_EVERY, ByteSize, Duration, SourceOptions, check_range
 
 if TYPE_CHECKING:  # aiohttp and asyncio are imported when the source starts: loading plugins stays quick
     import asyncio
@@ -75,6 +75,8 @@ class PubSubPushOptions(SourceOptions, kw_only=True):
 
     def __post_init__(self) -> None:
         check_range("max_body_bytes", self.max_body_bytes, 1, 4 * MAX_ENVELOPE_BYTES)
+        for name in ("enter_timeout", "ack_timeout", "read_timeout"):  # 0: every request refused
+            check_range(name, getattr(self, name), timedelta(milliseconds=1))
         if self.ack_timeout > MAX_ACK_DEADLINE:
             raise ValueError(
                 f"ack_timeout is above {MAX_ACK_DEADLINE.total_seconds():g}s, the longest Pub/Sub waits for a "
@@ -100,6 +102,9 @@ class PubSubPushOptions(SourceOptions, kw_only=True):
 
     def answer_within(self) -> timedelta:
         return self.ack_timeout
+
+    def heartbeat_within(self) -> timedelta:
+        return HEARTBEAT_EVERY
 
 
 STORED, PIPELINE_FULL, NOT_STORED = 204, 429, 503
@@ -305,7 +310,7 @@ class PubSubPushSource(Source[PubSubPushOptions]):
         try:
             while True:
                 if not self._arrived.is_set():  # under load, requests are already waiting
-                    with anyio.move_on_after(5):
+                    with anyio.move_on_after(HEARTBEAT_EVERY.total_seconds()):
                         await self._arrived.wait()
                 context.heartbeat()
                 self._arrived = anyio.Event()

@@ -6,7 +6,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -38,6 +38,10 @@ class SimulatorOptions(SourceOptions, kw_only=True):
     spike_factor: Annotated[float, Meta(gt=1.0, le=1000.0)] = 20.0
     """How many times the usual rate of visits the burst brings."""
     spike_duration: Duration = Duration(minutes=2)
+
+    def heartbeat_within(self) -> timedelta | None:
+        """Throttled, it reports before each wait for the next visit."""
+        return timedelta(minutes=1) / self.visits_per_minute if self.visits_per_minute else None
 
     def spike(self) -> Spike | None:
         if self.spike_at is None:
