@@ -98,6 +98,10 @@ def _with_stores(path: str, work: Callable[[Pipeline, list[DeadLetterStore], str
     if not stores:
         raise click.ClickException(f"{path}: no sink keeps dead letters clickflow can read (duckdb, bigquery_*)")
     names = ", ".join(f"{s.type_name} {s.name!r}" for s in sinks if isinstance(s, DeadLetterStore))
+    read = next(sink for sink in sinks if isinstance(sink, DeadLetterStore))  # stores[0], as a sink
+    why = read.options.nothing_stored()
+    if why is not None:  # opening it would make an empty one and find nothing: a mistyped path, say
+        raise click.ClickException(f"{path}: {read.type_name} {read.name!r} holds no dead letters: {why}")
 
     async def run() -> None:
         async with _opened([s for s in sinks if isinstance(s, DeadLetterStore)]):

@@ -130,6 +130,11 @@ class PluginOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         below ``runtime.heartbeat_max_age``, or ``/healthz`` would fail whenever traffic pauses."""
         return None
 
+    def nothing_stored(self) -> str | None:
+        """A sink's: why it can hold nothing yet (its database file does not exist), known without
+        opening it, or None: ``clickflow dlq`` then says so rather than make an empty one to read."""
+        return None
+
     def write_spacing(self) -> timedelta | None:
         """A sink's: the time it keeps between writes under steady load (a quota), or None. A
         pipeline is refused where this is not below a source's ``answer_within``."""

@@ -170,6 +170,18 @@ def test_the_commands_list_and_replay_a_pipelines_dead_letters(
     assert left.stdout.startswith("0 dead letters not yet replayed")
 
 
+@pytest.mark.parametrize("command", [["list"], ["replay"], ["replay", "--dry-run"]])
+def test_a_database_that_does_not_exist_is_named_not_made(tmp_path: Path, command: list[str]) -> None:
+    """A mistyped path used to make an empty database, and list 0 dead letters in it."""
+    db = tmp_path / "typo.duckdb"
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"sources: [{{type: simulator, count: 1}}]\nsinks: [{{type: duckdb, path: '{db}'}}]\n")
+    result = clickflow("dlq", *command, str(pipeline))
+    assert result.returncode == 1
+    assert f"{pipeline}: duckdb 'duckdb' holds no dead letters: its database {db} does not exist" in result.stderr
+    assert list(tmp_path.iterdir()) == [pipeline]
+
+
 def letter(dead_letter_id: str, payload: bytes, size: int | None, reason: str = "too_large") -> StoredDeadLetter:
     return StoredDeadLetter(dead_letter_id, 0, "file", "visits.jsonl:7", None, reason, payload, size)
 

@@ -83,6 +83,11 @@ class DuckDBSinkOptions(SinkOptions, kw_only=True):
         """Two sinks on one file would each store every row: a file belongs to one sink."""
         return [] if self.path == ":memory:" else [f"DuckDB database {os.path.abspath(self.path)}"]
 
+    def nothing_stored(self) -> str | None:
+        if self.path == ":memory:" or os.path.exists(self.path):
+            return None
+        return f"its database {os.path.abspath(self.path)} does not exist"
+
 
 GENERATED = {("events", "event_id"): "visit_id || ':' || CAST(event_index AS VARCHAR)"}
 """Columns DuckDB computes instead of storing: the parser's ``event_id`` is ``visit_id:index``.
