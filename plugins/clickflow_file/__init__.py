@@ -19,6 +19,9 @@ from clickflow.hookspecs import Register, hookimpl
 from clickflow.options import GCS_BUCKET, PositiveInt, SourceOptions
 from clickflow_file.reader import CountingReader, iter_messages
 
+_GS_OBJECTS = re.compile(rf"gs://{GCS_BUCKET}/.")
+"""A ``gs://`` path with a bucket, then an object's name or glob."""
+
 
 class FileSourceOptions(SourceOptions, kw_only=True):
     path: str | list[str]
@@ -42,9 +45,6 @@ class FileSourceOptions(SourceOptions, kw_only=True):
 
     def patterns(self) -> list[str]:
         return [self.path] if isinstance(self.path, str) else self.path
-
-
-_GS_OBJECTS = re.compile(rf"gs://{GCS_BUCKET}/.")
 
 
 def expand_local(pattern: str) -> list[str]:
