@@ -7,8 +7,14 @@ until then.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from clickflow.api import AnySource
 from clickflow.hookspecs import Register, hookimpl
+
+MIN_ACK_DEADLINE, MAX_ACK_DEADLINE = timedelta(seconds=10), timedelta(minutes=10)
+"""A subscription's acknowledgement deadline, as Pub/Sub bounds it: how long it waits for a pulled
+message's acknowledgement, or for a push request's answer."""
 
 
 @hookimpl

@@ -33,6 +33,7 @@ from msgspec import Meta
 from clickflow.api import Message, Source, SourceContext
 from clickflow.metrics import shared_metric
 from clickflow.options import HEARTBEAT_EVERY, ByteSize, Duration, PositiveInt, SourceOptions, check_range
+from clickflow_pubsub import MAX_ACK_DEADLINE, MIN_ACK_DEADLINE
 from clickflow_pubsub.leases import Lease, Leases
 
 if TYPE_CHECKING:  # imported when the source starts, so loading plugins stays quick
@@ -61,7 +62,7 @@ class PubSubPullOptions(SourceOptions, kw_only=True):
     """Service-account key; default: ADC."""
 
     def __post_init__(self) -> None:
-        check_range("ack_deadline", self.ack_deadline, timedelta(seconds=10), timedelta(seconds=600))
+        check_range("ack_deadline", self.ack_deadline, MIN_ACK_DEADLINE, MAX_ACK_DEADLINE)
         check_range("pull_timeout", self.pull_timeout, timedelta(seconds=1))  # 0 pulls in a tight loop
         check_range("ack_interval", self.ack_interval, timedelta(milliseconds=1))  # 0 acknowledges in one
 

@@ -30,6 +30,7 @@ from msgspec import Meta
 from clickflow.api import Handler, Message, Source, SourceContext, valid_text
 from clickflow.metrics import shared_metric
 from clickflow.options import HEARTBEAT_EVERY, ByteSize, Duration, SourceOptions, check_range
+from clickflow_pubsub import MAX_ACK_DEADLINE
 
 if TYPE_CHECKING:  # aiohttp and asyncio are imported when the source starts: loading plugins stays quick
     import asyncio
@@ -46,8 +47,6 @@ MAX_BATCH = 1000
 """Requests coalesced into one batch at most."""
 MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
 """The largest legal push: a 10 MB message is 13.4 MB in base64, plus its attributes and envelope."""
-MAX_ACK_DEADLINE = timedelta(minutes=10)
-"""A push subscription's longest acknowledgement deadline: how long Pub/Sub waits for an answer."""
 
 
 class PubSubPushOptions(SourceOptions, kw_only=True):
