@@ -258,9 +258,12 @@ def _component(
 
 
 MONITOR_PATHS = ("/metrics", "/healthz", "/readyz")
+_Built = dict[str, list[tuple[str, Component[Any]]]]
+"""A file's validated sources and sinks by kind (``source``, ``sink``), each with its name, in the
+file's order: what the checks across components read."""
 
 
-def _check_shared(doc: _Document, built: dict[str, list[tuple[str, Component[Any]]]], monitor: Any) -> None:
+def _check_shared(doc: _Document, built: _Built, monitor: Any) -> None:
     """What components must not share (paths on the server, files), and the server they need.
     Runs on a file whose items all validated, so ``built`` lines up with the file's items."""
     owners: dict[str, tuple[Loc, str]] = {f"HTTP path {path}": ((), "the monitoring server") for path in MONITOR_PATHS}
@@ -278,7 +281,7 @@ def _check_shared(doc: _Document, built: dict[str, list[tuple[str, Component[Any
                     doc.problems.append(doc.problem(loc, f"{resource} is already used by {owner}; give each its own"))
 
 
-def _check_answers(doc: _Document, built: dict[str, list[tuple[str, Component[Any]]]]) -> None:
+def _check_answers(doc: _Document, built: _Built) -> None:
     """A sink that keeps more time between writes (a quota) than a source's senders wait for their
     answer would have every message of theirs answered as not stored, sent again, and stored again."""
     for index, (sink, sink_component) in enumerate(built["sink"]):
@@ -296,9 +299,7 @@ def _check_answers(doc: _Document, built: dict[str, list[tuple[str, Component[An
             doc.problems.append(doc.problem(("sinks", index), problem))
 
 
-def _check_heartbeats(
-    doc: _Document, built: dict[str, list[tuple[str, Component[Any]]]], runtime: RuntimeOptions
-) -> None:
+def _check_heartbeats(doc: _Document, built: _Built, runtime: RuntimeOptions) -> None:
     """``/healthz`` must not fail while a healthy source waits: a pull held open on a quiet
     subscription, a throttled simulator between visits."""
     limit = runtime.heartbeat_max_age
@@ -342,7 +343,7 @@ def parse_pipeline(
     sources = _components(doc, "source", lists["sources"], registry.sources, explicit)
     sinks = _components(doc, "sink", lists["sinks"], registry.sinks, explicit)
     if not doc.problems:
-        built: dict[str, list[tuple[str, Component[Any]]]] = {"source": list(sources), "sink": list(sinks)}
+        built: _Built = {"source": list(sources), "sink": list(sinks)}
         _check_shared(doc, built, monitor)
         _check_answers(doc, built)
         _check_heartbeats(doc, built, runtime)
