@@ -49,15 +49,13 @@ class BigQueryOptions(SinkOptions, kw_only=True):
         unknown = set(self.tables) - set(TABLE_NAMES)
         if unknown:
             raise ValueError(f"tables: unknown table(s) {sorted(unknown)}; the tables are {', '.join(TABLE_NAMES)}")
-        names = self.table_names()
-        for table, name in names.items():
+        owners: dict[str, str] = {}
+        for table, name in self.table_names().items():
             if not _valid_table_name(name):
                 raise ValueError(
                     f"tables: {table} would be written to {name!r}, which BigQuery does not take for a table's name "
                     "(letters, digits, marks, _, dashes and spaces, at most 1,024 bytes)"
                 )
-        owners: dict[str, str] = {}
-        for table, name in names.items():
             if name in owners:
                 raise ValueError(f"tables: {owners[name]} and {table} would both be written to {name!r}")
             owners[name] = table

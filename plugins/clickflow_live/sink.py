@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -50,8 +50,7 @@ class LiveSinkOptions(SinkOptions, kw_only=True):
     def __post_init__(self) -> None:
         """What would silently not work: alerts sharing a name (one metric series for two), a
         spike alert that the windows kept can never give a baseline, "recent" past those windows."""
-        names = [rule.name for rule in self.alerts]
-        twice = sorted({name for name in names if names.count(name) > 1})
+        twice = sorted(name for name, n in Counter(rule.name for rule in self.alerts).items() if n > 1)
         if twice:
             raise ValueError(f"alerts: each needs a name of its own; {', '.join(twice)} is given twice")
         open_minutes = int(self.allowed_lateness / timedelta(minutes=1))  # not closed yet: not a baseline
