@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 
@@ -75,19 +76,23 @@ def milliseconds(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
 
 
+def _stat_seconds(stat: Path) -> float:
+    """User and system CPU time from a /proc ``stat`` file (a process's, or one of its threads')."""
+    fields = stat.read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time (user and system, every thread) a process and its children (the DuckDB sink's log
     writer) have used so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     tasks = Path(f"/proc/{pid}/task").iterdir()
     children = [int(child) for task in tasks for child in (task / "children").read_text().split()]
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(map(cpu_seconds, children))
+    return _stat_seconds(Path(f"/proc/{pid}/stat")) + sum(map(cpu_seconds, children))
 
 
 def loop_seconds(pid: int) -> float:
     """CPU time the process's main thread, its event loop, has used so far, from /proc."""
-    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _stat_seconds(Path(f"/proc/{pid}/task/{pid}/stat"))
 
 
 def batched(port: int) -> tuple[float, float]:
@@ -161,13 +166,13 @@ def main() -> None:
                 wait_for(partial(ready, server_port), 30)
                 for connections in opts.concurrency:
                     before = None if name in bare_names else batched(server_port)  # bare: no /metrics
-                    cpu, loop = cpu_seconds(server.pid), loop_seconds(server.pid)
+                    cpu, loop, started = cpu_seconds(server.pid), loop_seconds(server.pid), time.monotonic()
                     rate, requests, p50, p99, notes = wrk(
                         server_port, scripts.get(name, script), connections, opts.seconds
                     )
                     cpu, loop = cpu_seconds(server.pid) - cpu, loop_seconds(server.pid) - loop
-                    busy = f", event loop busy {loop / opts.seconds:.0%} ({loop / requests * 1e6:.0f} µs a request)"
-                    notes = busy + notes
+                    busy = loop / (time.monotonic() - started)  # over wrk's whole run, not its nominal seconds
+                    notes = f", event loop busy {busy:.0%} ({loop / requests * 1e6:.0f} µs a request)" + notes
                     if before is not None:
                         pushed, batches = (now - then for now, then in zip(batched(server_port), before, strict=True))
                         notes += f", {pushed / batches:.1f} requests per batch"
