@@ -18,11 +18,11 @@ from __future__ import annotations
 import base64
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from clickflow.api import AnySink, Message, RowBatch
+from clickflow.api import Message, RowBatch
 from clickflow.parser import REASON_TOO_LARGE, VisitContext, VisitParser, visit_id_for
 from clickflow.schema import DeadLetterCol
 
@@ -139,13 +139,8 @@ class ReplayReport:
         return registry
 
 
-def stores_of(sinks: Iterable[AnySink]) -> list[DeadLetterStore]:
-    """The sinks that keep dead letters where ``clickflow dlq`` can read them."""
-    return [sink for sink in sinks if isinstance(sink, DeadLetterStore)]
-
-
 async def replay(
-    stores: list[DeadLetterStore], query: DeadLetterQuery, parser: VisitParser, *, dry_run: bool = False
+    stores: Sequence[DeadLetterStore], query: DeadLetterQuery, parser: VisitParser, *, dry_run: bool = False
 ) -> ReplayReport:
     """Parse the stored dead letters again and store what now parses (see the module's docstring)."""
     first = stores[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -14,7 +14,7 @@ import click
 
 from clickflow.api import AnySink
 from clickflow.config import Pipeline
-from clickflow.dlq import DeadLetterQuery, DeadLetterStore, replay, stores_of
+from clickflow.dlq import DeadLetterQuery, DeadLetterStore, replay
 from clickflow.parser import PARSER_VERSION, VisitParser
 
 _reasons = click.option("--reason", "reasons", multiple=True, help="Only this reason (repeatable).")
@@ -36,7 +36,7 @@ def list_dead_letters(pipeline: str, reasons: tuple[str, ...], since: str | None
     """Count PIPELINE's dead letters not yet replayed, by reason and source, with a sample of each."""
     query = DeadLetterQuery(reasons, _since_us(since))
 
-    async def run(_: Pipeline, stores: list[DeadLetterStore], names: str) -> None:
+    async def run(_: Pipeline, stores: Sequence[DeadLetterStore], names: str) -> None:
         groups = await stores[0].dead_letter_groups(query)
         total = sum(g.count for g in groups)
         click.echo(f"{total:,} dead letters not yet replayed in {names}")
@@ -62,7 +62,7 @@ def replay_dead_letters(
     pipeline's sinks (rows stored before are skipped) and mark those dead letters replayed."""
     query = DeadLetterQuery(reasons, _since_us(since))
 
-    async def run(loaded: Pipeline, stores: list[DeadLetterStore], names: str) -> None:
+    async def run(loaded: Pipeline, stores: Sequence[DeadLetterStore], names: str) -> None:
         parser = VisitParser(loaded.runtime.max_message_bytes)
         report = await replay(stores, query, parser, dry_run=dry_run)
         verb = "would replay" if dry_run else "replayed"
@@ -88,23 +88,22 @@ def replay_dead_letters(
     _with_stores(pipeline, run)
 
 
-def _with_stores(path: str, work: Callable[[Pipeline, list[DeadLetterStore], str], Any]) -> None:
+def _with_stores(path: str, work: Callable[[Pipeline, Sequence[DeadLetterStore], str], Any]) -> None:
     """Open the pipeline's sinks that keep dead letters, run ``work`` with them, close them."""
     from clickflow.cli import EXIT_FAILED, load_or_exit
 
     pipeline = load_or_exit(path)
-    sinks = [component.build() for component in pipeline.sinks]
-    stores = stores_of(sinks)
+    stores = [sink for sink in (component.build() for component in pipeline.sinks) if isinstance(sink, DeadLetterStore)]
     if not stores:
         raise click.ClickException(f"{path}: no sink keeps dead letters clickflow can read (duckdb, bigquery_*)")
-    names = ", ".join(f"{s.type_name} {s.name!r}" for s in sinks if isinstance(s, DeadLetterStore))
-    read = next(sink for sink in sinks if isinstance(sink, DeadLetterStore))  # stores[0], as a sink
+    names = ", ".join(f"{store.type_name} {store.name!r}" for store in stores)
+    read = stores[0]  # what both commands read
     why = read.options.nothing_stored()
     if why is not None:  # opening it would make an empty one and find nothing: a mistyped path, say
         raise click.ClickException(f"{path}: {read.type_name} {read.name!r} holds no dead letters: {why}")
 
     async def run() -> None:
-        async with _opened([s for s in sinks if isinstance(s, DeadLetterStore)]):
+        async with _opened(stores):
             await work(pipeline, stores, names)
 
     try:
@@ -115,7 +114,7 @@ def _with_stores(path: str, work: Callable[[Pipeline, list[DeadLetterStore], str
 
 
 @asynccontextmanager
-async def _opened(sinks: list[AnySink]) -> AsyncIterator[None]:
+async def _opened(sinks: Sequence[AnySink]) -> AsyncIterator[None]:
     async with AsyncExitStack() as stack:
         for sink in sinks:
             await sink.open()

@@ -14,7 +14,7 @@ import pytest
 
 from clickflow.api import Message, RowBatch
 from clickflow.config import Pipeline
-from clickflow.dlq import DeadLetterQuery, ReplayReport, StoredDeadLetter, replay, stores_of
+from clickflow.dlq import DeadLetterQuery, DeadLetterStore, ReplayReport, StoredDeadLetter, replay
 from clickflow.parser import PARSER_VERSION, VisitParser
 from clickflow.schema import DEAD_LETTER, EVENTS, PURCHASE_ITEMS, VISITS, DeadLetterCol
 from clickflow.summary import RunSummary
@@ -65,7 +65,8 @@ def replay_with(loaded: Pipeline, parser: VisitParser, dry_run: bool = False) ->
         for sink in sinks:
             await sink.open()
         try:
-            return await replay(stores_of(sinks), DeadLetterQuery(), parser, dry_run=dry_run)
+            stores = [sink for sink in sinks if isinstance(sink, DeadLetterStore)]
+            return await replay(stores, DeadLetterQuery(), parser, dry_run=dry_run)
         finally:
             for sink in sinks:
                 await sink.close()
