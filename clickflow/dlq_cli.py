@@ -93,7 +93,8 @@ def _with_stores(path: str, work: Callable[[Pipeline, Sequence[DeadLetterStore],
     from clickflow.cli import EXIT_FAILED, load_or_exit
 
     pipeline = load_or_exit(path)
-    stores = [sink for sink in (component.build() for component in pipeline.sinks) if isinstance(sink, DeadLetterStore)]
+    sinks = (component.cls(component.name, component.options.existing_only()) for component in pipeline.sinks)
+    stores = [sink for sink in sinks if isinstance(sink, DeadLetterStore)]
     if not stores:
         raise click.ClickException(f"{path}: no sink keeps dead letters clickflow can read (duckdb, bigquery_*)")
     names = ", ".join(f"{store.type_name} {store.name!r}" for store in stores)

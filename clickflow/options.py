@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from datetime import timedelta
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Self, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -129,6 +129,12 @@ class PluginOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         pull, a throttled simulator's wait), or None. A pipeline is refused where this is not
         below ``runtime.heartbeat_max_age``, or ``/healthz`` would fail whenever traffic pauses."""
         return None
+
+    def existing_only(self) -> Self:
+        """A sink's options for ``clickflow dlq``, which reads and replays into what is there: with
+        none that make a dataset or a table on opening (a mistyped name would be made, and read
+        empty). Those of a sink that creates nothing are themselves."""
+        return self
 
     def nothing_stored(self) -> str | None:
         """A sink's: why it can hold nothing yet (its database file does not exist), known without

@@ -277,3 +277,53 @@ def test_a_bigquery_table_from_before_gains_the_new_dead_letter_columns(
     assert [(r["parser_version"], int(r["n"])) for r in rows] == [
         (PARSER_VERSION, bigquery_env.counts(dataset)["dead_letter"])
     ]
+
+
+@pytest.mark.integration
+def test_a_bigquery_dataset_or_column_that_is_not_there_is_named_not_made(
+    bigquery_env: BigQueryEmulator, tmp_path: Path
+) -> None:
+    """``clickflow dlq`` creates nothing: a mistyped dataset used to be made, with empty tables, and
+    listed 0 dead letters; tables from before the replay columns used to gain them."""
+    from clickflow_bigquery.client import BigQueryClient, BigQueryError
+    from clickflow_bigquery.tables import table_resource
+
+    typo, old = new_dataset("typo"), new_dataset("old")
+    pipeline = tmp_path / "p.yaml"
+
+    def dlq_list(dataset: str) -> str:
+        sink = f"{{type: bigquery_streaming, project: {bigquery_env.project}, dataset: {dataset}}}"
+        pipeline.write_text(f"sources: [{{type: simulator, count: 1}}]\nsinks: [{sink}]\n")
+        result = clickflow("dlq", "list", str(pipeline))
+        assert result.returncode == 1, result.stdout
+        return result.stderr
+
+    async def datasets_and_dead_letter_columns() -> tuple[list[int], list[str]]:
+        async with BigQueryClient(bigquery_env.project) as client:
+            statuses = []
+            for dataset in (typo, old):
+                try:
+                    await client.get_dataset(dataset)
+                    statuses.append(200)
+                except BigQueryError as exc:
+                    statuses.append(exc.status)
+            found = await client.get_table(old, "dead_letter")
+            return statuses, [f["name"] for f in found["schema"]["fields"]]
+
+    async def make_old_tables() -> None:
+        async with BigQueryClient(bigquery_env.project) as client:
+            await client.create_dataset(old)
+            for table in (VISITS, EVENTS, PURCHASE_ITEMS, DEAD_LETTER):
+                resource = table_resource(table)
+                if table is DEAD_LETTER:
+                    resource["schema"]["fields"] = resource["schema"]["fields"][: len(OLD_DEAD_LETTER_COLUMNS)]
+                await client.create_table(old, table.name, resource)
+
+    anyio.run(make_old_tables)
+    missing = dlq_list(typo)
+    for table in ("visits", "events", "purchase_items", "dead_letter"):
+        assert f"{bigquery_env.project}.{typo}.{table} does not exist" in missing
+    lacking = dlq_list(old)
+    new_columns = ", ".join(c.name for c in DEAD_LETTER.columns[len(OLD_DEAD_LETTER_COLUMNS) :])
+    assert f"{bigquery_env.project}.{old}.dead_letter lacks column(s) {new_columns}" in lacking
+    assert anyio.run(datasets_and_dead_letter_columns) == ([404, 200], [c.name for c in OLD_DEAD_LETTER_COLUMNS])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
-from typing import Annotated, ClassVar, TypeVar
+from typing import Annotated, ClassVar, Self, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -41,7 +41,8 @@ class BigQueryOptions(SinkOptions, kw_only=True):
     tables: dict[str, str] = msgspec.field(default_factory=dict)
     """Other names for tables, e.g. {events: hits}."""
     create_tables: bool = True
-    """Create the dataset and missing tables when opening."""
+    """Create the dataset and missing tables when opening, and add the nullable columns clickflow has
+    gained since a table was made; else a missing table or column stops the sink from opening."""
     service_file: str | None = None
     """Service-account key; default: ADC."""
 
@@ -59,6 +60,9 @@ class BigQueryOptions(SinkOptions, kw_only=True):
             if name in owners:
                 raise ValueError(f"tables: {owners[name]} and {table} would both be written to {name!r}")
             owners[name] = table
+
+    def existing_only(self) -> Self:
+        return msgspec.structs.replace(self, create_tables=False)
 
     def table_names(self) -> dict[str, str]:
         return {name: self.tables.get(name, self.table_prefix + name) for name in TABLE_NAMES}

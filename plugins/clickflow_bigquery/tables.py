@@ -102,7 +102,7 @@ async def ensure_tables(client: BigQueryClient, dataset: str, names: dict[str, s
             if exc.status != 404:
                 raise
             if not create:
-                problems.append(f"{where} does not exist (run `clickflow bigquery create-tables` or set create_tables)")
+                problems.append(f"{where} does not exist (`clickflow bigquery create-tables` makes it)")
                 continue
             try:
                 await client.create_table(dataset, target, table_resource(table))
@@ -112,11 +112,15 @@ async def ensure_tables(client: BigQueryClient, dataset: str, names: dict[str, s
                 if exc.status != 409:  # created meanwhile by another worker: checked next run
                     raise
             continue
-        added = missing_nullable_columns(table, found) if create else []
-        if added:  # schema evolution: columns clickflow has written since this table was made
+        added = missing_nullable_columns(table, found)
+        if added and create:  # schema evolution: columns clickflow has written since this table was made
             fields = [f for f in table_resource(table)["schema"]["fields"] if f["name"] in added]
             await client.add_columns(dataset, target, fields)
             log.info("added column(s) %s to %s", ", ".join(added), where)
+        elif added:
+            problems.append(
+                f"{where} lacks column(s) {', '.join(added)} (`clickflow bigquery create-tables` adds them)"
+            )
         problems += [f"{where}: {p}" for p in schema_differences(table, found, frozenset(added))]
         partitioning = found.get("timePartitioning", {}).get("field")
         if partitioning != table.partition_by:
