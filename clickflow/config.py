@@ -45,6 +45,9 @@ class MonitorOptions(OptionGroup, frozen=True, kw_only=True):
     idle_timeout: Duration = Duration(seconds=75)
     """A connection that has not sent a whole request for this long is closed (slow clients)."""
 
+    def __post_init__(self) -> None:  # 0 turns the timer off: a connection that sends nothing is held for ever
+        check_range("idle_timeout", self.idle_timeout, timedelta(milliseconds=1))
+
 
 class RuntimeOptions(OptionGroup, frozen=True, kw_only=True):
     shutdown_timeout: Duration = Duration(seconds=30)

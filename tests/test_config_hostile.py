@@ -104,12 +104,19 @@ BROKEN: list[tuple[str, bytes | str, int, str]] = [
      "path 'gs://logs' is not gs://BUCKET/NAME"),
     ("duckdb path unset", OK_SOURCE + "sinks: [{type: duckdb, path: '${OUT:-}'}]\n", 2,
      "sinks[0]: path is empty (an unset variable?); write :memory: for a database that is not kept"),
+    ("duckdb memory not a size", OK_SOURCE + "sinks: [{type: duckdb, memory_limit: lots}]\n", 2,
+     "sinks[0]: memory_limit or settings: DuckDB refuses them: Parser Error: Memory must have a number (e.g. 1GB)"),
+    ("duckdb setting unknown", OK_SOURCE + "sinks: [{type: duckdb, settings: {max_vacum_tasks: 0}}]\n", 2,
+     "sinks[0]: memory_limit or settings: DuckDB refuses them: Invalid Input Error: The following options were not "
+     "recognized: max_vacum_tasks"),
     ("pull in a tight loop", "sources: [{type: pubsub_pull, subscription: projects/p/subscriptions/s, "
      "pull_timeout: 0s}]\n" + OK_SINK, 2, "pull_timeout must be at least 1s"),
     ("acknowledging in a tight loop", "sources: [{type: pubsub_pull, subscription: projects/p/subscriptions/s, "
      "ack_interval: 0s}]\n" + OK_SINK, 2, "ack_interval must be at least 0.001s"),
     ("push refusing everything", "sources: [{type: pubsub_push, auth: none, read_timeout: 0s}]\n" + OK_SINK
      + MONITOR, 2, "read_timeout must be at least 0.001s"),
+    ("idle connections held for ever", OK_SOURCE + OK_SINK + "monitor: {idle_timeout: 0s}\n", 2,
+     "monitor: idle_timeout must be at least 0.001s"),
     ("healthz always failing", OK_SOURCE + OK_SINK + "runtime: {heartbeat_max_age: 0s}\n", 2,
      "runtime: heartbeat_max_age must be at least 1s"),
     ("healthz failing on a quiet pull", "sources: [{type: pubsub_pull, subscription: projects/p/subscriptions/s, "

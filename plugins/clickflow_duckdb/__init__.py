@@ -58,10 +58,13 @@ DUCKDB_TYPES: dict[ColumnType, str] = {
 }
 
 
+DEFAULT_MEMORY_LIMIT = "128MB"
+
+
 class DuckDBSinkOptions(SinkOptions, kw_only=True):
     path: str = "clickflow.duckdb"
     """Database file, created if missing."""
-    memory_limit: str = "128MB"
+    memory_limit: str = DEFAULT_MEMORY_LIMIT
     """DuckDB's memory_limit (peak memory is about this plus 160MB)."""
     threads: Annotated[int, Meta(ge=1)] = 1
     """DuckDB worker threads; one leaves a core to the parser."""
@@ -78,6 +81,8 @@ class DuckDBSinkOptions(SinkOptions, kw_only=True):
             raise ValueError("path is empty (an unset variable?); write :memory: for a database that is not kept")
         if self.commit_every is not None and self.commit_every <= timedelta(0):
             raise ValueError("commit_every must be longer than 0; leave it out to commit each batch as it is written")
+        if self.memory_limit != DEFAULT_MEMORY_LIMIT or self.settings:  # else `validate` need not import DuckDB
+            _check_settings(self.memory_limit, self.settings)
 
     def exclusive_resources(self) -> list[str]:
         """Two sinks on one file would each store every row: a file belongs to one sink."""
@@ -87,6 +92,18 @@ class DuckDBSinkOptions(SinkOptions, kw_only=True):
         if self.path == ":memory:" or os.path.exists(self.path):
             return None
         return f"its database {os.path.abspath(self.path)} does not exist"
+
+
+def _check_settings(memory_limit: str, settings: Mapping[str, str | int | float | bool]) -> None:
+    """Refuse what DuckDB would refuse when the sink opens (a size it cannot read, a setting it does
+    not know), by opening a database in memory with them."""
+    import duckdb
+
+    try:
+        duckdb.connect(":memory:", config={"memory_limit": memory_limit, **settings}).close()
+    except duckdb.Error as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"memory_limit or settings: DuckDB refuses them: {why}") from None
 
 
 GENERATED = {("events", "event_id"): "visit_id || ':' || CAST(event_index AS VARCHAR)"}
