@@ -172,7 +172,11 @@ def _run_on_beam(pipeline: Pipeline, runner: str, flags: tuple[str, ...], dry_ru
             click.echo(f"sink {name}: {type(write).__name__}")
         click.echo(f"runner {launch.runner}: " + " ".join(launch.flags()))
         return None
-    summary = launch.run()
+    try:
+        summary = launch.run()
+    except Exception as exc:  # a worker's error (a broken file, a refused write), which Beam has logged
+        click.echo(f"clickflow: the pipeline failed on Beam ({launch.runner}): {exc}", err=True)
+        sys.exit(EXIT_FAILED)
     if summary is None:
         click.echo(f"clickflow: submitted to {launch.runner}; the job runs on without this process")
     return summary

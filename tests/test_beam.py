@@ -102,6 +102,16 @@ def test_command_line_runs_config_files_on_beam(inputs: Path, tmp_path: Path) ->
     assert table_counts(database)["events"] == 10
 
 
+def test_a_broken_file_fails_the_command_in_one_line(tmp_path: Path) -> None:
+    broken = tmp_path / "cut.jsonl.gz"
+    broken.write_bytes(gzip.compress(b"\n".join(VisitGenerator(seed=3).messages(50)))[:200])
+    env = {"CLICKFLOW_INPUT": str(broken), "CLICKFLOW_DUCKDB": str(tmp_path / "cli.duckdb")}
+    result = clickflow("run", "config/files.yaml", "--runner", "beam", env=env)
+    assert result.returncode == 1
+    last = result.stderr.splitlines()[-1]
+    assert re.match(rf"clickflow: the pipeline failed on Beam \(\w+\): {broken}: unreadable after 0 messages: ", last)
+
+
 @pytest.fixture
 def beam_storage(gcs_emulator: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> str:
     """Both runtimes' Cloud Storage clients pointed at the emulator; its URL.

@@ -175,7 +175,7 @@ def test_a_file_in_utf_16_or_32_with_its_byte_order_mark_is_read_as_utf_8(encodi
            "utf-32-le": codecs.BOM_UTF32_LE, "utf-32-be": codecs.BOM_UTF32_BE}[encoding]  # fmt: skip
     text = '[{"a": "\u00e9t\u00e9"}, {"b": 1}]\r\n{"c": "\U0001f600"}\n{"d": "\ud800"}\n{"e": 5}'
     data = bom + text.encode(encoding, "surrogatepass")[:-1]  # cut inside the last character
-    reader = CountingReader(io.BytesIO(gzip.compress(data) if gzipped else data))
+    reader = CountingReader(io.BytesIO(gzip.compress(data) if gzipped else data), "visits")
     assert list(iter_messages(reader.stream, "f")) == [
         ("f:[0]", '{"a": "\u00e9t\u00e9"}'.encode()),
         ("f:[1]", b'{"b": 1}'),
@@ -308,7 +308,7 @@ def test_deep_nesting_a_malformed_element_and_an_array_first_line_lose_no_messag
     assert table_counts(db)["dead_letter"] == 5
 
 
-@pytest.mark.parametrize("damage", ["cut short", "corrupt"])
+@pytest.mark.parametrize("damage", ["cut short", "corrupt", "header only"])
 def test_a_damaged_gzip_file_fails_the_run_naming_the_file(
     tmp_path: Path, damage: str, visit: Callable[..., dict[str, Any]], pipeline: Callable[..., Pipeline]
 ) -> None:
@@ -317,7 +317,12 @@ def test_a_damaged_gzip_file_fails_the_run_naming_the_file(
     whole = gzip.compress(lines(*[visit(session_id=f"S{i}") for i in range(3000)]))
     middle = len(whole) // 2
     source = tmp_path / "visits.jsonl.gz"
-    source.write_bytes(whole[:middle] if damage == "cut short" else whole[:middle] + bytes(64) + whole[middle + 64 :])
+    damaged = {
+        "cut short": whole[:middle],
+        "corrupt": whole[:middle] + bytes(64) + whole[middle + 64 :],
+        "header only": whole[:6],  # found as the file is opened, before its first message
+    }
+    source.write_bytes(damaged[damage])
     db = tmp_path / "out.duckdb"
     text = f"sources: [{{type: file, path: '{source}', batch_size: 100}}]\nsinks: [{{type: duckdb, path: '{db}'}}]"
     with pytest.raises(PipelineError, match=r"visits\.jsonl\.gz: unreadable after \d+ messages: "):

@@ -120,7 +120,7 @@ async def _reader(path: str, storage: Any) -> AsyncIterator[CountingReader]:
             from clickflow_file import gcs
 
             stream = await stack.enter_async_context(gcs.download(storage, path))
-            reader = await anyio.to_thread.run_sync(CountingReader, stream)
+            reader = await anyio.to_thread.run_sync(CountingReader, stream, path)
         else:
             reader = await anyio.to_thread.run_sync(CountingReader.open, path)
         stack.callback(reader.close)

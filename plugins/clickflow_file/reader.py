@@ -45,12 +45,19 @@ class CountingReader:
     """Reads a byte stream, gunzipping it if it starts like gzip and transcoding it to UTF-8 if
     it starts with a UTF-16 or UTF-32 byte-order mark, and counts the bytes read from it."""
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Any, path: str) -> None:
+        """Owns ``raw`` (``close()`` closes it); ``path`` names it in errors: a stream whose first
+        bytes cannot be read (a gzip header cut short or corrupt) is closed and raises ``OSError``,
+        as ``iter_messages`` does for the rest."""
         self._raw = raw
         buffered = raw if hasattr(raw, "peek") else io.BufferedReader(raw, CHUNK)
-        gzipped = buffered.peek(2)[:2] == GZIP_MAGIC
-        stream = gzip.GzipFile(fileobj=buffered) if gzipped else buffered
-        head = stream.peek(4)[:4]
+        try:
+            gzipped = buffered.peek(2)[:2] == GZIP_MAGIC
+            stream = gzip.GzipFile(fileobj=buffered) if gzipped else buffered
+            head = stream.peek(4)[:4]
+        except (OSError, EOFError, zlib.error) as exc:
+            raw.close()
+            raise unreadable(path, 0, exc) from exc
         for mark, encoding in BYTE_ORDER_MARKS:
             if head.startswith(mark):
                 stream = io.BufferedReader(_AsUtf8(stream, encoding), CHUNK)
@@ -59,7 +66,7 @@ class CountingReader:
 
     @classmethod
     def open(cls, path: str) -> CountingReader:
-        return cls(open(path, "rb"))
+        return cls(open(path, "rb"), path)
 
     @property
     def bytes_read(self) -> int:
@@ -125,7 +132,11 @@ def iter_messages(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
             yield message
             count += 1
     except (OSError, EOFError, zlib.error) as exc:
-        raise OSError(f"{path}: unreadable after {count} messages: {exc}") from exc
+        raise unreadable(path, count, exc) from exc
+
+
+def unreadable(path: str, count: int, exc: BaseException) -> OSError:
+    return OSError(f"{path}: unreadable after {count} messages: {exc}")
 
 
 class _Lines(Protocol):
