@@ -249,6 +249,20 @@ def test_a_duckdb_file_from_before_gains_the_new_dead_letter_columns(
     assert versions == [(PARSER_VERSION,)] and sizes == (table_counts(db)["dead_letter"],)
 
 
+async def make_old_bigquery_tables(project: str, dataset: str) -> None:
+    """The four tables in a new dataset, ``dead_letter`` as it was before replays."""
+    from clickflow_bigquery.client import BigQueryClient
+    from clickflow_bigquery.tables import table_resource
+
+    async with BigQueryClient(project) as client:
+        await client.create_dataset(dataset)
+        for table in (VISITS, EVENTS, PURCHASE_ITEMS, DEAD_LETTER):
+            resource = table_resource(table)
+            if table is DEAD_LETTER:
+                resource["schema"]["fields"] = resource["schema"]["fields"][: len(OLD_DEAD_LETTER_COLUMNS)]
+            await client.create_table(dataset, table.name, resource)
+
+
 @pytest.mark.integration
 def test_a_bigquery_table_from_before_gains_the_new_dead_letter_columns(
     visits: tuple[Path, dict[str, int]],
@@ -256,21 +270,8 @@ def test_a_bigquery_table_from_before_gains_the_new_dead_letter_columns(
     clickflow_run: Callable[[Pipeline], RunSummary],
     bigquery_env: BigQueryEmulator,
 ) -> None:
-    from clickflow_bigquery.client import BigQueryClient
-    from clickflow_bigquery.tables import table_resource
-
     dataset = new_dataset("old")
-
-    async def make_old_tables() -> None:
-        async with BigQueryClient(bigquery_env.project) as client:
-            await client.create_dataset(dataset)
-            for table in (VISITS, EVENTS, PURCHASE_ITEMS, DEAD_LETTER):
-                resource = table_resource(table)
-                if table is DEAD_LETTER:
-                    resource["schema"]["fields"] = resource["schema"]["fields"][: len(OLD_DEAD_LETTER_COLUMNS)]
-                await client.create_table(dataset, table.name, resource)
-
-    anyio.run(make_old_tables)
+    anyio.run(make_old_bigquery_tables, bigquery_env.project, dataset)
     sink = f"type: bigquery_streaming, project: {bigquery_env.project}, dataset: {dataset}"
     first_run(pipeline, clickflow_run, pipeline_text(visits[0], sink))
     rows = bigquery_env.query(f"SELECT parser_version, COUNT(*) AS n FROM `{dataset}.dead_letter` GROUP BY 1")
@@ -286,7 +287,6 @@ def test_a_bigquery_dataset_or_column_that_is_not_there_is_named_not_made(
     """``clickflow dlq`` creates nothing: a mistyped dataset used to be made, with empty tables, and
     listed 0 dead letters; tables from before the replay columns used to gain them."""
     from clickflow_bigquery.client import BigQueryClient, BigQueryError
-    from clickflow_bigquery.tables import table_resource
 
     typo, old = new_dataset("typo"), new_dataset("old")
     pipeline = tmp_path / "p.yaml"
@@ -310,16 +310,7 @@ def test_a_bigquery_dataset_or_column_that_is_not_there_is_named_not_made(
             found = await client.get_table(old, "dead_letter")
             return statuses, [f["name"] for f in found["schema"]["fields"]]
 
-    async def make_old_tables() -> None:
-        async with BigQueryClient(bigquery_env.project) as client:
-            await client.create_dataset(old)
-            for table in (VISITS, EVENTS, PURCHASE_ITEMS, DEAD_LETTER):
-                resource = table_resource(table)
-                if table is DEAD_LETTER:
-                    resource["schema"]["fields"] = resource["schema"]["fields"][: len(OLD_DEAD_LETTER_COLUMNS)]
-                await client.create_table(old, table.name, resource)
-
-    anyio.run(make_old_tables)
+    anyio.run(make_old_bigquery_tables, bigquery_env.project, old)
     missing = dlq_list(typo)
     for table in ("visits", "events", "purchase_items", "dead_letter"):
         assert f"{bigquery_env.project}.{typo}.{table} does not exist" in missing

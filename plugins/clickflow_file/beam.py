@@ -67,9 +67,10 @@ def match(pattern: str) -> list[str]:
 
 def read_file(path: str, batch_size: int) -> Iterator[list[tuple[str, bytes]]]:
     """Every message of one file, in batches (gzip is recognised by its content, as in the async runtime)."""
-    reader = CountingReader(FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED), valid_text(path))
+    name = valid_text(path)
+    reader = CountingReader(FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED), name)
     try:
-        messages = iter_messages(reader.stream, valid_text(path))
+        messages = iter_messages(reader.stream, name)
         while batch := list(islice(messages, batch_size)):
             yield batch
     finally:
