@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
 import json
+import lzma
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -306,6 +308,27 @@ def test_deep_nesting_a_malformed_element_and_an_array_first_line_lose_no_messag
     assert summary.dead_letters == {"too_deep": 1, "invalid_json": 2, "not_an_object": 2}
     assert table_counts(db)["visits"] == 3 + 999
     assert table_counts(db)["dead_letter"] == 5
+
+
+@pytest.mark.parametrize("name", ["bzip2", "xz", "zstd"])
+def test_a_file_compressed_in_another_format_fails_the_run_naming_it(
+    tmp_path: Path, name: str, visit: Callable[..., dict[str, Any]], pipeline: Callable[..., Pipeline]
+) -> None:
+    """Read as text, each line of it was a dead letter of binary."""
+    data = lines(visit(), visit(session_id="S2"))
+    compressed = {
+        "bzip2": bz2.compress(data),
+        "xz": lzma.compress(data),
+        "zstd": b"\x28\xb5\x2f\xfd"
+        + bytes(range(40)),  # a frame's magic number (no compressor in the standard library)
+    }
+    source = tmp_path / "visits.jsonl.z"
+    source.write_bytes(compressed[name])
+    db = tmp_path / "out.duckdb"
+    text = f"sources: [{{type: file, path: '{source}'}}]\nsinks: [{{type: duckdb, path: '{db}'}}]"
+    with pytest.raises(PipelineError, match=rf"visits\.jsonl\.z: unreadable after 0 messages: compressed with {name},"):
+        run_pipeline(pipeline(text))
+    assert not db.exists() or table_counts(db) == {"visits": 0, "events": 0, "purchase_items": 0, "dead_letter": 0}
 
 
 @pytest.mark.parametrize("damage", ["cut short", "corrupt", "header only"])

@@ -31,6 +31,9 @@ MAX_ELEMENT = 64 << 20
 MAX_REMAINDER = 16 << 20
 """How much of a malformed array's unread rest goes into its dead letter."""
 GZIP_MAGIC = b"\x1f\x8b"
+UNREAD_COMPRESSIONS = ((b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
+"""Formats clickflow does not decompress: such a file fails the run naming its format, rather
+than become a dead letter per line of binary."""
 
 
 BYTE_ORDER_MARKS = (  # UTF-32 LE's starts with UTF-16 LE's
@@ -52,7 +55,11 @@ class CountingReader:
         self._raw = raw
         buffered = raw if hasattr(raw, "peek") else io.BufferedReader(raw, CHUNK)
         try:
-            gzipped = buffered.peek(2)[:2] == GZIP_MAGIC
+            start = buffered.peek(6)[:6]
+            for magic, name in UNREAD_COMPRESSIONS:
+                if start.startswith(magic):
+                    raise OSError(f"compressed with {name}, which clickflow does not read: decompress it, or gzip it")
+            gzipped = start[:2] == GZIP_MAGIC
             stream = gzip.GzipFile(fileobj=buffered) if gzipped else buffered
             head = stream.peek(4)[:4]
         except (OSError, EOFError, zlib.error) as exc:
