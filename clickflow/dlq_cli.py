@@ -6,6 +6,7 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -93,7 +94,7 @@ def _with_stores(path: str, work: Callable[[Pipeline, Sequence[DeadLetterStore],
     from clickflow.cli import EXIT_FAILED, load_or_exit
 
     pipeline = load_or_exit(path)
-    sinks = (component.cls(component.name, component.options.existing_only()) for component in pipeline.sinks)
+    sinks = (replace(component, options=component.options.existing_only()).build() for component in pipeline.sinks)
     stores = [sink for sink in sinks if isinstance(sink, DeadLetterStore)]
     if not stores:
         raise click.ClickException(f"{path}: no sink keeps dead letters clickflow can read (duckdb, bigquery_*)")

@@ -50,12 +50,12 @@ def missing_nullable_columns(table: Table, found: dict[str, Any]) -> list[str]:
     return [c.name for c in table.columns if c.name not in actual and not c.required]
 
 
-def schema_differences(table: Table, found: dict[str, Any], added: frozenset[str] = frozenset()) -> list[str]:
-    """What keeps clickflow from writing ``table`` into the existing table ``found`` (whose columns
-    ``added`` were just added)."""
+def schema_differences(table: Table, found: dict[str, Any], apart: frozenset[str] = frozenset()) -> list[str]:
+    """What keeps clickflow from writing ``table`` into the existing table ``found``, but for its
+    missing columns ``apart`` (nullable ones, added or reported by the caller)."""
     expected = {f["name"]: f for f in table_resource(table)["schema"]["fields"]}
     actual = {f["name"]: f for f in found.get("schema", {}).get("fields", [])}
-    problems = [f"column {name} is missing" for name in expected if name not in actual and name not in added]
+    problems = [f"column {name} is missing" for name in expected if name not in actual and name not in apart]
     for name, field in actual.items():
         want = expected.get(name)
         if want is None:
@@ -112,16 +112,16 @@ async def ensure_tables(client: BigQueryClient, dataset: str, names: dict[str, s
                 if exc.status != 409:  # created meanwhile by another worker: checked next run
                     raise
             continue
-        added = missing_nullable_columns(table, found)
-        if added and create:  # schema evolution: columns clickflow has written since this table was made
-            fields = [f for f in table_resource(table)["schema"]["fields"] if f["name"] in added]
+        missing = missing_nullable_columns(table, found)
+        if missing and create:  # schema evolution: columns clickflow has written since this table was made
+            fields = [f for f in table_resource(table)["schema"]["fields"] if f["name"] in missing]
             await client.add_columns(dataset, target, fields)
-            log.info("added column(s) %s to %s", ", ".join(added), where)
-        elif added:
+            log.info("added column(s) %s to %s", ", ".join(missing), where)
+        elif missing:
             problems.append(
-                f"{where} lacks column(s) {', '.join(added)} (`clickflow bigquery create-tables` adds them)"
+                f"{where} lacks column(s) {', '.join(missing)} (`clickflow bigquery create-tables` adds them)"
             )
-        problems += [f"{where}: {p}" for p in schema_differences(table, found, frozenset(added))]
+        problems += [f"{where}: {p}" for p in schema_differences(table, found, frozenset(missing))]
         partitioning = found.get("timePartitioning", {}).get("field")
         if partitioning != table.partition_by:
             log.warning("%s is partitioned by %s, not %s: queries scan more", where, partitioning, table.partition_by)

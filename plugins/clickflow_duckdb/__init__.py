@@ -82,7 +82,7 @@ class DuckDBSinkOptions(SinkOptions, kw_only=True):
         if self.commit_every is not None and self.commit_every <= timedelta(0):
             raise ValueError("commit_every must be longer than 0; leave it out to commit each batch as it is written")
         if self.memory_limit != DEFAULT_MEMORY_LIMIT or self.settings:  # else `validate` need not import DuckDB
-            _check_settings(self.memory_limit, self.settings)
+            _check_config(self)
 
     def exclusive_resources(self) -> list[str]:
         """Two sinks on one file would each store every row: a file belongs to one sink."""
@@ -94,13 +94,13 @@ class DuckDBSinkOptions(SinkOptions, kw_only=True):
         return f"its database {os.path.abspath(self.path)} does not exist"
 
 
-def _check_settings(memory_limit: str, settings: Mapping[str, str | int | float | bool]) -> None:
+def _check_config(options: DuckDBSinkOptions) -> None:
     """Refuse what DuckDB would refuse when the sink opens (a size it cannot read, a setting it does
-    not know), by opening a database in memory with them."""
+    not know), by opening a database in memory with the sink's configuration."""
     import duckdb
 
     try:
-        duckdb.connect(":memory:", config={"memory_limit": memory_limit, **settings}).close()
+        duckdb.connect(":memory:", config=_config(options)).close()
     except duckdb.Error as exc:
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"memory_limit or settings: DuckDB refuses them: {why}") from None
@@ -308,11 +308,8 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
             self._connection = None
 
 
-def connect(options: DuckDBSinkOptions) -> duckdb.DuckDBPyConnection:
-    """The database, with the four tables created if missing."""
-    import duckdb
-
-    config: dict[str, str | bool | int | float | list[str]] = {
+def _config(options: DuckDBSinkOptions) -> dict[str, str | bool | int | float | list[str]]:
+    return {
         "memory_limit": options.memory_limit,
         "threads": options.threads,
         # Checkpoints would merge each batch's last, partly filled row group with others: a
@@ -320,7 +317,13 @@ def connect(options: DuckDBSinkOptions) -> duckdb.DuckDBPyConnection:
         "max_vacuum_tasks": 0,
         **options.settings,
     }
-    con = duckdb.connect(options.path, config=config)
+
+
+def connect(options: DuckDBSinkOptions) -> duckdb.DuckDBPyConnection:
+    """The database, with the four tables created if missing."""
+    import duckdb
+
+    con = duckdb.connect(options.path, config=_config(options))
     con.execute("SET enable_progress_bar = false")
     con.execute("SET preserve_insertion_order = false")  # lets inserts run in parallel
     for table in TABLES.values():
