@@ -29,6 +29,7 @@ from clickflow.schema import TABLE_NAMES
 from clickflow.testing import run_pipeline
 from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions, load_files, logwriter
 from clickflow_duckdb.log import DamagedLog, LogWriter, records
+from clickflow_duckdb.spool import SpoolFiles
 from tests.conftest import table_counts
 from tests.test_duckdb_sink import parsed
 
@@ -138,6 +139,46 @@ async def test_a_batch_that_gathered_a_message_the_log_took_meanwhile_is_logged_
         assert stored(sink) == {"visits": 2, "events": 6, "purchase_items": 2, "dead_letter": 1}
         assert logged_batches(db) == 1
     assert table_counts(db) == {"visits": 2, "events": 6, "purchase_items": 2, "dead_letter": 1}
+
+
+def disk_full(*_: Any) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("fault", ["none", "copy_write", "copy_flush", "insert_after_flush"])
+async def test_a_commit_inserts_the_batches_copies_and_reads_the_log_back_only_when_one_is_missing(
+    tmp_path: Path, visit: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    """Reading the records back holds the GIL against the event loop, so a commit inserts the
+    copies made as the batches were logged; a copy that could not be written only costs that."""
+    read_back: list[int] = []
+    real_split = clickflow_duckdb.split
+    monkeypatch.setattr(
+        clickflow_duckdb, "split", lambda logged, *rest: read_back.append(1) or real_split(logged, *rest)
+    )
+    db = tmp_path / "db.duckdb"
+    async with logged_sink(db) as sink:
+        await write(sink, parsed([visit()], prefix="a"))
+        with monkeypatch.context() as patched:
+            if fault == "copy_write":
+                patched.setattr(SpoolFiles, "write", disk_full)
+            await write(sink, parsed([visit(), "garbage"], prefix="b"))
+        with monkeypatch.context() as patched:
+            if fault == "copy_flush":
+                patched.setattr(SpoolFiles, "close", disk_full)
+            if fault == "insert_after_flush":  # the batches go back to the log, their copies closed
+                patched.setattr(clickflow_duckdb, "insert", disk_full)
+                with pytest.raises(OSError, match="No space"):
+                    await sink.commit()
+                assert stored(sink) == EMPTY
+            else:
+                await sink.commit()
+        await write(sink, parsed([visit()], prefix="c"))  # after a failed commit, into a copy of its own
+        await sink.commit()
+        assert stored(sink) == {"visits": 3, "events": 9, "purchase_items": 3, "dead_letter": 1}
+        assert logged_batches(db) == 0
+    assert read_back == ([1] if fault in ("copy_write", "copy_flush") else [])  # one segment, both batches
+    assert table_counts(db) == {"visits": 3, "events": 9, "purchase_items": 3, "dead_letter": 1}
 
 
 KILLED_RUN = """

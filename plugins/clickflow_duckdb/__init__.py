@@ -189,7 +189,7 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
             self._spool_root = spool_directory(self.options.path)
             await self._in_thread(insert_left_behind, self.options.path, self._spool_root)
             if self.options.commit_every is not None:
-                self._log = BatchLog(self.options.path)
+                self._log = BatchLog(self.options.path, self._spool_root)
         except BaseException:  # e.g. a damaged log: the database is let go, for the operator
             with anyio.CancelScope(shield=True):
                 await self.close()
@@ -392,11 +392,15 @@ def _insert_visits(con: duckdb.DuckDBPyConnection, spooled: Callable[[str], str]
 
 
 def insert_logged(con: duckdb.DuckDBPyConnection, logged: Logged, work: str | None = None) -> None:
-    """Logged batches into the tables (through a spool file per table, in a directory made in
-    ``work``), then out of the log."""
+    """Logged batches into the tables, then out of the log: from their copies, or else from a spool
+    file per table read back from the log, in a directory made in ``work``."""
     if logged.segments:
-        with tempfile.TemporaryDirectory(prefix="log-", dir=work) as directory:
-            insert(con, split(logged, directory), logged.counts)
+        copied = logged.copied()
+        if copied is not None:
+            insert(con, copied, logged.counts)
+        else:
+            with tempfile.TemporaryDirectory(prefix="log-", dir=work) as directory:
+                insert(con, split(logged, directory), logged.counts)
         remove(logged)
 
 

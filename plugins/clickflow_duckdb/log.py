@@ -6,9 +6,11 @@ rows are stored). With a log, a batch gathers in memory as spool lines (``LogBat
 appended to the log's current segment, ``DATABASE.log/NNNNNNNNNNNN.segment``, as one record, then
 fdatasynced: one write and one sync per batch, whatever its tables, done by a child process
 (``logwriter``) so that the event loop never hands the GIL to a thread for it. The append returns
-and the batch is acknowledged. Every ``commit_every`` the sink starts a new segment and inserts
-the finished ones in one transaction, then removes them. A run that is killed leaves its
-segments, which are inserted when the database is next opened, so an acknowledged batch is never lost.
+and the batch is acknowledged. Its lines are also copied, unsynced, into a spool file per table
+(``Logged.copies``). Every ``commit_every`` the sink starts a new segment and inserts the copies of the
+finished ones in one transaction, then removes them: reading the records back would hold the GIL
+against the event loop. A run that is killed leaves its segments, which are read back and
+inserted when the database is next opened, so an acknowledged batch is never lost.
 
 A record is a header (a magic number, each table's bytes and rows, a CRC-32 of the lines) and
 each table's lines. Only the last record of a segment can be incomplete: a record is appended
@@ -33,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import zlib
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 
 import anyio
 from anyio.abc import Process
@@ -41,7 +43,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from clickflow.schema import TABLE_NAMES
 from clickflow_duckdb import logwriter
-from clickflow_duckdb.spool import Spool
+from clickflow_duckdb.spool import Spool, SpoolFiles
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +75,31 @@ class LogBatch(Spool):
         counts = [self._counts[name] for name in TABLE_NAMES]
         return [_HEADER.pack(_MAGIC, *sizes, *counts, _crc(chunks)), *chunks]
 
+    def lines(self) -> Mapping[str, list[bytes]]:
+        return self._lines
+
     def discard(self) -> None:
         self._lines = {name: [] for name in TABLE_NAMES}
 
 
+_COPY_BUFFER = 1 << 18
+"""A copy is written a batch at a time, often a few hundred bytes: flushed in larger writes."""
+
+
 class Logged:
     """Batches in the log: their segments (each with the bytes of its whole records), rows per
-    table, and the messages they hold."""
+    table, the messages they hold, and their copies."""
 
     def __init__(self) -> None:
         self.segments: dict[str, int] = {}
         self.counts = dict.fromkeys(TABLE_NAMES, 0)
         self.messages: set[str] = set()
+        self.copies: list[SpoolFiles] | None = []
+        """The batches' lines again, written as each batch was logged (the last copy for those
+        logged since): the insert reads these, where reading the records back and checking
+        their CRCs is Python that holds the GIL against the event loop (a tenth of a loaded push
+        endpoint's time). Never synced: None once a batch is missing from them (a copy could not
+        be written, or a killed run's segments), and the insert reads the segments back."""
 
     def add(self, segment: str, size: int, counts: dict[str, int], messages: set[str]) -> None:
         self.segments[segment] = size
@@ -92,11 +107,47 @@ class Logged:
             self.counts[name] += count
         self.messages |= messages
 
+    def copy(self, batch: LogBatch, work: str | None) -> None:
+        """Write a logged batch into the copy; a failure (a full disk) only costs the read-back."""
+        if self.copies is None:
+            return
+        try:
+            if not self.copies or self.copies[-1].closed:  # closed: given back after a failed insert
+                self.copies.append(SpoolFiles(work, prefix="log-copy-", buffering=_COPY_BUFFER))
+            for name, chunks in batch.lines().items():
+                for lines in chunks:
+                    self.copies[-1].write(name, lines)
+        except OSError as exc:
+            log.warning("cannot copy a logged batch for the commit (%s): the commit reads the log back", exc)
+            self.drop_copies()
+
+    def copied(self) -> dict[str, list[str]] | None:
+        """Each table's copy files, closed, if they hold every batch."""
+        try:
+            for copy in self.copies or ():
+                copy.close()
+        except OSError as exc:
+            log.warning("cannot copy the logged batches for the commit (%s): it reads the log back", exc)
+            self.drop_copies()
+        if self.copies is None:
+            return None
+        return {name: [copy.paths[name] for copy in self.copies if name in copy.written()] for name in TABLE_NAMES}
+
+    def drop_copies(self) -> None:
+        for copy in self.copies or ():
+            copy.discard()
+        self.copies = None
+
     def merge(self, other: Logged) -> None:
         self.segments = {**other.segments, **self.segments}
         for name, count in other.counts.items():
             self.counts[name] += count
         self.messages |= other.messages
+        if self.copies is None or other.copies is None:
+            other.drop_copies()
+            self.drop_copies()
+        else:
+            self.copies[:0] = other.copies
 
 
 class DamagedLog(Exception):
@@ -112,6 +163,7 @@ def left_behind(database: str) -> Logged:
     Looked for whatever this run's ``commit_every``: they were acknowledged."""
     directory = log_directory(database)
     logged = Logged()
+    logged.copies = None
     if database == ":memory:" or not os.path.isdir(directory):
         return logged
     for name in sorted(os.listdir(directory)):
@@ -189,9 +241,10 @@ def split(logged: Logged, directory: str) -> dict[str, str]:
 
 
 def remove(logged: Logged) -> None:
-    """Drop segments once their rows are committed to the tables."""
+    """Drop segments, and their copies, once their rows are committed to the tables."""
     for segment in logged.segments:
         os.remove(segment)
+    logged.drop_copies()
 
 
 def remove_if_empty(directory: str) -> None:
@@ -204,7 +257,9 @@ class BatchLog:
     """``DATABASE.log/``: synced batches waiting to be inserted. The sink calls ``append`` (then
     ``add``) one batch at a time, never while it calls ``take``, all on its event loop."""
 
-    def __init__(self, database: str) -> None:
+    def __init__(self, database: str, work: str | None = None) -> None:
+        self._work = work
+        """Where copies are made: the sink's spool directory."""
         if database == ":memory:":
             self.directory = tempfile.mkdtemp(prefix="clickflow-duckdb-log-")
         else:
@@ -241,9 +296,10 @@ class BatchLog:
         self._size += size
 
     def add(self, batch: LogBatch) -> None:
-        """Bookkeeping for a batch ``append`` made durable."""
+        """Bookkeeping for a batch ``append`` made durable, and its copy."""
         assert self._segment is not None
         self.pending.add(self._segment, self._size, batch.counts(), batch.messages)
+        self.pending.copy(batch, self._work)
 
     def take(self) -> Logged:
         """The pending batches, to be inserted; then ``committed`` or ``give_back``. The next batch

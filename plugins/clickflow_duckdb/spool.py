@@ -69,22 +69,47 @@ class JsonSpool(Spool):
 
     def __init__(self, directory: str) -> None:
         super().__init__()
-        self.directory = tempfile.mkdtemp(prefix="batch-", dir=directory)
+        self.files = SpoolFiles(directory)
+        self.paths = self.files.paths
+
+    def _write(self, table: str, lines: bytes) -> None:
+        self.files.write(table, lines)
+
+    def close(self) -> None:
+        self.files.close()
+
+    def discard(self) -> None:
+        self.files.discard()
+
+
+class SpoolFiles:
+    """Spool lines in a file per table, in a directory of its own (made in ``directory``); ``close``
+    before reading, ``discard`` after."""
+
+    def __init__(self, directory: str | None, prefix: str = "batch-", buffering: int = -1) -> None:
+        self.directory = tempfile.mkdtemp(prefix=prefix, dir=directory)
         self.paths = {name: os.path.join(self.directory, f"{name}.ndjson") for name in TABLE_NAMES}
+        self.closed = False
+        self._buffering = buffering
         self._files: dict[str, BinaryIO] = {}
         self._broken: OSError | None = None
 
-    def _write(self, table: str, lines: bytes) -> None:
+    def written(self) -> Collection[str]:
+        """The tables that have a file."""
+        return self._files.keys()
+
+    def write(self, table: str, lines: bytes) -> None:
         try:
             spool = self._files.get(table)
             if spool is None:
-                spool = self._files[table] = open(self.paths[table], "wb")  # noqa: SIM115
+                spool = self._files[table] = open(self.paths[table], "wb", buffering=self._buffering)  # noqa: SIM115
             spool.write(lines)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot spool rows to {self.paths[table]}: {exc.strerror}") from exc
 
     def close(self) -> None:
-        """Flush the files; a failure (a full disk) spoils the batch for good, never half-read."""
+        """Flush the files; a failure (a full disk) spoils them for good, never half-read."""
+        self.closed = True
         if self._broken is None:
             for name, spool in self._files.items():
                 try:
