@@ -234,19 +234,52 @@ def test_a_duckdb_file_from_before_gains_the_new_dead_letter_columns(
     clickflow_run: Callable[[Pipeline], RunSummary],
     tmp_path: Path,
 ) -> None:
-    from clickflow_duckdb import DUCKDB_TYPES, create_table_sql
-
     db = tmp_path / "old.duckdb"
-    with duckdb.connect(str(db)) as con:
-        for table in (VISITS, EVENTS, PURCHASE_ITEMS):
-            con.execute(create_table_sql(table))
-        columns = ", ".join(f"{c.name} {DUCKDB_TYPES[c.type]}" for c in OLD_DEAD_LETTER_COLUMNS)
-        con.execute(f"CREATE TABLE dead_letter ({columns})")
+    make_old_duckdb_tables(db)
     first_run(pipeline, clickflow_run, pipeline_text(visits[0], f"type: duckdb, path: '{db}'"))
     with duckdb.connect(str(db), read_only=True) as con:
         versions = con.execute("SELECT DISTINCT parser_version FROM dead_letter").fetchall()
         sizes = con.execute("SELECT count(*) FROM dead_letter WHERE payload_bytes > 0").fetchone()
     assert versions == [(PARSER_VERSION,)] and sizes == (table_counts(db)["dead_letter"],)
+
+
+def make_old_duckdb_tables(db: Path) -> None:
+    """The four tables, ``dead_letter`` as it was before replays."""
+    from clickflow_duckdb import DUCKDB_TYPES, create_table_sql
+
+    with duckdb.connect(str(db)) as con:
+        for table in (VISITS, EVENTS, PURCHASE_ITEMS):
+            con.execute(create_table_sql(table))
+        columns = ", ".join(f"{c.name} {DUCKDB_TYPES[c.type]}" for c in OLD_DEAD_LETTER_COLUMNS)
+        con.execute(f"CREATE TABLE dead_letter ({columns})")
+
+
+def duckdb_columns(db: Path) -> list[tuple[str, str]]:
+    with duckdb.connect(str(db), read_only=True) as con:
+        return con.execute("SELECT table_name, column_name FROM duckdb_columns() ORDER BY ALL").fetchall()
+
+
+@pytest.mark.parametrize("made_by", ["another program", "clickflow before replays"])
+def test_a_duckdb_table_or_column_that_is_not_there_is_named_not_made(tmp_path: Path, made_by: str) -> None:
+    """``clickflow dlq`` creates nothing in DuckDB either: another program's database used to gain
+    clickflow's four empty tables, and list 0 dead letters."""
+    db = tmp_path / "found.duckdb"
+    if made_by == "another program":
+        with duckdb.connect(str(db)) as con:
+            con.execute("CREATE TABLE orders (id INTEGER)")
+        lacking = "table(s) visits, events, purchase_items, dead_letter"
+    else:
+        make_old_duckdb_tables(db)
+        new_columns = DEAD_LETTER.columns[len(OLD_DEAD_LETTER_COLUMNS) :]
+        lacking = f"column(s) {', '.join(f'dead_letter.{c.name}' for c in new_columns)}"
+    before = duckdb_columns(db)
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"sources: [{{type: simulator, count: 1}}]\nsinks: [{{type: duckdb, path: '{db}'}}]\n")
+    for command in (["list"], ["replay"]):
+        result = clickflow("dlq", *command, str(pipeline))
+        assert result.returncode == 1, result.stdout
+        assert result.stderr == f"clickflow: {db} lacks {lacking} (a `clickflow run` of the pipeline adds them)\n"
+    assert duckdb_columns(db) == before
 
 
 async def make_old_bigquery_tables(project: str, dataset: str) -> None:

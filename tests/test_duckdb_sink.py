@@ -119,6 +119,25 @@ async def test_a_failed_write_leaves_nothing_behind(tmp_path: Path, visit: Calla
     assert table_counts(tmp_path / "db.duckdb") == {"visits": 0, "events": 0, "purchase_items": 0, "dead_letter": 0}
 
 
+async def test_without_create_tables_a_missing_database_or_table_stops_the_open_and_nothing_is_made(
+    tmp_path: Path,
+) -> None:
+    from clickflow_duckdb import MissingTables
+
+    db = tmp_path / "db.duckdb"
+    with pytest.raises(MissingTables, match=r"db.duckdb does not exist \(a `clickflow run` of the pipeline makes it\)"):
+        await DuckDBSink("duckdb", DuckDBSinkOptions(path=str(db), create_tables=False)).open()
+    assert not db.exists()
+    await write(db)  # made, with the four tables
+    with duckdb.connect(str(db)) as con:
+        con.execute("DROP TABLE purchase_items")
+        con.execute("ALTER TABLE events DROP COLUMN currency")
+    with pytest.raises(MissingTables, match=r"lacks table\(s\) purchase_items; column\(s\) events.currency \("):
+        await DuckDBSink("duckdb", DuckDBSinkOptions(path=str(db), create_tables=False)).open()
+    await write(db)  # a sink that creates them puts them back
+    assert table_counts(db)["purchase_items"] == 0
+
+
 async def test_unwritable_path_fails_at_open(tmp_path: Path) -> None:
     sink = DuckDBSink("duckdb", DuckDBSinkOptions(path=str(tmp_path / "no-such-dir" / "db.duckdb")))
     with pytest.raises(duckdb.Error):

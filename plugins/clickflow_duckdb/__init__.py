@@ -28,7 +28,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Self, TypeVar
 
 import anyio
 import msgspec
@@ -70,6 +70,9 @@ class DuckDBSinkOptions(SinkOptions, kw_only=True):
     """DuckDB worker threads; one leaves a core to the parser."""
     settings: dict[str, str | int | float | bool] = msgspec.field(default_factory=dict)
     """Any other DuckDB settings, e.g. {max_vacuum_tasks: 100}; applied last."""
+    create_tables: bool = True
+    """Create the four tables when opening, and add the nullable columns clickflow has gained
+    since a table was made; else a missing table or column stops the sink from opening."""
     commit_every: Duration | None = None
     """Acknowledge each batch once it is fsynced to a log beside the database, and insert the log
     into the tables this often, in one transaction: for many small batches (the push endpoint).
@@ -87,6 +90,9 @@ class DuckDBSinkOptions(SinkOptions, kw_only=True):
     def exclusive_resources(self) -> list[str]:
         """Two sinks on one file would each store every row: a file belongs to one sink."""
         return [] if self.path == ":memory:" else [f"DuckDB database {os.path.abspath(self.path)}"]
+
+    def existing_only(self) -> Self:
+        return msgspec.structs.replace(self, create_tables=False)
 
     def nothing_stored(self) -> str | None:
         if self.path == ":memory:" or os.path.exists(self.path):
@@ -320,12 +326,51 @@ def _config(options: DuckDBSinkOptions) -> dict[str, str | bool | int | float | 
 
 
 def connect(options: DuckDBSinkOptions) -> duckdb.DuckDBPyConnection:
-    """The database, with the four tables created if missing."""
+    """The database, with the four tables created if missing (``create_tables``); else checked."""
     import duckdb
 
+    if not options.create_tables and options.nothing_stored():
+        raise MissingTables(f"{options.path} does not exist (a `clickflow run` of the pipeline makes it)")
     con = duckdb.connect(options.path, config=_config(options))
     con.execute("SET enable_progress_bar = false")
     con.execute("SET preserve_insertion_order = false")  # lets inserts run in parallel
+    if options.create_tables:
+        _create_tables(con)
+        return con
+    lacking = _lacking(con)
+    if lacking:
+        con.close()
+        raise MissingTables(f"{options.path} lacks {lacking} (a `clickflow run` of the pipeline adds them)")
+    return con
+
+
+class MissingTables(Exception):
+    """A database opened with ``create_tables: false`` lacks tables or columns clickflow writes."""
+
+
+def _lacking(con: duckdb.DuckDBPyConnection) -> str:
+    """The tables, and the columns of those there, that clickflow writes and the database lacks."""
+    found: dict[str, set[str]] = {}
+    for table, column in con.execute(
+        "SELECT table_name, column_name FROM duckdb_columns() "
+        "WHERE database_name = current_database() AND schema_name = current_schema()"
+    ).fetchall():
+        found.setdefault(table, set()).add(column)
+    tables = [name for name in TABLES if name not in found]
+    columns = [
+        f"{name}.{column}"
+        for name, table in TABLES.items()
+        if name in found
+        for column in [c.name for c in table.columns] + ([VISIT_KEY] if name == "visits" else [])
+        if column not in found[name]
+    ]
+    parts = [f"table(s) {', '.join(tables)}"] if tables else []
+    if columns:
+        parts.append(f"column(s) {', '.join(columns)}")
+    return "; ".join(parts)
+
+
+def _create_tables(con: duckdb.DuckDBPyConnection) -> None:
     for table in TABLES.values():
         con.execute(create_table_sql(table))
         for _, column in _stored(table):  # columns added since the file was made: nullable, added here
@@ -337,7 +382,6 @@ def connect(options: DuckDBSinkOptions) -> duckdb.DuckDBPyConnection:
     # writer could have stored, stays unkeyed and is never matched)
     con.execute(f"ALTER TABLE visits ADD COLUMN IF NOT EXISTS {VISIT_KEY} UHUGEINT")
     con.execute(f"UPDATE visits SET {VISIT_KEY} = {visit_key('visit_id', 'TRY_CAST')} WHERE {VISIT_KEY} IS NULL")
-    return con
 
 
 def insert(con: duckdb.DuckDBPyConnection, paths: Mapping[str, str | Sequence[str]], counts: Mapping[str, int]) -> None:
