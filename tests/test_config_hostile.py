@@ -95,6 +95,10 @@ BROKEN: list[tuple[str, bytes | str, int, str]] = [
     ("push into load jobs", PUSH + "sinks: [{type: bigquery_load, project: p, dataset: d}]\n" + MONITOR, 2,
      "p.yaml:2: sinks[0]: sink 'bigquery_load' keeps 86.4s between writes under steady load, no less than "
      "source 'pubsub_push' waits for its messages to be stored (60s)"),
+    ("bigquery project not an id", OK_SOURCE + "sinks: [{type: bigquery_streaming, project: My Project, dataset: d}]\n",
+     2, "sinks[0]: project: 'My Project' is not a Google Cloud project id"),
+    ("bigquery project a path", OK_SOURCE + "sinks: [{type: bigquery_load, project: 'p/datasets/x', dataset: d}]\n",
+     2, "sinks[0]: project: 'p/datasets/x' is not a Google Cloud project id"),
     ("file with no path", "sources: [{type: file, path: []}]\n" + OK_SINK, 2, "path names nothing to read"),
     ("file path unset", "sources: [{type: file, path: '${IN:-}'}]\n" + OK_SINK, 2,
      "path has an empty entry (an unset variable?)"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from typing import Annotated, ClassVar, Self, TypeVar
 
@@ -18,6 +19,9 @@ from clickflow_bigquery.deadletters import BigQueryDeadLetters
 from clickflow_bigquery.tables import ensure_tables
 
 NAME = r"^[A-Za-z0-9_]+$"
+PROJECT = re.compile(r"(?:[a-z][a-z0-9.-]*:)?[a-z][a-z0-9-]*")
+"""A project's id (lowercase letters, digits and hyphens, from a letter), or a domain-scoped one
+(``example.com:id``): anything else would change the REST paths it is put into."""
 _TABLE_NAME_CHARACTERS = ("L", "M", "N", "Pc", "Pd", "Zs")
 """Unicode categories a BigQuery table's name may use (letters, marks, numbers, _, dashes, spaces)."""
 
@@ -47,6 +51,11 @@ class BigQueryOptions(SinkOptions, kw_only=True):
     """Service-account key; default: ADC."""
 
     def __post_init__(self) -> None:
+        if not PROJECT.fullmatch(self.project):
+            raise ValueError(
+                f"project: {self.project!r} is not a Google Cloud project id (lowercase letters, digits and "
+                "hyphens, starting with a letter; or DOMAIN:ID)"
+            )
         unknown = set(self.tables) - set(TABLE_NAMES)
         if unknown:
             raise ValueError(f"tables: unknown table(s) {sorted(unknown)}; the tables are {', '.join(TABLE_NAMES)}")
