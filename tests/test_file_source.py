@@ -310,34 +310,48 @@ def test_deep_nesting_a_malformed_element_and_an_array_first_line_lose_no_messag
     assert table_counts(db)["dead_letter"] == 5
 
 
-@pytest.mark.parametrize("name", ["bzip2", "xz", "zstd"])
-def test_a_file_compressed_in_another_format_fails_the_run_naming_it(
+COMPRESS = {"gzip": gzip.compress, "bzip2": bz2.compress, "xz": lzma.compress}
+
+
+@pytest.mark.parametrize("name", ["bzip2", "xz"])
+def test_a_file_in_bzip2_or_xz_reads_as_its_gzip_does(
     tmp_path: Path, name: str, visit: Callable[..., dict[str, Any]], pipeline: Callable[..., Pipeline]
 ) -> None:
-    """Read as text, each line of it was a dead letter of binary."""
-    data = lines(visit(), visit(session_id="S2"))
-    compressed = {
-        "bzip2": bz2.compress(data),
-        "xz": lzma.compress(data),
-        "zstd": b"\x28\xb5\x2f\xfd"
-        + bytes(range(40)),  # a frame's magic number (no compressor in the standard library)
-    }
+    """Known by its magic number, whatever its name; it used to fail the run as unread."""
+    data = lines(*[visit(session_id=f"S{i}") for i in range(500)], "not json")
+    counts = {}
+    for compression in ("gzip", name):
+        source = tmp_path / f"visits-{compression}.jsonl"
+        source.write_bytes(COMPRESS[compression](data))
+        db = tmp_path / f"{compression}.duckdb"
+        run_pipeline(pipeline(f"sources: [{{type: file, path: '{source}'}}]\nsinks: [{{type: duckdb, path: '{db}'}}]"))
+        counts[compression] = table_counts(db)
+    assert counts[name] == counts["gzip"] and counts[name]["visits"] == 500 and counts[name]["dead_letter"] == 1
+
+
+def test_a_file_compressed_with_zstd_fails_the_run_naming_it(tmp_path: Path, pipeline: Callable[..., Pipeline]) -> None:
+    """Read as text, each line of it was a dead letter of binary (no zstd in the standard library)."""
     source = tmp_path / "visits.jsonl.z"
-    source.write_bytes(compressed[name])
+    source.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(range(40)))  # a frame's magic number
     db = tmp_path / "out.duckdb"
     text = f"sources: [{{type: file, path: '{source}'}}]\nsinks: [{{type: duckdb, path: '{db}'}}]"
-    with pytest.raises(PipelineError, match=rf"visits\.jsonl\.z: unreadable after 0 messages: compressed with {name},"):
+    with pytest.raises(PipelineError, match=r"visits\.jsonl\.z: unreadable after 0 messages: compressed with zstd,"):
         run_pipeline(pipeline(text))
     assert not db.exists() or table_counts(db) == {"visits": 0, "events": 0, "purchase_items": 0, "dead_letter": 0}
 
 
+@pytest.mark.parametrize("compression", ["gzip", "bzip2", "xz"])
 @pytest.mark.parametrize("damage", ["cut short", "corrupt", "header only"])
-def test_a_damaged_gzip_file_fails_the_run_naming_the_file(
-    tmp_path: Path, damage: str, visit: Callable[..., dict[str, Any]], pipeline: Callable[..., Pipeline]
+def test_a_damaged_compressed_file_fails_the_run_naming_the_file(
+    tmp_path: Path,
+    compression: str,
+    damage: str,
+    visit: Callable[..., dict[str, Any]],
+    pipeline: Callable[..., Pipeline],
 ) -> None:
     """The error says which file and how far it was read; once the file is whole again, running
     again stores every visit once."""
-    whole = gzip.compress(lines(*[visit(session_id=f"S{i}") for i in range(3000)]))
+    whole = COMPRESS[compression](lines(*[visit(session_id=f"S{i}") for i in range(3000)]))
     middle = len(whole) // 2
     source = tmp_path / "visits.jsonl.gz"
     damaged = {

@@ -1,6 +1,6 @@
-"""Streaming readers for visit files: JSON lines or one JSON array, optionally gzip'd (detected
-by content, so a gzip'd object without ``.gz`` in its name reads too), in UTF-8, or in UTF-16 or
-UTF-32 with a byte-order mark (read as UTF-8).
+"""Streaming readers for visit files: JSON lines or one JSON array, optionally compressed with
+gzip, bzip2 or xz (detected by content, so a gzip'd object without ``.gz`` in its name reads too),
+in UTF-8, or in UTF-16 or UTF-32 with a byte-order mark (read as UTF-8).
 
 Both yield ``(message_id, raw_bytes)`` pairs in constant memory. Message ids are
 ``PATH:LINE`` for JSON lines and ``PATH:[INDEX]`` for arrays, so a re-run of
@@ -12,13 +12,15 @@ cut out whole, for the parser to dead-letter.
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import gzip
 import io
 import json
 import logging
+import lzma
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, Protocol
 
 from clickflow_file.elements import Extent, Resync, next_character, past_whitespace, scan
@@ -31,9 +33,17 @@ MAX_ELEMENT = 64 << 20
 MAX_REMAINDER = 16 << 20
 """How much of a malformed array's unread rest goes into its dead letter."""
 GZIP_MAGIC = b"\x1f\x8b"
-UNREAD_COMPRESSIONS = ((b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
-"""Formats clickflow does not decompress: such a file fails the run naming its format, rather
-than become a dead letter per line of binary."""
+DECOMPRESSED: tuple[tuple[bytes, Callable[[BinaryIO], Any]], ...] = (
+    (GZIP_MAGIC, lambda stream: gzip.GzipFile(fileobj=stream)),
+    (b"BZh", bz2.BZ2File),
+    (b"\xfd7zXZ\x00", lzma.LZMAFile),
+)
+"""Each compression a file is read through, by the magic number it starts with."""
+UNREAD_COMPRESSIONS = ((b"\x28\xb5\x2f\xfd", "zstd"),)
+"""Formats clickflow does not decompress (no compressor in the standard library): such a file
+fails the run naming its format, rather than become a dead letter per line of binary."""
+DAMAGE = (OSError, EOFError, zlib.error, lzma.LZMAError)
+"""What a damaged file raises as it is read: the read error, or the decompressor's."""
 
 
 BYTE_ORDER_MARKS = (  # UTF-32 LE's starts with UTF-16 LE's
@@ -45,8 +55,9 @@ BYTE_ORDER_MARKS = (  # UTF-32 LE's starts with UTF-16 LE's
 
 
 class CountingReader:
-    """Reads a byte stream, gunzipping it if it starts like gzip and transcoding it to UTF-8 if
-    it starts with a UTF-16 or UTF-32 byte-order mark, and counts the bytes read from it."""
+    """Reads a byte stream, decompressing it if it starts like gzip, bzip2 or xz and transcoding
+    it to UTF-8 if it starts with a UTF-16 or UTF-32 byte-order mark, and counts the bytes read
+    from it (compressed)."""
 
     def __init__(self, raw: Any, path: str) -> None:
         """Owns ``raw`` (``close()`` closes it); ``path`` names it in errors: a stream whose first
@@ -59,17 +70,17 @@ class CountingReader:
             for magic, name in UNREAD_COMPRESSIONS:
                 if start.startswith(magic):
                     raise OSError(f"compressed with {name}, which clickflow does not read: decompress it, or gzip it")
-            gzipped = start[:2] == GZIP_MAGIC
-            stream = gzip.GzipFile(fileobj=buffered) if gzipped else buffered
+            opener = next((opener for magic, opener in DECOMPRESSED if start.startswith(magic)), None)
+            stream = opener(buffered) if opener else buffered
             head = stream.peek(4)[:4]
-        except (OSError, EOFError, zlib.error) as exc:
+        except DAMAGE as exc:
             raw.close()
             raise unreadable(path, 0, exc) from exc
         for mark, encoding in BYTE_ORDER_MARKS:
             if head.startswith(mark):
                 stream = io.BufferedReader(_AsUtf8(stream, encoding), CHUNK)
                 break
-        self.stream: BinaryIO = stream  # type: ignore[assignment]
+        self.stream: BinaryIO = stream
 
     @classmethod
     def open(cls, path: str) -> CountingReader:
@@ -130,7 +141,7 @@ def first_significant_byte(stream: BinaryIO) -> bytes:
 def iter_messages(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
     """``(message id, bytes)`` of each visit in a file: a JSON array's elements, or else its lines.
 
-    A file that cannot be read to its end (a gzip stream cut short or corrupt, a read error) raises
+    A file that cannot be read to its end (a compressed stream cut short or corrupt, a read error) raises
     ``OSError`` naming the file and how far it was read, whatever the error underneath."""
     count = 0
     try:
@@ -138,7 +149,7 @@ def iter_messages(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
         for message in read(stream, path):
             yield message
             count += 1
-    except (OSError, EOFError, zlib.error) as exc:
+    except DAMAGE as exc:
         raise unreadable(path, count, exc) from exc
 
 
