@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import json
+import lzma
 import re
 from pathlib import Path
 
@@ -29,13 +31,15 @@ WALL_CLOCK = {"ingested_at", "received_at"}
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """JSON lines (a tenth malformed), JSON arrays (one cut short, one on one line with an
-    unescaped quote in a visit), a gzip'd file, a UTF-16 one and the real sample."""
+    unescaped quote in a visit), files in gzip, bzip2 and xz, a UTF-16 one and the real sample."""
     directory = tmp_path_factory.mktemp("beam-input")
     generator = VisitGenerator(seed=5, malformed_rate=0.1)
     (directory / "visits.jsonl").write_bytes(b"\n".join(generator.messages(300)) + b"\n")
     (directory / "array.json").write_text(json.dumps(list(VisitGenerator(seed=6).visits(40))))
     (directory / "broken.json").write_text(json.dumps(list(VisitGenerator(seed=8).visits(3)))[:-40])  # cut short
     (directory / "more.jsonl.gz").write_bytes(gzip.compress(b"\n".join(VisitGenerator(seed=7).messages(60))))
+    (directory / "more.jsonl.bz2").write_bytes(bz2.compress(b"\n".join(VisitGenerator(seed=11).messages(30))))
+    (directory / "more.jsonl.xz").write_bytes(lzma.compress(b"\n".join(VisitGenerator(seed=12).messages(30))))
     quoted = [json.dumps(visit) for visit in VisitGenerator(seed=9).visits(10)]
     quoted[4] = quoted[4].replace('"session_id": "', '"session_id": ""', 1)
     (directory / "quoted.json").write_text("[" + ", ".join(quoted) + "]")
@@ -80,7 +84,7 @@ def test_beam_writes_exactly_the_rows_of_the_async_runtime(
     assert rows(database) == local_rows
     assert summary is not None
     assert {table: summary.rows[table] for table in TABLE_NAMES} == {t: len(r) for t, r in local_rows.items()}
-    assert summary.messages["file"] == 300 + 40 + 3 + 60 + 10 + 20 + 1  # the cut array: 2 visits + its unread rest
+    assert summary.messages["file"] == 300 + 40 + 3 + 60 + 30 + 30 + 10 + 20 + 1  # the cut array: 2 visits + its rest
     assert sum(summary.dead_letters.values()) == len(local_rows["dead_letter"])
     assert not (tmp_path / "beam.duckdb.spool").exists()
 
