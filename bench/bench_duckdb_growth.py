@@ -19,8 +19,9 @@ import time
 
 from clickflow.api import Message
 from clickflow.parser import VisitParser
-from clickflow_duckdb import VISIT_KEY, DuckDBSinkOptions, connect, insert, visit_key
+from clickflow_duckdb import DuckDBSinkOptions, connect
 from clickflow_duckdb.spool import JsonSpool
+from clickflow_duckdb.tables import VISIT_KEY, insert, visit_key
 from clickflow_simulator.generator import VisitGenerator
 
 

@@ -28,8 +28,9 @@ from clickflow.api import Message
 from clickflow.parser import VisitParser
 from clickflow.runtime import tune_interpreter
 from clickflow.schema import TABLE_NAMES
-from clickflow_duckdb import DuckDBSinkOptions, connect, insert
+from clickflow_duckdb import DuckDBSinkOptions, connect
 from clickflow_duckdb.spool import JsonSpool
+from clickflow_duckdb.tables import insert
 from clickflow_file.reader import iter_messages
 
 OUT = Path(__file__).resolve().parent / "out"

@@ -245,7 +245,7 @@ def test_a_duckdb_file_from_before_gains_the_new_dead_letter_columns(
 
 def make_old_duckdb_tables(db: Path) -> None:
     """The four tables, ``dead_letter`` as it was before replays."""
-    from clickflow_duckdb import DUCKDB_TYPES, create_table_sql
+    from clickflow_duckdb.tables import DUCKDB_TYPES, create_table_sql
 
     with duckdb.connect(str(db)) as con:
         for table in (VISITS, EVENTS, PURCHASE_ITEMS):

@@ -122,7 +122,7 @@ async def test_a_failed_write_leaves_nothing_behind(tmp_path: Path, visit: Calla
 async def test_without_create_tables_a_missing_database_or_table_stops_the_open_and_nothing_is_made(
     tmp_path: Path,
 ) -> None:
-    from clickflow_duckdb import MissingTables
+    from clickflow_duckdb.tables import MissingTables
 
     db = tmp_path / "db.duckdb"
     with pytest.raises(MissingTables, match=r"db.duckdb does not exist \(a `clickflow run` of the pipeline makes it\)"):

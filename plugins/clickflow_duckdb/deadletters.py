@@ -13,6 +13,7 @@ from clickflow.dlq import DeadLetterGroup, DeadLetterQuery, StoredDeadLetter
 from clickflow.parser import VisitContext
 from clickflow.schema import TABLES
 from clickflow_duckdb.spool import JsonSpool
+from clickflow_duckdb.tables import insert_into, select_spooled
 
 if TYPE_CHECKING:
     import duckdb
@@ -66,8 +67,6 @@ def visit_contexts(con: duckdb.DuckDBPyConnection, visit_ids: list[str]) -> dict
 def store_new(con: duckdb.DuckDBPyConnection, rows: RowBatch, spool_root: str) -> None:
     """Insert the rows whose keys are not stored yet, all tables in one transaction."""
     import duckdb
-
-    from clickflow_duckdb import insert_into, select_spooled
 
     spool = JsonSpool(spool_root)
     try:

@@ -1,0 +1,189 @@
+"""The DuckDB sink's tables: their SQL, making and checking them, and inserting spooled rows.
+
+A batch's rows are inserted in one transaction with DuckDB's own JSON reader over the spool files
+(see ``spool``), so per-row work stays out of Python. Re-delivered visits are dropped: a batch's
+visits are counted against the table, and if some are there already, only the new ones (an
+anti-join) are inserted, with their events and purchase items. A visit's rows always travel in the
+same batch, so this is exact; ``dead_letter`` rows are anti-joined on their own key. There are no
+primary-key indexes: DuckDB rewrites a whole index at every checkpoint, which made large tables
+quadratically slow to load; the count and the anti-join scan one column, ``visit_key``: the visit
+id as a number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from clickflow.schema import TABLES, Column, ColumnType, Table, VisitCol
+
+if TYPE_CHECKING:
+    import duckdb
+
+
+DUCKDB_TYPES: dict[ColumnType, str] = {
+    "STRING": "VARCHAR",
+    "INT64": "BIGINT",
+    "FLOAT64": "DOUBLE",
+    "TIMESTAMP": "TIMESTAMPTZ",
+}
+
+
+GENERATED = {("events", "event_id"): "visit_id || ':' || CAST(event_index AS VARCHAR)"}
+"""Columns DuckDB computes instead of storing: the parser's ``event_id`` is ``visit_id:index``.
+Not storing those unique strings makes loading events about a tenth cheaper."""
+
+
+VISIT_KEY = "visit_key"
+"""A column only DuckDB's ``visits`` has, last: ``visit_id`` (32 hex digits, see
+``clickflow.parser.visit_id_for``) as one 128-bit number, the key the de-duplication anti-join
+reads. The join reads every stored key; as text, DuckDB decompressed and hashed each one: a small
+write at 10,000,000 stored visits took 4.6 times as long (``bench/bench_duckdb_growth.py``)."""
+
+
+def visit_key(visit_id: str, cast: str = "CAST") -> str:
+    """SQL for ``VISIT_KEY``'s value from an expression of ``visit_id``'s."""
+    return f"{cast}('0x' || {visit_id} AS UHUGEINT)"
+
+
+def _stored(table: Table) -> list[tuple[int, Column]]:
+    """The table's columns that are written, with their 1-based position in a spooled row."""
+    return [(i, c) for i, c in enumerate(table.columns, 1) if (table.name, c.name) not in GENERATED]
+
+
+def create_table_sql(table: Table) -> str:
+    columns = []
+    for column in table.columns:
+        expression = GENERATED.get((table.name, column.name))
+        if expression:
+            columns.append(f"{column.name} {DUCKDB_TYPES[column.type]} GENERATED ALWAYS AS ({expression}) VIRTUAL")
+        else:
+            columns.append(f"{column.name} {DUCKDB_TYPES[column.type]}{' NOT NULL' if column.required else ''}")
+    if table.name == "visits":
+        columns.append(f"{VISIT_KEY} UHUGEINT")
+    return f"CREATE TABLE IF NOT EXISTS {table.name} ({', '.join(columns)})"
+
+
+def _written(table: Table) -> list[tuple[str, str]]:
+    """The columns an insert writes, in order, each with its value's SQL from a spooled row ``j``:
+    the schema's stored columns, then ``visits``' ``visit_key``. ``insert_into`` and
+    ``select_spooled`` both come from it, so their columns always line up."""
+    written = []
+    for i, column in _stored(table):
+        if column.type == "TIMESTAMP":  # exact microseconds (no float), whatever the session's TimeZone
+            written.append((column.name, f"make_timestamptz(j[{i}]::BIGINT)"))
+        else:
+            written.append((column.name, f"j[{i}]::{DUCKDB_TYPES[column.type]}"))
+    if table.name == "visits":
+        written.append((VISIT_KEY, visit_key(f"j[{VisitCol.visit_id + 1}]")))
+    return written
+
+
+def insert_into(table: Table) -> str:
+    """``INSERT INTO table (written columns)``, to be followed by ``select_spooled``."""
+    return f"INSERT INTO {table.name} ({', '.join(name for name, _ in _written(table))})"
+
+
+def select_spooled(table: Table, paths: str | Sequence[str]) -> str:
+    """A SELECT that reads spool files (rows as JSON arrays) as the table's written columns."""
+    columns = [f"{value} AS {name}" for name, value in _written(table)]
+    files = _sql_text(paths) if isinstance(paths, str) else f"[{', '.join(map(_sql_text, paths))}]"
+    source = f"read_json({files}, format='newline_delimited', records=false, columns={{'j': 'VARCHAR[]'}})"
+    return f"SELECT {', '.join(columns)} FROM {source}"
+
+
+def _sql_text(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+class MissingTables(Exception):
+    """A database opened with ``create_tables: false`` lacks tables or columns clickflow writes."""
+
+
+def lacking(con: duckdb.DuckDBPyConnection) -> str:
+    """The tables, and the columns of those there, that clickflow writes and the database lacks."""
+    found: dict[str, set[str]] = {}
+    for table, column in con.execute(
+        "SELECT table_name, column_name FROM duckdb_columns() "
+        "WHERE database_name = current_database() AND schema_name = current_schema()"
+    ).fetchall():
+        found.setdefault(table, set()).add(column)
+    tables = [name for name in TABLES if name not in found]
+    columns = [
+        f"{name}.{column}"
+        for name, table in TABLES.items()
+        if name in found
+        for column in [c.name for c in table.columns] + ([VISIT_KEY] if name == "visits" else [])
+        if column not in found[name]
+    ]
+    parts = [f"table(s) {', '.join(tables)}"] if tables else []
+    if columns:
+        parts.append(f"column(s) {', '.join(columns)}")
+    return "; ".join(parts)
+
+
+def create_tables(con: duckdb.DuckDBPyConnection) -> None:
+    """The four tables, made if missing, with the nullable columns clickflow has gained since."""
+    for table in TABLES.values():
+        con.execute(create_table_sql(table))
+        for _, column in _stored(table):  # columns added since the file was made: nullable, added here
+            if not column.required:
+                con.execute(
+                    f"ALTER TABLE {table.name} ADD COLUMN IF NOT EXISTS {column.name} {DUCKDB_TYPES[column.type]}"
+                )
+    # a file from before visit_key: its visits keyed once (an id that is not hex, which only another
+    # writer could have stored, stays unkeyed and is never matched)
+    con.execute(f"ALTER TABLE visits ADD COLUMN IF NOT EXISTS {VISIT_KEY} UHUGEINT")
+    con.execute(f"UPDATE visits SET {VISIT_KEY} = {visit_key('visit_id', 'TRY_CAST')} WHERE {VISIT_KEY} IS NULL")
+
+
+def insert(con: duckdb.DuckDBPyConnection, paths: Mapping[str, str | Sequence[str]], counts: Mapping[str, int]) -> None:
+    """Insert spooled rows (``paths``: a file, a glob or a list of files per table) in one transaction, skipping rows
+    already stored. ``counts`` are the rows in each table's files."""
+
+    def spooled(name: str) -> str:
+        return f"({select_spooled(TABLES[name], paths[name])}) b"
+
+    con.begin()
+    try:
+        if counts["visits"]:
+            _insert_visits(con, spooled, counts)
+        if counts["dead_letter"]:
+            con.execute(
+                f"{insert_into(TABLES['dead_letter'])} SELECT b.* FROM {spooled('dead_letter')} "
+                "ANTI JOIN dead_letter t ON b.dead_letter_id = t.dead_letter_id"
+            )
+        con.commit()
+    except BaseException:
+        import duckdb
+
+        with contextlib.suppress(duckdb.Error):  # e.g. a failed commit has no transaction left to roll back
+            con.rollback()
+        raise
+
+
+def _insert_visits(con: duckdb.DuckDBPyConnection, spooled: Callable[[str], str], counts: Mapping[str, int]) -> None:
+    """Visits not stored yet, with their events and purchase items."""
+    con.execute(
+        f"{insert_into(TABLES['visits'])} SELECT b.* FROM {spooled('visits')} "
+        "ANTI JOIN visits t ON b.visit_key = t.visit_key"
+    )
+    (inserted,) = con.fetchone() or (0,)
+    if inserted == 0:  # all delivered before, and so were their rows
+        return
+    only_new = ""
+    if inserted < counts["visits"]:  # some delivered before (rarely): undo, then keep the others' rows
+        con.rollback()
+        con.begin()
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE clickflow_new_visits AS "
+            f"SELECT b.visit_id FROM {spooled('visits')} ANTI JOIN visits t ON b.visit_key = t.visit_key"
+        )
+        only_new = " SEMI JOIN clickflow_new_visits n ON b.visit_id = n.visit_id"
+        con.execute(f"{insert_into(TABLES['visits'])} SELECT b.* FROM {spooled('visits')}{only_new}")
+    for name in ("events", "purchase_items"):
+        if counts[name]:
+            con.execute(f"{insert_into(TABLES[name])} SELECT b.* FROM {spooled(name)}{only_new}")
+    if only_new:
+        con.execute("DROP TABLE clickflow_new_visits")
