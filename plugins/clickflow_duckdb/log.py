@@ -7,10 +7,10 @@ appended to the log's current segment, ``DATABASE.log/NNNNNNNNNNNN.segment``, as
 fdatasynced: one write and one sync per batch, whatever its tables, done by a child process
 (``logwriter``) so that the event loop never hands the GIL to a thread for it. The append returns
 and the batch is acknowledged. Its lines are also copied, unsynced, into a spool file per table
-(``Logged.copies``). Every ``commit_every`` the sink starts a new segment and inserts the copies of the
-finished ones in one transaction, then removes them: reading the records back would hold the GIL
-against the event loop. A run that is killed leaves its segments, which are read back and
-inserted when the database is next opened, so an acknowledged batch is never lost.
+(``Logged.copies``). Every ``commit_every`` the sink starts a new segment and inserts the copies
+of the finished ones in one transaction, then removes both: reading the records back would hold
+the GIL against the event loop. A run that is killed leaves its segments, which are read back
+and inserted when the database is next opened, so an acknowledged batch is never lost.
 
 A record is a header (a magic number, each table's bytes and rows, a CRC-32 of the lines) and
 each table's lines. Only the last record of a segment can be incomplete: a record is appended
