@@ -17,6 +17,7 @@ from clickflow.config import parse_pipeline
 from clickflow.plugins import Registry
 from clickflow.schema import TABLE_NAMES
 from clickflow.testing import run_pipeline
+from clickflow_duckdb.tables import MissingTables
 from clickflow_simulator.generator import VisitGenerator
 from tests.conftest import FIXTURES, files_into, table_counts
 from tests.emulators import clickflow
@@ -114,6 +115,22 @@ def test_a_broken_file_fails_the_command_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     last = result.stderr.splitlines()[-1]
     assert re.match(rf"clickflow: the pipeline failed on Beam \(\w+\): {broken}: unreadable after 0 messages: ", last)
+
+
+def test_without_create_tables_a_missing_table_stops_the_run_before_it_starts(
+    tmp_path: Path, clickflow_registry: Registry
+) -> None:
+    """It was found by the load that ends the run, after all the work."""
+    database = tmp_path / "other.duckdb"
+    with duckdb.connect(str(database)) as con:
+        con.execute("CREATE TABLE orders (id INTEGER)")
+    source = tmp_path / "visits.jsonl"
+    source.write_bytes(b"\n".join(VisitGenerator(seed=4).messages(5)))
+    text = files_into(source, f"type: duckdb, path: '{database}', create_tables: false")
+    launch = prepare(parse_pipeline(text, clickflow_registry, "beam.yaml", {}), "beam", [])
+    with pytest.raises(MissingTables, match="lacks table\\(s\\) visits, events, purchase_items, dead_letter"):
+        launch.run()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.duckdb", "visits.jsonl"]
 
 
 @pytest.fixture

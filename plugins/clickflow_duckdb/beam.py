@@ -21,7 +21,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from clickflow.beam import BeamWrite, Tables, on_dataflow
 from clickflow.schema import TABLE_NAMES
-from clickflow_duckdb import DuckDBSinkOptions, load_files, spool_directory
+from clickflow_duckdb import DuckDBSinkOptions, connect, load_files, spool_directory
 from clickflow_duckdb.spool import encode_lines
 
 SHARDS = "beam"
@@ -37,6 +37,8 @@ class WriteDuckDB(BeamWrite):
 
     def expand(self, tables: Tables) -> None:
         options: DuckDBSinkOptions = self.sink.options
+        if not options.create_tables:  # a missing table or column is named before the run, not after it
+            connect(options).close()
         self.spool = spool_directory(options.path)
         self.shards = os.path.join(self.spool, SHARDS)
         for table in TABLE_NAMES:
