@@ -153,9 +153,12 @@ async def test_a_commit_inserts_the_batches_copies_and_reads_the_log_back_only_w
     copies made as the batches were logged; a copy that could not be written only costs that."""
     read_back: list[int] = []
     real_split = clickflow_duckdb.split
-    monkeypatch.setattr(
-        clickflow_duckdb, "split", lambda logged, *rest: read_back.append(1) or real_split(logged, *rest)
-    )
+
+    def split(logged: Any, *rest: Any) -> dict[str, str]:
+        read_back.append(len(logged.segments))
+        return real_split(logged, *rest)
+
+    monkeypatch.setattr(clickflow_duckdb, "split", split)
     db = tmp_path / "db.duckdb"
     async with logged_sink(db) as sink:
         await write(sink, parsed([visit()], prefix="a"))
