@@ -278,7 +278,10 @@ def test_a_duckdb_table_or_column_that_is_not_there_is_named_not_made(tmp_path: 
     for command in (["list"], ["replay"]):
         result = clickflow("dlq", *command, str(pipeline))
         assert result.returncode == 1, result.stdout
-        assert result.stderr == f"clickflow: {db} lacks {lacking} (a `clickflow run` of the pipeline adds them)\n"
+        assert (
+            result.stderr
+            == f"clickflow: {db} lacks {lacking} (a `clickflow run` with `create_tables` on, its default, adds them)\n"
+        )
     assert duckdb_columns(db) == before
 
 

@@ -125,7 +125,10 @@ async def test_without_create_tables_a_missing_database_or_table_stops_the_open_
     from clickflow_duckdb.tables import MissingTables
 
     db = tmp_path / "db.duckdb"
-    with pytest.raises(MissingTables, match=r"db.duckdb does not exist \(a `clickflow run` of the pipeline makes it\)"):
+    with pytest.raises(
+        MissingTables,
+        match=r"db.duckdb does not exist \(a `clickflow run` with `create_tables` on, its default, makes it\)",
+    ):
         await DuckDBSink("duckdb", DuckDBSinkOptions(path=str(db), create_tables=False)).open()
     assert not db.exists()
     await write(db)  # made, with the four tables

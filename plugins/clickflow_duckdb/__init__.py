@@ -244,12 +244,18 @@ def _config(options: DuckDBSinkOptions) -> dict[str, str | bool | int | float | 
     }
 
 
+_MAKER = "a `clickflow run` with `create_tables` on, its default,"
+"""What makes the tables, for a sink opened without ``create_tables`` (``clickflow dlq``'s, or a user's)."""
+
+
 def connect(options: DuckDBSinkOptions) -> duckdb.DuckDBPyConnection:
     """The database, with the four tables created if missing (``create_tables``); else checked."""
     import duckdb
 
     if not options.create_tables and options.nothing_stored():
-        raise MissingTables(f"{options.path} does not exist (a `clickflow run` of the pipeline makes it)")
+        raise MissingTables(
+            f"{options.path} does not exist (a `clickflow run` with `create_tables` on, its default, makes it)"
+        )
     con = duckdb.connect(options.path, config=_config(options))
     con.execute("SET enable_progress_bar = false")
     con.execute("SET preserve_insertion_order = false")  # lets inserts run in parallel
@@ -259,7 +265,9 @@ def connect(options: DuckDBSinkOptions) -> duckdb.DuckDBPyConnection:
     missing = lacking(con)
     if missing:
         con.close()
-        raise MissingTables(f"{options.path} lacks {missing} (a `clickflow run` of the pipeline adds them)")
+        raise MissingTables(
+            f"{options.path} lacks {missing} (a `clickflow run` with `create_tables` on, its default, adds them)"
+        )
     return con
 
 
