@@ -1,6 +1,6 @@
 """The push endpoint under load from wrk, next to a bare aiohttp handler that answers 204 at once.
 
-    python bench/bench_push.py [--seconds 10] [--concurrency 32 256]
+    python bench/bench_push.py [--seconds 10] [--concurrency 32 256] [--rounds 1]
 
 Each server runs in a child process; wrk (Debian package `wrk`) sends push envelopes of a real
 visit, each with its own message id. The bare handler runs on asyncio's loop and on uvloop's.
@@ -14,17 +14,21 @@ Prints requests/s and latency percentiles, the server's CPU seconds per 1,000 re
 processes' included; steadier than rates on a shared machine), how busy its event loop's thread
 was and its CPU per request (where it nears 100%, the rate is one over that time), how many
 requests clickflow's batches held on average, and each clickflow rate as a share of each bare
-handler's, in the same run.
+handler's, in the same run. With ``--rounds N`` every server runs N times, in turn, and the shares
+are the medians of each round's (with their range): on a shared machine one round's can move by
+a fifth.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import itertools
 import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -56,13 +60,13 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print
 LUA = """
 local data = "%s"
 local counter = 0
-id = 0  -- a global: setup() gives each thread its own, so message ids never repeat
+id = 0  -- a global: setup() gives each thread its own, so message ids never repeat within a run
 function setup(thread) id = id + 1; thread:set("id", id) end
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 request = function()
   counter = counter %% %d + 1
-  return wrk.format(nil, nil, nil, '{"message":{"data":"' .. data .. '","messageId":"' .. id .. "-" .. counter ..
+  return wrk.format(nil, nil, nil, '{"message":{"data":"' .. data .. '","messageId":"%s-' .. id .. "-" .. counter ..
     '"},"subscription":"projects/bench/subscriptions/push"}')
 end
 """
@@ -118,15 +122,22 @@ def main() -> None:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--seconds", type=int, default=10)
     args.add_argument("--concurrency", type=int, nargs="+", default=[32, 256])
+    args.add_argument("--rounds", type=int, default=1, help="run every server this many times, in turn")
     opts = args.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install wrk)")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         visit = next(VisitGenerator(seed=22).messages(1))
-        script, replay = work / "push.lua", work / "replay.lua"
-        script.write_text(LUA % (base64.b64encode(visit).decode(), 2**53))
-        replay.write_text(LUA % (base64.b64encode(visit).decode(), 500))
+        data = base64.b64encode(visit).decode()
+        replay = work / "replay.lua"
+        replay.write_text(LUA % (data, 500, "again"))
+
+        def new_ids(run: str) -> Path:
+            """A wrk script whose message ids no other wrk run sends (each run's prefix is its own)."""
+            script = work / f"push-{run}.lua"
+            script.write_text(LUA % (data, 2**53, run))
+            return script
 
         def clickflow(name: str, sink: str, event_loop: str = "auto") -> tuple[list[str], int]:
             port = free_port()
@@ -159,36 +170,48 @@ def main() -> None:
             ),
         }
         scripts = {"clickflow push -> duckdb log, again": replay}
-        rates: dict[str, dict[int, float]] = {}
-        for name, (command, server_port) in servers.items():
+        rates: dict[str, dict[int, list[float]]] = {}
+        for round_, (name, (command, server_port)) in itertools.product(range(opts.rounds), servers.items()):
             server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 wait_for(partial(ready, server_port), 30)
                 for connections in opts.concurrency:
                     before = None if name in bare_names else batched(server_port)  # bare: no /metrics
                     cpu, loop, started = cpu_seconds(server.pid), loop_seconds(server.pid), time.monotonic()
-                    rate, requests, p50, p99, notes = wrk(
-                        server_port, scripts.get(name, script), connections, opts.seconds
-                    )
+                    script = scripts.get(name) or new_ids(f"{round_}.{connections}")
+                    rate, requests, p50, p99, notes = wrk(server_port, script, connections, opts.seconds)
                     cpu, loop = cpu_seconds(server.pid) - cpu, loop_seconds(server.pid) - loop
                     busy = loop / (time.monotonic() - started)  # over wrk's whole run, not its nominal seconds
                     notes = f", event loop busy {busy:.0%} ({loop / requests * 1e6:.0f} µs a request)" + notes
                     if before is not None:
                         pushed, batches = (now - then for now, then in zip(batched(server_port), before, strict=True))
                         notes += f", {pushed / batches:.1f} requests per batch"
-                    rates.setdefault(name, {})[connections] = rate
+                    rates.setdefault(name, {}).setdefault(connections, []).append(rate)
                     print(f"{name:<36} {connections:>4} concurrent: {rate:>8,.0f} requests/s, p50 {p50:.1f} ms, "
                           f"p99 {p99:.1f} ms, {cpu / requests * 1e3:.3f} CPU s per 1,000{notes}")  # fmt: skip
             finally:
                 server.send_signal(signal.SIGTERM)
                 server.wait(timeout=60)
+                for stored in work.glob("*.duckdb*"):  # each server starts on new files, in every round
+                    if stored.is_dir():
+                        shutil.rmtree(stored)
+                    else:
+                        stored.unlink()
         bares = {name: rates.pop(name) for name in bare_names}
         for bare_name, bare_rates in bares.items():
             for connections in opts.concurrency:
                 shares = ", ".join(
-                    f"{name} {ours[connections] / bare_rates[connections]:.0%}" for name, ours in rates.items()
+                    f"{name} {share(ours[connections], bare_rates[connections])}" for name, ours in rates.items()
                 )
                 print(f"{connections} concurrent, share of the {bare_name!r} rate: {shares}")
+
+
+def share(ours: list[float], bare: list[float]) -> str:
+    """Each round's rate over the bare handler's in the same round: one, or their median and range."""
+    shares = sorted(mine / theirs for mine, theirs in zip(ours, bare, strict=True))
+    if len(shares) == 1:
+        return f"{shares[0]:.0%}"
+    return f"{statistics.median(shares):.0%} ({shares[0]:.0%} to {shares[-1]:.0%})"
 
 
 if __name__ == "__main__":
