@@ -154,7 +154,7 @@ async def test_a_commit_inserts_the_batches_copies_and_reads_the_log_back_only_w
     read_back: list[int] = []
     real_split = clickflow_duckdb.split
 
-    def split(logged: Any, *rest: Any) -> dict[str, str]:
+    def split(logged: Any, *rest: Any) -> SpoolFiles:
         read_back.append(len(logged.segments))
         return real_split(logged, *rest)
 
@@ -167,8 +167,14 @@ async def test_a_commit_inserts_the_batches_copies_and_reads_the_log_back_only_w
                 patched.setattr(SpoolFiles, "write", disk_full)
             await write(sink, parsed([visit(), "garbage"], prefix="b"))
         with monkeypatch.context() as patched:
-            if fault == "copy_flush":
-                patched.setattr(SpoolFiles, "close", disk_full)
+            if fault == "copy_flush":  # the disk full as the copy is flushed; room made before the read-back
+                real_close = SpoolFiles.close
+
+                def close_once(files: SpoolFiles) -> None:
+                    patched.setattr(SpoolFiles, "close", real_close)
+                    disk_full()
+
+                patched.setattr(SpoolFiles, "close", close_once)
             if fault == "insert_after_flush":  # the batches go back to the log, their copies closed
                 patched.setattr(clickflow_duckdb, "insert", disk_full)
                 with pytest.raises(OSError, match="No space"):

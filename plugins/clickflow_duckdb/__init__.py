@@ -253,9 +253,7 @@ def connect(options: DuckDBSinkOptions) -> duckdb.DuckDBPyConnection:
     import duckdb
 
     if not options.create_tables and options.nothing_stored():
-        raise MissingTables(
-            f"{options.path} does not exist (a `clickflow run` with `create_tables` on, its default, makes it)"
-        )
+        raise MissingTables(f"{options.path} does not exist ({_MAKER} makes it)")
     con = duckdb.connect(options.path, config=_config(options))
     con.execute("SET enable_progress_bar = false")
     con.execute("SET preserve_insertion_order = false")  # lets inserts run in parallel
@@ -265,22 +263,17 @@ def connect(options: DuckDBSinkOptions) -> duckdb.DuckDBPyConnection:
     missing = lacking(con)
     if missing:
         con.close()
-        raise MissingTables(
-            f"{options.path} lacks {missing} (a `clickflow run` with `create_tables` on, its default, adds them)"
-        )
+        raise MissingTables(f"{options.path} lacks {missing} ({_MAKER} adds them)")
     return con
 
 
 def insert_logged(con: duckdb.DuckDBPyConnection, logged: Logged, work: str | None = None) -> None:
-    """Logged batches into the tables, then out of the log: from their copies, or else from a spool
-    file per table read back from the log, in a directory made in ``work``."""
+    """Logged batches into the tables, then out of the log, from their copies; batches without
+    one are read back from the log into spool files made in ``work``."""
     if logged.segments:
-        copied = logged.copied()
-        if copied is not None:
-            insert(con, copied, logged.counts)
-        else:
-            with tempfile.TemporaryDirectory(prefix="log-", dir=work) as directory:
-                insert(con, split(logged, directory), logged.counts)
+        if not logged.copied():  # a killed run's segments, or a batch whose copy could not be written
+            logged.copies = [split(logged, work)]  # kept, if the insert fails, for the next commit
+        insert(con, logged.copy_paths(), logged.counts)
         remove(logged)
 
 

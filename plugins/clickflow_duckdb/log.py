@@ -99,7 +99,7 @@ class Logged:
         logged since): the insert reads these, where reading the records back and checking
         their CRCs is Python that holds the GIL against the event loop (a tenth of a loaded push
         endpoint's time). Never synced: None once a batch is missing from them (a copy could not
-        be written, or a killed run's segments), and the insert reads the segments back."""
+        be written, or a killed run's segments), and the insert reads the segments back into one."""
 
     def add(self, segment: str, size: int, counts: dict[str, int], messages: set[str]) -> None:
         self.segments[segment] = size
@@ -121,16 +121,20 @@ class Logged:
             log.warning("cannot copy a logged batch for the commit (%s): the commit reads the log back", exc)
             self.drop_copies()
 
-    def copied(self) -> dict[str, list[str]] | None:
-        """Each table's copy files, closed, if they hold every batch."""
+    def copied(self) -> bool:
+        """Whether the copies hold every batch, closed and ready to be read; a copy that cannot be
+        flushed is dropped."""
         try:
             for copy in self.copies or ():
                 copy.close()
         except OSError as exc:
             log.warning("cannot copy the logged batches for the commit (%s): it reads the log back", exc)
             self.drop_copies()
-        if self.copies is None:
-            return None
+        return self.copies is not None
+
+    def copy_paths(self) -> dict[str, list[str]]:
+        """Each table's files in the copies (``copied`` first)."""
+        assert self.copies is not None
         return {name: [copy.paths[name] for copy in self.copies if name in copy.written()] for name in TABLE_NAMES}
 
     def drop_copies(self) -> None:
@@ -225,19 +229,21 @@ def _is_tail(rest: bytes, fields: tuple[int | bytes, ...] | None) -> bool:
     return fields[0] == _MAGIC and _HEADER.size + sum(lengths) >= len(rest)  # type: ignore[arg-type]
 
 
-def split(logged: Logged, directory: str) -> dict[str, str]:
-    """The logged rows as one spool file per table in ``directory``, for DuckDB's JSON reader."""
-    paths = {name: os.path.join(directory, f"{name}.ndjson") for name in TABLE_NAMES}
-    files = {name: open(path, "wb") for name, path in paths.items()}  # noqa: SIM115
+def split(logged: Logged, work: str | None) -> SpoolFiles:
+    """The logged rows read back from their segments into a spool file per table (made in
+    ``work``), closed: the copy of batches that have none (a killed run's, or a failed copy's)."""
+    files = SpoolFiles(work, prefix="log-")
     try:
         for segment, size in logged.segments.items():
             for _, _, lines in records(segment, size):
                 for name, table_lines in zip(TABLE_NAMES, lines, strict=True):
-                    files[name].write(table_lines)
-    finally:
-        for file in files.values():
-            file.close()
-    return paths
+                    if table_lines:
+                        files.write(name, table_lines)
+        files.close()
+    except BaseException:
+        files.discard()
+        raise
+    return files
 
 
 def remove(logged: Logged) -> None:
