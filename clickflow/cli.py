@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import click
 
-from clickflow.config import ConfigError, Pipeline, load_pipeline
+from clickflow.config import ConfigError, Pipeline, Problem, load_pipeline
 from clickflow.dlq_cli import dlq
 from clickflow.logs import setup_logging
 from clickflow.plugins import PluginError, Registered, Registry, load_plugins
@@ -38,13 +38,19 @@ def _registry() -> Registry:
 
 def load_or_exit(path: str) -> Pipeline:
     """Load a pipeline file for a command (plugins' commands too): each problem is printed as
-    ``FILE:LINE: field: message`` and an invalid file exits 2."""
+    ``FILE:LINE: field: message`` and an invalid file exits 2; a valid one's warnings are printed."""
     try:
-        return load_pipeline(path, _registry())
+        pipeline = load_pipeline(path, _registry())
     except ConfigError as exc:
-        for problem in exc.problems:
-            click.echo(str(problem), err=True)
+        _echo_problems(exc.problems)
         sys.exit(EXIT_INVALID)
+    _echo_problems(pipeline.warnings)
+    return pipeline
+
+
+def _echo_problems(problems: list[Problem]) -> None:
+    for problem in problems:
+        click.echo(str(problem), err=True)
 
 
 async def _watch_signals(runtime: Runtime, scope: anyio.CancelScope) -> None:
@@ -190,12 +196,12 @@ def validate(pipelines: tuple[str, ...]) -> None:
     failed = False
     for path in pipelines:
         try:
-            load_pipeline(path, registry)
+            pipeline = load_pipeline(path, registry)
         except ConfigError as exc:
             failed = True
-            for problem in exc.problems:
-                click.echo(str(problem), err=True)
+            _echo_problems(exc.problems)
         else:
+            _echo_problems(pipeline.warnings)
             click.echo(f"{path}: ok")
     if failed:
         sys.exit(EXIT_INVALID)

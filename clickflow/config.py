@@ -12,7 +12,7 @@ import importlib.util
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Generic, Literal, TypeVar
@@ -97,6 +97,8 @@ class Pipeline:
     sinks: list[Component[AnySink]]
     monitor: MonitorOptions | None
     runtime: RuntimeOptions
+    warnings: list[Problem] = field(default_factory=list)
+    """What makes this valid pipeline slow (printed by ``validate`` and ``run``)."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,8 @@ class _Document:
         self.path = path
         self.lines: dict[Loc, int] = {}
         self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []
+        """What makes a valid pipeline slow; each message starts with ``warning:``."""
         self._environ = environ
         self._values = 0
         self._open: set[int] = set()  # nodes being built: meeting one again means a recursive alias
@@ -286,11 +290,16 @@ def _check_shared(doc: _Document, built: _Built, monitor: Any) -> None:
 
 def _check_answers(doc: _Document, built: _Built) -> None:
     """A sink that keeps more time between writes (a quota) than a source's senders wait for their
-    answer would have every message of theirs answered as not stored, sent again, and stored again."""
+    answer would have every message of theirs answered as not stored, sent again, and stored again.
+    A sink whose settings merely slow such a source (``answering_hint``) is warned."""
     for index, (sink, sink_component) in enumerate(built["sink"]):
         spacing = sink_component.options.write_spacing()
+        hint = sink_component.options.answering_hint()
         for source, source_component in built["source"]:
             wait = source_component.options.answer_within()
+            if wait is not None and hint is not None:
+                why = f"source {source!r} answers its senders only once their messages are stored, and {hint}"
+                doc.warnings.append(doc.problem(("sinks", index), f"warning: {why}"))
             if spacing is None or wait is None or spacing < wait:
                 continue
             problem = (
@@ -358,6 +367,7 @@ def parse_pipeline(
         sinks=_unique(sinks, explicit),
         monitor=monitor,
         runtime=runtime,
+        warnings=doc.warnings,
     )
 
 

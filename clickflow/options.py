@@ -146,6 +146,12 @@ class PluginOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         pipeline is refused where this is not below a source's ``answer_within``."""
         return None
 
+    def answering_hint(self) -> str | None:
+        """A sink's: why its settings would slow a source whose senders wait for their answers (one
+        with ``answer_within``), and what to set instead; None if they do not. A pipeline pairing the
+        two is valid, and warned."""
+        return None
+
 
 class OptionGroup(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """Base of a group of options (``batch:``, ``retry:``, ``monitor:``, an alert): unknown keys are

@@ -151,6 +151,33 @@ def test_a_sink_spacing_its_writes_longer_than_a_sender_waits_is_refused(
 
 
 @pytest.mark.parametrize(
+    ("source", "sink", "warned"),
+    [
+        ("{type: pubsub_push, auth: none}", "{type: duckdb, path: x.db}", True),
+        ("{type: pubsub_push, auth: none}", "{type: duckdb, path: x.db, commit_every: 1s}", False),
+        ("{type: file, path: in.json}", "{type: duckdb, path: x.db}", False),  # its batches are large
+        ("{type: pubsub_push, auth: none}", "{type: bigquery_streaming, project: p, dataset: d}", False),
+    ],
+)
+def test_a_sink_that_would_slow_a_source_whose_senders_wait_is_warned_not_refused(
+    registry: Registry, source: str, sink: str, warned: bool
+) -> None:
+    text = f"sources: [{source}]\nmonitor: {{port: 0}}\nsinks: [{sink}]\n"
+    loaded = parse_pipeline(text, registry, "p.yaml", {})
+    warnings = [str(w) for w in loaded.warnings]
+    if warned:
+        assert warnings == [
+            "p.yaml:3: sinks[0]: warning: source 'pubsub_push' answers its senders only once their messages are "
+            "stored, and without commit_every each write is a DuckDB transaction (milliseconds, whatever its size), "
+            "which holds it to about a fifth of the rate it reaches with commit_every: 1s (each batch acknowledged "
+            "once logged, the log inserted every second)"
+        ]
+    else:
+        assert warnings == []
+    assert [c.name for c in loaded.sinks] == [sink.split(",")[0].removeprefix("{type: ").rstrip("}")]
+
+
+@pytest.mark.parametrize(
     ("source", "runtime", "refused"),
     [
         ("{type: pubsub_pull, subscription: projects/p/subscriptions/s}", "", False),  # 20 s against 60 s

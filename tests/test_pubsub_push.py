@@ -7,8 +7,10 @@ import base64
 import io
 import json
 import signal
+import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,17 @@ from clickflow.parser import VisitParser
 from clickflow.runtime import Runtime
 from clickflow_pubsub.push import MAX_ENVELOPE_BYTES, _message_from_any, message_from_body
 from clickflow_simulator import VisitGenerator
-from tests.conftest import table_counts
-from tests.emulators import PubSubEmulator, clickflow, expected_counts, free_port, metric, start_clickflow, wait_for
+from tests.conftest import REPO, table_counts
+from tests.emulators import (
+    CLICKFLOW,
+    PubSubEmulator,
+    clickflow,
+    expected_counts,
+    free_port,
+    metric,
+    start_clickflow,
+    wait_for,
+)
 
 pytestmark = pytest.mark.event_loops  # async tests on uvloop too, which serves the endpoint in a run
 AUDIENCE = "https://clickflow.example.com/pubsub/push"
@@ -211,6 +222,28 @@ def test_push_without_a_monitor_section_is_refused_by_validate_and_run(tmp_path:
     assert (
         f"{pipeline}:1: sources[0]: source 'pubsub_push' serves /pubsub/push: add a monitor: section" in result.stderr
     )
+
+
+def test_validate_and_run_print_a_warning_for_push_into_duckdb_without_commit_every(tmp_path: Path) -> None:
+    port = free_port()
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(
+        f"sources: [{{type: pubsub_push, auth: none}}]\nsinks: [{{type: duckdb, path: '{tmp_path}/x.db'}}]\n"
+        f"monitor: {{port: {port}}}\n"
+    )
+    warning = f"{pipeline}:2: sinks[0]: warning: source 'pubsub_push' answers its senders only once their messages"
+    validated = clickflow("validate", str(pipeline))
+    assert validated.returncode == 0 and validated.stdout == f"{pipeline}: ok\n"
+    assert validated.stderr.startswith(warning) and validated.stderr.count("\n") == 1
+    process = subprocess.Popen([*CLICKFLOW, "run", str(pipeline)], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).status == 200, 60)
+        process.send_signal(signal.SIGTERM)
+    finally:
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert stderr.startswith(warning)
 
 
 @pytest_asyncio.fixture

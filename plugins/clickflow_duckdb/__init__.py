@@ -80,6 +80,15 @@ class DuckDBSinkOptions(SinkOptions, kw_only=True):
     def existing_only(self) -> Self:
         return msgspec.structs.replace(self, create_tables=False)
 
+    def answering_hint(self) -> str | None:
+        if self.commit_every is not None:
+            return None
+        return (
+            "without commit_every each write is a DuckDB transaction (milliseconds, whatever its size), which holds "
+            "it to about a fifth of the rate it reaches with commit_every: 1s (each batch acknowledged once logged, "
+            "the log inserted every second)"
+        )
+
     def nothing_stored(self) -> str | None:
         if self.path == ":memory:" or os.path.exists(self.path):
             return None

@@ -85,7 +85,8 @@ class CountingReader:
 
     @classmethod
     def open(cls, path: str) -> CountingReader:
-        return cls(open(path, "rb", buffering=CHUNK), path)  # the default, a 4 KiB block, is a read call every few lines
+        # the default buffer, 4 KiB, is a read call every few lines
+        return cls(open(path, "rb", buffering=CHUNK), path)
 
     @property
     def bytes_read(self) -> int:
