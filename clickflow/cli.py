@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from contextlib import AsyncExitStack
@@ -18,6 +19,8 @@ from clickflow.plugins import PluginError, Registered, Registry, load_plugins
 if TYPE_CHECKING:  # the runtime is imported by the commands that run a pipeline, not by `validate`
     from clickflow.runtime import Runtime
 from clickflow.summary import RunSummary
+
+log = logging.getLogger(__name__)
 
 EXIT_FAILED = 1
 EXIT_INVALID = 2
@@ -38,13 +41,15 @@ def _registry() -> Registry:
 
 def load_or_exit(path: str) -> Pipeline:
     """Load a pipeline file for a command (plugins' commands too): each problem is printed as
-    ``FILE:LINE: field: message`` and an invalid file exits 2; a valid one's warnings are printed."""
+    ``FILE:LINE: field: message`` and an invalid file exits 2; a valid one's warnings are logged
+    (so ``--log-format json`` gives them a severity)."""
     try:
         pipeline = load_pipeline(path, _registry())
     except ConfigError as exc:
         _echo_problems(exc.problems)
         sys.exit(EXIT_INVALID)
-    _echo_problems(pipeline.warnings)
+    for warning in pipeline.warnings:
+        log.warning("%s", warning)
     return pipeline
 
 

@@ -98,7 +98,7 @@ class Pipeline:
     monitor: MonitorOptions | None
     runtime: RuntimeOptions
     warnings: list[Problem] = field(default_factory=list)
-    """What makes this valid pipeline slow (printed by ``validate`` and ``run``)."""
+    """What makes this valid pipeline slow (printed by ``validate``, logged by ``run``)."""
 
 
 @dataclass(frozen=True)

@@ -224,7 +224,7 @@ def test_push_without_a_monitor_section_is_refused_by_validate_and_run(tmp_path:
     )
 
 
-def test_validate_and_run_print_a_warning_for_push_into_duckdb_without_commit_every(tmp_path: Path) -> None:
+def test_validate_prints_and_run_logs_a_warning_for_push_into_duckdb_without_commit_every(tmp_path: Path) -> None:
     port = free_port()
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(
@@ -235,15 +235,20 @@ def test_validate_and_run_print_a_warning_for_push_into_duckdb_without_commit_ev
     validated = clickflow("validate", str(pipeline))
     assert validated.returncode == 0 and validated.stdout == f"{pipeline}: ok\n"
     assert validated.stderr.startswith(warning) and validated.stderr.count("\n") == 1
-    process = subprocess.Popen([*CLICKFLOW, "run", str(pipeline)], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).status == 200, 60)
-        process.send_signal(signal.SIGTERM)
-    finally:
-        _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 0, stderr
-    assert stderr.startswith(warning)
+    logged = {}
+    for log_format in ("text", "json"):
+        process = subprocess.Popen([*CLICKFLOW, "run", "--log-format", log_format, str(pipeline)], cwd=REPO,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).status == 200, 60)
+            process.send_signal(signal.SIGTERM)
+        finally:
+            _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr
+        logged[log_format] = stderr.splitlines()[0]
+    assert f" WARNING clickflow.cli: {warning}" in logged["text"]
+    entry = json.loads(logged["json"])
+    assert entry["severity"] == "WARNING" and entry["message"].startswith(warning)
 
 
 @pytest_asyncio.fixture
