@@ -41,16 +41,12 @@ def _registry() -> Registry:
 
 def load_or_exit(path: str) -> Pipeline:
     """Load a pipeline file for a command (plugins' commands too): each problem is printed as
-    ``FILE:LINE: field: message`` and an invalid file exits 2; a valid one's warnings are logged
-    (so ``--log-format json`` gives them a severity)."""
+    ``FILE:LINE: field: message`` and an invalid file exits 2."""
     try:
-        pipeline = load_pipeline(path, _registry())
+        return load_pipeline(path, _registry())
     except ConfigError as exc:
         _echo_problems(exc.problems)
         sys.exit(EXIT_INVALID)
-    for warning in pipeline.warnings:
-        log.warning("%s", warning)
-    return pipeline
 
 
 def _echo_problems(problems: list[Problem]) -> None:
@@ -133,6 +129,8 @@ def run(
     """
     setup_logging(log_format, log_level)  # type: ignore[arg-type]
     loaded = load_or_exit(pipeline)
+    for warning in loaded.warnings:  # logged, so that --log-format json gives them a severity
+        log.warning("%s", warning)
     if runner != "local":
         summary = _run_on_beam(loaded, runner, beam_flags, dry_run)
     elif beam_flags or dry_run:

@@ -249,6 +249,8 @@ def test_validate_prints_and_run_logs_a_warning_for_push_into_duckdb_without_com
     assert f" WARNING clickflow.cli: {warning}" in logged["text"]
     entry = json.loads(logged["json"])
     assert entry["severity"] == "WARNING" and entry["message"].startswith(warning)
+    listed = clickflow("dlq", "list", str(pipeline))  # a warning about running, not about reading
+    assert listed.returncode == 0 and listed.stderr == "", listed.stderr
 
 
 @pytest_asyncio.fixture
