@@ -3,6 +3,8 @@ webhook delivers (and survives a dead receiver), and the dashboard renders in he
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import shutil
@@ -138,7 +140,8 @@ def test_the_dashboard_renders_live_numbers_in_a_browser(chromium: str, tmp_path
     pipeline.write_text(
         "sources: [{type: simulator, visits_per_minute: 30000, seed: 5, malformed_rate: 0.02}]\n"
         f"sinks: [{{type: duckdb, path: '{tmp_path}/d.duckdb'}},"
-        " {type: live, alerts: [{name: ceiling, kind: threshold, above: 1000}]}]\n"
+        " {type: live, alerts: [{name: ceiling, kind: threshold, above: 1000},"
+        " {name: far, kind: threshold, above: 1000000000}]}]\n"
         f"monitor: {{port: {port}}}\n"
     )
     process = subprocess.Popen([*CLICKFLOW, "run", "--no-progress", str(pipeline)], cwd=REPO,
@@ -152,6 +155,8 @@ def test_the_dashboard_renders_live_numbers_in_a_browser(chromium: str, tmp_path
         dom = rendered.stdout
         with urllib.request.urlopen(url) as page:
             headers = page.headers
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/live") as answer:
+            busiest = max(m["page_views"] for m in json.load(answer)["page_views_per_minute"])
         shot = tmp_path / "dashboard.png"
         headless(chromium, tmp_path / "profile2", "--window-size=1400,1000", "--virtual-time-budget=6000",
                  f"--screenshot={shot}", url)  # fmt: skip
@@ -167,6 +172,9 @@ def test_the_dashboard_renders_live_numbers_in_a_browser(chromium: str, tmp_path
     pages = re.findall(r'<span title="(https://example\.com/[^"]*)">', dom)
     assert len(pages) >= 5
     assert "ALERT: ceiling" in dom  # 30,000 visits a minute is far above 1,000 page views
+    # the chart's y axis (as uPlot set it) fits the page views (read later, so no fewer), not the far threshold
+    top = int(re.search(r'id="page-views-chart"[^>]*data-top="(\d+)"', dom).group(1))  # type: ignore[union-attr]
+    assert 1100 <= top <= math.ceil(1.1 * busiest)
     assert re.search(r'id="dead-letters"[^>]*>.*invalid_json', dom, re.S)
     assert shot.stat().st_size > 20_000
     assert "script-src 'self'" in headers["Content-Security-Policy"] and headers["X-Content-Type-Options"] == "nosniff"

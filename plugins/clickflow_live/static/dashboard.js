@@ -4,7 +4,7 @@
   const fmt = new Intl.NumberFormat("en-US", { maximumFractionDigits: 1 });
   const $ = (id) => document.getElementById(id);
   const text = (id, value) => { $(id).textContent = value; };
-  let pageViews = null, revenue = null, refreshMs = 1000;
+  let pageViews = null, revenue = null, refreshMs = 1000, pageViewsTop = 1;
 
   const short = new Intl.NumberFormat("en-US", { notation: "compact", maximumFractionDigits: 1 });
 
@@ -13,14 +13,23 @@
                            size: 56, values: (u, ticks) => ticks.map((v) => short.format(v)) }, extra || {});
   }
 
-  function lineChart(el, series, height, axes) {
+  function lineChart(el, series, height, axes, y) {
     const opts = {
       width: el.clientWidth, height: height,
-      scales: { x: { time: true } },
+      scales: y ? { x: { time: true }, y: y } : { x: { time: true } },
+      hooks: { setScale: [(u, key) => { if (key === "y") el.dataset.top = String(u.scales.y.max); }] },
       axes: [axisStyle({ values: undefined, size: 50 })].concat(axes || [axisStyle()]),
       series: [{}].concat(series),
     };
     return new uPlot(opts, [[]].concat(series.map(() => [])), el);
+  }
+
+  // The page views chart's y axis fits the page views; a threshold joins it only once the busiest
+  // minute shown reaches half of it, so a distant ceiling does not flatten the traffic.
+  function chartTop(counts, thresholds) {
+    const busiest = Math.max(1, ...counts);
+    const near = thresholds.filter((t) => t !== null && t <= 2 * busiest);
+    return Math.ceil(1.1 * Math.max(busiest, ...near));
   }
 
   function bars(id, entries) {
@@ -61,13 +70,16 @@
     banner.textContent = firing.length ? "ALERT: " + firing.map((a) => a.name).join(", ") : "no alert firing";
 
     const minutes = live.page_views_per_minute.map((m) => Date.parse(m.minute) / 1000);
+    const views = live.page_views_per_minute.map((m) => m.page_views);
     const thresholds = live.alerts.map((a) => minutes.map(() => a.threshold));
     if (!pageViews) {
       pageViews = lineChart($("page-views-chart"), [
         { label: "page views", stroke: "#4f9dff", width: 2, fill: "rgba(79,157,255,.12)" },
-      ].concat(live.alerts.map((a) => ({ label: a.name, stroke: "#ff5c6c", width: 1.5, dash: [6, 4] }))), 260);
+      ].concat(live.alerts.map((a) => ({ label: a.name, stroke: "#ff5c6c", width: 1.5, dash: [6, 4] }))), 260,
+      undefined, { range: () => [0, pageViewsTop] });
     }
-    pageViews.setData([minutes, live.page_views_per_minute.map((m) => m.page_views)].concat(thresholds));
+    pageViewsTop = chartTop(views, live.alerts.map((a) => a.threshold));
+    pageViews.setData([minutes, views].concat(thresholds));
 
     if (!revenue) {
       revenue = lineChart($("revenue-chart"), [
