@@ -101,7 +101,10 @@
     body.replaceChildren();
     for (const a of live.alerts) {
       const row = document.createElement("tr");
-      for (const [value, cls] of [[a.name], [a.kind], [a.firing ? "FIRING" : "ok", a.firing ? "firing" : "ok"],
+      const name = document.createElement("td");  // a long name may wrap after its underscores
+      a.name.split("_").forEach((part, i) => { if (i) name.append("_", document.createElement("wbr")); name.append(part); });
+      row.append(name);
+      for (const [value, cls] of [[a.kind], [a.firing ? "FIRING" : "ok", a.firing ? "firing" : "ok"],
                                   [fmt.format(a.value)], [a.threshold === null ? "learning" : fmt.format(a.threshold)]]) {
         const cell = document.createElement("td"); cell.textContent = value; if (cls) cell.className = cls; row.append(cell);
       }
