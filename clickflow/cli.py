@@ -222,9 +222,9 @@ def list_plugins() -> None:
             except PluginError as exc:
                 click.echo(f"{kind:<7} {name:<20} {registered.distribution:<28} {'?':<11} {exc}")
                 continue
-            doc = (cls.__doc__ or "").strip().splitlines()[0:1]
+            summary = (cls.__doc__ or "").strip().partition("\n")[0].replace("``", "")  # its first line, as text
             runners = "local,beam" if cls.beam else "local"
-            line = f"{kind:<7} {name:<20} {registered.distribution:<28} {runners:<11} {doc[0] if doc else ''}"
+            line = f"{kind:<7} {name:<20} {registered.distribution:<28} {runners:<11} {summary}"
             click.echo(line.rstrip())
 
 
