@@ -83,7 +83,9 @@
 
     if (!revenue) {
       revenue = lineChart($("revenue-chart"), [
-        { label: "purchases", stroke: "#3ccf8e", width: 2 },
+        // bars: on axes that scale alike, two lines would lie on each other
+        { label: "purchases", stroke: "#3ccf8e", fill: "rgba(60,207,142,.35)", width: 1,
+          paths: uPlot.paths.bars({ size: [0.5, 48] }), points: { show: false } },
         { label: "revenue", stroke: "#ffb547", width: 2, scale: "usd" },
       ], 200, [axisStyle(), axisStyle({ scale: "usd", side: 1, grid: { show: false },
                                         values: (u, ticks) => ticks.map((v) => "$" + short.format(v)) })]);
