@@ -13,10 +13,10 @@
                            size: 56, values: (u, ticks) => ticks.map((v) => short.format(v)) }, extra || {});
   }
 
-  function lineChart(el, series, height, axes, y) {
+  function lineChart(el, series, height, axes, scales) {
     const opts = {
       width: el.clientWidth, height: height,
-      scales: y ? { x: { time: true }, y: y } : { x: { time: true } },
+      scales: Object.assign({ x: { time: true } }, scales),
       hooks: { setScale: [(u, key) => { if (key === "y") el.dataset.top = String(u.scales.y.max); }] },
       axes: [axisStyle({ values: undefined, size: 50 })].concat(axes || [axisStyle()]),
       series: [{}].concat(series),
@@ -76,7 +76,7 @@
       pageViews = lineChart($("page-views-chart"), [
         { label: "page views", stroke: "#4f9dff", width: 2, fill: "rgba(79,157,255,.12)" },
       ].concat(live.alerts.map((a) => ({ label: a.name, stroke: "#ff5c6c", width: 1.5, dash: [6, 4] }))), 260,
-      undefined, { range: () => [0, pageViewsTop] });
+      undefined, { y: { range: () => [0, pageViewsTop] } });
     }
     pageViewsTop = chartTop(views, live.alerts.map((a) => a.threshold));
     pageViews.setData([minutes, views].concat(thresholds));
@@ -88,7 +88,8 @@
           paths: uPlot.paths.bars({ size: [0.5, 48] }), points: { show: false } },
         { label: "revenue", stroke: "#ffb547", width: 2, scale: "usd" },
       ], 200, [axisStyle(), axisStyle({ scale: "usd", side: 1, grid: { show: false },
-                                        values: (u, ticks) => ticks.map((v) => "$" + short.format(v)) })]);
+                                        values: (u, ticks) => ticks.map((v) => "$" + short.format(v)) })],
+      { x: { time: true, range: (u, min, max) => [min - 15, max + 15] } });  // room for the end bars (half a bar)
     }
     revenue.setData([minutes, live.purchases_per_minute.map((m) => m.purchases),
                      live.purchases_per_minute.map((m) => m.revenue)]);
