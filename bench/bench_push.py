@@ -9,7 +9,9 @@ are stored; into DuckDB with `commit_every: 1s`, answering once the rows are fsy
 sink's log, once with new messages and once ("again") with 500 message ids per wrk thread sent
 over and over, as Pub/Sub redelivers what was not acknowledged in time; and into the in-memory
 `live` sink, which shows what the endpoint and the runtime cost without storage, on uvloop and on
-asyncio's loop. Requests that arrive together share a batch.
+asyncio's loop; and into `bigquery_streaming`, `config/push.yaml`'s sink on Cloud Run, against
+the fast local stand-in for BigQuery's REST API (`standin.py`, its own process, counting rows).
+Requests that arrive together share a batch.
 Prints requests/s and latency percentiles, the server's CPU seconds per 1,000 requests (its child
 processes' included; steadier than rates on a shared machine), how busy its event loop's thread
 was and its CPU per request (where it nears 100%, the rate is one over that time), how many
@@ -35,6 +37,8 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
+
+from bench_pull import standin, stats  # this folder is on sys.path when run as a script
 
 from clickflow_simulator import VisitGenerator
 
@@ -126,7 +130,7 @@ def main() -> None:
     opts = args.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install wrk)")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, standin(0) as bigquery:
         work = Path(tmp)
         visit = next(VisitGenerator(seed=22).messages(1))
         data = base64.b64encode(visit).decode()
@@ -153,6 +157,8 @@ def main() -> None:
             port = free_port()
             return [sys.executable, "-c", BARE, str(port), event_loop], port
 
+        environment = {**os.environ, "BIGQUERY_EMULATOR_HOST": f"127.0.0.1:{bigquery}"}
+
         bare_names = ("bare aiohttp 204", "bare aiohttp 204, uvloop")
         servers: dict[str, tuple[list[str], int]] = {
             bare_names[0]: bare("asyncio"),
@@ -168,11 +174,14 @@ def main() -> None:
             "clickflow push -> duckdb log, again": clickflow(
                 "duckdb-again", f"type: duckdb, path: '{work}/again.duckdb', commit_every: 1s"
             ),
+            "clickflow push -> bigquery_streaming": clickflow(
+                "bigquery", "type: bigquery_streaming, project: bench, dataset: clickstream"
+            ),
         }
         scripts = {"clickflow push -> duckdb log, again": replay}
         rates: dict[str, dict[int, list[float]]] = {}
         for round_, (name, (command, server_port)) in itertools.product(range(opts.rounds), servers.items()):
-            server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
             try:
                 wait_for(partial(ready, server_port), 30)
                 for connections in opts.concurrency:
@@ -197,6 +206,8 @@ def main() -> None:
                         shutil.rmtree(stored)
                     else:
                         stored.unlink()
+        took = stats(bigquery)
+        print(f"the BigQuery stand-in took {took['rows']:,.0f} rows in {took['inserts']:,.0f} insertAll calls")
         bares = {name: rates.pop(name) for name in bare_names}
         for bare_name, bare_rates in bares.items():
             for connections in opts.concurrency:
