@@ -91,7 +91,9 @@ async def table(request: web.Request) -> web.Response:
 
 async def insert_all(request: web.Request) -> web.Response:
     counts: Counts = request.app["counts"]
-    counts.rows += len(json.loads(await request.read())["rows"])
+    # rows counted by their "insertId" keys (a value holding that text has its quotes escaped), not
+    # by parsing the body: the stand-in shares the machine's two cores with the sink it measures
+    counts.rows += (await request.read()).count(b'"insertId":')
     counts.inserts += 1
     return web.json_response({"kind": "bigquery#tableDataInsertAllResponse"})
 
