@@ -90,11 +90,11 @@ class Logged:
     """Batches in the log: their segments (each with the bytes of its whole records), rows per
     table, the messages they hold, and their copies."""
 
-    def __init__(self) -> None:
+    def __init__(self, copied: bool = True) -> None:
         self.segments: dict[str, int] = {}
         self.counts = dict.fromkeys(TABLE_NAMES, 0)
         self.messages: set[str] = set()
-        self.copies: list[SpoolFiles] | None = []
+        self.copies: list[SpoolFiles] | None = [] if copied else None
         """The batches' lines again, written as each batch was logged (the last copy for those
         logged since): the insert reads these, where reading the records back and checking
         their CRCs is Python that holds the GIL against the event loop (a tenth of a loaded push
@@ -166,8 +166,7 @@ def left_behind(database: str) -> Logged:
     """Segments a killed run logged but did not insert, with their rows counted from the records.
     Looked for whatever this run's ``commit_every``: they were acknowledged."""
     directory = log_directory(database)
-    logged = Logged()
-    logged.copies = None
+    logged = Logged(copied=False)  # batches no copy was made of
     if database == ":memory:" or not os.path.isdir(directory):
         return logged
     for name in sorted(os.listdir(directory)):

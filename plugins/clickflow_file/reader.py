@@ -32,9 +32,8 @@ MAX_ELEMENT = 64 << 20
 """An array element larger than this is treated as malformed rather than read on."""
 MAX_REMAINDER = 16 << 20
 """How much of a malformed array's unread rest goes into its dead letter."""
-GZIP_MAGIC = b"\x1f\x8b"
 DECOMPRESSED: tuple[tuple[bytes, Callable[[BinaryIO], Any]], ...] = (
-    (GZIP_MAGIC, lambda stream: gzip.GzipFile(fileobj=stream)),
+    (b"\x1f\x8b", lambda stream: gzip.GzipFile(fileobj=stream)),
     (b"BZh", bz2.BZ2File),
     (b"\xfd7zXZ\x00", lzma.LZMAFile),
 )
