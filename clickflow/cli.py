@@ -130,7 +130,7 @@ def run(
     setup_logging(log_format, log_level)  # type: ignore[arg-type]
     loaded = load_or_exit(pipeline)
     for warning in loaded.warnings:  # logged, so that --log-format json gives them a severity
-        log.warning("%s", warning)
+        log.warning("%s", warning.text(labelled=False))
     if runner != "local":
         summary = _run_on_beam(loaded, runner, beam_flags, dry_run)
     elif beam_flags or dry_run:

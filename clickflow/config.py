@@ -107,10 +107,18 @@ class Problem:
     line: int | None
     field: str
     message: str
+    warning: bool = False
+    """Valid but slow: the file still runs."""
 
     def __str__(self) -> str:
+        """``FILE:LINE: field: message``, as ``validate`` prints it; a warning's message says ``warning:`` first."""
+        return self.text(labelled=True)
+
+    def text(self, labelled: bool) -> str:
+        """The problem, and whether a warning says so (``run`` logs warnings at their own level instead)."""
         where = f"{self.path}:{self.line}" if self.line else self.path
-        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        message = f"warning: {self.message}" if labelled and self.warning else self.message
+        return f"{where}: {self.field}: {message}" if self.field else f"{where}: {message}"
 
 
 class ConfigError(Exception):
@@ -144,7 +152,7 @@ class _Document:
         self.lines: dict[Loc, int] = {}
         self.problems: list[Problem] = []
         self.warnings: list[Problem] = []
-        """What makes a valid pipeline slow; each message starts with ``warning:``."""
+        """What makes a valid pipeline slow."""
         self._environ = environ
         self._values = 0
         self._open: set[int] = set()  # nodes being built: meeting one again means a recursive alias
@@ -172,8 +180,8 @@ class _Document:
             loc = loc[:-1]
         return self.lines.get(loc)
 
-    def problem(self, loc: Loc, message: str) -> Problem:
-        return Problem(self.path, self.line(loc), _field_name(loc), message)
+    def problem(self, loc: Loc, message: str, warning: bool = False) -> Problem:
+        return Problem(self.path, self.line(loc), _field_name(loc), message, warning)
 
     def _fail(self, node: yaml.Node, message: str) -> ConfigError:
         return ConfigError([Problem(self.path, node.start_mark.line + 1, "", message)])
@@ -299,7 +307,7 @@ def _check_answers(doc: _Document, built: _Built) -> None:
             wait = source_component.options.answer_within()
             if wait is not None and hint is not None:
                 why = f"source {source!r} answers its senders only once their messages are stored, and {hint}"
-                doc.warnings.append(doc.problem(("sinks", index), f"warning: {why}"))
+                doc.warnings.append(doc.problem(("sinks", index), why, warning=True))
             if spacing is None or wait is None or spacing < wait:
                 continue
             problem = (

@@ -231,10 +231,11 @@ def test_validate_prints_and_run_logs_a_warning_for_push_into_duckdb_without_com
         f"sources: [{{type: pubsub_push, auth: none}}]\nsinks: [{{type: duckdb, path: '{tmp_path}/x.db'}}]\n"
         f"monitor: {{port: {port}}}\n"
     )
-    warning = f"{pipeline}:2: sinks[0]: warning: source 'pubsub_push' answers its senders only once their messages"
+    where = f"{pipeline}:2: sinks[0]: "
+    warning = "source 'pubsub_push' answers its senders only once their messages"
     validated = clickflow("validate", str(pipeline))
     assert validated.returncode == 0 and validated.stdout == f"{pipeline}: ok\n"
-    assert validated.stderr.startswith(warning) and validated.stderr.count("\n") == 1
+    assert validated.stderr.startswith(f"{where}warning: {warning}") and validated.stderr.count("\n") == 1
     logged = {}
     for log_format in ("text", "json"):
         process = subprocess.Popen([*CLICKFLOW, "run", "--log-format", log_format, str(pipeline)], cwd=REPO,
@@ -246,9 +247,9 @@ def test_validate_prints_and_run_logs_a_warning_for_push_into_duckdb_without_com
             _, stderr = process.communicate(timeout=60)
         assert process.returncode == 0, stderr
         logged[log_format] = stderr.splitlines()[0]
-    assert f" WARNING clickflow.cli: {warning}" in logged["text"]
+    assert f" WARNING clickflow.cli: {where}{warning}" in logged["text"]  # said once, by the level
     entry = json.loads(logged["json"])
-    assert entry["severity"] == "WARNING" and entry["message"].startswith(warning)
+    assert entry["severity"] == "WARNING" and entry["message"].startswith(f"{where}{warning}")
     listed = clickflow("dlq", "list", str(pipeline))  # a warning about running, not about reading
     assert listed.returncode == 0 and listed.stderr == "", listed.stderr
 
