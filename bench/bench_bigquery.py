@@ -69,7 +69,7 @@ async def raw_load(batch: InsertBatch, dataset: str, directory: Path) -> float:
     files = {}
     for table, rows in batch.pending.items():
         files[table] = directory / f"{table}.json"
-        files[table].write_bytes(b"\n".join(row.json for row in rows) + b"\n")
+        files[table].write_bytes(b"\n".join(row.json for encoded in rows for row in encoded.rows()) + b"\n")
     async with BigQueryClient(PROJECT) as client:
         await ensure_tables(client, dataset, names, create=True)
         started = time.perf_counter()

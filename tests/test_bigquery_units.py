@@ -20,7 +20,7 @@ from clickflow_bigquery.quota import JobBudget
 from clickflow_bigquery.rows import ROW_IDS, encode_row, error_locations, timestamp
 from clickflow_bigquery.streaming import (
     BigQueryStreamingOptions,
-    EncodedRow,
+    EncodedRows,
     InsertBatch,
     _encoded,
     request_body,
@@ -36,7 +36,7 @@ def parsed(count: int, now: int = 1_719_824_400_000_000):  # type: ignore[no-unt
     return VisitParser().parse(messages, "test", now)
 
 
-def rows(count: int, size: int = 10) -> list[EncodedRow]:
+def rows(count: int, size: int = 10) -> list[EncodedRows]:
     return [_encoded(f"k{i}", json.dumps({"x": "y" * size}).encode()) for i in range(count)]
 
 
@@ -52,7 +52,7 @@ def test_requests_respect_the_row_limit_and_the_exact_body_size() -> None:
 
 
 def test_a_row_too_big_for_any_request_is_an_error_not_a_silent_drop() -> None:
-    with pytest.raises(ValueError, match="alone is"):
+    with pytest.raises(ValueError, match="alone are over"):
         list(requests(rows(1, size=70_000), max_rows=500, max_bytes=64 * 1024))
 
 
@@ -67,7 +67,8 @@ def test_a_rows_json_is_recovered_from_its_request_item_whatever_its_key() -> No
     for key in ("k1", 'tricky","json":{"x":1}', "é:3"):
         row = _encoded(key, b'{"a":"b,\\"json\\":c"}')
         assert row.json == b'{"a":"b,\\"json\\":c"}'
-        assert json.loads(row.item) == {"insertId": key, "json": {"a": 'b,"json":c'}}
+        assert row.key == key
+        assert json.loads(row.text) == {"insertId": key, "json": {"a": 'b,"json":c'}}
 
 
 def test_insert_ids_are_the_rows_keys_whatever_the_ingestion_time() -> None:
@@ -75,11 +76,13 @@ def test_insert_ids_are_the_rows_keys_whatever_the_ingestion_time() -> None:
     first.add(parsed(3, now=1))
     second.add(parsed(3, now=2))
     for table in TABLES:
-        assert [r.key for r in first.pending[table]] == [r.key for r in second.pending[table]]
-    events = first.pending["events"]
+        assert [r.key for e in first.pending[table] for r in e.rows()] == [
+            r.key for e in second.pending[table] for r in e.rows()
+        ]
+    events = [row for encoded in first.pending["events"] for row in encoded.rows()]
     assert events[0].key == json.loads(events[0].json)["event_id"]
-    assert [json.loads(r.item)["insertId"] for r in events] == [r.key for r in events]
-    assert len({r.key for r in events}) == len(events)
+    assert [json.loads(r.text)["insertId"] for r in events] == [r.key for r in events]
+    assert len({r.key for r in events}) == len(events) == len(parsed(3).tables["events"])
 
 
 def test_answers_sort_rows_into_confirmed_again_and_refused() -> None:
@@ -96,6 +99,55 @@ def test_answers_sort_rows_into_confirmed_again_and_refused() -> None:
     assert outcome.again == [sent[2], sent[4]]
     assert [(row, "invalid" in why) for row, why in outcome.refused] == [(sent[1], True)]
     assert settle(sent, {}).confirmed == 5
+
+
+def test_rows_are_encoded_a_request_at_most_at_a_time_and_split_back_exactly() -> None:
+    rows_ = parsed(5)
+    tricky = list(rows_.tables["visits"][1])
+    tricky[6] = ',{"insertId":"forged","json":{}},{"insertId":'  # a user agent that looks like a row's start
+    rows_.tables["visits"][1] = tuple(tricky)
+    batch = InsertBatch(max_rows=7)
+    batch.add(rows_)
+    for table, table_rows in rows_.tables.items():
+        pieces = batch.pending[table]
+        assert all(1 <= piece.count <= 7 for piece in pieces)
+        split = [row for piece in pieces for row in piece.rows()]
+        assert [row.json for row in split] == [encode_row(table, row) for row in table_rows]
+        assert [row.key for row in split] == [ROW_IDS[table](row) for row in table_rows]
+        assert b",".join(row.text for row in split) == b",".join(piece.text for piece in pieces)
+    assert batch.counts() == rows_.counts() and len(batch) == len(rows_)
+    assert json.loads(batch.pending["visits"][0].rows()[1].json)["user_agent"] == tricky[6]
+
+
+def test_requests_take_whole_pieces_up_to_the_row_limit() -> None:
+    batch = InsertBatch(max_rows=3)
+    batch.add(parsed(4))
+    pieces = batch.pending["events"]
+    chunks = list(requests(pieces, max_rows=7, max_bytes=9 * 1024 * 1024))
+    assert [piece for chunk in chunks for piece in chunk] == pieces
+    assert all(sum(piece.count for piece in chunk) <= 7 for chunk in chunks)
+    assert [sum(piece.count for piece in chunk) for chunk in chunks][:-1] == [6] * (len(chunks) - 1)
+    body = json.loads(request_body(chunks[0]))
+    assert [row["insertId"] for row in body["rows"]] == [row.key for piece in chunks[0] for row in piece.rows()]
+
+
+def test_an_answer_names_rows_by_their_index_across_the_pieces_of_a_request() -> None:
+    batch = InsertBatch(max_rows=3)
+    batch.add(parsed(2))
+    (chunk,) = requests(batch.pending["events"], max_rows=500, max_bytes=9 * 1024 * 1024)
+    assert len(chunk) > 1
+    sent = [row for piece in chunk for row in piece.rows()]
+    answer = {
+        "insertErrors": [
+            {"index": 1, "errors": [{"reason": "invalid", "message": "no such field"}]},
+            {"index": 4, "errors": [{"reason": "stopped", "message": ""}]},
+        ]
+    }
+    outcome = settle(chunk, answer)
+    assert outcome.confirmed == len(sent) - 2
+    assert outcome.again == [sent[4]]
+    assert [row.key for row, _ in outcome.refused] == [sent[1].key]
+    assert settle(chunk, {}).confirmed == len(sent) and settle(chunk, {}).again == []
 
 
 def test_timestamps_are_utc_strings_exact_to_the_microsecond() -> None:
@@ -240,7 +292,7 @@ def test_a_row_too_large_for_any_request_becomes_a_too_large_dead_letter() -> No
     assert dead["reason"] == "too_large" and dead["source"] == "bq"
     assert dead["dead_letter_id"] == f"visits/{big[0]}"
     assert "over max_request_bytes" in dead["error"] and len(dead["payload"]) <= 64 * 1024
-    assert all(len(r.item) <= 2000 for rows_ in batch.pending.values() for r in rows_)
+    assert all(len(r.text) <= 2000 for rows_ in batch.pending.values() for r in rows_)
 
 
 class DatasetRights:

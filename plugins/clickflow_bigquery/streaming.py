@@ -56,17 +56,45 @@ class BigQueryStreamingOptions(BigQueryOptions, kw_only=True):
 
 
 @dataclass(slots=True)
-class EncodedRow:
-    key: str
-    item: bytes
-    """``{"insertId": key, "json": row}``, ready to join into a request body."""
+class EncodedRows:
+    """Rows of one table as an insertAll request's ``rows`` array holds them: ``{"insertId": key,
+    "json": row}`` objects joined by commas, encoded in one C call, never more rows than a request
+    takes. Cut into single rows only where a row must be seen alone (BigQuery refused it, or it
+    is too large for any request)."""
+
+    count: int
+    text: bytes
+
+    def rows(self) -> list[EncodedRows]:
+        """Each row alone. A JSON string holds no bare quote, and no column is an object, so
+        ``,{"insertId":`` is only ever where a row starts."""
+        if self.count == 1:
+            return [self]
+        first, *rest = self.text.split(_ROW_SEPARATOR)
+        rows = [EncodedRows(1, first), *(EncodedRows(1, _ROW_START + row) for row in rest)]
+        if len(rows) != self.count:  # a change in how rows are encoded: refuse it, never misplace rows
+            raise RuntimeError(f"{self.count} encoded rows split into {len(rows)}")
+        return rows
+
+    @property
+    def key(self) -> str:
+        """A single row's key (its ``insertId``)."""
+        return _decode_row(self.text).insertId
 
     @property
     def json(self) -> bytes:
-        """The row alone (needed only when BigQuery refuses it). The JSON-encoded key holds no bare
-        quote, so the first ``,"json":`` is the field's own."""
-        return self.item[self.item.index(_JSON_FIELD) + len(_JSON_FIELD) : -1]
+        """A single row's JSON object, as encoded."""
+        return bytes(_decode_row(self.text).json)
 
+
+class _RawRow(msgspec.Struct):
+    insertId: str
+    json: msgspec.Raw
+
+
+_decode_row = msgspec.json.Decoder(_RawRow).decode
+_ROW_START = b'{"insertId":'
+_ROW_SEPARATOR = b"," + _ROW_START
 
 KEPT_OF_TOO_LARGE = 64 * 1024
 """How much of a row too large for any request its dead letter keeps (less, if requests are small)."""
@@ -79,63 +107,76 @@ class InsertBatch:
     max_item_bytes: int = 9 * 1024 * 1024
     """A row longer than this cannot go in any request: it becomes a ``too_large`` dead letter."""
     sink: str = "bigquery_streaming"
-    pending: dict[str, list[EncodedRow]] = field(default_factory=lambda: {name: [] for name in TABLE_NAMES})
+    max_rows: int = 500
+    """The rows of one request at most (``max_rows_per_request``): encoded rows are cut to it."""
+    pending: dict[str, list[EncodedRows]] = field(default_factory=lambda: {name: [] for name in TABLE_NAMES})
     written: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TABLE_NAMES, 0))
 
     def add(self, rows: RowBatch) -> None:
-        limit = self.max_item_bytes
+        limit, step = self.max_item_bytes, self.max_rows
         for name, table_rows in rows.tables.items():
-            if not table_rows:
-                continue
-            pending = self.pending[name]
-            for key, item in zip(*ROW_ENCODERS[name].items(table_rows), strict=True):
-                if len(item) <= limit:
-                    pending.append(EncodedRow(key, item))
-                else:
-                    self.pending["dead_letter"].append(self._too_large(name, EncodedRow(key, item)))
+            encode = ROW_ENCODERS[name].request_rows
+            for start in range(0, len(table_rows), step):
+                part = table_rows[start : start + step]
+                encoded = EncodedRows(len(part), encode(part))
+                if len(encoded.text) <= limit:  # then so is each of its rows
+                    self.pending[name].append(encoded)
+                    continue
+                for row in encoded.rows():
+                    if len(row.text) <= limit:
+                        self.pending[name].append(row)
+                    else:
+                        self.pending["dead_letter"].append(self._too_large(name, row))
 
-    def _too_large(self, table: str, row: EncodedRow) -> EncodedRow:
-        row_json, kept = row.json, min(KEPT_OF_TOO_LARGE, self.max_item_bytes // 4)
+    def _too_large(self, table: str, row: EncodedRows) -> EncodedRows:
+        key, row_json, kept = row.key, row.json, min(KEPT_OF_TOO_LARGE, self.max_item_bytes // 4)
         digest = hashlib.sha256(row_json).hexdigest()
         error = f"row of {len(row_json)} bytes is over max_request_bytes (sha256 {digest}); the payload is its head"
-        log.warning("%s: %s row %s is too large for insertAll; sent to dead_letter", self.sink, table, row.key)
+        log.warning("%s: %s row %s is too large for insertAll; sent to dead_letter", self.sink, table, key)
         now = time.time_ns() // 1000
-        dead = rejected_row(table, row.key, row_json[:kept], error, self.sink, now, REASON_TOO_LARGE)
+        dead = rejected_row(table, key, row_json[:kept], error, self.sink, now, REASON_TOO_LARGE)
         return _encoded(dead[DeadLetterCol.dead_letter_id], encode_row("dead_letter", dead))
 
     def __len__(self) -> int:
-        return sum(map(len, self.pending.values())) + sum(self.written.values())
+        return sum(self.counts().values())
 
     def counts(self) -> dict[str, int]:
-        return {name: self.written[name] + len(rows) for name, rows in self.pending.items()}
+        return {
+            name: self.written[name] + sum(rows.count for rows in pending) for name, pending in self.pending.items()
+        }
 
     def discard(self) -> None:
         self.pending = {name: [] for name in TABLE_NAMES}
 
 
-def _encoded(key: str, row_json: bytes) -> EncodedRow:
-    return EncodedRow(key, b'{"insertId":' + _encode_str(key) + _JSON_FIELD + row_json + b"}")
+def _encoded(key: str, row_json: bytes) -> EncodedRows:
+    return EncodedRows(1, _ROW_START + _encode_str(key) + _JSON_FIELD + row_json + b"}")
 
 
-def requests(rows: list[EncodedRow], max_rows: int, max_bytes: int) -> Iterator[list[EncodedRow]]:
-    """Consecutive slices of ``rows`` whose request bodies stay within both limits."""
-    chunk: list[EncodedRow] = []
-    size = len(_BODY_START) + len(_BODY_END)
-    for row in rows:
-        row_size = len(row.item) + 1
-        if chunk and (len(chunk) == max_rows or size + row_size > max_bytes):
+def requests(pending: list[EncodedRows], max_rows: int, max_bytes: int) -> Iterator[list[EncodedRows]]:
+    """Consecutive runs of ``pending`` whose request bodies stay within both limits (each of
+    ``pending`` within them alone: ``InsertBatch`` makes them so)."""
+    chunk: list[EncodedRows] = []
+    rows, size = 0, len(_BODY_START) + len(_BODY_END)
+    for encoded in pending:
+        encoded_size = len(encoded.text) + 1
+        if chunk and (rows + encoded.count > max_rows or size + encoded_size > max_bytes):
             yield chunk
-            chunk, size = [], len(_BODY_START) + len(_BODY_END)
-        if size + row_size > max_bytes:
-            raise ValueError(f"row {row.key} alone is {row_size} bytes, over max_request_bytes ({max_bytes})")
-        chunk.append(row)
-        size += row_size
+            chunk, rows, size = [], 0, len(_BODY_START) + len(_BODY_END)
+        if size + encoded_size > max_bytes or encoded.count > max_rows:
+            raise ValueError(
+                f"{encoded.count} row(s) of {encoded_size} bytes alone are over a request's limits "
+                f"(max_rows_per_request {max_rows}, max_request_bytes {max_bytes})"
+            )
+        chunk.append(encoded)
+        rows += encoded.count
+        size += encoded_size
     if chunk:
         yield chunk
 
 
-def request_body(rows: list[EncodedRow]) -> bytes:
-    return _BODY_START + b",".join(row.item for row in rows) + _BODY_END
+def request_body(chunk: list[EncodedRows]) -> bytes:
+    return _BODY_START + b",".join(encoded.text for encoded in chunk) + _BODY_END
 
 
 RETRIED_REASONS = frozenset({"stopped", "timeout", "backendError", "internalError", "rateLimitExceeded"})
@@ -146,18 +187,21 @@ class Outcome:
     """What one request settled: rows confirmed, rows to send again, rows refused (with why)."""
 
     confirmed: int = 0
-    again: list[EncodedRow] = field(default_factory=list)
-    refused: list[tuple[EncodedRow, str]] = field(default_factory=list)
+    again: list[EncodedRows] = field(default_factory=list)
+    refused: list[tuple[EncodedRows, str]] = field(default_factory=list)
 
 
-def settle(rows: list[EncodedRow], answer: dict[str, object]) -> Outcome:
-    """Sort a request's rows by the ``insertErrors`` of its 2xx answer."""
-    outcome = Outcome()
+def settle(chunk: list[EncodedRows], answer: dict[str, object]) -> Outcome:
+    """Sort a request's rows by the ``insertErrors`` of its 2xx answer (each row named by its
+    index in the request, so only then are they taken one by one)."""
     errors: dict[int, list[dict[str, str]]] = {
         int(e["index"]): e.get("errors", [])
         for e in answer.get("insertErrors", []) or []  # type: ignore[attr-defined]
     }
-    for index, row in enumerate(rows):
+    if not errors:
+        return Outcome(confirmed=sum(encoded.count for encoded in chunk))
+    outcome = Outcome()
+    for index, row in enumerate(row for encoded in chunk for row in encoded.rows()):
         row_errors = errors.get(index)
         if row_errors is None:
             outcome.confirmed += 1
@@ -176,7 +220,7 @@ class BigQueryStreamingSink(BigQuerySink[BigQueryStreamingOptions, InsertBatch])
 
     def new_batch(self) -> InsertBatch:
         overhead = len(_BODY_START) + len(_BODY_END) + 1
-        return InsertBatch(int(self.options.max_request_bytes) - overhead, self.name)
+        return InsertBatch(int(self.options.max_request_bytes) - overhead, self.name, self.options.max_rows_per_request)
 
     async def write(self, batch: InsertBatch) -> None:
         for _ in range(MAX_ROUNDS):
@@ -191,7 +235,7 @@ class BigQueryStreamingSink(BigQuerySink[BigQueryStreamingOptions, InsertBatch])
         outcomes: dict[str, list[Outcome]] = {name: [] for name in TABLE_NAMES}
         failures: list[Exception] = []
 
-        async def send(table: str, rows: list[EncodedRow]) -> None:
+        async def send(table: str, rows: list[EncodedRows]) -> None:
             async with limiter:
                 try:
                     answer = await self.client.insert_all(self.options.dataset, self.names[table], request_body(rows))
@@ -215,8 +259,9 @@ class BigQueryStreamingSink(BigQuerySink[BigQueryStreamingOptions, InsertBatch])
             for row, error in (refused for outcome in table_outcomes for refused in outcome.refused):
                 if table == "dead_letter":
                     raise RuntimeError(f"BigQuery refused dead_letter row {row.key}: {error}")
-                log.warning("BigQuery refused %s row %s, sent to dead_letter: %s", table, row.key, error)
-                dead = rejected_row(table, row.key, row.json, error, self.name, now)
+                key = row.key
+                log.warning("BigQuery refused %s row %s, sent to dead_letter: %s", table, key, error)
+                dead = rejected_row(table, key, row.json, error, self.name, now)
                 dead_letters.append(_encoded(dead[DeadLetterCol.dead_letter_id], encode_row("dead_letter", dead)))
         batch.pending["dead_letter"] += dead_letters
         if failures:
