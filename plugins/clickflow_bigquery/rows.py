@@ -37,7 +37,7 @@ def timestamp(microseconds: int) -> str:
     return f"{text}.{fraction:06d}Z" if fraction else f"{text}Z"
 
 
-class Item(msgspec.Struct):
+class _Item(msgspec.Struct):
     """An insertAll request's row: its id, then the row."""
 
     insertId: str
@@ -80,7 +80,7 @@ class RowEncoder:
         """``{"insertId": key, "json": row}`` for each row, joined by commas: what an insertAll
         request's ``rows`` array holds, in one C call."""
         key_of = self.key_of
-        return _encode([Item(key_of(row), struct) for row, struct in zip(rows, self.structs(rows), strict=True)])[1:-1]
+        return _encode([_Item(key_of(row), struct) for row, struct in zip(rows, self.structs(rows), strict=True)])[1:-1]
 
     def objects(self, rows: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
         """The rows as dicts (Beam's ``WriteToBigQuery`` takes those)."""
