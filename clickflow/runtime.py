@@ -16,6 +16,7 @@ import gc
 import logging
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -269,19 +270,21 @@ class Runtime:
             for send in sends:
                 await stack.enter_async_context(send)
             async for messages, delivery, received_us in receive:
+                context = self._contexts[delivery.source]
                 parts = self._isolate_suspects(messages, delivery) if self._quarantine else [(messages, None)]
                 for part, isolated in parts:
                     rows = self._parse_part(part, isolated, delivery.source, received_us)
                     for table, table_rows in rows.tables.items():
                         summary.rows[table] += len(table_rows)
-                    self._contexts[delivery.source].events_parsed.inc(len(rows.tables["events"]))
-                    for reason in (row[DeadLetterCol.reason] for row in rows.tables["dead_letter"]):
-                        summary.dead_letters[reason] += 1
-                        metrics.dead_letters.labels(delivery.source, reason).inc()
+                    context.events_parsed.inc(len(rows.tables["events"]))
+                    reasons = Counter(row[DeadLetterCol.reason] for row in rows.tables["dead_letter"])
+                    summary.dead_letters.update(reasons)
+                    for reason, count in reasons.items():  # labelled once a reason, not once a dead letter
+                        metrics.dead_letters.labels(delivery.source, reason).inc(count)
                     parsed = Parsed(rows, delivery, sum(len(m.data) for m in part), isolated)
                     for send in sends:
                         await send.send(parsed)
-                self._contexts[delivery.source].parsed()
+                context.parsed()
 
     def _isolate_suspects(self, messages: list[Message], delivery: Delivery) -> list[tuple[list[Message], str | None]]:
         """The batch as parts: its innocent messages together, each suspect alone."""
