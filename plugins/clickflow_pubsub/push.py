@@ -384,9 +384,6 @@ class PubSubPushSource(Source[PubSubPushOptions]):
         """The body, read within ``read_timeout`` and ``max_body_bytes`` whatever the headers said
         (decompressed, if a ``Content-Encoding`` says so: the limits count what it inflates to),
         ``held`` growing with it."""
-        import aiohttp
-        from aiohttp.web_protocol import RequestPayloadError
-
         limit = self.options.max_body_bytes
         content = request.content
         if content.is_eof() and content.exception() is None:  # all of it came with the headers
@@ -394,6 +391,9 @@ class PubSubPushSource(Source[PubSubPushOptions]):
             if len(body) > limit:
                 return self._refuse(413, "too_large", "body too large")
             return body if held.grow(len(body)) else self._refuse_pending()
+        import aiohttp  # here, not above: importing a name from a module takes a microsecond a request
+        from aiohttp.web_protocol import RequestPayloadError
+
         chunks, size = [], 0
         try:
             with anyio.fail_after(self.options.read_timeout.total_seconds()):
