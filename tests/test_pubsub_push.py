@@ -364,6 +364,33 @@ async def test_a_saturated_pipeline_is_answered_429(fake_push: Callable[[str], A
 
 
 @pytest.mark.asyncio
+async def test_each_waiting_request_is_refused_when_its_own_enter_timeout_passes(
+    fake_push: Callable[..., Any],
+) -> None:
+    """The endpoint keeps every waiting request's ``enter_timeout`` with one timer, set for the
+    oldest: each request is answered 429 once its own has passed, not sooner, and not later."""
+    from tests.fakes import MemorySink
+
+    MemorySink.gate = asyncio.Event()  # type: ignore[assignment] - the sink hangs: the pipeline fills up
+    client = await fake_push(
+        "{type: memory, gated: true, batch: {max_rows: 1}}", "enter_timeout: 300ms, ack_timeout: 3s"
+    )
+
+    async def push(i: int) -> tuple[int, float]:
+        await asyncio.sleep(0.05 * i)
+        started = time.monotonic()
+        response = await client.post("/pubsub/push", data=envelope(b'{"session_id": "S"}', str(i)))
+        return response.status, time.monotonic() - started
+
+    answers = await asyncio.gather(*(push(i) for i in range(16)))
+    MemorySink.gate.set()
+    refused = [waited for status, waited in answers if status == 429]
+    assert len(refused) >= 8, answers  # a few entered and hang on the sink (503 after ack_timeout)
+    assert all(0.29 <= waited < 0.6 for waited in refused), answers
+    assert {status for status, _ in answers} <= {429, 503}, "nothing is answered 2xx unless stored"
+
+
+@pytest.mark.asyncio
 async def test_requests_still_waiting_to_enter_when_the_endpoint_stops_are_answered_at_once(
     fake_push: Callable[..., Any],
 ) -> None:

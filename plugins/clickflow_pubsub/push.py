@@ -17,7 +17,7 @@ import base64
 import binascii
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -112,21 +112,21 @@ entered, so Pub/Sub sends it again); a sink failed or ``ack_timeout`` passed."""
 
 
 class _Waiting:
-    """One request's message, waiting to enter the pipeline, then for its outcome.
+    """One request's message, waiting to enter the pipeline by ``deadline`` (the event loop's
+    time), then for its outcome.
 
-    A request waits on one asyncio future, with one timer on the event loop for ``enter_timeout``
-    (and one per batch for ``ack_timeout``): per request, anyio's events and cancel scopes took a
-    fifth of the event loop's time, and asyncio's timeout blocks a tenth.
+    A request waits on one asyncio future. Its ``enter_timeout`` is kept by the endpoint's one
+    timer, set for the oldest waiting request, and its ``ack_timeout`` by one timer per batch: per
+    request, anyio's events and cancel scopes took a fifth of the event loop's time, asyncio's
+    timeout blocks a tenth, and a timer of its own (set, then cancelled) 1.8 µs on uvloop.
     """
 
-    __slots__ = ("message", "outcome", "timer")
+    __slots__ = ("deadline", "message", "outcome")
 
-    def __init__(
-        self, message: Message, loop: asyncio.AbstractEventLoop, enter_timeout: float, not_entered: Callable[..., None]
-    ) -> None:
+    def __init__(self, message: Message, loop: asyncio.AbstractEventLoop, enter_timeout: float) -> None:
         self.message = message
         self.outcome: asyncio.Future[int] = loop.create_future()
-        self.timer = loop.call_later(enter_timeout, not_entered, self)
+        self.deadline = loop.time() + enter_timeout
 
 
 def _answer(request: _Waiting, status: int) -> None:
@@ -178,8 +178,6 @@ class _RequestsAck:
     redelivers = True
 
     def __init__(self, waiting: list[_Waiting], loop: asyncio.AbstractEventLoop, ack_timeout: float) -> None:
-        for request in waiting:
-            request.timer.cancel()
         self._waiting = waiting
         self._timer = loop.call_later(ack_timeout, self.expire)
 
@@ -303,6 +301,7 @@ class PubSubPushSource(Source[PubSubPushOptions]):
 
         self._loop = asyncio.get_running_loop()
         self._waiting: list[_Waiting] = []
+        self._enter_timer: asyncio.TimerHandle | None = None
         self._arrived = anyio.Event()
         self._context = context
         ack_timeout = self.options.ack_timeout.total_seconds()
@@ -325,14 +324,30 @@ class PubSubPushSource(Source[PubSubPushOptions]):
                 await checkpoint()  # and so do those read in the meantime, whose handlers run in this turn
         finally:
             self._context = None
+            if self._enter_timer is not None:
+                self._enter_timer.cancel()
             for request in self._waiting:  # never entered: answered at once, so Pub/Sub sends it again
-                request.timer.cancel()
                 _answer(request, PIPELINE_FULL)
 
-    def _not_entered(self, request: _Waiting) -> None:
-        """``enter_timeout`` passed before the request was taken: withdrawn, never stored."""
-        self._waiting.remove(request)
-        _answer(request, PIPELINE_FULL)
+    def _wait(self, request: _Waiting) -> None:
+        """Queue a request to enter the next batch; the endpoint's timer is set if none is."""
+        self._waiting.append(request)
+        if self._enter_timer is None:
+            self._enter_timer = self._loop.call_at(request.deadline, self._not_entered)
+        self._arrived.set()
+
+    def _not_entered(self) -> None:
+        """The endpoint's timer: requests still waiting past their ``enter_timeout`` are withdrawn,
+        never stored, and the timer is set again for the oldest left. Requests wait in the order
+        they came, so the expired ones are first; if the ones the timer was set for entered a batch
+        meanwhile, it only sets itself again."""
+        waiting, now = self._waiting, self._loop.time()
+        expired = 0
+        while expired < len(waiting) and waiting[expired].deadline <= now:
+            _answer(waiting[expired], PIPELINE_FULL)
+            expired += 1
+        del waiting[:expired]
+        self._enter_timer = self._loop.call_at(waiting[0].deadline, self._not_entered) if waiting else None
 
     def _refuse(self, status: int, reason: str, text: str) -> web.Response:
         from aiohttp import web
@@ -365,9 +380,8 @@ class PubSubPushSource(Source[PubSubPushOptions]):
             if isinstance(body, web.Response):
                 return body
             enter_timeout = self.options.enter_timeout.total_seconds()
-            waiting = _Waiting(message_from_body(body, request.headers), self._loop, enter_timeout, self._not_entered)
-            self._waiting.append(waiting)
-            self._arrived.set()
+            waiting = _Waiting(message_from_body(body, request.headers), self._loop, enter_timeout)
+            self._wait(waiting)
             status = await waiting.outcome
         finally:
             held.release()
