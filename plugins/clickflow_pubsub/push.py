@@ -106,6 +106,9 @@ class PubSubPushOptions(SourceOptions, kw_only=True):
         return HEARTBEAT_EVERY
 
 
+_CLOCK_RESOLUTION = 0.001
+"""uvloop's clock, in seconds (asyncio's own is finer)."""
+
 STORED, PIPELINE_FULL, NOT_STORED = 204, 429, 503
 """What a request is answered: stored; no room in the pipeline within ``enter_timeout`` (never
 entered, so Pub/Sub sends it again); a sink failed or ``ack_timeout`` passed."""
@@ -340,8 +343,10 @@ class PubSubPushSource(Source[PubSubPushOptions]):
         """The endpoint's timer: requests still waiting past their ``enter_timeout`` are withdrawn,
         never stored, and the timer is set again for the oldest left. Requests wait in the order
         they came, so the expired ones are first; if the ones the timer was set for entered a batch
-        meanwhile, it only sets itself again."""
-        waiting, now = self._waiting, self._loop.time()
+        meanwhile, it only sets itself again. A deadline within a millisecond counts as passed, as
+        asyncio runs a timer due within its clock's resolution: uvloop's clock counts milliseconds,
+        and a timer set for a deadline between two would otherwise set itself again until the next."""
+        waiting, now = self._waiting, self._loop.time() + _CLOCK_RESOLUTION
         expired = 0
         while expired < len(waiting) and waiting[expired].deadline <= now:
             _answer(waiting[expired], PIPELINE_FULL)
