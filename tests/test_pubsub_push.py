@@ -391,6 +391,35 @@ async def test_each_waiting_request_is_refused_when_its_own_enter_timeout_passes
 
 
 @pytest.mark.asyncio
+async def test_the_enter_timer_runs_once_for_a_deadline_between_two_milliseconds(
+    fake_push: Callable[..., Any],
+) -> None:
+    """uvloop's clock counts milliseconds: the endpoint's timer counts a deadline within one as
+    passed, instead of setting itself again on every turn of the loop until the next."""
+    from tests.fakes import MemorySink
+
+    MemorySink.gate = asyncio.Event()  # type: ignore[assignment] - the sink hangs: the pipeline fills up
+    client = await fake_push(
+        "{type: memory, gated: true, batch: {max_rows: 1}}", "enter_timeout: 300.4ms, ack_timeout: 2s"
+    )
+    (runtime, _) = fake_push.runtimes[0]  # type: ignore[attr-defined]
+    (source,) = runtime.sources
+    runs = 0
+    not_entered = source._not_entered
+
+    def counted() -> None:
+        nonlocal runs
+        runs += 1
+        not_entered()
+
+    source._not_entered = counted  # the endpoint sets its timer with whatever this attribute holds
+    statuses = [await post for post in one_after_another(client, 8)]
+    MemorySink.gate.set()
+    assert 429 in statuses
+    assert runs <= len(statuses) + 1, f"the timer ran {runs} times for {len(statuses)} requests"
+
+
+@pytest.mark.asyncio
 async def test_requests_still_waiting_to_enter_when_the_endpoint_stops_are_answered_at_once(
     fake_push: Callable[..., Any],
 ) -> None:
