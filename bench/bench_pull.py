@@ -45,10 +45,11 @@ def stats(port: int) -> dict[str, float]:
 
 
 @contextmanager
-def standin(messages: int) -> Iterator[int]:
+def standin(messages: int, keys: Path | None = None) -> Iterator[int]:
+    """A stand-in's port, serving ``messages`` to pull (and ``keys`` at /certs, if given)."""
     port = free_port()
     process = subprocess.Popen([sys.executable, str(HERE / "standin.py"), "--port", str(port),
-                                "--messages", str(messages)])  # fmt: skip
+                                "--messages", str(messages), *(["--keys", str(keys)] if keys else [])])  # fmt: skip
     try:
         wait_for(lambda: bool(stats(port)), 60)
         yield port

@@ -9,7 +9,9 @@ are stored; into DuckDB with `commit_every: 1s`, answering once the rows are fsy
 sink's log, once with new messages and once ("again") with 500 message ids per wrk thread sent
 over and over, as Pub/Sub redelivers what was not acknowledged in time; and into the in-memory
 `live` sink, which shows what the endpoint and the runtime cost without storage, on uvloop and on
-asyncio's loop; and into `bigquery_streaming`, `config/push.yaml`'s sink on Cloud Run, against
+asyncio's loop, and once with `auth: oidc` (the default, and a Cloud Run deployment's), every
+request carrying a token signed by a key of the bench's own, served by the stand-in; and into
+`bigquery_streaming`, `config/push.yaml`'s sink on Cloud Run, against
 the fast local stand-in for BigQuery's REST API (`standin.py`, its own process, counting rows).
 Requests that arrive together share a batch.
 Prints requests/s and latency percentiles, the server's CPU seconds per 1,000 requests (its child
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import base64
 import itertools
+import json
 import os
 import re
 import shutil
@@ -37,8 +40,11 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
-from bench_pull import standin, stats  # this folder is on sys.path when run as a script
+import jwt
+from bench_pull import standin, stats
+from cryptography.hazmat.primitives.asymmetric import rsa  # this folder is on sys.path when run as a script
 
 from clickflow_simulator import VisitGenerator
 
@@ -68,12 +74,32 @@ id = 0  -- a global: setup() gives each thread its own, so message ids never rep
 function setup(thread) id = id + 1; thread:set("id", id) end
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+%s
 request = function()
   counter = counter %% %d + 1
   return wrk.format(nil, nil, nil, '{"message":{"data":"' .. data .. '","messageId":"%s-' .. id .. "-" .. counter ..
     '"},"subscription":"projects/bench/subscriptions/push"}')
 end
 """
+
+
+AUDIENCE = "https://bench.example.com/pubsub/push"
+
+
+def key_set(work: Path, key: Any) -> Path:
+    """A file holding the public half of ``key`` as a JSON key set, for the stand-in to serve."""
+    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    path = work / "keys.json"
+    path.write_text(json.dumps({"keys": [{**jwk, "kid": "bench", "alg": "RS256"}]}))
+    return path
+
+
+def push_token(key: Any) -> str:
+    """A token as Pub/Sub attaches to its pushes (valid for an hour), signed by ``key``."""
+    now = int(time.time())
+    claims = {"iss": "https://accounts.google.com", "aud": AUDIENCE, "iat": now, "exp": now + 3600,
+              "email": "pusher@bench.iam.gserviceaccount.com", "email_verified": True}  # fmt: skip
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "bench"})
 
 
 def milliseconds(text: str) -> float:
@@ -130,24 +156,28 @@ def main() -> None:
     opts = args.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install wrk)")
-    with tempfile.TemporaryDirectory() as tmp, standin(0) as bigquery:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    with tempfile.TemporaryDirectory() as tmp, standin(0, key_set(Path(tmp), key)) as bigquery:
         work = Path(tmp)
         visit = next(VisitGenerator(seed=22).messages(1))
         data = base64.b64encode(visit).decode()
         replay = work / "replay.lua"
-        replay.write_text(LUA % (data, 500, "again"))
+        replay.write_text(LUA % (data, "", 500, "again"))
+        authorization = f'wrk.headers["Authorization"] = "Bearer {push_token(key)}"'
 
-        def new_ids(run: str) -> Path:
+        def new_ids(run: str, headers: str = "") -> Path:
             """A wrk script whose message ids no other wrk run sends (each run's prefix is its own)."""
             script = work / f"push-{run}.lua"
-            script.write_text(LUA % (data, 2**53, run))
+            script.write_text(LUA % (data, headers, 2**53, run))
             return script
 
-        def clickflow(name: str, sink: str, event_loop: str = "auto") -> tuple[list[str], int]:
+        def clickflow(
+            name: str, sink: str, event_loop: str = "auto", auth: str = "auth: none"
+        ) -> tuple[list[str], int]:
             port = free_port()
             pipeline = work / f"{name}.yaml"
             pipeline.write_text(
-                "sources: [{type: pubsub_push, auth: none, enter_timeout: 10s}]\n"
+                f"sources: [{{type: pubsub_push, {auth}, enter_timeout: 10s}}]\n"
                 f"sinks: [{{{sink}}}]\n"
                 f"monitor: {{port: {port}}}\nruntime: {{event_loop: {event_loop}}}\n"
             )
@@ -166,6 +196,10 @@ def main() -> None:
             # the endpoint and the runtime with a sink that only counts in memory: their own ceiling
             "clickflow push -> live": clickflow("live", "type: live"),
             "clickflow push -> live, asyncio": clickflow("live-asyncio", "type: live", "asyncio"),
+            # every request with a token to check, as on Cloud Run
+            "clickflow push -> live, oidc": clickflow(
+                "live-oidc", "type: live", auth=f"audience: '{AUDIENCE}', keys_url: 'http://127.0.0.1:{bigquery}/certs'"
+            ),
             "clickflow push -> duckdb": clickflow("duckdb", f"type: duckdb, path: '{work}/push.duckdb'"),
             # each batch fsynced to the sink's log and answered; the log inserted once a second
             "clickflow push -> duckdb log": clickflow(
@@ -179,6 +213,7 @@ def main() -> None:
             ),
         }
         scripts = {"clickflow push -> duckdb log, again": replay}
+        headers = {"clickflow push -> live, oidc": authorization}
         rates: dict[str, dict[int, list[float]]] = {}
         for round_, (name, (command, server_port)) in itertools.product(range(opts.rounds), servers.items()):
             server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
@@ -187,7 +222,7 @@ def main() -> None:
                 for connections in opts.concurrency:
                     before = None if name in bare_names else batched(server_port)  # bare: no /metrics
                     cpu, loop, started = cpu_seconds(server.pid), loop_seconds(server.pid), time.monotonic()
-                    script = scripts.get(name) or new_ids(f"{round_}.{connections}")
+                    script = scripts.get(name) or new_ids(f"{round_}.{connections}", headers.get(name, ""))
                     rate, requests, p50, p99, notes = wrk(server_port, script, connections, opts.seconds)
                     cpu, loop = cpu_seconds(server.pid) - cpu, loop_seconds(server.pid) - loop
                     busy = loop / (time.monotonic() - started)  # over wrk's whole run, not its nominal seconds

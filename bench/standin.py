@@ -9,6 +9,8 @@ response built from pre-encoded parts, every message with its own id), then hold
 a second; ``:acknowledge`` and ``:modifyAckDeadline`` are counted. BigQuery: datasets and tables
 exist (with clickflow's schema) and ``insertAll`` accepts everything, counting rows. ``GET /stats``
 returns the counts as JSON, with the times of the first pull and of the last acknowledgement.
+With ``--keys FILE``, ``GET /certs`` serves that file: the key set that push tokens are checked
+against (``bench_push.py`` signs its tokens with the key).
 """
 
 from __future__ import annotations
@@ -98,15 +100,20 @@ async def insert_all(request: web.Request) -> web.Response:
     return web.json_response({"kind": "bigquery#tableDataInsertAllResponse"})
 
 
+async def certs(request: web.Request) -> web.Response:
+    return web.Response(body=request.app["keys"], content_type="application/json")
+
+
 async def stats(request: web.Request) -> web.Response:
     c: Counts = request.app["counts"]
     fields = ("total", "served", "acked", "modacks", "pulls", "rows", "inserts", "first_pull", "last_ack")
     return web.json_response({name: getattr(c, name) for name in fields})
 
 
-def app(total: int, seed: int) -> web.Application:
+def app(total: int, seed: int, keys: bytes = b'{"keys": []}') -> web.Application:
     application = web.Application(client_max_size=64 * 1024 * 1024)
     application["counts"] = Counts(total, seed)
+    application["keys"] = keys
     bigquery = "/bigquery/v2/projects/{project}/datasets/{dataset}"
     application.add_routes([
         web.post("/v1/projects/{project}/subscriptions/{name}:{verb}", subscription_call),
@@ -114,6 +121,7 @@ def app(total: int, seed: int) -> web.Application:
         web.get(bigquery + "/tables/{table}", table),
         web.post(bigquery + "/tables/{table}/insertAll", insert_all),
         web.get("/stats", stats),
+        web.get("/certs", certs),
     ])  # fmt: skip
     return application
 
@@ -123,5 +131,7 @@ if __name__ == "__main__":
     args.add_argument("--port", type=int, required=True)
     args.add_argument("--messages", type=int, default=200_000)
     args.add_argument("--seed", type=int, default=31)
+    args.add_argument("--keys", type=Path, help="a JSON key set to serve at /certs")
     opts = args.parse_args()
-    web.run_app(app(opts.messages, opts.seed), host="127.0.0.1", port=opts.port, print=None, access_log=None)
+    keys = opts.keys.read_bytes() if opts.keys else b'{"keys": []}'
+    web.run_app(app(opts.messages, opts.seed, keys), host="127.0.0.1", port=opts.port, print=None, access_log=None)
