@@ -13,25 +13,16 @@ import jwt
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from clickflow_pubsub import oidc
 from clickflow_pubsub.oidc import AuthError, TokenVerifier
+from tests.test_pubsub_push import AUDIENCE, SENDER, keys, token
 
-AUDIENCE = "https://clickflow.example.com/pubsub/push"
-SENDER = "pusher@project.iam.gserviceaccount.com"
-
-
-@pytest.fixture(scope="module")
-def keys() -> dict[str, Any]:
-    return {name: rsa.generate_private_key(public_exponent=65537, key_size=2048) for name in ("google", "forger")}
+__all__ = ["keys"]  # a fixture, used by name
 
 
 def bearer(key: Any, **claims: Any) -> str:
-    now = int(time.time())
-    payload = {"iss": "https://accounts.google.com", "aud": AUDIENCE, "iat": now, "exp": now + 600,
-               "email": SENDER, "email_verified": True, **claims}  # fmt: skip
-    return "Bearer " + jwt.encode(payload, key, algorithm="RS256", headers={"kid": "k1"})
+    return f"Bearer {token(key, **claims)}"
 
 
 @pytest_asyncio.fixture
