@@ -27,7 +27,7 @@ import jwt
 
 GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
 VERIFIED_TOKENS = 1024
-"""Tokens that passed, remembered until they expire; Pub/Sub uses a handful at a time."""
+"""Tokens that passed, remembered until they expire; past this many, the oldest is dropped."""
 
 log = logging.getLogger(__name__)
 
