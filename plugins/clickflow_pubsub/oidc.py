@@ -25,24 +25,13 @@ import aiohttp
 import anyio
 import jwt
 
+from clickflow_pubsub.push import AuthError
+
 GOOGLE_ISSUERS = ("https://accounts.google.com", "accounts.google.com")
 VERIFIED_TOKENS = 1024
 """Tokens that passed, remembered until they expire; past this many, the oldest is dropped."""
 
 log = logging.getLogger(__name__)
-
-
-class AuthError(Exception):
-    """The request is refused: ``status`` is 401 (who are you?), 403 (not you) or 503 (cannot tell now).
-
-    ``code`` names the cause in metrics: ``missing_token``, ``malformed_token``, ``unknown_key``,
-    ``invalid_token``, ``wrong_audience``, ``sender_not_allowed`` or ``keys_unavailable``.
-    """
-
-    def __init__(self, status: int, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.code = code
 
 
 class TokenVerifier:
