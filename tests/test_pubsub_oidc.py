@@ -16,7 +16,8 @@ from aiohttp import web
 
 from clickflow_pubsub import oidc
 from clickflow_pubsub.oidc import AuthError, TokenVerifier
-from tests.test_pubsub_push import AUDIENCE, SENDER, keys, token
+from tests.test_pubsub_push import AUDIENCE, SENDER, key_set, keys, token
+from tests.test_pubsub_push_hostile import keys_server
 
 __all__ = ["keys"]  # a fixture, used by name
 
@@ -30,16 +31,9 @@ async def verifier(
     aiohttp_server: Any, keys: dict[str, Any]
 ) -> AsyncIterator[tuple[TokenVerifier, aiohttp.ClientSession]]:
     """A verifier of the tokens ``keys["google"]`` signs, its keys served over HTTP."""
-    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(keys["google"].public_key(), as_dict=True)
-
-    async def certs(_: web.Request) -> web.Response:
-        return web.json_response({"keys": [{**jwk, "kid": "k1", "alg": "RS256"}]})
-
-    app = web.Application()
-    app.router.add_get("/certs", certs)
-    server = await aiohttp_server(app)
-    async with aiohttp.ClientSession() as session:
-        yield TokenVerifier(AUDIENCE, str(server.make_url("/certs")), [SENDER]), session
+    served = keys_server(aiohttp_server, lambda: web.json_response(key_set(keys["google"])))
+    async with served as (url, _), aiohttp.ClientSession() as session:
+        yield TokenVerifier(AUDIENCE, url, [SENDER]), session
 
 
 @pytest.fixture

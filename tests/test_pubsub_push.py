@@ -103,14 +103,18 @@ def token(key: Any, **claims: Any) -> str:
     return jwt.encode(payload, key, algorithm="RS256", headers={"kid": "k1"})
 
 
+def key_set(key: Any) -> dict[str, Any]:
+    """The JSON key set a keys endpoint serves, holding ``key``'s public half as ``k1``."""
+    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    return {"keys": [{**jwk, "kid": "k1", "alg": "RS256"}]}
+
+
 @pytest_asyncio.fixture
 async def push_client(
     aiohttp_client: Any, aiohttp_server: Any, keys: dict[str, Any], pipeline: Callable[..., Pipeline], tmp_path: Path
 ) -> AsyncIterator[tuple[Any, Runtime]]:
-    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(keys["google"].public_key()))
-
     async def certs(_: web.Request) -> web.Response:
-        return web.json_response({"keys": [{**jwk, "kid": "k1", "alg": "RS256"}]})
+        return web.json_response(key_set(keys["google"]))
 
     jwks = web.Application()
     jwks.router.add_get("/certs", certs)

@@ -30,7 +30,7 @@ from clickflow.plugins import Registry, load_plugins
 from clickflow.runtime import Runtime
 from clickflow_pubsub.oidc import AuthError, TokenVerifier
 from tests.conftest import table_counts
-from tests.test_pubsub_push import AUDIENCE, SENDER, envelope, keys, token
+from tests.test_pubsub_push import AUDIENCE, SENDER, envelope, key_set, keys, token
 
 __all__ = ["keys"]  # a fixture
 pytestmark = pytest.mark.event_loops  # on uvloop too, which serves the endpoint in a run
@@ -93,8 +93,7 @@ async def test_unavailable_signing_keys_give_503_and_one_fetch_per_interval(
 async def test_a_flood_of_unknown_key_ids_fetches_the_keys_once_per_interval(
     aiohttp_server: Any, keys: dict[str, Any]
 ) -> None:
-    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(keys["google"].public_key(), as_dict=True)
-    ok = {"keys": [{**jwk, "kid": "k1", "alg": "RS256"}]}
+    ok = key_set(keys["google"])
     server = keys_server(aiohttp_server, lambda: web.json_response(ok))
     async with server as (url, calls), aiohttp.ClientSession() as session:
         verifier = TokenVerifier(AUDIENCE, url, [SENDER], refresh_interval=30)
@@ -123,8 +122,7 @@ async def test_a_flood_of_unknown_key_ids_fetches_the_keys_once_per_interval(
 async def test_odd_claims_and_headers_are_refused_not_crashed(
     aiohttp_server: Any, keys: dict[str, Any], claims: dict[str, Any], headers: dict[str, Any], code: str
 ) -> None:
-    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(keys["google"].public_key(), as_dict=True)
-    ok = {"keys": [{**jwk, "kid": "k1", "alg": "RS256"}]}
+    ok = key_set(keys["google"])
     now = int(time.time())
     payload = {"iss": "https://accounts.google.com", "aud": AUDIENCE, "iat": now, "exp": now + 300,
                "email": SENDER, "email_verified": True, **claims}  # fmt: skip
