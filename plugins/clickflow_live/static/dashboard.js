@@ -13,13 +13,15 @@
                            size: 56, values: (u, ticks) => ticks.map((v) => short.format(v)) }, extra || {});
   }
 
+  // extra: more uPlot options (scales, hooks); x is a time scale whatever else a chart sets on it
   function lineChart(el, series, height, axes, extra) {
+    const scales = Object.assign({}, extra.scales);
+    scales.x = Object.assign({ time: true }, scales.x);
     const opts = Object.assign({
       width: el.clientWidth, height: height,
-      scales: { x: { time: true } },
       axes: [axisStyle({ values: undefined, size: 50 })].concat(axes || [axisStyle()]),
       series: [{}].concat(series),
-    }, extra);
+    }, extra, { scales: scales });
     return new uPlot(opts, [[]].concat(series.map(() => [])), el);
   }
 
@@ -76,7 +78,7 @@
         { label: "page views", stroke: "#4f9dff", width: 2, fill: "rgba(79,157,255,.12)" },
       ].concat(live.alerts.map((a) => ({ label: a.name, stroke: "#ff5c6c", width: 1.5, dash: [6, 4] }))), 260,
       undefined, {
-        scales: { x: { time: true }, y: { range: () => [0, pageViewsTop] } },
+        scales: { y: { range: () => [0, pageViewsTop] } },
         // the axis top as drawn, for whoever checks it (the browser test)
         hooks: { setScale: [(u, key) => {
           if (key === "y") $("page-views-chart").dataset.top = String(u.scales.y.max);
@@ -94,7 +96,7 @@
         { label: "revenue", stroke: "#ffb547", width: 2, scale: "usd" },
       ], 200, [axisStyle(), axisStyle({ scale: "usd", side: 1, grid: { show: false },
                                         values: (u, ticks) => ticks.map((v) => "$" + short.format(v)) })],
-      { scales: { x: { time: true, range: (u, min, max) => [min - 15, max + 15] } } });  // room for the end bars
+      { scales: { x: { range: (u, min, max) => [min - 15, max + 15] } } });  // room for the end bars
     }
     revenue.setData([minutes, live.purchases_per_minute.map((m) => m.purchases),
                      live.purchases_per_minute.map((m) => m.revenue)]);
