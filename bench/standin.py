@@ -110,7 +110,7 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response({name: getattr(c, name) for name in fields})
 
 
-def app(total: int, seed: int, keys: bytes = b'{"keys": []}') -> web.Application:
+def app(total: int, seed: int, keys: bytes) -> web.Application:
     application = web.Application(client_max_size=64 * 1024 * 1024)
     application["counts"] = Counts(total, seed)
     application["keys"] = keys
