@@ -11,8 +11,9 @@ In one run, on the same simulated visits (about 7 rows per visit):
    pending modes, with protocol-buffer and Arrow rows.
 Prints rows per second for each. The emulator (Python, DuckDB) is the bottleneck
 here; against BigQuery itself the ratios, not the figures, carry over. First, without the emulator,
-the CPU cost of encoding the same rows for each API: insertAll's JSON items, the Write API's
-protocol buffers and its Arrow record batches (microseconds per row, best of 5).
+the CPU cost of encoding the same rows for each API: insertAll's JSON items, the load jobs' JSON
+lines (written to their batch file, with their keys' digest), the Write API's protocol buffers and
+its Arrow record batches (microseconds per row, best of 5).
 """
 
 from __future__ import annotations
@@ -90,13 +91,17 @@ def pipeline_seconds(path: Path, sink: str) -> float:
     return time.perf_counter() - started
 
 
-def encoding_costs(rows: RowBatch) -> None:
+def encoding_costs(rows: RowBatch, spool: str) -> None:
     from clickflow.schema import TABLES
+    from clickflow_bigquery.load import TableFile
     from clickflow_bigquery.rowformats import ArrowFormat, ProtoFormat
     from clickflow_bigquery.rows import ROW_ENCODERS
 
     encoders = {
-        "insertAll JSON items (bigquery_streaming)": lambda name, table_rows: ROW_ENCODERS[name].items(table_rows),
+        "insertAll JSON items (bigquery_streaming)": lambda name, table_rows: ROW_ENCODERS[name].request_rows(
+            table_rows),
+        "JSON lines, keys digested (bigquery_load)": lambda name, table_rows: TableFile(
+            spool, name).add(table_rows),
         "protocol buffers (bigquery_write, proto)": lambda name, table_rows: formats["proto"][name].chunks(
             table_rows, 9 * 1024 * 1024),
         "Arrow record batches (bigquery_write, arrow)": lambda name, table_rows: formats["arrow"][name].chunks(
@@ -133,7 +138,8 @@ def main() -> None:
             [Message(p, f"m{i}") for i, p in enumerate(payloads)], "bench", time.time_ns() // 1000
         )
         total = len(rows)
-        encoding_costs(rows)
+        (work / "encoding").mkdir()
+        encoding_costs(rows, str(work / "encoding"))
         with running_bigquery_emulator(launcher, work / "emulator.log", work) as emulator:
             os.environ["BIGQUERY_EMULATOR_HOST"] = emulator.host
             os.environ["BIGQUERY_STORAGE_EMULATOR_HOST"] = emulator.grpc_host
