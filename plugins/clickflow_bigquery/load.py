@@ -29,7 +29,6 @@ import os
 import shutil
 import tempfile
 import time
-from array import array
 from datetime import timedelta
 from typing import Annotated, Any, BinaryIO
 
@@ -66,35 +65,31 @@ class BigQueryLoadOptions(BigQueryOptions, kw_only=True):
 
 
 class TableFile:
-    """One table's rows in a batch: JSON lines on disk, line offsets, and a digest of the row keys."""
+    """One table's rows in a batch: JSON lines on disk, their count, and a digest of the row keys."""
 
     def __init__(self, directory: str, table: str) -> None:
         self.table = table
         self.path = os.path.join(directory, f"{table}.json")
         self._file: BinaryIO | None = None
-        self.offsets = array("q")
-        self.size = 0
+        self._rows = 0
         self._keys = hashlib.sha256()
         self.loaded = False
 
     def add(self, rows: list[tuple[Any, ...]]) -> None:
         if rows:
             key_of = ROW_IDS[self.table]
-            self._append(ROW_ENCODERS[self.table].lines(rows), [key_of(row) for row in rows])
+            self._append(ROW_ENCODERS[self.table].lines(rows), len(rows), "\n".join(map(key_of, rows)))
 
-    def _append(self, lines: list[bytes], keys: list[str]) -> None:
-        if not lines:
-            return
+    def _append(self, lines: bytes, rows: int, keys: str) -> None:
+        """``rows`` JSON lines, each ending in a newline, and their keys, joined by newlines."""
         if self._file is None:
             self._file = open(self.path, "ab")  # noqa: SIM115 - closed by close()
-        for line in lines:
-            self.offsets.append(self.size)
-            self.size += len(line) + 1
-        self._file.write(b"\n".join(lines) + b"\n")
-        self._keys.update("\n".join(keys).encode() + b"\n")
+        self._file.write(lines)
+        self._rows += rows
+        self._keys.update(keys.encode() + b"\n")
 
     def __len__(self) -> int:
-        return len(self.offsets)
+        return self._rows
 
     def close(self) -> None:
         if self._file is not None:
@@ -109,17 +104,18 @@ class TableFile:
         """Take out the rows at these byte offsets or 1-based line numbers: ``(key, json)`` each.
         The file is rewritten line by line: a large batch is never read into memory whole."""
         self.close()
-        old, positions = self.path + ".old", self.offsets
+        old = self.path + ".old"
         os.replace(self.path, old)
-        self.offsets, self.size, self._keys = array("q"), 0, hashlib.sha256()
-        key_of, taken = json_row_id(self.table), []
+        self._rows, self._keys = 0, hashlib.sha256()
+        key_of, taken, offset = json_row_id(self.table), [], 0
         with open(old, "rb") as source:
-            for number, (offset, line) in enumerate(zip(positions, source, strict=True), 1):
+            for number, line in enumerate(source, 1):
                 row = line.rstrip(b"\n")
                 if offset in offsets or number in lines:
                     taken.append((key_of(row), row))
                 else:
-                    self._append([row], [key_of(row)])
+                    self._append(row + b"\n", 1, key_of(row))
+                offset += len(line)
         os.unlink(old)
         self.close()
         return taken

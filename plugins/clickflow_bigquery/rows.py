@@ -72,9 +72,9 @@ class RowEncoder:
             out.append(make(*values))
         return out
 
-    def lines(self, rows: list[tuple[Any, ...]]) -> list[bytes]:
-        """One JSON object per row (JSON text holds no raw newline, so the lines split exactly)."""
-        return _encode_lines(self.structs(rows)).split(b"\n")[:-1]
+    def lines(self, rows: list[tuple[Any, ...]]) -> bytes:
+        """One JSON object per row, each ending in a newline (JSON text holds no raw newline)."""
+        return _encode_lines(self.structs(rows))
 
     def request_rows(self, rows: list[tuple[Any, ...]]) -> bytes:
         """``{"insertId": key, "json": row}`` for each row, joined by commas: what an insertAll
@@ -102,8 +102,7 @@ ROW_ENCODERS = {name: RowEncoder(table) for name, table in TABLES.items()}
 
 def encode_row(table: str, row: tuple[Any, ...]) -> bytes:
     """One row's JSON object (for the odd row made alone, such as a dead letter)."""
-    (line,) = ROW_ENCODERS[table].lines([row])
-    return line
+    return ROW_ENCODERS[table].lines([row])[:-1]
 
 
 def object_row_id(table: str) -> Callable[[dict[str, Any]], str]:
