@@ -277,10 +277,11 @@ class Runtime:
                     for table, table_rows in rows.tables.items():
                         summary.rows[table] += len(table_rows)
                     context.events_parsed.inc(len(rows.tables["events"]))
-                    reasons = Counter(row[DeadLetterCol.reason] for row in rows.tables["dead_letter"])
-                    summary.dead_letters.update(reasons)
-                    for reason, count in reasons.items():  # labelled once a reason, not once a dead letter
-                        metrics.dead_letters.labels(delivery.source, reason).inc(count)
+                    if dead_letters := rows.tables["dead_letter"]:
+                        reasons = Counter(row[DeadLetterCol.reason] for row in dead_letters)
+                        summary.dead_letters.update(reasons)
+                        for reason, count in reasons.items():  # labelled once a reason, not once a dead letter
+                            metrics.dead_letters.labels(delivery.source, reason).inc(count)
                     parsed = Parsed(rows, delivery, sum(len(m.data) for m in part), isolated)
                     for send in sends:
                         await send.send(parsed)
