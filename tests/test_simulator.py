@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ from clickflow.testing import run_pipeline
 from clickflow_simulator import SimulatorOptions, VisitGenerator, simulated_messages
 from tests.conftest import table_counts
 from tests.emulators import clickflow
+from tests.fakes import MemorySink
 
 START = datetime(2024, 7, 1, 9, tzinfo=UTC)
 
@@ -81,6 +83,23 @@ def test_simulator_pipeline_ingests_every_visit(pipeline: Callable[..., Pipeline
     whole_message_dead = summary.dead_letters["invalid_json"] + summary.dead_letters["invalid_session_id"]
     assert counts["visits"] + whole_message_dead == 3000
     assert counts["dead_letter"] == sum(summary.dead_letters.values()) > 0
+
+
+def test_a_throttled_run_is_gathered_for_max_age_and_an_unthrottled_one_written_whenever_the_sink_is_free(
+    fake_pipeline: Callable[[str], Pipeline],
+) -> None:
+    sink = "sinks: [{type: memory, batch: {max_age: 1h}}]"
+    started = time.monotonic()
+    run_pipeline(
+        fake_pipeline(f"sources: [{{type: simulator, count: 200, visits_per_minute: 12000, seed: 1}}]\n{sink}")
+    )
+    assert time.monotonic() - started < 30  # not an hour: the end of the run writes what is gathered
+    assert len(MemorySink.writes) == 1
+    assert len(MemorySink.writes[0][1].tables["visits"]) + len(MemorySink.writes[0][1].tables["dead_letter"]) == 200
+    MemorySink.writes.clear()
+    run_pipeline(fake_pipeline(f"sources: [{{type: simulator, count: 3000, batch_size: 1000, seed: 1}}]\n{sink}"))
+    assert len(MemorySink.writes) > 1  # the first batch was written while the others were parsed
+    assert sum(len(batch.tables["visits"]) for _, batch in MemorySink.writes) == 3000
 
 
 def test_simulate_command_prints_json_lines() -> None:
