@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from clickflow.api import Message
 from clickflow.config import Pipeline
 from clickflow.parser import VisitParser
 from clickflow.testing import run_pipeline
-from clickflow_simulator import SimulatorOptions, VisitGenerator, simulated_messages
+from clickflow_simulator import TICK_S, SimulatorOptions, VisitGenerator, simulated_messages
 from tests.conftest import table_counts
 from tests.emulators import clickflow
 from tests.fakes import MemorySink
@@ -73,6 +74,19 @@ def test_throttled_stream_schedules_visits_at_the_rate() -> None:
         now[0] = max(now[0], due)  # a caller sleeps until each batch is due
     assert sum(n for _, n in schedule) == 20
     assert schedule[1][0] - schedule[0][0] == pytest.approx(0.1)
+
+
+def test_a_throttled_batch_holds_the_visits_due_within_a_tick_of_its_first() -> None:
+    now = [100.0]
+    options = SimulatorOptions(visits_per_minute=9000, count=100)  # a visit every 6.7 ms
+    schedule = []
+    for due, batch in simulated_messages(options, clock=lambda: now[0]):
+        schedule.append((due, len(batch)))
+        now[0] = max(now[0], due)
+    per_tick = math.ceil(TICK_S / (60 / 9000))
+    assert per_tick > 1
+    assert [n for _, n in schedule] == [per_tick] * (100 // per_tick) + [100 % per_tick]
+    assert schedule[1][0] - schedule[0][0] == pytest.approx(per_tick * 60 / 9000)  # each when its first is due
 
 
 def test_simulator_pipeline_ingests_every_visit(pipeline: Callable[..., Pipeline], tmp_path: object) -> None:

@@ -20,6 +20,10 @@ from clickflow_simulator.generator import Spike, VisitGenerator
 
 __all__ = ["SimulatorSource", "VisitGenerator", "simulated_messages"]
 
+TICK_S = 0.05
+"""Throttled, a batch holds the visits due within this long of its first: a visit a batch cost
+the runtime a batch's fixed cost (about 0.2 ms) for every visit, 333 times a second in the quickstart."""
+
 
 class SimulatorOptions(SourceOptions, kw_only=True):
     visits_per_minute: Annotated[float, Meta(gt=0)] | None = None
@@ -74,11 +78,17 @@ def simulated_messages(
             return
         size = options.batch_size
         if interval:
-            due = started + generator.offset_s(index)
+            first = generator.offset_s(index)
+            due = started + first
             if due >= ends:
                 return
             behind = now - due
             size = max(1, min(size, int(behind / interval * options.spike_factor) + 1)) if behind >= 0 else 1
+            while size < options.batch_size:  # and the visits due within a tick of the first
+                later = generator.offset_s(index + size)
+                if later - first >= TICK_S or started + later >= ends:
+                    break
+                size += 1
         else:
             due = 0.0
         if options.count is not None:
