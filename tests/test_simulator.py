@@ -85,7 +85,8 @@ def test_a_throttled_batch_holds_the_visits_due_within_a_tick_of_its_first() -> 
         now[0] = max(now[0], due)
     per_tick = math.ceil(TICK_S / (60 / 9000))
     assert per_tick > 1
-    assert [n for _, n in schedule] == [per_tick] * (100 // per_tick) + [100 % per_tick]
+    whole, rest = divmod(100, per_tick)
+    assert [n for _, n in schedule] == [per_tick] * whole + ([rest] if rest else [])
     assert schedule[1][0] - schedule[0][0] == pytest.approx(per_tick * 60 / 9000)  # each when its first is due
 
 
