@@ -42,14 +42,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import jwt
-from bench_pull import standin, stats
-from cryptography.hazmat.primitives.asymmetric import rsa  # this folder is on sys.path when run as a script
+from bench_pull import standin, stats  # this folder is on sys.path when run as a script
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from clickflow_simulator import VisitGenerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.emulators import free_port, metric, ready, wait_for
+from tests.tokens import AUDIENCE, key_set, token
 
 BARE = """
 import sys
@@ -83,23 +83,11 @@ end
 """
 
 
-AUDIENCE = "https://bench.example.com/pubsub/push"
-
-
-def key_set(work: Path, key: Any) -> Path:
+def keys_file(work: Path, key: Any) -> Path:
     """A file holding the public half of ``key`` as a JSON key set, for the stand-in to serve."""
-    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
     path = work / "keys.json"
-    path.write_text(json.dumps({"keys": [{**jwk, "kid": "bench", "alg": "RS256"}]}))
+    path.write_text(json.dumps(key_set(key)))
     return path
-
-
-def push_token(key: Any) -> str:
-    """A token as Pub/Sub attaches to its pushes (valid for an hour), signed by ``key``."""
-    now = int(time.time())
-    claims = {"iss": "https://accounts.google.com", "aud": AUDIENCE, "iat": now, "exp": now + 3600,
-              "email": "pusher@bench.iam.gserviceaccount.com", "email_verified": True}  # fmt: skip
-    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "bench"})
 
 
 def milliseconds(text: str) -> float:
@@ -157,13 +145,14 @@ def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install wrk)")
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    with tempfile.TemporaryDirectory() as tmp, standin(0, key_set(Path(tmp), key)) as bigquery:
+    with tempfile.TemporaryDirectory() as tmp, standin(0, keys_file(Path(tmp), key)) as bigquery:
         work = Path(tmp)
         visit = next(VisitGenerator(seed=22).messages(1))
         data = base64.b64encode(visit).decode()
         replay = work / "replay.lua"
         replay.write_text(LUA % (data, "", 500, "again"))
-        authorization = f'wrk.headers["Authorization"] = "Bearer {push_token(key)}"'
+        bearer = token(key, exp=int(time.time()) + 3600)  # as Pub/Sub's: valid for an hour, the whole run
+        authorization = f'wrk.headers["Authorization"] = "Bearer {bearer}"'
 
         def new_ids(run: str, headers: str = "") -> Path:
             """A wrk script whose message ids no other wrk run sends (each run's prefix is its own)."""

@@ -16,8 +16,9 @@ from aiohttp import web
 
 from clickflow_pubsub import oidc
 from clickflow_pubsub.oidc import AuthError, TokenVerifier
-from tests.test_pubsub_push import AUDIENCE, SENDER, key_set, keys, token
+from tests.test_pubsub_push import keys
 from tests.test_pubsub_push_hostile import keys_server
+from tests.tokens import AUDIENCE, SENDER, key_set, token
 
 __all__ = ["keys"]  # a fixture, used by name
 

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -41,10 +40,9 @@ from tests.emulators import (
     start_clickflow,
     wait_for,
 )
+from tests.tokens import AUDIENCE, SENDER, key_set, token
 
 pytestmark = pytest.mark.event_loops  # async tests on uvloop too, which serves the endpoint in a run
-AUDIENCE = "https://clickflow.example.com/pubsub/push"
-SENDER = "pusher@project.iam.gserviceaccount.com"
 
 
 def envelope(data: bytes, message_id: str = "m-1") -> bytes:
@@ -94,19 +92,6 @@ def test_the_fast_envelope_decoder_reads_every_body_as_the_generic_one_does(body
 @pytest.fixture
 def keys() -> dict[str, Any]:
     return {name: rsa.generate_private_key(public_exponent=65537, key_size=2048) for name in ("google", "forger")}
-
-
-def token(key: Any, **claims: Any) -> str:
-    now = int(time.time())
-    payload = {"iss": "https://accounts.google.com", "aud": AUDIENCE, "iat": now, "exp": now + 600,
-               "email": SENDER, "email_verified": True, **claims}  # fmt: skip
-    return jwt.encode(payload, key, algorithm="RS256", headers={"kid": "k1"})
-
-
-def key_set(key: Any) -> dict[str, Any]:
-    """The JSON key set a keys endpoint serves, holding ``key``'s public half as ``k1``."""
-    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
-    return {"keys": [{**jwk, "kid": "k1", "alg": "RS256"}]}
 
 
 @pytest_asyncio.fixture

@@ -30,7 +30,8 @@ from clickflow.plugins import Registry, load_plugins
 from clickflow.runtime import Runtime
 from clickflow_pubsub.oidc import AuthError, TokenVerifier
 from tests.conftest import table_counts
-from tests.test_pubsub_push import AUDIENCE, SENDER, envelope, key_set, keys, token
+from tests.test_pubsub_push import envelope, keys
+from tests.tokens import AUDIENCE, SENDER, key_set, token
 
 __all__ = ["keys"]  # a fixture
 pytestmark = pytest.mark.event_loops  # on uvloop too, which serves the endpoint in a run
