@@ -90,6 +90,16 @@ def test_a_throttled_batch_holds_the_visits_due_within_a_tick_of_its_first() -> 
     assert schedule[1][0] - schedule[0][0] == pytest.approx(per_tick * 60 / 9000)  # each when its first is due
 
 
+def test_a_reader_behind_the_schedule_gets_every_visit_due_at_once() -> None:
+    clock = iter([100.0, 101.0, 101.0, 101.0])  # started at 100, then read a second late
+    options = SimulatorOptions(visits_per_minute=9000, count=1000)  # a visit every 6.7 ms
+    batches = simulated_messages(options, clock=lambda: next(clock))
+    due, first = next(batches)
+    assert due == 100.0
+    assert len(first) == math.ceil((1 + TICK_S) / (60 / 9000))  # due in the second behind, and a tick after
+    assert len(next(batches)[1]) == math.ceil(TICK_S / (60 / 9000))  # caught up: a tick's worth
+
+
 def test_simulator_pipeline_ingests_every_visit(pipeline: Callable[..., Pipeline], tmp_path: object) -> None:
     db = f"{tmp_path}/sim.duckdb"
     summary = run_pipeline(pipeline(f"sources: [{{type: simulator, count: 3000, seed: 9, malformed_rate: 0.05}}]\n"
