@@ -217,10 +217,11 @@ class Source(abc.ABC, Generic[SourceOptionsT]):
     @property
     def eager(self) -> bool:
         """Whether sinks write this source's rows as soon as they are free, whatever their
-        ``max_age``. A finite source's are: its input is all there, so waiting would only leave the
-        sink idle. So are those of a source whose senders wait for each answer (``pubsub_push``):
-        waiting would only add latency, and on Cloud Run billed time. Either way a busy sink still
-        gathers what arrives during each write."""
+        ``max_age``. A finite source's are, by default: its input is all there, so waiting would
+        only leave the sink idle (a finite source whose input arrives over time, such as a
+        throttled simulator, says it is not). So are those of a source whose senders wait for each
+        answer (``pubsub_push``): waiting would only add latency, and on Cloud Run billed time.
+        Either way a busy sink still gathers what arrives during each write."""
         return self.finite
 
     @asynccontextmanager
