@@ -97,11 +97,15 @@ def encoding_costs(rows: RowBatch, spool: str) -> None:
     from clickflow_bigquery.rowformats import ArrowFormat, ProtoFormat
     from clickflow_bigquery.rows import ROW_ENCODERS
 
+    def load_lines(name: str, table_rows: list[tuple[object, ...]]) -> None:
+        table_file = TableFile(spool, name)  # appended to, round after round
+        table_file.add(table_rows)
+        table_file.close()
+
     encoders = {
         "insertAll JSON items (bigquery_streaming)": lambda name, table_rows: ROW_ENCODERS[name].request_rows(
             table_rows),
-        "JSON lines, keys digested (bigquery_load)": lambda name, table_rows: TableFile(
-            spool, name).add(table_rows),
+        "JSON lines, keys digested (bigquery_load)": load_lines,
         "protocol buffers (bigquery_write, proto)": lambda name, table_rows: formats["proto"][name].chunks(
             table_rows, 9 * 1024 * 1024),
         "Arrow record batches (bigquery_write, arrow)": lambda name, table_rows: formats["arrow"][name].chunks(
