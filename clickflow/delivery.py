@@ -17,6 +17,7 @@ import anyio.abc
 from anyio.abc import ObjectReceiveStream
 
 from clickflow.api import Acknowledger, AnySink, PermanentWriteError, RowBatch, SinkBatch
+from clickflow.logs import describe
 from clickflow.metrics import Metrics
 from clickflow.options import BatchLimits, RetryPolicy
 from clickflow.quarantine import Quarantine
@@ -29,7 +30,7 @@ class SinkFailed(Exception):
     """A sink kept failing after every retry; the run must stop."""
 
     def __init__(self, sink: str, cause: BaseException) -> None:
-        super().__init__(f"sink {sink!r} failed: {cause}")
+        super().__init__(f"sink {sink!r} failed: {describe(cause)}")
         self.sink = sink
         self.cause = cause
 
@@ -227,7 +228,8 @@ class SinkWorker:
                     batch.discard()
                     self._give_back(deliveries, exc, isolated)
                     return
-                log.warning("sink %s: write failed (attempt %d of %d): %s", name, attempt, self._retry.attempts, exc)
+                why = describe(exc)
+                log.warning("sink %s: write failed (attempt %d of %d): %s", name, attempt, self._retry.attempts, why)
                 await anyio.sleep(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, self._retry.max_backoff.total_seconds())
         self._failing_since = self._last_failure = None
@@ -252,7 +254,7 @@ class SinkWorker:
                 if delivery.message_ids:
                     self._quarantine.suspect(delivery.message_ids)
         elif self._last_failure in (None, isolated):
-            self._quarantine.strike(isolated, f"sink {self.sink.name!r}: {error}")
+            self._quarantine.strike(isolated, f"sink {self.sink.name!r}: {describe(error)}")
         self._last_failure = isolated or ""
         for delivery in deliveries:
             delivery.fail(error)
@@ -263,4 +265,4 @@ class SinkWorker:
         if not survivable or now - self._failing_since > self._retry.give_up_after.total_seconds():
             raise SinkFailed(self.sink.name, error) from error
         log.error("sink %s: giving the batch back for redelivery after %d attempts: %s",
-                  self.sink.name, self._retry.attempts, error)  # fmt: skip
+                  self.sink.name, self._retry.attempts, describe(error))  # fmt: skip

@@ -11,6 +11,12 @@ from typing import Literal
 LogFormat = Literal["text", "json"]
 
 
+def describe(exc: BaseException) -> str:
+    """An exception's text for a log line, an error or a dead letter's reason; its type's name if
+    it has none, as a client's timeout (``TimeoutError()``) has none."""
+    return str(exc) or type(exc).__name__
+
+
 class CloudLoggingFormatter(logging.Formatter):
     """One JSON object per line with ``severity``, which Cloud Logging reads as the level."""
 

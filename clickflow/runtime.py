@@ -27,6 +27,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from clickflow.api import Acknowledger, AnySink, AnySource, Message, RowBatch
 from clickflow.config import Pipeline, RuntimeOptions, uvloop_installed
 from clickflow.delivery import Delivery, Parsed, SinkFailed, SinkWorker
+from clickflow.logs import describe
 from clickflow.metrics import Metrics
 from clickflow.parser import VisitParser
 from clickflow.quarantine import Quarantine
@@ -74,7 +75,7 @@ class SourceFailed(PipelineError):
     def __init__(self, source: str, cause: BaseException) -> None:
         while isinstance(cause, BaseExceptionGroup) and cause.exceptions:  # the source's own task group
             cause = cause.exceptions[0]
-        super().__init__(f"source {source!r} failed: {cause}")
+        super().__init__(f"source {source!r} failed: {describe(cause)}")
         self.cause = cause
 
 
@@ -181,7 +182,7 @@ class Runtime:
                 try:
                     await sink.open()
                 except Exception as exc:
-                    raise PipelineError(f"sink {sink.name!r} could not start: {exc}") from exc
+                    raise PipelineError(f"sink {sink.name!r} could not start: {describe(exc)}") from exc
                 stack.push_async_callback(self._close, sink)
                 await stack.enter_async_context(_lifespan(f"sink {sink.name!r}", sink.lifespan(self.metrics)))
             for source in self.sources:
@@ -333,7 +334,8 @@ async def _lifespan(what: str, lifespan: AbstractAsyncContextManager[None]) -> A
     except Exception as exc:
         if in_run or isinstance(exc, PipelineError):
             raise
-        raise PipelineError(f"{what} {'failed as it ended' if entered else 'could not start'}: {exc}") from exc
+        when = "failed as it ended" if entered else "could not start"
+        raise PipelineError(f"{what} {when}: {describe(exc)}") from exc
 
 
 def pipeline_error_in(group: BaseExceptionGroup) -> BaseException:

@@ -153,6 +153,8 @@ class MemoryOptions(SinkOptions):
     gated: bool = False
     poison: str | None = None
     """Fail every write holding a ``visits`` row of this message id (a row the sink cannot take)."""
+    textless: bool = False
+    """Its failures have no text, as a client's timeout (``TimeoutError()``) has none."""
 
 
 class TrackedBatch(RowBatch):
@@ -180,11 +182,15 @@ class MemorySink(Sink[MemoryOptions, TrackedBatch]):
     async def write(self, batch: TrackedBatch) -> None:
         MemorySink.attempts += 1
         if MemorySink.attempts <= self.options.fail_first:
+            if self.options.textless:
+                raise TimeoutError
             if self.options.permanent:
                 raise PermanentWriteError(f"table missing (attempt {MemorySink.attempts})")
             raise ConnectionError(f"sink unavailable (attempt {MemorySink.attempts})")
         poison = self.options.poison
         if poison and any(row[VisitCol.message_id] == poison for row in batch.tables["visits"]):
+            if self.options.textless:
+                raise TimeoutError
             raise ValueError(f"cannot store message {poison}")
         if self.options.gated:
             assert MemorySink.gate is not None

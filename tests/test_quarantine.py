@@ -39,6 +39,21 @@ sinks: [{{type: memory, poison: m23, batch: {{max_rows: 1000, max_age: 10ms}},
     assert RedeliveringSource.deliveries < 3 * 50  # each message back a few times at most, then done
 
 
+async def test_a_poison_message_failing_without_text_is_dead_lettered_with_its_type(
+    fake_pipeline: Callable[[str], Pipeline],
+) -> None:
+    runtime = Runtime(fake_pipeline("""
+sources: [{type: redelivering, messages: 5, per_batch: 5}]
+sinks: [{type: memory, poison: m3, textless: true, batch: {max_rows: 1000, max_age: 10ms},
+         retry: {attempts: 1, initial_backoff: 1ms, give_up_after: 1h}}]
+"""))  # fmt: skip
+    with anyio.fail_after(30):
+        await runtime.run()
+    (dead,) = [row for _, batch in MemorySink.writes for row in batch.tables["dead_letter"]]
+    assert (dead[3], dead[5]) == ("m3", "unwritable")
+    assert dead[6].endswith("sink 'memory': TimeoutError")
+
+
 async def test_an_outage_strikes_no_message(fake_pipeline: Callable[[str], Pipeline]) -> None:
     """A sink failing for everything is an outage: messages come back and are stored when it recovers."""
     runtime = Runtime(fake_pipeline("""

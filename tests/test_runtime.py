@@ -65,6 +65,20 @@ sinks: [{type: memory, fail_first: 100, retry: {attempts: 2, initial_backoff: 1m
     assert runtime.summary.not_acknowledged == 2
 
 
+async def test_a_failure_without_text_is_named_by_its_type(
+    fake_pipeline: Callable[[str], Pipeline], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client's timeout raises ``TimeoutError()``: its retries and the run's end still say what failed."""
+    runtime = Runtime(fake_pipeline("""
+sources: [{type: script, batches: 1}]
+sinks: [{type: memory, fail_first: 100, textless: true, retry: {attempts: 2, initial_backoff: 1ms}}]
+"""))  # fmt: skip
+    with pytest.raises(PipelineError, match=r"^sink 'memory' failed: TimeoutError$"):
+        await runtime.run()
+    retried = [r.getMessage() for r in caplog.records if "write failed" in r.getMessage()]
+    assert retried == ["sink memory: write failed (attempt 1 of 2): TimeoutError"]
+
+
 async def test_a_permanent_write_error_is_not_retried(fake_pipeline: Callable[[str], Pipeline]) -> None:
     runtime = Runtime(fake_pipeline("""
 sources: [{type: script, batches: 1}]

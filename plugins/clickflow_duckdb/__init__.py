@@ -30,6 +30,7 @@ from msgspec import Meta
 from clickflow.api import AnySink, RowBatch, Sink, SinkContext
 from clickflow.dlq import DeadLetterGroup, DeadLetterPage, DeadLetterQuery
 from clickflow.hookspecs import Register, hookimpl
+from clickflow.logs import describe
 from clickflow.options import BatchLimits, ByteSize, Duration, SinkOptions
 from clickflow.parser import VisitContext
 from clickflow_duckdb import deadletters
@@ -170,7 +171,7 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
             except Exception as exc:
                 assert self._log is not None
                 raise OSError(
-                    f"cannot insert the batch log ({exc}); its batches stay in {self._log.directory}, "
+                    f"cannot insert the batch log ({describe(exc)}); its batches stay in {self._log.directory}, "
                     "and are inserted when the sink next opens"
                 ) from exc
 
@@ -187,7 +188,7 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
                 failing_since = now if failing_since is None else failing_since
                 if now - failing_since > self.options.retry.give_up_after.total_seconds():
                     raise
-                log.warning("sink %s: cannot insert the batch log yet: %s", self.name, exc)
+                log.warning("sink %s: cannot insert the batch log yet: %s", self.name, describe(exc))
 
     async def commit(self) -> None:
         """Insert the logged batches into the tables (with ``commit_every``)."""

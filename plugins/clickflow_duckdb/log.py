@@ -41,6 +41,7 @@ import anyio
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from clickflow.logs import describe
 from clickflow.schema import TABLE_NAMES
 from clickflow_duckdb import logwriter
 from clickflow_duckdb.spool import Spool, SpoolFiles
@@ -378,7 +379,7 @@ class LogWriter:
             status = int.from_bytes(await self._replies.receive_exactly(8), "little")
         except _PIPE_ERRORS as exc:
             await self.aclose()  # started again for the next request
-            raise OSError(errno.EIO, f"the log's writer process stopped ({exc or type(exc).__name__})") from exc
+            raise OSError(errno.EIO, f"the log's writer process stopped ({describe(exc)})") from exc
         except BaseException:  # cancelled midway (the sink shields its writes): the pipe is out of step
             self._process.kill()
             self._process = self._replies = None

@@ -23,6 +23,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, Protocol
 
+from clickflow.logs import describe
 from clickflow_file.elements import Extent, Resync, next_character, past_whitespace, scan
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def iter_messages(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
 
 
 def unreadable(path: str, count: int, exc: BaseException) -> OSError:
-    return OSError(f"{path}: unreadable after {count} messages: {exc}")
+    return OSError(f"{path}: unreadable after {count} messages: {describe(exc)}")
 
 
 class _Lines(Protocol):

@@ -31,6 +31,7 @@ import anyio
 from msgspec import Meta
 
 from clickflow.api import Message, Source, SourceContext
+from clickflow.logs import describe
 from clickflow.metrics import shared_metric
 from clickflow.options import HEARTBEAT_EVERY, ByteSize, Duration, PositiveInt, SourceOptions, check_range
 from clickflow_pubsub import MAX_ACK_DEADLINE, MIN_ACK_DEADLINE
@@ -178,7 +179,7 @@ class PubSubPullSource(Source[PubSubPullOptions]):
                 if isinstance(exc, aiohttp.ClientResponseError) and exc.status in (400, 401, 403, 404):
                     # a mistake to fix, not a hiccup to retry
                     raise RuntimeError(f"cannot pull {subscription}: {exc.status} {exc.message}") from exc
-                log.warning("%s: pull failed, retrying in %.1fs: %s", self.name, backoff, exc)
+                log.warning("%s: pull failed, retrying in %.1fs: %s", self.name, backoff, describe(exc))
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
                 continue
@@ -245,6 +246,6 @@ class PubSubPullSource(Source[PubSubPullOptions]):
                 await call(*args)
                 return True
             except (aiohttp.ClientError, TimeoutError) as exc:
-                log.warning("%s: %s failed (attempt %d): %s", self.name, call.__name__, attempt + 1, exc)
+                log.warning("%s: %s failed (attempt %d): %s", self.name, call.__name__, attempt + 1, describe(exc))
                 await anyio.sleep(0.2 * 2**attempt)
         return False

@@ -28,6 +28,7 @@ from anyio.lowlevel import checkpoint
 from msgspec import Meta
 
 from clickflow.api import Handler, Message, Source, SourceContext, valid_text
+from clickflow.logs import describe
 from clickflow.metrics import shared_metric
 from clickflow.options import HEARTBEAT_EVERY, ByteSize, Duration, SourceOptions, check_range
 from clickflow_pubsub import MAX_ACK_DEADLINE
@@ -442,7 +443,7 @@ class PubSubPushSource(Source[PubSubPushOptions]):
             log.warning("%s: a push request's body took over %s; answered 408", self.name, self.options.read_timeout)
             return self._refuse(408, "slow_body", "body not received in time")
         except (aiohttp.ClientError, ConnectionError) as exc:
-            log.warning("%s: a push request's body was cut off: %s", self.name, exc or type(exc).__name__)
+            log.warning("%s: a push request's body was cut off: %s", self.name, describe(exc))
             return self._refuse(400, "body_cut_off", "body cut off")
         except RequestPayloadError as exc:  # e.g. not in the Content-Encoding it names
             log.warning("%s: a push request's body cannot be read: %s", self.name, str(exc).replace("\n", " "))
