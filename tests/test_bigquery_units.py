@@ -326,3 +326,38 @@ def test_a_missing_dataset_is_created() -> None:
     client = DatasetRights(set())
     anyio.run(ensure_dataset, client, "clickstream")  # type: ignore[arg-type]
     assert client.created == ["clickstream"]
+
+
+@pytest.mark.parametrize("call", ["get_dataset", "insert_all"])
+def test_a_bigquery_that_never_answers_is_named_in_the_timeout(monkeypatch: pytest.MonkeyPatch, call: str) -> None:
+    """A timeout has no text of its own: the sink's error (its retries, or why it could not start)
+    says who did not answer, and after how long."""
+    from clickflow_bigquery import client as client_module
+
+    monkeypatch.setattr(client_module, "TIMEOUT", 0.3)
+
+    async def main() -> tuple[str, int]:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        monkeypatch.setenv("BIGQUERY_EMULATOR_HOST", f"127.0.0.1:{port}")
+        held: list[anyio.abc.SocketStream] = []  # accepted, never answered
+
+        async def hold(stream: anyio.abc.SocketStream) -> None:
+            async with stream:
+                held.append(stream)
+                await anyio.sleep_forever()
+
+        async with listener, anyio.create_task_group() as tasks:
+            tasks.start_soon(listener.serve, hold)
+            async with client_module.BigQueryClient("demo") as client:
+                with pytest.raises(TimeoutError) as raised:
+                    if call == "get_dataset":
+                        await client.get_dataset("clickstream")
+                    else:
+                        await client.insert_all("clickstream", "visits", b'{"rows": []}')
+            tasks.cancel_scope.cancel()
+        assert held
+        return str(raised.value), port
+
+    message, port = anyio.run(main)
+    assert message == f"BigQuery (http://127.0.0.1:{port}/bigquery/v2) did not answer within 0.3s"

@@ -91,11 +91,14 @@ class BigQueryClient:
 
     async def _call(self, method: str, url: str, **kwargs: Any) -> aiohttp.ClientResponse:
         headers = {**kwargs.pop("headers", {}), **await self._headers()}
-        response = await self.session.request(method, url, headers=headers, **kwargs)
-        if response.status >= 400:
-            body = await response.text(errors="replace")
-            response.release()
-            raise _error(response.status, body)
+        try:
+            response = await self.session.request(method, url, headers=headers, **kwargs)
+            if response.status >= 400:
+                body = await response.text(errors="replace")
+                response.release()
+                raise _error(response.status, body)
+        except TimeoutError:
+            raise self._no_answer() from None
         return response
 
     async def _managed(self, call: Any) -> dict[str, Any]:
@@ -105,6 +108,12 @@ class BigQueryClient:
             return await call  # type: ignore[no-any-return]
         except aiohttp.ClientResponseError as exc:  # gcloud-aio puts the body in the message
             raise _error(exc.status, exc.message) from None
+        except TimeoutError:
+            raise self._no_answer() from None
+
+    def _no_answer(self) -> TimeoutError:
+        """A timeout, which says nothing by itself (``TimeoutError()``), naming who did not answer."""
+        return TimeoutError(f"BigQuery ({self._root}) did not answer within {TIMEOUT:g}s")
 
     # datasets and tables
 
