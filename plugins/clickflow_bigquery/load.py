@@ -36,6 +36,7 @@ import anyio
 from msgspec import Meta
 
 from clickflow.api import RowBatch
+from clickflow.logs import describe
 from clickflow.options import GCS_BUCKET, BatchLimits, ByteSize, Duration, PositiveInt
 from clickflow.schema import TABLE_NAMES
 from clickflow_bigquery.client import BigQueryError
@@ -270,7 +271,7 @@ class BigQueryLoadSink(BigQuerySink[BigQueryLoadOptions, LoadBatch]):
             try:
                 await self._storage.delete(*self._staged(job_id))
             except Exception as exc:  # the rows are loaded; a leftover file is only litter
-                log.warning("could not delete the staged file of job %s: %s", job_id, exc)
+                log.warning("could not delete the staged file of job %s: %s", job_id, describe(exc))
 
     async def _wait(self, job_id: str, job: dict[str, Any]) -> dict[str, Any]:
         delay, deadline = 0.2, anyio.current_time() + self.options.job_timeout.total_seconds()

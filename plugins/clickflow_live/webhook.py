@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import anyio
 from msgspec import Meta
 
+from clickflow.logs import describe
 from clickflow.options import Duration, OptionGroup, PositiveInt
 from clickflow_live.alerts import Transition
 
@@ -77,7 +78,7 @@ class Webhook:
                         return
                     problem = f"HTTP {response.status}"
             except (aiohttp.ClientError, TimeoutError) as exc:
-                problem = f"{type(exc).__name__}: {exc}"
+                problem = describe(exc)
             if attempt < self.options.attempts:
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
