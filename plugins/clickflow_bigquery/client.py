@@ -21,6 +21,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import msgspec
 
+from clickflow.gcp import first_token
+
 if TYPE_CHECKING:
     import aiohttp
     from gcloud.aio.bigquery import Job, Table
@@ -70,6 +72,12 @@ class BigQueryClient:
         self.token = (
             None if self._emulated else Token(service_file=self._service_file, scopes=SCOPES, session=self.session)
         )
+        if self.token is not None:
+            try:
+                await first_token(self.token, "BIGQUERY_EMULATOR_HOST")
+            except BaseException:
+                await self.close()
+                raise
 
     async def close(self) -> None:
         if self.token is not None:

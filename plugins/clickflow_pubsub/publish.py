@@ -12,6 +12,8 @@ import aiohttp
 import anyio
 import msgspec
 
+from clickflow.gcp import first_token
+
 MAX_MESSAGES_PER_REQUEST = 1000  # the publish API's limit (and 10 MB per request)
 MAX_BYTES_PER_REQUEST = 9 * 1024 * 1024
 
@@ -58,6 +60,8 @@ async def publish(
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         token = None if emulator else Token(service_file=service_file, session=session, scopes=[
             "https://www.googleapis.com/auth/pubsub"])  # fmt: skip
+        if token is not None:
+            await first_token(token, "PUBSUB_EMULATOR_HOST")
 
         async def send(chunk: list[bytes]) -> None:
             try:

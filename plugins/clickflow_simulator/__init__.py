@@ -179,7 +179,12 @@ def _publish(topic: str, options: SimulatorOptions, concurrency: int) -> None:
         raise click.ClickException("publishing needs: pip install 'clickflow[gcp]'") from exc
     if options.count is None and options.duration is None:
         raise click.UsageError("publishing needs --count or --duration")
-    report = anyio.run(publish, topic, paced(simulated_messages(options)), concurrency)
+    from clickflow.gcp import NoCredentials
+
+    try:
+        report = anyio.run(publish, topic, paced(simulated_messages(options)), concurrency)
+    except NoCredentials as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(f"published {report.messages:,} visits in {report.seconds:.1f}s ({report.per_second:,.0f}/s)", err=True)
 
 
