@@ -16,6 +16,7 @@ import click
 from clickflow.api import AnySink
 from clickflow.config import Pipeline
 from clickflow.dlq import DeadLetterQuery, DeadLetterStore, replay
+from clickflow.logs import describe
 from clickflow.parser import PARSER_VERSION, VisitParser
 
 _reasons = click.option("--reason", "reasons", multiple=True, help="Only this reason (repeatable).")
@@ -111,7 +112,7 @@ def _with_stores(path: str, work: Callable[[Pipeline, Sequence[DeadLetterStore],
     try:
         anyio.run(run)
     except Exception as exc:  # a database locked by a running pipeline, an unreachable API
-        click.echo(f"clickflow: {exc}", err=True)
+        click.echo(f"clickflow: {describe(exc)}", err=True)
         sys.exit(EXIT_FAILED)
 
 

@@ -65,3 +65,15 @@ def test_publishing_without_credentials_says_what_to_set(tmp_path: Path) -> None
                             capture_output=True, text=True, timeout=120, cwd=REPO,
                             env=without_credentials(tmp_path))  # fmt: skip
     assert_says_what_to_set(result, "PUBSUB_EMULATOR_HOST")
+
+
+@pytest.mark.parametrize("command", [["bigquery", "create-tables"], ["dlq", "list"]], ids=" ".join)
+def test_a_bigquery_command_without_credentials_says_what_to_set_in_one_line(
+    tmp_path: Path, command: list[str]
+) -> None:
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(PIPELINES["bigquery_streaming"][0])
+    result = subprocess.run([*CLICKFLOW, *command, str(pipeline)], capture_output=True, text=True, timeout=120,
+                            cwd=REPO, env=without_credentials(tmp_path))  # fmt: skip
+    assert_says_what_to_set(result, "BIGQUERY_EMULATOR_HOST")
+    assert "Traceback" not in result.stderr, result.stderr

@@ -12,6 +12,7 @@ import click
 
 from clickflow.api import AnySink
 from clickflow.hookspecs import Register, hookimpl
+from clickflow.logs import describe
 
 
 @hookimpl
@@ -35,7 +36,6 @@ def create_tables(pipeline: str) -> None:
 
     from clickflow.cli import load_or_exit
     from clickflow_bigquery.common import BigQueryOptions, BigQuerySink
-    from clickflow_bigquery.tables import SchemaMismatch
 
     sinks = [(c.name, c.cls, c.options) for c in load_or_exit(pipeline).sinks if issubclass(c.cls, BigQuerySink)]
     if not sinks:
@@ -53,8 +53,8 @@ def create_tables(pipeline: str) -> None:
 
     try:
         anyio.run(create)
-    except SchemaMismatch as exc:
-        raise click.ClickException(str(exc)) from None
+    except Exception as exc:  # tables that differ, no credentials, an unreachable or refusing API
+        raise click.ClickException(describe(exc)) from None
 
 
 @hookimpl
