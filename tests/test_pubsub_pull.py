@@ -234,6 +234,16 @@ def test_simulate_publishes_to_a_topic(pubsub_emulator: PubSubEmulator) -> None:
     assert len({m["message"]["messageId"] for m in received}) == 2500
 
 
+def test_publishing_to_a_missing_topic_fails_in_one_line(pubsub_emulator: PubSubEmulator) -> None:
+    topic = f"projects/{pubsub_emulator.project}/topics/nope"
+    result = clickflow(
+        "simulate", "--topic", topic, "--count", "10", env={"PUBSUB_EMULATOR_HOST": pubsub_emulator.host}
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"Error: cannot publish to {topic}: 404 Not Found"), result.stderr
+    assert "Topic not found" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_a_missing_subscription_fails_the_run_clearly(pubsub_emulator: PubSubEmulator, tmp_path: Path) -> None:
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(

@@ -13,9 +13,14 @@ import anyio
 import msgspec
 
 from clickflow.gcp import first_token
+from clickflow.logs import describe
 
 MAX_MESSAGES_PER_REQUEST = 1000  # the publish API's limit (and 10 MB per request)
 MAX_BYTES_PER_REQUEST = 9 * 1024 * 1024
+
+
+class PublishError(Exception):
+    """The topic refused the messages (a topic that does not exist, say), or could not be reached."""
 
 
 @dataclass
@@ -70,15 +75,25 @@ async def publish(
                     headers["Authorization"] = f"Bearer {await token.get()}"
                 body = msgspec.json.encode({"messages": [{"data": base64.b64encode(d).decode()} for d in chunk]})
                 async with session.post(f"{root}/{topic}:publish", data=body, headers=headers) as response:
-                    response.raise_for_status()
+                    if response.status >= 400:
+                        answer = " ".join((await response.text(errors="replace")).split())[:300]
+                        raise PublishError(f"cannot publish to {topic}: {response.status} {response.reason}: {answer}")
                 report.messages += len(chunk)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise PublishError(f"cannot publish to {topic} ({root}): {describe(exc)}") from exc
             finally:
                 limiter.release()
 
-        async with anyio.create_task_group() as tasks:
-            async for batch in batches:
-                for chunk in _requests(batch):
-                    await limiter.acquire()
-                    tasks.start_soon(send, chunk)
+        try:
+            async with anyio.create_task_group() as tasks:
+                async for batch in batches:
+                    for chunk in _requests(batch):
+                        await limiter.acquire()
+                        tasks.start_soon(send, chunk)
+        except BaseExceptionGroup as group:  # the first request that failed says why
+            failed = group.exceptions[0]
+            if isinstance(failed, PublishError):
+                raise failed from None
+            raise
     report.seconds = time.monotonic() - started
     return report

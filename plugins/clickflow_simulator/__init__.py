@@ -180,10 +180,11 @@ def _publish(topic: str, options: SimulatorOptions, concurrency: int) -> None:
     if options.count is None and options.duration is None:
         raise click.UsageError("publishing needs --count or --duration")
     from clickflow.gcp import NoCredentials
+    from clickflow_pubsub.publish import PublishError
 
     try:
         report = anyio.run(publish, topic, paced(simulated_messages(options)), concurrency)
-    except NoCredentials as exc:
+    except (NoCredentials, PublishError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"published {report.messages:,} visits in {report.seconds:.1f}s ({report.per_second:,.0f}/s)", err=True)
 
