@@ -4,7 +4,9 @@ Without a service account key (``service_file``, ``GOOGLE_APPLICATION_CREDENTIAL
 default credentials, gcloud-aio asks the metadata server, which exists only on Google Cloud. Off
 it, every call then failed with "Cannot connect to host metadata.google.internal", which does not
 say what is missing; a pull source retried it forever. So each plugin fetches a first token as it
-starts, and a failure stops the run with what to set.
+starts, and a failure stops the run with what to set. gcloud-aio itself tries a fetch five times
+with backoff (about 15 s when the server refuses), which covers a GKE pod whose metadata server is
+not ready in its first seconds.
 """
 
 from __future__ import annotations
