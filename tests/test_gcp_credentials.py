@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.emulators import CLICKFLOW, free_port
+from tests.gcp_emulators import BigQueryEmulator
 
 PIPELINES = {
     "pubsub_pull": (
@@ -77,3 +78,20 @@ def test_a_bigquery_command_without_credentials_says_what_to_set_in_one_line(
                             cwd=REPO, env=without_credentials(tmp_path))  # fmt: skip
     assert_says_what_to_set(result, "BIGQUERY_EMULATOR_HOST")
     assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_staging_without_credentials_for_cloud_storage_stops_the_load_sink_at_start(
+    tmp_path: Path, bigquery_emulator: BigQueryEmulator
+) -> None:
+    """BigQuery on its emulator, the staging bucket on Google's Cloud Storage, with no credentials."""
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(
+        "sources: [{type: simulator, count: 10}]\n"
+        f"sinks: [{{type: bigquery_load, project: {bigquery_emulator.project}, dataset: staged,"
+        " staging: 'gs://clicks/staging'}]\n"
+    )
+    env = {**without_credentials(tmp_path), "BIGQUERY_EMULATOR_HOST": bigquery_emulator.host}
+    result = subprocess.run([*CLICKFLOW, "run", str(pipeline), "--no-progress"], capture_output=True, text=True,
+                            timeout=120, cwd=REPO, env=env)  # fmt: skip
+    assert_says_what_to_set(result, "STORAGE_EMULATOR_HOST")
+    assert "sink 'bigquery_load' could not start" in result.stderr
