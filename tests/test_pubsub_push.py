@@ -155,6 +155,31 @@ async def test_bad_tokens_are_refused_before_the_parser(
 
 
 @pytest.mark.asyncio
+async def test_a_flood_of_refused_requests_is_counted_each_and_logged_once(
+    push_client: tuple[Any, Runtime], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who reaches the endpoint could fill the log with refusals, a line each: the metric
+    counts every one, the log says it once a cause and interval, with how many it left out."""
+    client, runtime = push_client
+    caplog.clear()
+    for _ in range(50):
+        assert (await client.post("/pubsub/push", data=envelope(b"{}"))).status == 401
+    refused = runtime.metrics.registry.get_sample_value(
+        "clickflow_push_refused_total", {"source": "pubsub_push", "reason": "missing_token"}
+    )
+    assert refused == 50
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert lines == ["pubsub_push: refused a push request (401): missing bearer token"]
+    push = runtime.sources[0]
+    push._refusals.next_line["missing_token"] = 0.0  # as if the interval had passed
+    assert (await client.post("/pubsub/push", data=envelope(b"{}"))).status == 401
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert lines[1:] == [
+        "pubsub_push: refused a push request (401): missing bearer token (and 49 more since the last line)"
+    ]
+
+
+@pytest.mark.asyncio
 async def test_a_malformed_envelope_is_dead_lettered_and_answered_2xx(
     push_client: tuple[Any, Runtime], keys: dict[str, Any]
 ) -> None:

@@ -17,6 +17,7 @@ import base64
 import binascii
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -125,6 +126,32 @@ class AuthError(Exception):
         super().__init__(reason)
         self.status = status
         self.code = code
+
+
+REFUSALS_LOGGED_EVERY = 10.0
+"""Seconds between log lines about refused requests of one cause."""
+
+
+class _RefusalLog:
+    """Refused requests in the log: one line a cause at most every ``REFUSALS_LOGGED_EVERY``,
+    saying how many it left out. ``clickflow_push_refused`` counts each; a line each let anyone
+    who reaches the endpoint fill the log (and Cloud Logging's bill) with requests without a token."""
+
+    __slots__ = ("left_out", "next_line")
+
+    def __init__(self) -> None:
+        self.next_line: dict[str, float] = {}
+        self.left_out: dict[str, int] = {}
+
+    def warn(self, source: str, refused: AuthError) -> None:
+        now = time.monotonic()
+        if now < self.next_line.get(refused.code, 0.0):
+            self.left_out[refused.code] = self.left_out.get(refused.code, 0) + 1
+            return
+        self.next_line[refused.code] = now + REFUSALS_LOGGED_EVERY
+        left_out = self.left_out.pop(refused.code, 0)
+        more = f" (and {left_out} more since the last line)" if left_out else ""
+        log.warning("%s: refused a push request (%d): %s%s", source, refused.status, refused, more)
 
 
 STORED, PIPELINE_FULL, NOT_STORED = 204, 429, 503
@@ -273,6 +300,7 @@ class PubSubPushSource(Source[PubSubPushOptions]):
     _refused: Any = None
     _batch_sizes: Any = None
     _pending: _Pending
+    _refusals: _RefusalLog
 
     def routes(self) -> list[tuple[str, str, Handler]]:
         return [("POST", self.options.path, self._handle)]
@@ -287,6 +315,7 @@ class PubSubPushSource(Source[PubSubPushOptions]):
         import aiohttp
 
         self._verifier = None
+        self._refusals = _RefusalLog()
         self._pending = pending = _Pending(self.options.max_pending_bytes)
         if self.options.auth == "oidc":
             try:
@@ -391,7 +420,7 @@ class PubSubPushSource(Source[PubSubPushOptions]):
             try:
                 await self._verifier.verify(request.headers.get("Authorization"), self._session)
             except AuthError as exc:
-                log.warning("%s: refused a push request (%d): %s", self.name, exc.status, exc)
+                self._refusals.warn(self.name, exc)
                 return self._refuse(exc.status, exc.code, str(exc))
         held = _Reservation(self._pending)
         if not held.grow(request.content_length or 0):
