@@ -137,21 +137,22 @@ class _RefusalLog:
     saying how many it left out. ``clickflow_push_refused`` counts each; a line each let anyone
     who reaches the endpoint fill the log (and Cloud Logging's bill) with requests without a token."""
 
-    __slots__ = ("left_out", "next_line")
+    __slots__ = ("left_out", "next_line", "source")
 
-    def __init__(self) -> None:
+    def __init__(self, source: str) -> None:
+        self.source = source
         self.next_line: dict[str, float] = {}
         self.left_out: dict[str, int] = {}
 
-    def warn(self, source: str, refused: AuthError) -> None:
+    def warn(self, cause: str, message: str) -> None:
         now = time.monotonic()
-        if now < self.next_line.get(refused.code, 0.0):
-            self.left_out[refused.code] = self.left_out.get(refused.code, 0) + 1
+        if now < self.next_line.get(cause, 0.0):
+            self.left_out[cause] = self.left_out.get(cause, 0) + 1
             return
-        self.next_line[refused.code] = now + REFUSALS_LOGGED_EVERY
-        left_out = self.left_out.pop(refused.code, 0)
+        self.next_line[cause] = now + REFUSALS_LOGGED_EVERY
+        left_out = self.left_out.pop(cause, 0)
         more = f" (and {left_out} more since the last line)" if left_out else ""
-        log.warning("%s: refused a push request (%d): %s%s", source, refused.status, refused, more)
+        log.warning("%s: %s%s", self.source, message, more)
 
 
 STORED, PIPELINE_FULL, NOT_STORED = 204, 429, 503
@@ -315,7 +316,7 @@ class PubSubPushSource(Source[PubSubPushOptions]):
         import aiohttp
 
         self._verifier = None
-        self._refusals = _RefusalLog()
+        self._refusals = _RefusalLog(self.name)
         self._pending = pending = _Pending(self.options.max_pending_bytes)
         if self.options.auth == "oidc":
             try:
@@ -420,7 +421,7 @@ class PubSubPushSource(Source[PubSubPushOptions]):
             try:
                 await self._verifier.verify(request.headers.get("Authorization"), self._session)
             except AuthError as exc:
-                self._refusals.warn(self.name, exc)
+                self._refusals.warn(exc.code, f"refused a push request ({exc.status}): {exc}")
                 return self._refuse(exc.status, exc.code, str(exc))
         held = _Reservation(self._pending)
         if not held.grow(request.content_length or 0):
@@ -469,12 +470,16 @@ class PubSubPushSource(Source[PubSubPushOptions]):
                         return self._refuse_pending()
                     chunks.append(chunk)
         except TimeoutError:
-            log.warning("%s: a push request's body took over %s; answered 408", self.name, self.options.read_timeout)
+            self._refusals.warn(
+                "slow_body", f"a push request's body took over {self.options.read_timeout}; answered 408"
+            )
             return self._refuse(408, "slow_body", "body not received in time")
         except (aiohttp.ClientError, ConnectionError) as exc:
-            log.warning("%s: a push request's body was cut off: %s", self.name, describe(exc))
+            self._refusals.warn("body_cut_off", f"a push request's body was cut off: {describe(exc)}")
             return self._refuse(400, "body_cut_off", "body cut off")
         except RequestPayloadError as exc:  # e.g. not in the Content-Encoding it names
-            log.warning("%s: a push request's body cannot be read: %s", self.name, str(exc).replace("\n", " "))
+            self._refusals.warn(
+                "unreadable_body", f"a push request's body cannot be read: {' '.join(str(exc).split())}"
+            )
             return self._refuse(400, "unreadable_body", "body cannot be decoded")
         return b"".join(chunks)
