@@ -25,9 +25,18 @@ class NoCredentials(RuntimeError):
     """No access token could be had from the credentials this process finds."""
 
 
-async def first_token(token: Any, emulator_variable: str) -> None:
-    """Fetch a first access token from ``token`` (a gcloud-aio ``Token``), or raise ``NoCredentials``
-    naming what to set; ``emulator_variable`` is the variable that points the plugin at an emulator."""
+def token_of(client: Any) -> Any | None:
+    """A gcloud-aio client's ``Token``; None when it talks to an emulator, which takes none (the
+    client's ``_api_is_dev``: gcloud-aio's own reading of its ``*_EMULATOR_HOST`` variable)."""
+    return None if client._api_is_dev else client.token
+
+
+async def first_token(token: Any | None, emulator_variable: str) -> None:
+    """Fetch a first access token from ``token`` (a gcloud-aio ``Token``; None for an emulator, which
+    needs none), or raise ``NoCredentials`` naming what to set; ``emulator_variable`` is the variable
+    that points the plugin at an emulator."""
+    if token is None:
+        return
     try:
         with anyio.fail_after(FIRST_TOKEN_TIMEOUT):
             await token.get()

@@ -72,12 +72,11 @@ class BigQueryClient:
         self.token = (
             None if self._emulated else Token(service_file=self._service_file, scopes=SCOPES, session=self.session)
         )
-        if self.token is not None:
-            try:
-                await first_token(self.token, "BIGQUERY_EMULATOR_HOST")
-            except BaseException:
-                await self.close()
-                raise
+        try:
+            await first_token(self.token, "BIGQUERY_EMULATOR_HOST")
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         if self.token is not None:

@@ -36,7 +36,7 @@ import anyio
 from msgspec import Meta
 
 from clickflow.api import RowBatch
-from clickflow.gcp import first_token
+from clickflow.gcp import first_token, token_of
 from clickflow.logs import describe
 from clickflow.options import GCS_BUCKET, BatchLimits, ByteSize, Duration, PositiveInt
 from clickflow.schema import TABLE_NAMES
@@ -167,12 +167,11 @@ class BigQueryLoadSink(BigQuerySink[BigQueryLoadOptions, LoadBatch]):
             from gcloud.aio.storage import Storage
 
             self._storage = Storage(service_file=self.options.service_file, session=self.client.session)
-            if not self._storage._api_is_dev:  # gcloud-aio's own test for STORAGE_EMULATOR_HOST
-                try:
-                    await first_token(self._storage.token, "STORAGE_EMULATOR_HOST")
-                except BaseException:
-                    await self.close()
-                    raise
+            try:
+                await first_token(token_of(self._storage), "STORAGE_EMULATOR_HOST")
+            except BaseException:
+                await self.close()
+                raise
 
     def new_batch(self) -> LoadBatch:
         return LoadBatch(self._spool)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio.from_thread
 
-from clickflow.gcp import first_token
+from clickflow.gcp import first_token, token_of
 
 if TYPE_CHECKING:
     from gcloud.aio.storage import Storage
@@ -99,8 +99,7 @@ async def storage(service_file: str | None) -> AsyncIterator[Storage]:
     except ImportError as exc:
         raise RuntimeError("gs:// input needs: pip install 'clickflow[gcp]'") from exc
     async with Storage(service_file=service_file) as client:
-        if not client._api_is_dev:  # gcloud-aio's own test for STORAGE_EMULATOR_HOST
-            await first_token(client.token, "STORAGE_EMULATOR_HOST")
+        await first_token(token_of(client), "STORAGE_EMULATOR_HOST")
         yield client
 
 

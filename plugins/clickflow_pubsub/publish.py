@@ -65,8 +65,7 @@ async def publish(
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         token = None if emulator else Token(service_file=service_file, session=session, scopes=[
             "https://www.googleapis.com/auth/pubsub"])  # fmt: skip
-        if token is not None:
-            await first_token(token, "PUBSUB_EMULATOR_HOST")
+        await first_token(token, "PUBSUB_EMULATOR_HOST")
 
         async def send(chunk: list[bytes]) -> None:
             try:

@@ -31,7 +31,7 @@ import anyio
 from msgspec import Meta
 
 from clickflow.api import Message, Source, SourceContext
-from clickflow.gcp import first_token
+from clickflow.gcp import first_token, token_of
 from clickflow.logs import describe
 from clickflow.metrics import shared_metric
 from clickflow.options import HEARTBEAT_EVERY, ByteSize, Duration, PositiveInt, SourceOptions, check_range
@@ -143,8 +143,7 @@ class PubSubPullSource(Source[PubSubPullOptions]):
         connector = aiohttp.TCPConnector(limit=self.options.pull_concurrency + 4)
         async with aiohttp.ClientSession(connector=connector) as session:
             self._client = SubscriberClient(session=session, service_file=self.options.service_file)
-            if not self._client.emulated:
-                await first_token(self._client.token, "PUBSUB_EMULATOR_HOST")
+            await first_token(token_of(self._client), "PUBSUB_EMULATOR_HOST")
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._send_acks_forever)
                 tasks.start_soon(self._extend_leases_forever)

@@ -35,11 +35,6 @@ _encode = msgspec.json.encode
 class SubscriberClient(_GcloudSubscriberClient):
     """gcloud-aio's client, with a pull that decodes in C."""
 
-    @property
-    def emulated(self) -> bool:
-        """Talking to an emulator (``PUBSUB_EMULATOR_HOST``), which takes no token."""
-        return self._api_is_dev
-
     async def pull_messages(self, subscription: str, max_messages: int, seconds: float) -> list[ReceivedMessage]:
         """Up to ``max_messages`` messages. Raises ``aiohttp.ClientResponseError`` on an error status and
         ``msgspec.DecodeError`` (a ``ValueError``) on an answer that is not a pull response."""
