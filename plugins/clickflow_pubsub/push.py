@@ -402,9 +402,12 @@ class PubSubPushSource(Source[PubSubPushOptions]):
         del waiting[:expired]
         self._enter_timer = self._loop.call_at(waiting[0].deadline, self._not_entered) if waiting else None
 
-    def _refuse(self, status: int, reason: str, text: str) -> web.Response:
+    def _refuse(self, status: int, reason: str, text: str, logged: str | None = None) -> web.Response:
+        """Answer ``status``, counted under ``reason``; ``logged`` goes to the log, within its limit."""
         from aiohttp import web
 
+        if logged is not None:
+            self._refusals.warn(reason, logged)
         self._refused.labels(self.name, reason).inc()
         return web.Response(status=status, text=text)
 
@@ -421,8 +424,7 @@ class PubSubPushSource(Source[PubSubPushOptions]):
             try:
                 await self._verifier.verify(request.headers.get("Authorization"), self._session)
             except AuthError as exc:
-                self._refusals.warn(exc.code, f"refused a push request ({exc.status}): {exc}")
-                return self._refuse(exc.status, exc.code, str(exc))
+                return self._refuse(exc.status, exc.code, str(exc), f"refused a push request ({exc.status}): {exc}")
         held = _Reservation(self._pending)
         if not held.grow(request.content_length or 0):
             return self._refuse_pending()
@@ -470,16 +472,12 @@ class PubSubPushSource(Source[PubSubPushOptions]):
                         return self._refuse_pending()
                     chunks.append(chunk)
         except TimeoutError:
-            self._refusals.warn(
-                "slow_body", f"a push request's body took over {self.options.read_timeout}; answered 408"
-            )
-            return self._refuse(408, "slow_body", "body not received in time")
+            late = f"a push request's body took over {self.options.read_timeout}; answered 408"
+            return self._refuse(408, "slow_body", "body not received in time", late)
         except (aiohttp.ClientError, ConnectionError) as exc:
-            self._refusals.warn("body_cut_off", f"a push request's body was cut off: {describe(exc)}")
-            return self._refuse(400, "body_cut_off", "body cut off")
+            cut = f"a push request's body was cut off: {describe(exc)}"
+            return self._refuse(400, "body_cut_off", "body cut off", cut)
         except RequestPayloadError as exc:  # e.g. not in the Content-Encoding it names
-            self._refusals.warn(
-                "unreadable_body", f"a push request's body cannot be read: {' '.join(str(exc).split())}"
-            )
-            return self._refuse(400, "unreadable_body", "body cannot be decoded")
+            unreadable = f"a push request's body cannot be read: {' '.join(str(exc).split())}"
+            return self._refuse(400, "unreadable_body", "body cannot be decoded", unreadable)
         return b"".join(chunks)
