@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -15,6 +16,30 @@ def describe(exc: BaseException) -> str:
     """An exception's text for a log line, an error or a dead letter's reason; its type's name if
     it has none, as a client's timeout (``TimeoutError()``) has none."""
     return str(exc) or type(exc).__name__
+
+
+class Throttle:
+    """Lines of one cause at most every ``every`` seconds, for what anyone who reaches a port can
+    cause (a request without a token, one aiohttp cannot parse): a line each let them fill the
+    log, and Cloud Logging's bill. The lines left out are counted, and the next line says so."""
+
+    __slots__ = ("every", "left_out", "next_line")
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self.next_line: dict[str, float] = {}
+        self.left_out: dict[str, int] = {}
+
+    def allow(self, cause: str) -> str | None:
+        """None if this line is to be left out; else what to add to it (" (and 3 more since the
+        last line)", or nothing)."""
+        now = time.monotonic()
+        if now < self.next_line.get(cause, 0.0):
+            self.left_out[cause] = self.left_out.get(cause, 0) + 1
+            return None
+        self.next_line[cause] = now + self.every
+        left_out = self.left_out.pop(cause, 0)
+        return f" (and {left_out} more since the last line)" if left_out else ""
 
 
 class CloudLoggingFormatter(logging.Formatter):

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from clickflow.api import AnySink, AnySource
 from clickflow.config import MonitorOptions
+from clickflow.logs import Throttle
 from clickflow.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -46,19 +47,24 @@ async def _readyz(request: web.Request) -> web.Response:
 class _ClientErrorsAsWarnings(logging.Filter):
     """aiohttp logs a request it cannot parse (the client's error, answered 400) at ERROR with a
     traceback, so anyone who can reach the port could fill the log, and error reporting, with
-    them: here each is one WARNING line."""
+    them: here they are WARNING lines, one a cause (the parser's error type) every 10 s at most,
+    saying how many were left out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._throttle = Throttle()
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, HttpProcessingError) and 400 <= error.code < 500:
+            more = self._throttle.allow(type(error).__name__)
+            if more is None:
+                return False
             reason = " ".join(str(error.message).split())
-            record.msg, record.args = f"{record.getMessage()}: {error.code} {reason}", ()
+            record.msg, record.args = f"{record.getMessage()}: {error.code} {reason}{more}", ()
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info = record.exc_text = None
         return True
-
-
-_CLIENT_ERRORS = _ClientErrorsAsWarnings()
 
 
 def build_app(runtime: Runtime) -> web.Application:
@@ -77,7 +83,6 @@ def build_app(runtime: Runtime) -> web.Application:
 @asynccontextmanager
 async def serve(runtime: Runtime, options: MonitorOptions) -> AsyncIterator[str]:
     """Serve the monitoring app while the block runs; yields its base URL."""
-    logging.getLogger("aiohttp.server").addFilter(_CLIENT_ERRORS)
     runner = web.AppRunner(
         build_app(runtime),
         access_log=None,
@@ -89,6 +94,8 @@ async def serve(runtime: Runtime, options: MonitorOptions) -> AsyncIterator[str]
         lingering_time=0,
     )
     await runner.setup()
+    client_errors = _ClientErrorsAsWarnings()
+    logging.getLogger("aiohttp.server").addFilter(client_errors)
     try:
         site = web.TCPSite(runner, options.host, options.port)
         try:
@@ -106,3 +113,4 @@ async def serve(runtime: Runtime, options: MonitorOptions) -> AsyncIterator[str]
         yield url
     finally:
         await runner.cleanup()
+        logging.getLogger("aiohttp.server").removeFilter(client_errors)

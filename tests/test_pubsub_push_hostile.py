@@ -276,20 +276,36 @@ MALFORMED_REQUESTS = [
 
 
 @pytest.mark.asyncio
-async def test_a_malformed_request_is_400_and_one_warning_line(
+async def test_a_malformed_request_is_400_and_one_warning_line_a_cause(
     served: Callable[..., Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     """aiohttp logs each at ERROR with a traceback: anyone who reaches the port could fill the log,
-    and error reporting, with them."""
+    and error reporting, with them. Each cause is one WARNING line every 10 s, saying how many it
+    left out."""
     async with served() as (url, runtime):
         caplog.clear()
         for raw in MALFORMED_REQUESTS:
             assert await _status(url, raw) == 400, raw
+        first = [r for r in caplog.records if r.name == "aiohttp.server"]
+        for _ in range(20):  # the same again: counted, not logged
+            assert await _status(url, MALFORMED_REQUESTS[1]) == 400
+        again = [r for r in caplog.records if r.name == "aiohttp.server"]
+        (throttle,) = [f._throttle for f in logging.getLogger("aiohttp.server").filters if hasattr(f, "_throttle")]
+        left_out = dict(throttle.left_out)
+        throttle.next_line.clear()  # as if the interval had passed
+        assert await _status(url, MALFORMED_REQUESTS[1]) == 400
+        later = [r for r in caplog.records if r.name == "aiohttp.server"][len(again) :]
     assert sum(runtime.summary.messages.values()) == 0
-    server_lines = [r for r in caplog.records if r.name == "aiohttp.server"]
-    assert [r.levelname for r in server_lines] == ["WARNING"] * len(MALFORMED_REQUESTS)
-    assert all("\n" not in r.getMessage() and r.exc_info is None for r in server_lines)
+    assert 3 <= len(first) < len(MALFORMED_REQUESTS)  # several causes, some of them shared
+    assert {r.levelname for r in first} == {"WARNING"}
+    assert all("\n" not in r.getMessage() and r.exc_info is None for r in first)
+    assert again == first
+    (line,) = later
+    assert "Content-Length" in line.getMessage()
+    assert sum(left_out.values()) == 20 + len(MALFORMED_REQUESTS) - len(first)  # each request logged or counted
+    assert line.getMessage().endswith(f" (and {max(left_out.values())} more since the last line)")
     assert "Traceback" not in caplog.text
+    assert not [f for f in logging.getLogger("aiohttp.server").filters if hasattr(f, "_throttle")]  # removed
 
 
 @pytest.mark.asyncio

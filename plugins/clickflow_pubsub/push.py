@@ -17,7 +17,6 @@ import base64
 import binascii
 import hashlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -29,7 +28,7 @@ from anyio.lowlevel import checkpoint
 from msgspec import Meta
 
 from clickflow.api import Handler, Message, Source, SourceContext, valid_text
-from clickflow.logs import describe
+from clickflow.logs import Throttle, describe
 from clickflow.metrics import shared_metric
 from clickflow.options import HEARTBEAT_EVERY, ByteSize, Duration, SourceOptions, check_range
 from clickflow_pubsub import MAX_ACK_DEADLINE
@@ -126,33 +125,6 @@ class AuthError(Exception):
         super().__init__(reason)
         self.status = status
         self.code = code
-
-
-REFUSALS_LOGGED_EVERY = 10.0
-"""Seconds between log lines about refused requests of one cause."""
-
-
-class _RefusalLog:
-    """Refused requests in the log: one line a cause at most every ``REFUSALS_LOGGED_EVERY``,
-    saying how many it left out. ``clickflow_push_refused`` counts each; a line each let anyone
-    who reaches the endpoint fill the log (and Cloud Logging's bill) with requests without a token."""
-
-    __slots__ = ("left_out", "next_line", "source")
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.next_line: dict[str, float] = {}
-        self.left_out: dict[str, int] = {}
-
-    def warn(self, cause: str, message: str) -> None:
-        now = time.monotonic()
-        if now < self.next_line.get(cause, 0.0):
-            self.left_out[cause] = self.left_out.get(cause, 0) + 1
-            return
-        self.next_line[cause] = now + REFUSALS_LOGGED_EVERY
-        left_out = self.left_out.pop(cause, 0)
-        more = f" (and {left_out} more since the last line)" if left_out else ""
-        log.warning("%s: %s%s", self.source, message, more)
 
 
 STORED, PIPELINE_FULL, NOT_STORED = 204, 429, 503
@@ -301,7 +273,7 @@ class PubSubPushSource(Source[PubSubPushOptions]):
     _refused: Any = None
     _batch_sizes: Any = None
     _pending: _Pending
-    _refusals: _RefusalLog
+    _refusals: Throttle
 
     def routes(self) -> list[tuple[str, str, Handler]]:
         return [("POST", self.options.path, self._handle)]
@@ -316,7 +288,7 @@ class PubSubPushSource(Source[PubSubPushOptions]):
         import aiohttp
 
         self._verifier = None
-        self._refusals = _RefusalLog(self.name)
+        self._refusals = Throttle()
         self._pending = pending = _Pending(self.options.max_pending_bytes)
         if self.options.auth == "oidc":
             try:
@@ -406,8 +378,8 @@ class PubSubPushSource(Source[PubSubPushOptions]):
         """Answer ``status``, counted under ``reason``; ``logged`` goes to the log, within its limit."""
         from aiohttp import web
 
-        if logged is not None:
-            self._refusals.warn(reason, logged)
+        if logged is not None and (more := self._refusals.allow(reason)) is not None:
+            log.warning("%s: %s%s", self.name, logged, more)
         self._refused.labels(self.name, reason).inc()
         return web.Response(status=status, text=text)
 
