@@ -176,6 +176,9 @@ def test_the_dashboard_renders_live_numbers_in_a_browser(chromium: str, tmp_path
     top = int(re.search(r'id="page-views-chart"[^>]*data-top="(\d+)"', dom).group(1))  # type: ignore[union-attr]
     assert 1100 <= top <= math.ceil(1.1 * busiest)
     assert re.search(r'id="dead-letters"[^>]*>.*invalid_json', dom, re.S)
+    # seconds into the run no minute has closed: the tile says when the first will, not just "-"
+    hint = re.search(r'id="last-minute-at">([^<]*)<', dom).group(1)  # type: ignore[union-attr]
+    assert re.fullmatch(r"(first once the watermark passes|the minute of) \d\d:\d\d UTC", hint), hint
     assert shot.stat().st_size > 20_000
     assert "script-src 'self'" in headers["Content-Security-Policy"] and headers["X-Content-Type-Options"] == "nosniff"
     assert "Content Security Policy" not in rendered.stderr  # the page needs nothing the policy refuses

@@ -52,6 +52,15 @@
     }
   }
 
+  // Which minute the tile shows, or (before any has closed) when the first will: a minute closes
+  // once the watermark, allowed_lateness behind the newest event, passes its end.
+  function lastMinuteHint(closed, minutes) {
+    const utc = (ms) => new Date(ms).toISOString().slice(11, 16) + " UTC";
+    if (closed.length) return "the minute of " + utc(Date.parse(closed[closed.length - 1].minute));
+    if (!minutes.length) return "";
+    return "first once the watermark passes " + utc(Date.parse(minutes[0].minute) + 60000);
+  }
+
   function render(live) {
     refreshMs = 1000 * (live.refresh_seconds || 1);
     text("watermark", live.watermark ? live.watermark.replace("T", " ").replace("Z", "") : "–");
@@ -62,6 +71,7 @@
     text("events-total", fmt.format(live.totals.events));
     const closed = live.page_views_per_minute.filter((m) => m.closed);
     text("last-minute", closed.length ? fmt.format(closed[closed.length - 1].page_views) : "–");
+    text("last-minute-at", lastMinuteHint(closed, live.page_views_per_minute));
     const lag = live.ingestion_lag_seconds;
     text("lag", lag.p50 === null ? "–" : fmt.format(lag.p50) + " s / " + fmt.format(lag.p99) + " s");
 
