@@ -1,13 +1,15 @@
 """What a small DuckDB write costs as the database grows, next to the same write into an empty one.
 
-    python bench/bench_duckdb_growth.py [--stored 1000000 3000000] [--batch 32] [--writes 20]
+    python bench/bench_duckdb_growth.py [--stored 1000000 3000000] [--dead-letters 5000000]
+                                        [--batch 32] [--writes 20] [--malformed-rate 0.1]
 
-The DuckDB sink stores each visit once by inserting only the visits whose ``visit_id`` is not in
-the table yet (an ANTI JOIN on ``visit_key``, the id as a number). DuckDB keeps no index for that,
-so every write scans the stored keys: this prints the median time of one push- or pull-sized
-write (``--batch`` visits with their events, through the sink's own spool and ``insert``) into an
-empty database, then after filling ``visits`` to each ``--stored`` size with distinct ids of the
-same shape.
+The DuckDB sink stores each visit and dead letter once by inserting only those whose key is not
+in the table yet (an ANTI JOIN on ``visit_key`` or ``dead_letter_key``, the id as a number).
+DuckDB keeps no index for that, so every write scans the stored keys: this prints the median time
+of one push- or pull-sized write (``--batch`` visits with their events, a ``--malformed-rate``
+share of them dead letters, through the sink's own spool and ``insert``) into an empty database,
+then after filling ``visits`` to each ``--stored`` size, then ``dead_letter`` to each
+``--dead-letters`` size, with distinct ids of the same shape.
 """
 
 from __future__ import annotations
@@ -21,18 +23,24 @@ from clickflow.api import Message
 from clickflow.parser import VisitParser
 from clickflow_duckdb import DuckDBSinkOptions, connect
 from clickflow_duckdb.spool import JsonSpool
-from clickflow_duckdb.tables import VISIT_KEY, insert, visit_key
+from clickflow_duckdb.tables import KEYS, VISIT_KEY, insert, key_value
 from clickflow_simulator.generator import VisitGenerator
+
+DEAD_LETTER_KEY = KEYS["dead_letter"][0]
 
 
 def main() -> None:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--stored", type=int, nargs="+", default=[1_000_000, 3_000_000])
     args.add_argument("--batch", type=int, default=32, help="visits per write")
+    args.add_argument("--dead-letters", type=int, nargs="*", default=[5_000_000])
     args.add_argument("--writes", type=int, default=20, help="writes timed at each size (median)")
+    args.add_argument("--malformed-rate", type=float, default=0.1)
     opts = args.parse_args()
 
-    payloads = list(VisitGenerator(seed=11).messages(opts.batch * opts.writes * (len(opts.stored) + 1)))
+    timed = len(opts.stored) + len(opts.dead_letters) + 2  # and the empty database, and before the dead letters
+    generator = VisitGenerator(seed=11, malformed_rate=opts.malformed_rate)
+    payloads = list(generator.messages(opts.batch * opts.writes * timed))
     parser = VisitParser()
     batches = iter(
         parser.parse([Message(data, f"growth:{i + j}") for j, data in enumerate(payloads[i : i + opts.batch])], "b", 0)
@@ -59,12 +67,25 @@ def main() -> None:
             (stored,) = con.execute("SELECT count(*) FROM visits").fetchone() or (0,)
             # Distinct 32-hex-digit ids, like the parser's: copies of one stored visit under new ids.
             con.execute(
-                f"INSERT INTO visits SELECT v.* REPLACE (id AS visit_id, {visit_key('id')} AS {VISIT_KEY}) "
+                f"INSERT INTO visits SELECT v.* REPLACE (id AS visit_id, {key_value('visits', 'id')} AS {VISIT_KEY}) "
                 f"FROM (SELECT * FROM visits LIMIT 1) v CROSS JOIN "
                 f"(SELECT md5('fill:' || i::VARCHAR) AS id FROM range({stored}, {size}) r(i))"
             )
             ms = median_write_ms()
             print(f"{size:>15,} visits: {ms:6.1f} ms per write, {ms / empty:4.1f}x the empty database's")
+        before = median_write_ms()
+        print(f"{'no more dead letters':>24}: {before:6.1f} ms per write")
+        for size in sorted(opts.dead_letters):
+            (stored,) = con.execute("SELECT count(*) FROM dead_letter").fetchone() or (0,)
+            # Copies of one stored dead letter under new visit ids of the parser's shape.
+            con.execute(
+                f"INSERT INTO dead_letter SELECT d.* REPLACE (id AS dead_letter_id, "
+                f"{key_value('dead_letter', 'id')} AS {DEAD_LETTER_KEY}) "
+                f"FROM (SELECT * FROM dead_letter LIMIT 1) d CROSS JOIN "
+                f"(SELECT md5('fill:' || i::VARCHAR) AS id FROM range({stored}, {size}) r(i))"
+            )
+            ms = median_write_ms()
+            print(f"{size:>15,} dead letters: {ms:6.1f} ms per write, {ms / before:4.1f}x that")
         con.close()
 
 

@@ -271,7 +271,7 @@ def test_a_duckdb_table_or_column_that_is_not_there_is_named_not_made(tmp_path: 
     else:
         make_old_duckdb_tables(db)
         new_columns = DEAD_LETTER.columns[len(OLD_DEAD_LETTER_COLUMNS) :]
-        lacking = f"column(s) {', '.join(f'dead_letter.{c.name}' for c in new_columns)}"
+        lacking = f"column(s) {', '.join(f'dead_letter.{c.name}' for c in new_columns)}, dead_letter.dead_letter_key"
     before = duckdb_columns(db)
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(f"sources: [{{type: simulator, count: 1}}]\nsinks: [{{type: duckdb, path: '{db}'}}]\n")

@@ -15,6 +15,7 @@ import pytest
 from clickflow.api import Message, RowBatch
 from clickflow.parser import VisitParser
 from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions
+from clickflow_duckdb.tables import KEYS
 from tests.conftest import table_counts
 
 pytestmark = pytest.mark.anyio
@@ -45,7 +46,7 @@ async def test_creates_the_four_tables_with_the_schema_columns(tmp_path: Path) -
     with duckdb.connect(str(tmp_path / "db.duckdb"), read_only=True) as con:
         for table in TABLES.values():
             names = [row[0] for row in con.execute(f"DESCRIBE {table.name}").fetchall()]
-            assert names == [*table.column_names, *(["visit_key"] if table.name == "visits" else [])]
+            assert names == [*table.column_names, *([KEYS[table.name][0]] if table.name in KEYS else [])]
 
 
 async def test_rows_round_trip_with_types_and_utc_times(tmp_path: Path, visit: Callable[..., dict[str, Any]]) -> None:
@@ -76,21 +77,50 @@ async def test_visit_key_is_the_visit_id_as_a_number(tmp_path: Path, visit: Call
     assert len(pairs) == 2 and all(key == int(visit_id, 16) for visit_id, key in pairs)
 
 
-async def test_a_file_from_before_visit_key_is_keyed_and_still_drops_redeliveries(
+def with_dead_letters(visit: Callable[..., dict[str, Any]], prefix: str = "m") -> RowBatch:
+    """Two visits, each with a dead-lettered event (the second, twice), and a message dead-lettered whole."""
+    bad_event = {"event_type": "page_view", "timestamp": "not a time", "details": {}}
+    visits = [visit(events=[*visit()["events"], bad_event]), visit(events=[bad_event, bad_event]), "not json"]
+    return parsed(visits, prefix)
+
+
+async def test_dead_letter_key_is_the_visit_id_part_as_a_number_and_redeliveries_are_stored_once(
+    tmp_path: Path, visit: Callable[..., dict[str, Any]]
+) -> None:
+    db = tmp_path / "db.duckdb"
+    rows = with_dead_letters(visit)
+    assert len(rows.tables["dead_letter"]) == 4
+    await write(db, rows, rows, with_dead_letters(visit, prefix="again"))
+    with duckdb.connect(str(db), read_only=True) as con:
+        keyed = con.execute("SELECT dead_letter_id, event_index, dead_letter_key FROM dead_letter").fetchall()
+    assert len(keyed) == 8  # each batch's four once: the same ids under other messages are other letters
+    assert len({(key, index) for _, index, key in keyed}) == 8
+    assert all(key == int(dead_letter_id.split(":")[0], 16) for dead_letter_id, _, key in keyed)
+    assert {index for _, index, _ in keyed} == {None, 0, 1, 3}
+
+
+async def test_a_file_from_before_the_keys_is_keyed_and_still_drops_redeliveries(
     tmp_path: Path, visit: Callable[..., dict[str, Any]]
 ) -> None:
     db = tmp_path / "db.duckdb"
     first = parsed([visit(), visit()])
     await write(db, first)
-    with duckdb.connect(str(db)) as con:  # as clickflow stored visits before the key
+    letters = with_dead_letters(visit, prefix="d")
+    await write(db, letters)
+    with duckdb.connect(str(db)) as con:  # as clickflow stored visits and dead letters before the keys
         con.execute("ALTER TABLE visits DROP COLUMN visit_key")
+        con.execute("ALTER TABLE dead_letter DROP COLUMN dead_letter_key")
         con.execute("INSERT INTO visits (visit_id, session_id, event_count, rejected_event_count, source, message_id, "
                     "ingested_at) VALUES ('not hex', 's', 0, 0, 'other writer', 'x', now())")  # fmt: skip
-    await write(db, first, parsed([visit(), visit(), visit()]))  # m0, m1 again, then m2 new
+    await write(db, first, parsed([visit(), visit(), visit()]), letters)  # m0, m1 again, then m2 new; the letters again
     with duckdb.connect(str(db), read_only=True) as con:
-        keys = con.execute("SELECT visit_id, visit_key FROM visits ORDER BY message_id").fetchall()
-    assert [key == (int(visit_id, 16) if visit_id != "not hex" else None) for visit_id, key in keys] == [True] * 4
-    assert table_counts(db) == {"visits": 4, "events": 9, "purchase_items": 3, "dead_letter": 0}
+        keys = con.execute("SELECT visit_id, visit_key FROM visits WHERE source <> 'other writer'").fetchall()
+        unkeyed = con.execute("SELECT visit_key FROM visits WHERE source = 'other writer'").fetchall()
+        letter_keys = con.execute("SELECT dead_letter_id, dead_letter_key FROM dead_letter").fetchall()
+    assert len(keys) == 5 and all(key == int(visit_id, 16) for visit_id, key in keys)
+    assert unkeyed == [(None,)]
+    assert len(letter_keys) == 4 and all(key == int(i.split(":")[0], 16) for i, key in letter_keys)
+    assert table_counts(db) == {"visits": 6, "events": 12, "purchase_items": 4, "dead_letter": 4}
 
 
 async def test_a_message_twice_in_one_batch_is_written_once(

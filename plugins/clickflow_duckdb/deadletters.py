@@ -13,7 +13,7 @@ from clickflow.dlq import DeadLetterGroup, DeadLetterQuery, StoredDeadLetter
 from clickflow.parser import VisitContext
 from clickflow.schema import TABLES
 from clickflow_duckdb.spool import JsonSpool
-from clickflow_duckdb.tables import insert_into, select_spooled
+from clickflow_duckdb.tables import MATCHES, insert_into, select_spooled
 
 if TYPE_CHECKING:
     import duckdb
@@ -23,10 +23,9 @@ _MATCHING = """replayed_at IS NULL AND (len($reasons) = 0 OR list_contains($reas
 _ALL_TIME = -(2**62)
 
 KEY_MATCH = {
-    "visits": "b.visit_key = t.visit_key",  # visit_id as a number, DuckDB's alone (see VISIT_KEY)
+    **MATCHES,  # visits and dead letters by DuckDB's own keys
     "events": "b.visit_id = t.visit_id AND b.event_index = t.event_index",  # event_id is computed from them
     "purchase_items": "b.event_id = t.event_id AND b.item_index = t.item_index",
-    "dead_letter": "b.dead_letter_id = t.dead_letter_id",
 }
 """How a row matches a stored one: its table's key (``clickflow.schema``)."""
 

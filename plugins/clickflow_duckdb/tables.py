@@ -6,8 +6,8 @@ visits are counted against the table, and if some are there already, only the ne
 anti-join) are inserted, with their events and purchase items. A visit's rows always travel in the
 same batch, so this is exact; ``dead_letter`` rows are anti-joined on their own key. There are no
 primary-key indexes: DuckDB rewrites a whole index at every checkpoint, which made large tables
-quadratically slow to load; the count and the anti-join scan one column, ``visit_key``: the visit
-id as a number.
+quadratically slow to load; the anti-joins scan numbers, ``visit_key`` and ``dead_letter_key``
+(see ``KEYS``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from clickflow.schema import TABLES, Column, ColumnType, Table, VisitCol
+from clickflow.schema import TABLES, Column, ColumnType, Table
 
 if TYPE_CHECKING:
     import duckdb
@@ -35,16 +35,30 @@ GENERATED = {("events", "event_id"): "visit_id || ':' || CAST(event_index AS VAR
 Not storing those unique strings makes loading events about a tenth cheaper."""
 
 
-VISIT_KEY = "visit_key"
-"""A column only DuckDB's ``visits`` has, last: ``visit_id`` (32 hex digits, see
-``clickflow.parser.visit_id_for``) as one 128-bit number, the key the de-duplication anti-join
-reads. The join reads every stored key; as text, DuckDB decompressed and hashed each one: a small
-write at 10,000,000 stored visits took 4.6 times as long (``bench/bench_duckdb_growth.py``)."""
+KEYS = {"visits": ("visit_key", "visit_id"), "dead_letter": ("dead_letter_key", "dead_letter_id")}
+"""Columns only DuckDB's tables have, last in theirs: the visit's id (32 hex digits, see
+``clickflow.parser.visit_id_for``; a dead letter's id is its visit's, or an event's
+``visit_id:index``) as one 128-bit number, the key the de-duplication anti-joins read. The join
+reads every stored key; as text, DuckDB decompressed and hashed each one: a small write at
+10,000,000 stored visits took 4.6 times as long, and one with dead letters at 5,000,000 stored
+5.6 times (``bench/bench_duckdb_growth.py``)."""
+VISIT_KEY = KEYS["visits"][0]
+
+MATCHES = {
+    "visits": "b.visit_key = t.visit_key",
+    "dead_letter": "b.dead_letter_key = t.dead_letter_key AND b.event_index IS NOT DISTINCT FROM t.event_index",
+}
+"""A spooled row ``b`` that is a stored row ``t`` again: its key, and for a dead letter whether it
+is a message's (no ``event_index``) or which event's."""
 
 
-def visit_key(visit_id: str, cast: str = "CAST") -> str:
-    """SQL for ``VISIT_KEY``'s value from an expression of ``visit_id``'s."""
-    return f"{cast}('0x' || {visit_id} AS UHUGEINT)"
+def key_value(table: str, id_sql: str, cast: str = "CAST") -> str:
+    """SQL for ``table``'s key (``KEYS``) from an expression of its id's: the visit id, or a dead
+    letter's visit id part, as a number (``TRY_CAST``: NULL, never matched, for an id that is not
+    hex, which only another writer could have stored)."""
+    if table == "dead_letter":
+        id_sql = f"split_part({id_sql}, ':', 1)"
+    return f"{cast}('0x' || {id_sql} AS UHUGEINT)"
 
 
 def _stored(table: Table) -> list[tuple[int, Column]]:
@@ -60,14 +74,14 @@ def create_table_sql(table: Table) -> str:
             columns.append(f"{column.name} {DUCKDB_TYPES[column.type]} GENERATED ALWAYS AS ({expression}) VIRTUAL")
         else:
             columns.append(f"{column.name} {DUCKDB_TYPES[column.type]}{' NOT NULL' if column.required else ''}")
-    if table.name == "visits":
-        columns.append(f"{VISIT_KEY} UHUGEINT")
+    if table.name in KEYS:
+        columns.append(f"{KEYS[table.name][0]} UHUGEINT")
     return f"CREATE TABLE IF NOT EXISTS {table.name} ({', '.join(columns)})"
 
 
 def _written(table: Table) -> list[tuple[str, str]]:
     """The columns an insert writes, in order, each with its value's SQL from a spooled row ``j``:
-    the schema's stored columns, then ``visits``' ``visit_key``. ``insert_into`` and
+    the schema's stored columns, then the table's key (``KEYS``), if it has one. ``insert_into`` and
     ``select_spooled`` both come from it, so their columns always line up."""
     written = []
     for i, column in _stored(table):
@@ -75,8 +89,11 @@ def _written(table: Table) -> list[tuple[str, str]]:
             written.append((column.name, f"make_timestamptz(j[{i}]::BIGINT)"))
         else:
             written.append((column.name, f"j[{i}]::{DUCKDB_TYPES[column.type]}"))
-    if table.name == "visits":
-        written.append((VISIT_KEY, visit_key(f"j[{VisitCol.visit_id + 1}]")))
+    if table.name in KEYS:
+        key, id_column = KEYS[table.name]
+        position = table.column_names.index(id_column) + 1
+        cast = "CAST" if table.name == "visits" else "TRY_CAST"  # a dead letter is stored whatever it holds
+        written.append((key, key_value(table.name, f"j[{position}]", cast)))
     return written
 
 
@@ -114,7 +131,7 @@ def lacking(con: duckdb.DuckDBPyConnection) -> str:
         f"{name}.{column}"
         for name, table in TABLES.items()
         if name in found
-        for column in [c.name for c in table.columns] + ([VISIT_KEY] if name == "visits" else [])
+        for column in [c.name for c in table.columns] + ([KEYS[name][0]] if name in KEYS else [])
         if column not in found[name]
     ]
     parts = [f"table(s) {', '.join(tables)}"] if tables else []
@@ -132,10 +149,11 @@ def create_tables(con: duckdb.DuckDBPyConnection) -> None:
                 con.execute(
                     f"ALTER TABLE {table.name} ADD COLUMN IF NOT EXISTS {column.name} {DUCKDB_TYPES[column.type]}"
                 )
-    # a file from before visit_key: its visits keyed once (an id that is not hex, which only another
-    # writer could have stored, stays unkeyed and is never matched)
-    con.execute(f"ALTER TABLE visits ADD COLUMN IF NOT EXISTS {VISIT_KEY} UHUGEINT")
-    con.execute(f"UPDATE visits SET {VISIT_KEY} = {visit_key('visit_id', 'TRY_CAST')} WHERE {VISIT_KEY} IS NULL")
+    # a file from before a key: its rows keyed once (an id that is not hex, which only another writer
+    # could have stored, stays unkeyed and is never matched)
+    for name, (key, id_column) in KEYS.items():
+        con.execute(f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {key} UHUGEINT")
+        con.execute(f"UPDATE {name} SET {key} = {key_value(name, id_column, 'TRY_CAST')} WHERE {key} IS NULL")
 
 
 def insert(con: duckdb.DuckDBPyConnection, paths: Mapping[str, str | Sequence[str]], counts: Mapping[str, int]) -> None:
@@ -152,7 +170,7 @@ def insert(con: duckdb.DuckDBPyConnection, paths: Mapping[str, str | Sequence[st
         if counts["dead_letter"]:
             con.execute(
                 f"{insert_into(TABLES['dead_letter'])} SELECT b.* FROM {spooled('dead_letter')} "
-                "ANTI JOIN dead_letter t ON b.dead_letter_id = t.dead_letter_id"
+                f"ANTI JOIN dead_letter t ON {MATCHES['dead_letter']}"
             )
         con.commit()
     except BaseException:
@@ -166,8 +184,7 @@ def insert(con: duckdb.DuckDBPyConnection, paths: Mapping[str, str | Sequence[st
 def _insert_visits(con: duckdb.DuckDBPyConnection, spooled: Callable[[str], str], counts: Mapping[str, int]) -> None:
     """Visits not stored yet, with their events and purchase items."""
     con.execute(
-        f"{insert_into(TABLES['visits'])} SELECT b.* FROM {spooled('visits')} "
-        "ANTI JOIN visits t ON b.visit_key = t.visit_key"
+        f"{insert_into(TABLES['visits'])} SELECT b.* FROM {spooled('visits')} ANTI JOIN visits t ON {MATCHES['visits']}"
     )
     (inserted,) = con.fetchone() or (0,)
     if inserted == 0:  # all delivered before, and so were their rows
@@ -178,7 +195,7 @@ def _insert_visits(con: duckdb.DuckDBPyConnection, spooled: Callable[[str], str]
         con.begin()
         con.execute(
             "CREATE OR REPLACE TEMP TABLE clickflow_new_visits AS "
-            f"SELECT b.visit_id FROM {spooled('visits')} ANTI JOIN visits t ON b.visit_key = t.visit_key"
+            f"SELECT b.visit_id FROM {spooled('visits')} ANTI JOIN visits t ON {MATCHES['visits']}"
         )
         only_new = " SEMI JOIN clickflow_new_visits n ON b.visit_id = n.visit_id"
         con.execute(f"{insert_into(TABLES['visits'])} SELECT b.* FROM {spooled('visits')}{only_new}")
