@@ -19,14 +19,26 @@ import statistics
 import tempfile
 import time
 
+import duckdb
+
 from clickflow.api import Message
 from clickflow.parser import VisitParser
 from clickflow_duckdb import DuckDBSinkOptions, connect
 from clickflow_duckdb.spool import JsonSpool
-from clickflow_duckdb.tables import KEYS, VISIT_KEY, insert, key_value
+from clickflow_duckdb.tables import KEYS, insert, key_value
 from clickflow_simulator.generator import VisitGenerator
 
-DEAD_LETTER_KEY = KEYS["dead_letter"][0]
+
+def fill(con: duckdb.DuckDBPyConnection, table: str, size: int) -> None:
+    """Grow ``table`` to ``size`` rows: copies of one stored row under new ids of the parser's
+    shape (32 hex digits), keyed as the sink keys them."""
+    key, id_column = KEYS[table]
+    (stored,) = con.execute(f"SELECT count(*) FROM {table}").fetchone() or (0,)
+    con.execute(
+        f"INSERT INTO {table} SELECT r.* REPLACE (id AS {id_column}, {key_value(table, 'id')} AS {key}) "
+        f"FROM (SELECT * FROM {table} LIMIT 1) r CROSS JOIN "
+        f"(SELECT md5('fill:' || i::VARCHAR) AS id FROM range({stored}, {size}) n(i))"
+    )
 
 
 def main() -> None:
@@ -64,26 +76,13 @@ def main() -> None:
         empty = median_write_ms()
         print(f"{'empty database':>24}: {empty:6.1f} ms per write of {opts.batch} visits")
         for size in sorted(opts.stored):
-            (stored,) = con.execute("SELECT count(*) FROM visits").fetchone() or (0,)
-            # Distinct 32-hex-digit ids, like the parser's: copies of one stored visit under new ids.
-            con.execute(
-                f"INSERT INTO visits SELECT v.* REPLACE (id AS visit_id, {key_value('visits', 'id')} AS {VISIT_KEY}) "
-                f"FROM (SELECT * FROM visits LIMIT 1) v CROSS JOIN "
-                f"(SELECT md5('fill:' || i::VARCHAR) AS id FROM range({stored}, {size}) r(i))"
-            )
+            fill(con, "visits", size)
             ms = median_write_ms()
             print(f"{size:>15,} visits: {ms:6.1f} ms per write, {ms / empty:4.1f}x the empty database's")
         before = median_write_ms()
         print(f"{'no more dead letters':>24}: {before:6.1f} ms per write")
         for size in sorted(opts.dead_letters):
-            (stored,) = con.execute("SELECT count(*) FROM dead_letter").fetchone() or (0,)
-            # Copies of one stored dead letter under new visit ids of the parser's shape.
-            con.execute(
-                f"INSERT INTO dead_letter SELECT d.* REPLACE (id AS dead_letter_id, "
-                f"{key_value('dead_letter', 'id')} AS {DEAD_LETTER_KEY}) "
-                f"FROM (SELECT * FROM dead_letter LIMIT 1) d CROSS JOIN "
-                f"(SELECT md5('fill:' || i::VARCHAR) AS id FROM range({stored}, {size}) r(i))"
-            )
+            fill(con, "dead_letter", size)
             ms = median_write_ms()
             print(f"{size:>15,} dead letters: {ms:6.1f} ms per write, {ms / before:4.1f}x that")
         con.close()

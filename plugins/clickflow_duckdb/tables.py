@@ -42,7 +42,6 @@ KEYS = {"visits": ("visit_key", "visit_id"), "dead_letter": ("dead_letter_key", 
 reads every stored key; as text, DuckDB decompressed and hashed each one: a small write at
 10,000,000 stored visits took 4.6 times as long, and one with dead letters at 5,000,000 stored
 dead letters four times (301 ms against 74, ``bench/bench_duckdb_growth.py``)."""
-VISIT_KEY = KEYS["visits"][0]
 
 MATCHES = {
     "visits": "b.visit_key = t.visit_key",
