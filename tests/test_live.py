@@ -13,6 +13,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,9 @@ def chromium() -> str:
 def headless(browser: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
              "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}"]  # fmt: skip
-    return subprocess.run([browser, *flags, *args], capture_output=True, text=True, timeout=60)
+    # a browser away from UTC: the page must show UTC times whatever the zone it runs in
+    environment = {**os.environ, "TZ": "America/New_York"}
+    return subprocess.run([browser, *flags, *args], capture_output=True, text=True, timeout=60, env=environment)
 
 
 @pytest.mark.integration
@@ -156,7 +159,8 @@ def test_the_dashboard_renders_live_numbers_in_a_browser(chromium: str, tmp_path
         with urllib.request.urlopen(url) as page:
             headers = page.headers
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/live") as answer:
-            busiest = max(m["page_views"] for m in json.load(answer)["page_views_per_minute"])
+            minutes = json.load(answer)["page_views_per_minute"]
+        busiest = max(m["page_views"] for m in minutes)
         shot = tmp_path / "dashboard.png"
         headless(chromium, tmp_path / "profile2", "--window-size=1400,1000", "--virtual-time-budget=6000",
                  f"--screenshot={shot}", url)  # fmt: skip
@@ -176,9 +180,14 @@ def test_the_dashboard_renders_live_numbers_in_a_browser(chromium: str, tmp_path
     top = int(re.search(r'id="page-views-chart"[^>]*data-top="(\d+)"', dom).group(1))  # type: ignore[union-attr]
     assert 1100 <= top <= math.ceil(1.1 * busiest)
     assert re.search(r'id="dead-letters"[^>]*>.*invalid_json', dom, re.S)
-    # seconds into the run no minute has closed: the tile says when the first will, not just "-"
-    hint = re.search(r'id="last-minute-at">([^<]*)<', dom).group(1)  # type: ignore[union-attr]
-    assert re.fullmatch(r"(first once the watermark passes|the minute of) \d\d:\d\d UTC", hint), hint
+    # seconds into the run no minute has closed: the tile says when the first will, not just "-",
+    # at a minute of the run's in UTC (in New York's zone it would be five hours off)
+    hint = re.fullmatch(r"(first once the watermark passes|the minute of) (\d\d:\d\d)",
+                        re.search(r'id="last-minute-at">([^<]*)<', dom).group(1))  # type: ignore[union-attr]  # fmt: skip
+    assert hint is not None, dom
+    starts = [datetime.fromisoformat(m["minute"].replace("Z", "+00:00")) for m in minutes]
+    assert hint.group(2) in {f"{t + timedelta(minutes=k):%H:%M}" for t in starts for k in (0, 1)}, (hint, starts)
+    assert "times in UTC" in dom
     assert shot.stat().st_size > 20_000
     assert "script-src 'self'" in headers["Content-Security-Policy"] and headers["X-Content-Type-Options"] == "nosniff"
     assert "Content Security Policy" not in rendered.stderr  # the page needs nothing the policy refuses

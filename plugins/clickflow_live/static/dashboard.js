@@ -7,20 +7,30 @@
   let pageViews = null, revenue = null, refreshMs = 1000, pageViewsTop = 1;
 
   const short = new Intl.NumberFormat("en-US", { notation: "compact", maximumFractionDigits: 1 });
+  // Every time on the page is UTC, as event times, the watermark and alerts are; not the browser's zone.
+  const hhmm = (ms) => new Date(ms).toISOString().slice(11, 16);
 
   function axisStyle(extra) {
     return Object.assign({ stroke: "#8a94ad", grid: { stroke: "#26304a" }, ticks: { stroke: "#26304a" },
                            size: 56, values: (u, ticks) => ticks.map((v) => short.format(v)) }, extra || {});
   }
 
-  // extra: more uPlot options (scales, hooks); x is a time scale whatever else a chart sets on it
+  // uPlot's time tick labels by tick spacing (its own table's layout), in 24-hour time: a label,
+  // then the line under it where the date (or the hour, for seconds) changes
+  const TIME_TICKS = [
+    [86400, "{M}/{D}", "\n{YYYY}", null, null, null, null, null, 1],
+    [60, "{HH}:{mm}", "\n{M}/{D}/{YY}", null, "\n{M}/{D}", null, null, null, 1],
+    [1, ":{ss}", "\n{M}/{D}/{YY} {HH}:{mm}", null, "\n{M}/{D} {HH}:{mm}", null, "\n{HH}:{mm}", null, 1],
+  ];
+
+  // extra: more uPlot options (scales, hooks); x is a time scale, in UTC, whatever else a chart sets on it
   function lineChart(el, series, height, axes, extra) {
     const scales = Object.assign({}, extra.scales);
     scales.x = Object.assign({ time: true }, scales.x);
     const opts = Object.assign({
-      width: el.clientWidth, height: height,
-      axes: [axisStyle({ values: undefined, size: 50 })].concat(axes || [axisStyle()]),
-      series: [{}].concat(series),
+      width: el.clientWidth, height: height, tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), "Etc/UTC"),
+      axes: [axisStyle({ values: TIME_TICKS, size: 50 })].concat(axes || [axisStyle()]),
+      series: [{ value: "{HH}:{mm}:{ss}" }].concat(series),
     }, extra, { scales: scales });
     return new uPlot(opts, [[]].concat(series.map(() => [])), el);
   }
@@ -55,10 +65,9 @@
   // Which minute the tile shows, or (before any has closed) when the first will: a minute closes
   // once the watermark, allowed_lateness behind the newest event, passes its end.
   function lastMinuteHint(closed, minutes) {
-    const utc = (ms) => new Date(ms).toISOString().slice(11, 16) + " UTC";
-    if (closed.length) return "the minute of " + utc(Date.parse(closed[closed.length - 1].minute));
+    if (closed.length) return "the minute of " + hhmm(Date.parse(closed[closed.length - 1].minute));
     if (!minutes.length) return "";
-    return "first once the watermark passes " + utc(Date.parse(minutes[0].minute) + 60000);
+    return "first once the watermark passes " + hhmm(Date.parse(minutes[0].minute) + 60000);
   }
 
   function render(live) {
@@ -137,7 +146,7 @@
     const log = $("transitions");
     log.replaceChildren(...live.recent_transitions.slice(-6).reverse().map((t) => {
       const li = document.createElement("li");
-      li.textContent = t.minute.slice(11, 16) + "  " + t.alert + " " + t.state + " at " + fmt.format(t.value) + " page views";
+      li.textContent = hhmm(Date.parse(t.minute)) + "  " + t.alert + " " + t.state + " at " + fmt.format(t.value) + " page views";
       return li;
     }));
     document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
