@@ -115,7 +115,8 @@
         { label: "revenue", stroke: "#ffb547", width: 2, scale: "usd" },
       ], 200, [axisStyle(), axisStyle({ scale: "usd", side: 1, grid: { show: false },
                                         values: (u, ticks) => ticks.map((v) => "$" + short.format(v)) })],
-      { scales: { x: { range: (u, min, max) => [min - 15, max + 15] } } });  // room for the end bars
+      // room for the end bars; with no minute yet, no range (not the seconds around 1970)
+      { scales: { x: { range: (u, min, max) => (min === null ? [null, null] : [min - 15, max + 15]) } } });
     }
     revenue.setData([minutes, live.purchases_per_minute.map((m) => m.purchases),
                      live.purchases_per_minute.map((m) => m.revenue)]);
