@@ -1,4 +1,4 @@
-"""What a small DuckDB write costs as the database grows, next to the same write into an empty one.
+"""What a small DuckDB write costs as the database grows, next to the same write before it grew.
 
     python bench/bench_duckdb_growth.py [--stored 1000000 3000000] [--dead-letters 5000000]
                                         [--batch 32] [--writes 20] [--malformed-rate 0.1]
@@ -8,8 +8,8 @@ in the table yet (an ANTI JOIN on ``visit_key`` or ``dead_letter_key``, the id a
 DuckDB keeps no index for that, so every write scans the stored keys: this prints the median time
 of one push- or pull-sized write (``--batch`` visits with their events, a ``--malformed-rate``
 share of them dead letters, through the sink's own spool and ``insert``) into an empty database,
-then after filling ``visits`` to each ``--stored`` size, then ``dead_letter`` to each
-``--dead-letters`` size, with distinct ids of the same shape.
+then after filling ``visits`` to each ``--stored`` size; then again, and after filling
+``dead_letter`` to each ``--dead-letters`` size, with distinct ids of the same shape.
 """
 
 from __future__ import annotations
@@ -73,18 +73,14 @@ def main() -> None:
                 spool.discard()
             return statistics.median(times) * 1000
 
-        empty = median_write_ms()
-        print(f"{'empty database':>24}: {empty:6.1f} ms per write of {opts.batch} visits")
-        for size in sorted(opts.stored):
-            fill(con, "visits", size)
-            ms = median_write_ms()
-            print(f"{size:>15,} visits: {ms:6.1f} ms per write, {ms / empty:4.1f}x the empty database's")
-        before = median_write_ms()
-        print(f"{'no more dead letters':>24}: {before:6.1f} ms per write")
-        for size in sorted(opts.dead_letters):
-            fill(con, "dead_letter", size)
-            ms = median_write_ms()
-            print(f"{size:>15,} dead letters: {ms:6.1f} ms per write, {ms / before:4.1f}x that")
+        grown = (("visits", opts.stored, "visits"), ("dead_letter", opts.dead_letters, "dead letters"))
+        for table, sizes, rows in grown:
+            before = median_write_ms()  # the reference: the same write before this table grows
+            print(f"{'before ' + rows:>24}: {before:6.1f} ms per write of {opts.batch} visits")
+            for size in sorted(sizes):
+                fill(con, table, size)
+                ms = median_write_ms()
+                print(f"{size:>15,} {rows}: {ms:6.1f} ms per write, {ms / before:4.1f}x the write before")
         con.close()
 
 
