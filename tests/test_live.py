@@ -176,6 +176,7 @@ def test_the_dashboard_renders_live_numbers_in_a_browser(chromium: str, tmp_path
     pages = re.findall(r'<span title="(https://example\.com/[^"]*)">', dom)
     assert len(pages) >= 5
     assert "ALERT: ceiling" in dom  # 30,000 visits a minute is far above 1,000 page views
+    assert re.search(r'<td>[\d,]+<div class="hint">\d\d:\d\d</div></td>', dom)  # its value, and that minute
     # the chart's y axis (as uPlot set it) fits the page views (read later, so no fewer), not the far threshold
     top = int(re.search(r'id="page-views-chart"[^>]*data-top="(\d+)"', dom).group(1))  # type: ignore[union-attr]
     assert 1100 <= top <= math.ceil(1.1 * busiest)

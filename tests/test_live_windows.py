@@ -147,6 +147,22 @@ def test_the_threshold_rule_fires_as_soon_as_the_open_minute_crosses_it() -> Non
     assert cleared.state == "cleared"
 
 
+def test_a_firing_alerts_value_is_its_busiest_minute_with_that_minute() -> None:
+    """The value and the minute the API and the dashboard show are one minute's: they once paired
+    the busiest minute's page views with the newest minute over the threshold."""
+    rule = AlertRule(name="ceiling", kind="threshold", above=50, clear_after=1)
+    aggregates, alerts = LiveAggregates(allowed_lateness_us=10 * 10**6), Alerts([rule])
+    feed(aggregates, *[i / 2 for i in range(100)])  # 100 page views in minute 0
+    assert [c.state for c in alerts.evaluate(aggregates)] == ["firing"]
+    feed(aggregates, *[60 + i for i in range(55)])  # 55 in minute 1: over the threshold, not the busiest
+    assert alerts.evaluate(aggregates) == []
+    (state,) = alerts.states
+    assert (state.firing, state.value, state.minute_us) == (True, 100, T0)
+    feed(aggregates, *[120 + i / 5 for i in range(200)])  # 200 in minute 2: the busiest now
+    alerts.evaluate(aggregates)
+    assert (state.value, state.minute_us) == (200, T0 + 2 * MINUTE_US)
+
+
 def test_a_threshold_rule_needs_its_threshold() -> None:
     with pytest.raises(ValueError, match="needs above"):
         AlertRule(name="x", kind="threshold")

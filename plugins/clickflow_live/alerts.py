@@ -68,6 +68,8 @@ class AlertState:
     firing: bool = False
     since: float | None = None
     value: int = 0
+    """With ``minute_us``: the busiest minute judged since the alert last fired (its page views
+    and start), kept after it clears; 0 and None before it ever fired."""
     threshold: float | None = None
     minute_us: int | None = None
     quiet_minutes: int = 0
@@ -120,7 +122,8 @@ class Alerts:
             return [self._transition(state, "firing", minute, threshold)]
         if state.firing and over:
             state.quiet_minutes = 0
-            state.value, state.minute_us = max(state.value, minute.page_views), minute.start_us
+            if minute.page_views > state.value:
+                state.value, state.minute_us = minute.page_views, minute.start_us
         elif state.firing and closed_minute:
             state.quiet_minutes += 1
             if state.quiet_minutes >= state.rule.clear_after:

@@ -16,7 +16,8 @@ The JSON (``version`` 1) is a contract; fields are only ever added::
     dead_letters_by_reason {reason: count}
     ingestion_lag_seconds  {p50, p99}: receive time minus a visit's last event, recent visits
     late_events, future_events   events outside the windows
-    alerts               [{name, kind, firing, since, value, threshold, minute}]
+    alerts               [{name, kind, firing, since, value, threshold, minute}]: value and minute
+                         are the busiest minute's since the alert last fired (0 and null before)
     recent_transitions   [{alert, state, value, threshold, minute, at}], newest last
     refresh_seconds      how often the page polls
 """

@@ -138,6 +138,10 @@
                                   [fmt.format(a.value)], [a.threshold === null ? "learning" : fmt.format(a.threshold)]]) {
         const cell = document.createElement("td"); cell.textContent = value; if (cls) cell.className = cls; row.append(cell);
       }
+      if (a.minute) {  // the value is its busiest minute's since it fired, not the tile's last full minute
+        const when = document.createElement("div"); when.className = "hint"; when.textContent = hhmm(Date.parse(a.minute));
+        row.cells[3].append(when);
+      }
       body.append(row);
     }
     if (!live.alerts.length) {
