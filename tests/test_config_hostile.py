@@ -9,6 +9,7 @@ path) exit 1.
 from __future__ import annotations
 
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from click.testing import CliRunner
 
 from clickflow.cli import cli
 from clickflow.plugins import Registry
+from tests.emulators import CLICKFLOW
 
 OK_SOURCE = "sources: [{type: simulator, count: 1}]\n"
 OK_SINK = "sinks: [{type: duckdb, path: ':memory:'}]\n"
@@ -201,7 +203,19 @@ def test_a_file_source_pointing_at_a_directory_fails_the_run_with_one_line(invok
     path.write_text(f"sources: [{{type: file, path: '{tmp_path}'}}]\n" + OK_SINK)
     exit_code, stderr, unexpected = invoke("run", "--no-progress", str(path))  # type: ignore[operator]
     assert (exit_code, unexpected) == (1, None), stderr
-    assert "does not exist or is not a file" in stderr and "Traceback" not in stderr
+    assert f"'{tmp_path}' is a directory, not a file: name its files" in stderr and "Traceback" not in stderr
+
+
+def test_a_file_source_reading_a_pipe_says_why_it_cannot(tmp_path: Path) -> None:
+    """``clickflow simulate | clickflow run`` on /dev/stdin: refused, and why (ids from path and line
+    would repeat from run to run, and a sink would drop the second run's visits as stored)."""
+    path = tmp_path / "p.yaml"
+    path.write_text("sources: [{type: file, path: /dev/stdin}]\n" + OK_SINK)
+    run = subprocess.run([*CLICKFLOW, "run", "--no-progress", str(path)], input=b'{"session_id": "s"}\n',
+                         capture_output=True, timeout=60)  # fmt: skip
+    assert run.returncode == 1, run.stderr
+    assert b"'/dev/stdin' is not a regular file: the file source reads files" in run.stderr
+    assert b"Traceback" not in run.stderr
 
 
 def test_a_monitor_port_in_use_fails_the_run_with_one_line(invoke: object, tmp_path: Path) -> None:

@@ -56,7 +56,15 @@ def expand_local(pattern: str) -> list[str]:
         return [os.path.abspath(p) for p in matched]
     if os.path.isfile(pattern):
         return [os.path.abspath(pattern)]
-    raise FileNotFoundError(f"{pattern!r} does not exist or is not a file")
+    if os.path.isdir(pattern):
+        example = pattern.rstrip("/") + "/*.jsonl"
+        raise FileNotFoundError(f"{pattern!r} is a directory, not a file: name its files, e.g. {example}")
+    if os.path.exists(pattern):  # a pipe (/dev/stdin), a socket, a device
+        raise FileNotFoundError(
+            f"{pattern!r} is not a regular file: the file source reads files, whose path and line make each "
+            "message's id (a stream's would repeat from run to run, and be dropped as stored); write it to a file"
+        )
+    raise FileNotFoundError(f"{pattern!r} does not exist")
 
 
 async def expand_paths(patterns: list[str], storage: Any = None) -> list[str]:
