@@ -7,6 +7,7 @@ is never contacted.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import subprocess
 import sys
@@ -86,9 +87,14 @@ def test_file_reading_gives_the_async_sources_ids(tmp_path: Path) -> None:
     lines.write_text('{"x": 1}\n\n{"x": 2}\n')
     array.write_text(json.dumps([{"x": 3}, {"x": 4}]))
     gz.write_bytes(gzip.compress(b'{"x": 5}\n'))
-    assert list(read_file(str(lines), 1)) == [[(f"{lines}:1", b'{"x": 1}')], [(f"{lines}:3", b'{"x": 2}')]]
-    assert list(read_file(str(array), 10)) == [[(f"{array}:[0]", b'{"x": 3}'), (f"{array}:[1]", b'{"x": 4}')]]
-    assert list(read_file(str(gz), 10)) == [[(f"{gz}:1", b'{"x": 5}')]]
+    assert list(read_file(str(lines), 1)) == [[at(f"{lines}:1", b'{"x": 1}')], [at(f"{lines}:3", b'{"x": 2}')]]
+    assert list(read_file(str(array), 10)) == [[at(f"{array}:[0]", b'{"x": 3}'), at(f"{array}:[1]", b'{"x": 4}')]]
+    assert list(read_file(str(gz), 10)) == [[at(f"{gz}:1", b'{"x": 5}')]]
+
+
+def at(place: str, data: bytes) -> tuple[str, bytes]:
+    """A file's message: its id is its place and 16 hex digits of its bytes' SHA-256."""
+    return f"{place}#{hashlib.sha256(data).hexdigest()[:16]}", data
 
 
 def test_patterns_match_as_in_the_async_source(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable
+from itertools import islice
 from pathlib import Path
 
 import anyio
@@ -15,6 +16,7 @@ from clickflow.parser import visit_id_for
 from clickflow.runtime import PipelineError
 from clickflow.summary import RunSummary
 from clickflow_bigquery.streaming import BigQueryStreamingOptions, BigQueryStreamingSink
+from clickflow_file.reader import iter_messages, with_content_ids
 from tests.conftest import files_into
 from tests.faults import FaultyProxy
 from tests.gcp_emulators import BigQueryEmulator, new_dataset, visits_with_a_bad_event, write_one_batch
@@ -84,7 +86,8 @@ def test_stopped_rows_are_sent_again(
     bigquery_env: BigQueryEmulator, mixed_visits: tuple[Path, dict[str, int]], stream: Stream, proxy: FaultyProxy
 ) -> None:
     path, expected = mixed_visits
-    proxy.stop_once = {visit_id_for(f"{path}:{line}") for line in range(1, 31)}  # visits or dead letters
+    with path.open("rb") as file:  # the first 30 messages' visits or dead letters
+        proxy.stop_once = {visit_id_for(i) for i, _ in islice(with_content_ids(iter_messages(file, str(path))), 30)}
     summary, name = stream(through=proxy)
     assert not proxy.stop_once  # each was stopped once
     assert summary.rows == expected

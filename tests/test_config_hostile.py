@@ -207,8 +207,8 @@ def test_a_file_source_pointing_at_a_directory_fails_the_run_with_one_line(invok
 
 
 def test_a_file_source_reading_a_pipe_says_why_it_cannot(tmp_path: Path) -> None:
-    """``clickflow simulate | clickflow run`` on /dev/stdin: refused, and why (ids from path and line
-    would repeat from run to run, and a sink would drop the second run's visits as stored)."""
+    """``clickflow simulate | clickflow run`` on /dev/stdin: refused, saying what it is (it read
+    "does not exist or is not a file", though it exists)."""
     path = tmp_path / "p.yaml"
     path.write_text("sources: [{type: file, path: /dev/stdin}]\n" + OK_SINK)
     run = subprocess.run([*CLICKFLOW, "run", "--no-progress", str(path)], input=b'{"session_id": "s"}\n',

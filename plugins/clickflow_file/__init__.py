@@ -17,7 +17,7 @@ import anyio
 from clickflow.api import AnySource, Message, NoAck, Source, SourceContext, valid_text
 from clickflow.hookspecs import Register, hookimpl
 from clickflow.options import GCS_BUCKET, PositiveInt, SourceOptions
-from clickflow_file.reader import CountingReader, iter_messages
+from clickflow_file.reader import CountingReader, iter_messages, with_content_ids
 
 _GS_OBJECTS = re.compile(rf"gs://{GCS_BUCKET}/.")
 """A ``gs://`` path with a bucket, then an object's name or glob."""
@@ -60,10 +60,7 @@ def expand_local(pattern: str) -> list[str]:
         example = pattern.rstrip("/") + "/*.jsonl"
         raise FileNotFoundError(f"{pattern!r} is a directory, not a file: name its files, e.g. {example}")
     if os.path.exists(pattern):  # a pipe (/dev/stdin), a socket, a device
-        raise FileNotFoundError(
-            f"{pattern!r} is not a regular file: the file source reads files, whose path and line make each "
-            "message's id (a stream's would repeat from run to run, and be dropped as stored); write it to a file"
-        )
+        raise FileNotFoundError(f"{pattern!r} is not a regular file: the file source reads files; write it to one")
     raise FileNotFoundError(f"{pattern!r} does not exist")
 
 
@@ -111,7 +108,7 @@ class FileSource(Source[FileSourceOptions]):
 
     def _batches(self, reader: CountingReader, path: str) -> Iterator[list[Message]]:
         batch: list[Message] = []
-        for message_id, data in iter_messages(reader.stream, path):
+        for message_id, data in with_content_ids(iter_messages(reader.stream, path)):
             batch.append(Message(data, message_id))
             if len(batch) >= self.options.batch_size:
                 yield batch

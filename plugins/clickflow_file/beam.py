@@ -3,7 +3,7 @@
 Patterns are matched like the async source's (local paths on the launching
 machine, ``gs://`` objects listed through Beam's filesystems), each file is read whole
 by one worker with ``iter_messages``, so message ids are the async runtime's
-(``PATH:LINE`` or ``PATH:[INDEX]``, local paths made absolute first), and the
+(``PATH:LINE#FINGERPRINT`` or ``PATH:[INDEX]#FINGERPRINT``, local paths made absolute first), and the
 batches of ``batch_size`` messages are spread over Dataflow's workers before
 parsing. A file is the unit of parallel reading: many files read faster than one big one.
 """
@@ -24,7 +24,7 @@ from apache_beam.pvalue import PBegin
 from clickflow.api import valid_text
 from clickflow.beam import BeamRead, Messages, on_dataflow
 from clickflow_file import FileSourceOptions, expand_local, gcs
-from clickflow_file.reader import CountingReader, iter_messages
+from clickflow_file.reader import CountingReader, iter_messages, with_content_ids
 
 
 class ReadFiles(BeamRead):
@@ -70,7 +70,7 @@ def read_file(path: str, batch_size: int) -> Iterator[list[tuple[str, bytes]]]:
     name = valid_text(path)
     reader = CountingReader(FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED), name)
     try:
-        messages = iter_messages(reader.stream, name)
+        messages = with_content_ids(iter_messages(reader.stream, name))
         while batch := list(islice(messages, batch_size)):
             yield batch
     finally:
