@@ -8,6 +8,7 @@ goes through it.
 from __future__ import annotations
 
 import abc
+import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,16 @@ class Message:
     data: bytes
     message_id: str
     """Stable across redeliveries, so derived row ids are deterministic."""
+
+
+def content_id(place: str, data: bytes) -> str:
+    """A message id for a source whose messages come without one (a file's lines, the simulator's
+    visits): where the message is, then ``#`` and 16 hex digits of its bytes' SHA-256 (1.4 µs a
+    visit of 1.4 KB, on the CPU's SHA instructions). The same message read again has the same id,
+    and the sinks drop it as stored; other bytes in the same place have another, and are stored.
+    By place alone, a file rewritten under its name, or a seeded simulator run at another time,
+    was dropped whole as stored already."""
+    return f"{place}#{hashlib.sha256(data).hexdigest()[:16]}"
 
 
 def valid_text(text: str) -> str:

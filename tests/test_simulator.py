@@ -110,6 +110,23 @@ def test_simulator_pipeline_ingests_every_visit(pipeline: Callable[..., Pipeline
     assert counts["dead_letter"] == sum(summary.dead_letters.values()) > 0
 
 
+def test_a_seeded_run_at_another_time_is_stored_and_one_with_a_fixed_start_once(
+    pipeline: Callable[..., Pipeline], tmp_path: object
+) -> None:
+    """The quickstart run twice into one file: its seeded visits are timed from now, so the second
+    run's are other visits. With ids of seed and index alone, they were dropped as stored."""
+    db = f"{tmp_path}/sim.duckdb"
+    now = f"sources: [{{type: simulator, count: 200, seed: 9}}]\nsinks: [{{type: duckdb, path: '{db}'}}]"
+    run_pipeline(pipeline(now))
+    time.sleep(1.01)  # the start is the second the run began
+    run_pipeline(pipeline(now))
+    assert table_counts(db)["visits"] == 400
+    fixed = now.replace("seed: 9", "seed: 9, start: 2024-07-01T09:00:00Z")
+    run_pipeline(pipeline(fixed))
+    run_pipeline(pipeline(fixed))  # the same visits again
+    assert table_counts(db)["visits"] == 600
+
+
 def test_a_throttled_run_is_gathered_for_max_age_and_an_unthrottled_one_written_whenever_the_sink_is_free(
     fake_pipeline: Callable[[str], Pipeline],
 ) -> None:

@@ -13,7 +13,7 @@ import anyio
 import click
 from msgspec import Meta
 
-from clickflow.api import AnySource, Message, NoAck, Source, SourceContext
+from clickflow.api import AnySource, Message, NoAck, Source, SourceContext, content_id
 from clickflow.hookspecs import Register, hookimpl
 from clickflow.options import Duration, OptionsError, PositiveInt, SourceOptions, validate_options
 from clickflow_simulator.generator import Spike, VisitGenerator
@@ -132,7 +132,10 @@ class SimulatorSource(Source[SimulatorOptions]):
         run_id = self.options.seed if self.options.seed is not None else uuid.uuid4().hex[:12]
         index = 0
         async for batch in paced(simulated_messages(self.options), context.heartbeat):
-            messages = [Message(data, f"simulator:{run_id}:{index + i}") for i, data in enumerate(batch)]
+            # the content in the id: a seeded run at another time (or with other options) is other visits
+            messages = [
+                Message(data, content_id(f"simulator:{run_id}:{index + i}", data)) for i, data in enumerate(batch)
+            ]
             index += len(batch)
             await context.emit(messages, NoAck())
             context.progress(index, self.options.count, unit="visits")
