@@ -233,15 +233,21 @@ def test_every_message_of_every_format_is_accounted_for(
                                     "unknown_event_type": 2}  # fmt: skip
 
 
-def test_rerunning_the_same_files_changes_no_count(
-    tmp_path: Path, visit: Callable[..., dict[str, Any]], pipeline: Callable[..., Pipeline]
-) -> None:
+def test_rerunning_the_same_files_changes_no_count_and_says_so(
+    tmp_path: Path, visit: Callable[..., dict[str, Any]], pipeline: Callable[..., Pipeline],
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
     expected = write_inputs(tmp_path, visit)
     db = tmp_path / "out.duckdb"
     text = f"sources: [{{type: file, path: '{tmp_path}/*.json*'}}]\nsinks: [{{type: duckdb, path: '{db}'}}]"
+    caplog.set_level("INFO")
     run_pipeline(pipeline(text))
+    assert "stored already" not in caplog.text
     run_pipeline(pipeline(text))
     assert table_counts(db) == expected
+    said = [r.getMessage() for r in caplog.records if "stored already" in r.getMessage()]  # the first write's, the rest
+    assert all(line.startswith("sink duckdb: ") for line in said)
+    assert sum(int(line.split()[2].replace(",", "")) for line in said) == expected["visits"]
 
 
 def test_a_file_rewritten_in_place_stores_what_changed_and_its_rerun_nothing(

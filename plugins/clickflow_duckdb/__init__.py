@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -46,6 +47,8 @@ T = TypeVar("T")
 
 
 DEFAULT_MEMORY_LIMIT = "128MB"
+STORED_ALREADY_SAID_EVERY = 10.0
+"""Seconds between log lines about visits a write found stored already."""
 
 
 class DuckDBSinkOptions(SinkOptions, kw_only=True):
@@ -117,6 +120,9 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
     _connection: duckdb.DuckDBPyConnection | None = None
     _spool_root: str | None = None
     _log: BatchLog | None = None
+    _unsaid = 0
+    """Visits writes found stored already, not logged yet."""
+    _said_at = -STORED_ALREADY_SAID_EVERY
 
     async def open(self) -> None:
         self._connection = await anyio.to_thread.run_sync(connect, self.options)
@@ -143,7 +149,7 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
         batch.close()
         if self._log is None:
             assert isinstance(batch, JsonSpool)
-            await self._in_thread(insert, batch.paths, batch.counts())
+            self._stored_already(await self._in_thread(insert, batch.paths, batch.counts()))
             return
         assert isinstance(batch, LogBatch)
         if not len(batch):  # only messages the log holds: stored already
@@ -197,11 +203,23 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
             async with self._appending:
                 logged = self._log.take()
             try:
-                await self._in_thread(insert_logged, logged, self._spool_root)
+                stored_already = await self._in_thread(insert_logged, logged, self._spool_root)
             except BaseException:
                 self._log.give_back(logged)
                 raise
             self._log.committed()
+            self._stored_already(stored_already)
+
+    def _stored_already(self, visits: int, last: bool = False) -> None:
+        """Say how many visits writes found the tables holding (an input read again, a redelivery),
+        at most every 10 s and once more at the end: their rows are not stored twice, and a run's
+        summary, which counts what was parsed, does not show it."""
+        self._unsaid += visits
+        now = time.monotonic()
+        if self._unsaid and (last or now >= self._said_at + STORED_ALREADY_SAID_EVERY):
+            log.info("sink %s: %s visits were stored already, and not stored again (an input read again, "
+                     "or a redelivery)", self.name, f"{self._unsaid:,}")  # fmt: skip
+            self._unsaid, self._said_at = 0, now
 
     # clickflow.dlq.DeadLetterStore: `clickflow dlq list` and `replay`
 
@@ -234,6 +252,7 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
 
     async def close(self) -> None:
         if self._connection is not None:
+            self._stored_already(0, last=True)
             await anyio.to_thread.run_sync(self._connection.close)
             if self._spool_root is not None:
                 shutil.rmtree(self._spool_root, ignore_errors=True)
@@ -277,14 +296,17 @@ def connect(options: DuckDBSinkOptions) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def insert_logged(con: duckdb.DuckDBPyConnection, logged: Logged, work: str | None = None) -> None:
+def insert_logged(con: duckdb.DuckDBPyConnection, logged: Logged, work: str | None = None) -> int:
     """Logged batches into the tables, then out of the log, from their copies; batches without
-    one are read back from the log into spool files made in ``work``."""
-    if logged.segments:
-        if not logged.copied():  # a killed run's segments, or a batch whose copy could not be written
-            logged.copies = [split(logged, work)]  # kept, if the insert fails, for the next commit
-        insert(con, logged.copy_paths(), logged.counts)
-        remove(logged)
+    one are read back from the log into spool files made in ``work``. Returns how many visits the
+    tables held already."""
+    if not logged.segments:
+        return 0
+    if not logged.copied():  # a killed run's segments, or a batch whose copy could not be written
+        logged.copies = [split(logged, work)]  # kept, if the insert fails, for the next commit
+    stored_already = insert(con, logged.copy_paths(), logged.counts)
+    remove(logged)
+    return stored_already
 
 
 def insert_left_behind(con: duckdb.DuckDBPyConnection, database: str, work: str | None = None) -> None:

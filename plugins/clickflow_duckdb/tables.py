@@ -155,17 +155,19 @@ def create_tables(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(f"UPDATE {name} SET {key} = {key_value(name, id_column, 'TRY_CAST')} WHERE {key} IS NULL")
 
 
-def insert(con: duckdb.DuckDBPyConnection, paths: Mapping[str, str | Sequence[str]], counts: Mapping[str, int]) -> None:
+def insert(con: duckdb.DuckDBPyConnection, paths: Mapping[str, str | Sequence[str]], counts: Mapping[str, int]) -> int:
     """Insert spooled rows (``paths``: a file, a glob or a list of files per table) in one transaction, skipping rows
-    already stored. ``counts`` are the rows in each table's files."""
+    already stored. ``counts`` are the rows in each table's files. Returns how many of the visits were stored
+    already (with their rows, not inserted again)."""
 
     def spooled(name: str) -> str:
         return f"({select_spooled(TABLES[name], paths[name])}) b"
 
     con.begin()
+    stored_already = 0
     try:
         if counts["visits"]:
-            _insert_visits(con, spooled, counts)
+            stored_already = _insert_visits(con, spooled, counts)
         if counts["dead_letter"]:
             con.execute(
                 f"{insert_into(TABLES['dead_letter'])} SELECT b.* FROM {spooled('dead_letter')} "
@@ -178,16 +180,17 @@ def insert(con: duckdb.DuckDBPyConnection, paths: Mapping[str, str | Sequence[st
         with contextlib.suppress(duckdb.Error):  # e.g. a failed commit has no transaction left to roll back
             con.rollback()
         raise
+    return stored_already
 
 
-def _insert_visits(con: duckdb.DuckDBPyConnection, spooled: Callable[[str], str], counts: Mapping[str, int]) -> None:
-    """Visits not stored yet, with their events and purchase items."""
+def _insert_visits(con: duckdb.DuckDBPyConnection, spooled: Callable[[str], str], counts: Mapping[str, int]) -> int:
+    """Visits not stored yet, with their events and purchase items; returns how many were."""
     con.execute(
         f"{insert_into(TABLES['visits'])} SELECT b.* FROM {spooled('visits')} ANTI JOIN visits t ON {MATCHES['visits']}"
     )
     (inserted,) = con.fetchone() or (0,)
     if inserted == 0:  # all delivered before, and so were their rows
-        return
+        return int(counts["visits"])
     only_new = ""
     if inserted < counts["visits"]:  # some delivered before (rarely): undo, then keep the others' rows
         con.rollback()
@@ -203,3 +206,4 @@ def _insert_visits(con: duckdb.DuckDBPyConnection, spooled: Callable[[str], str]
             con.execute(f"{insert_into(TABLES[name])} SELECT b.* FROM {spooled(name)}{only_new}")
     if only_new:
         con.execute("DROP TABLE clickflow_new_visits")
+    return int(counts["visits"] - inserted)
