@@ -20,8 +20,9 @@ def describe(exc: BaseException) -> str:
 
 class Throttle:
     """Lines of one cause at most every ``every`` seconds, for what anyone who reaches a port can
-    cause (a request without a token, one aiohttp cannot parse): a line each let them fill the
-    log, and Cloud Logging's bill. The lines left out are counted, and the next line says so."""
+    cause (a request without a token, one aiohttp cannot parse) or what comes with every write (a
+    visit stored already): a line each let them fill the log, and Cloud Logging's bill. What is
+    left out is counted, and the next line says so."""
 
     __slots__ = ("every", "left_out", "next_line")
 
@@ -30,16 +31,27 @@ class Throttle:
         self.next_line: dict[str, float] = {}
         self.left_out: dict[str, int] = {}
 
-    def allow(self, cause: str) -> str | None:
-        """None if this line is to be left out; else what to add to it (" (and 3 more since the
-        last line)", or nothing)."""
+    def count(self, cause: str, n: int = 1) -> int | None:
+        """``n`` more of ``cause``: None while its next line waits; else how many since the last
+        line, these included, for the line to say."""
         now = time.monotonic()
         if now < self.next_line.get(cause, 0.0):
-            self.left_out[cause] = self.left_out.get(cause, 0) + 1
+            self.left_out[cause] = self.left_out.get(cause, 0) + n
             return None
         self.next_line[cause] = now + self.every
-        left_out = self.left_out.pop(cause, 0)
-        return f" (and {left_out} more since the last line)" if left_out else ""
+        return self.left_out.pop(cause, 0) + n
+
+    def allow(self, cause: str) -> str | None:
+        """One more line of ``cause``: None if it is to be left out; else what to add to it
+        (" (and 3 more since the last line)", or nothing)."""
+        since_last = self.count(cause)
+        if since_last is None:
+            return None
+        return f" (and {since_last - 1} more since the last line)" if since_last > 1 else ""
+
+    def unsaid(self, cause: str) -> int:
+        """What was left out since ``cause``'s last line, for a last line at the end."""
+        return self.left_out.pop(cause, 0)
 
 
 class CloudLoggingFormatter(logging.Formatter):

@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -31,7 +30,7 @@ from msgspec import Meta
 from clickflow.api import AnySink, RowBatch, Sink, SinkContext
 from clickflow.dlq import DeadLetterGroup, DeadLetterPage, DeadLetterQuery
 from clickflow.hookspecs import Register, hookimpl
-from clickflow.logs import describe
+from clickflow.logs import Throttle, describe
 from clickflow.options import BatchLimits, ByteSize, Duration, SinkOptions
 from clickflow.parser import VisitContext
 from clickflow_duckdb import deadletters
@@ -47,8 +46,6 @@ T = TypeVar("T")
 
 
 DEFAULT_MEMORY_LIMIT = "128MB"
-STORED_ALREADY_SAID_EVERY = 10.0
-"""Seconds between log lines about visits a write found stored already."""
 
 
 class DuckDBSinkOptions(SinkOptions, kw_only=True):
@@ -120,11 +117,12 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
     _connection: duckdb.DuckDBPyConnection | None = None
     _spool_root: str | None = None
     _log: BatchLog | None = None
-    _unsaid = 0
-    """Visits writes found stored already, not logged yet."""
-    _said_at = -STORED_ALREADY_SAID_EVERY
 
     async def open(self) -> None:
+        self._stored_already = Throttle()
+        """Visits writes found stored already (an input read again, a redelivery), said at most every
+        10 s and at the end: their rows are not stored twice, and a run's summary, which counts what
+        was parsed, does not show them."""
         self._connection = await anyio.to_thread.run_sync(connect, self.options)
         try:
             self._spool_root = spool_directory(self.options.path)
@@ -149,7 +147,7 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
         batch.close()
         if self._log is None:
             assert isinstance(batch, JsonSpool)
-            self._stored_already(await self._in_thread(insert, batch.paths, batch.counts()))
+            self._found_stored(await self._in_thread(insert, batch.paths, batch.counts()))
             return
         assert isinstance(batch, LogBatch)
         if not len(batch):  # only messages the log holds: stored already
@@ -208,18 +206,15 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
                 self._log.give_back(logged)
                 raise
             self._log.committed()
-            self._stored_already(stored_already)
+            self._found_stored(stored_already)
 
-    def _stored_already(self, visits: int, last: bool = False) -> None:
-        """Say how many visits writes found the tables holding (an input read again, a redelivery),
-        at most every 10 s and once more at the end: their rows are not stored twice, and a run's
-        summary, which counts what was parsed, does not show it."""
-        self._unsaid += visits
-        now = time.monotonic()
-        if self._unsaid and (last or now >= self._said_at + STORED_ALREADY_SAID_EVERY):
-            log.info("sink %s: %s visits were stored already, and not stored again (an input read again, "
-                     "or a redelivery)", self.name, f"{self._unsaid:,}")  # fmt: skip
-            self._unsaid, self._said_at = 0, now
+    def _found_stored(self, visits: int) -> None:
+        if visits and (since_last := self._stored_already.count("visits", visits)) is not None:
+            self._say_stored(since_last)
+
+    def _say_stored(self, visits: int) -> None:
+        log.info("sink %s: %s visits were stored already, and not stored again (an input read again, "
+                 "or a redelivery)", self.name, f"{visits:,}")  # fmt: skip
 
     # clickflow.dlq.DeadLetterStore: `clickflow dlq list` and `replay`
 
@@ -252,7 +247,8 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
 
     async def close(self) -> None:
         if self._connection is not None:
-            self._stored_already(0, last=True)
+            if unsaid := self._stored_already.unsaid("visits"):
+                self._say_stored(unsaid)
             await anyio.to_thread.run_sync(self._connection.close)
             if self._spool_root is not None:
                 shutil.rmtree(self._spool_root, ignore_errors=True)
