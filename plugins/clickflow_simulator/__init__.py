@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
@@ -129,13 +128,10 @@ class SimulatorSource(Source[SimulatorOptions]):
         return self.finite and not self.options.visits_per_minute
 
     async def run(self, context: SourceContext) -> None:
-        run_id = self.options.seed if self.options.seed is not None else uuid.uuid4().hex[:12]
         index = 0
         async for batch in paced(simulated_messages(self.options), context.heartbeat):
-            # the content in the id: a seeded run at another time (or with other options) is other visits
-            messages = [
-                Message(data, content_id(f"simulator:{run_id}:{index + i}", data)) for i, data in enumerate(batch)
-            ]
+            # the content is in the id: a run with other visits (another seed, start or time) has other ids
+            messages = [Message(data, content_id(f"simulator:{index + i}", data)) for i, data in enumerate(batch)]
             index += len(batch)
             await context.emit(messages, NoAck())
             context.progress(index, self.options.count, unit="visits")
