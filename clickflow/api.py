@@ -284,7 +284,8 @@ class Sink(abc.ABC, Generic[SinkOptionsT, BatchT]):
         return []
 
     async def open(self) -> None:
-        """Connect and create tables; called once, before the first ``new_batch``."""
+        """Connect and create tables; called once, before the first ``new_batch``. If it fails,
+        ``close`` is called all the same, to release what it made before it failed."""
 
     @asynccontextmanager
     async def lifespan(self, context: SinkContext) -> AsyncIterator[None]:
@@ -306,7 +307,8 @@ class Sink(abc.ABC, Generic[SinkOptionsT, BatchT]):
         """
 
     async def close(self) -> None:
-        """Release resources; called once, after the last write."""
+        """Release resources; called once, after the last write, or after ``open`` failed (so
+        with only part of what ``open`` makes, or none of it)."""
 
 
 AnySource = Source[Any]

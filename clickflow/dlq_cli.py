@@ -120,8 +120,8 @@ def _with_stores(path: str, work: Callable[[Pipeline, Sequence[DeadLetterStore],
 async def _opened(sinks: Sequence[AnySink]) -> AsyncIterator[None]:
     async with AsyncExitStack() as stack:
         for sink in sinks:
+            stack.push_async_callback(sink.close)  # a sink that failed to open is closed too
             await sink.open()
-            stack.push_async_callback(sink.close)
         yield
 
 

@@ -179,11 +179,11 @@ class Runtime:
         started = time.perf_counter()
         async with AsyncExitStack() as stack:
             for sink in self.sinks:
+                stack.push_async_callback(self._close, sink)  # a sink that failed to open is closed too
                 try:
                     await sink.open()
                 except Exception as exc:
                     raise PipelineError(f"sink {sink.name!r} could not start: {describe(exc)}") from exc
-                stack.push_async_callback(self._close, sink)
                 await stack.enter_async_context(_lifespan(f"sink {sink.name!r}", sink.lifespan(self.metrics)))
             for source in self.sources:
                 lifespan = source.lifespan(self._contexts[source.name])

@@ -155,6 +155,7 @@ class MemoryOptions(SinkOptions):
     """Fail every write holding a ``visits`` row of this message id (a row the sink cannot take)."""
     textless: bool = False
     """Its failures have no text, as a client's timeout (``TimeoutError()``) has none."""
+    fail_open: bool = False
 
 
 class TrackedBatch(RowBatch):
@@ -175,6 +176,14 @@ class MemorySink(Sink[MemoryOptions, TrackedBatch]):
     written: anyio.Event | None = None
     """Set after the first successful write, when a test created it."""
     attempts = 0
+    closed = 0
+
+    async def open(self) -> None:
+        if self.options.fail_open:
+            raise ConnectionError("cannot connect")
+
+    async def close(self) -> None:
+        MemorySink.closed += 1
 
     def new_batch(self) -> TrackedBatch:
         return TrackedBatch()
@@ -204,6 +213,7 @@ def reset() -> None:
     ScriptSource.acks, ScriptSource.emitted, ScriptSource._waiting = [], [], None
     ScriptSource.on_parsed = staticmethod(lambda number: None)
     MemorySink.writes, MemorySink.gate, MemorySink.written, MemorySink.attempts = [], None, None, 0
+    MemorySink.closed = 0
     RedeliveringSource.deliveries = 0
 
 

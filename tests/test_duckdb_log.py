@@ -223,8 +223,10 @@ def killed_run(db: Path, visits: list[Any]) -> None:
 async def reopen(db: Path) -> None:
     """The next local run, without a log of its own: its sink opens and closes."""
     sink = DuckDBSink("duckdb", DuckDBSinkOptions(path=str(db)))
-    await sink.open()  # inserts what the killed run logged: those batches were acknowledged
-    await sink.close()
+    try:
+        await sink.open()  # inserts what the killed run logged: those batches were acknowledged
+    finally:
+        await sink.close()  # as the runtime does, whether open worked or not
 
 
 @pytest.mark.parametrize("opener", ["sink", "beam_load"])

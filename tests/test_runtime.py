@@ -282,6 +282,14 @@ async def test_a_failing_source_fails_the_run_with_its_reason(fake_pipeline: Cal
         await Runtime(fake_pipeline("sources: [{type: failing}]\nsinks: [{type: memory}]")).run()
 
 
+async def test_a_sink_that_fails_to_open_is_closed_all_the_same(fake_pipeline: Callable[[str], Pipeline]) -> None:
+    """Closing what a failed ``open`` made is the runtime's, not each sink's: one sink forgot it."""
+    sinks = "sinks: [{type: memory, name: a}, {type: memory, name: b, fail_open: true}, {type: memory, name: c}]"
+    with pytest.raises(PipelineError, match=r"sink 'b' could not start: cannot connect"):
+        await Runtime(fake_pipeline(f"sources: [{{type: failing}}]\n{sinks}")).run()
+    assert MemorySink.closed == 2  # b, then a; c was never opened
+
+
 async def test_health_follows_source_heartbeats(fake_pipeline: Callable[[str], Pipeline]) -> None:
     runtime = Runtime(
         fake_pipeline("sources: [{type: script}]\nsinks: [{type: memory}]\nruntime: {heartbeat_max_age: 10s}")

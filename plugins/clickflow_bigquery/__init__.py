@@ -47,8 +47,10 @@ def create_tables(pipeline: str) -> None:
             import msgspec
 
             sink = cls(name, msgspec.structs.replace(options, create_tables=True))
-            await sink.open()
-            await sink.close()
+            try:
+                await sink.open()
+            finally:
+                await sink.close()
             click.echo(f"{name}: {options.project}.{options.dataset} is ready")
 
     try:

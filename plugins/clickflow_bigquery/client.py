@@ -54,6 +54,8 @@ def _error(status: int, body: str) -> BigQueryError:
 class BigQueryClient:
     """One project's BigQuery API, on a session made by ``open`` (or ``async with``)."""
 
+    _open = False
+
     def __init__(self, project: str, service_file: str | None = None, location: str | None = None) -> None:
         self.project = project
         self.location = location
@@ -69,6 +71,7 @@ class BigQueryClient:
         from gcloud.aio.bigquery.bigquery import SCOPES
 
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT))
+        self._open = True
         self.token = (
             None if self._emulated else Token(service_file=self._service_file, scopes=SCOPES, session=self.session)
         )
@@ -79,6 +82,11 @@ class BigQueryClient:
             raise
 
     async def close(self) -> None:
+        """Once, whatever the number of calls: ``open`` closes what it made if it fails, and the
+        sink that opened it closes it again."""
+        if not self._open:
+            return
+        self._open = False
         if self.token is not None:
             await self.token.close()
         await self.session.close()

@@ -90,11 +90,7 @@ class BigQuerySink(Sink[OptionsT, BatchT]):
         self.names = self.options.table_names()
         self.client = BigQueryClient(self.options.project, self.options.service_file, self.options.location)
         await self.client.open()
-        try:
-            await ensure_tables(self.client, self.options.dataset, self.names, create=self.options.create_tables)
-        except BaseException:
-            await self.client.close()
-            raise
+        await ensure_tables(self.client, self.options.dataset, self.names, create=self.options.create_tables)
 
     # clickflow.dlq.DeadLetterStore: `clickflow dlq list` and `replay`
 
@@ -125,4 +121,6 @@ class BigQuerySink(Sink[OptionsT, BatchT]):
         await self._dead_letters().mark(dead_letter_ids, at_us)
 
     async def close(self) -> None:
-        await self.client.close()
+        client = getattr(self, "client", None)  # none if open failed before making it
+        if client is not None:
+            await client.close()

@@ -155,6 +155,7 @@ class BigQueryLoadSink(BigQuerySink[BigQueryLoadOptions, LoadBatch]):
     """Loads each batch with one load job per table."""
 
     type_name = "bigquery_load"
+    _spool: str | None = None
 
     async def open(self) -> None:
         await super().open()
@@ -167,13 +168,10 @@ class BigQueryLoadSink(BigQuerySink[BigQueryLoadOptions, LoadBatch]):
             from gcloud.aio.storage import Storage
 
             self._storage = Storage(service_file=self.options.service_file, session=self.client.session)
-            try:
-                await first_token(token_of(self._storage), "STORAGE_EMULATOR_HOST")
-            except BaseException:
-                await self.close()
-                raise
+            await first_token(token_of(self._storage), "STORAGE_EMULATOR_HOST")
 
     def new_batch(self) -> LoadBatch:
+        assert self._spool is not None, "open() first"
         return LoadBatch(self._spool)
 
     async def write(self, batch: LoadBatch) -> None:
@@ -185,7 +183,8 @@ class BigQueryLoadSink(BigQuerySink[BigQueryLoadOptions, LoadBatch]):
                 table_file.loaded = True
 
     async def close(self) -> None:
-        shutil.rmtree(self._spool, ignore_errors=True)
+        if self._spool is not None:
+            shutil.rmtree(self._spool, ignore_errors=True)
         await super().close()
 
     async def _load(self, batch: LoadBatch, table_file: TableFile) -> None:

@@ -124,15 +124,10 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
         10 s and at the end: their rows are not stored twice, and a run's summary, which counts what
         was parsed, does not show them."""
         self._connection = await anyio.to_thread.run_sync(connect, self.options)
-        try:
-            self._spool_root = spool_directory(self.options.path)
-            await self._in_thread(insert_left_behind, self.options.path, self._spool_root)
-            if self.options.commit_every is not None:
-                self._log = BatchLog(self.options.path, self._spool_root)
-        except BaseException:  # e.g. a damaged log: the database is let go, for the operator
-            with anyio.CancelScope(shield=True):
-                await self.close()
-            raise
+        self._spool_root = spool_directory(self.options.path)
+        await self._in_thread(insert_left_behind, self.options.path, self._spool_root)
+        if self.options.commit_every is not None:
+            self._log = BatchLog(self.options.path, self._spool_root)
         self._committing = anyio.Lock()
         self._appending = anyio.Lock()
         """Held while a batch is appended to the log, and while a commit takes the log's batches."""
