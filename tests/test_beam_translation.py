@@ -231,6 +231,12 @@ def test_duckdb_writes_table_files_per_table(launch: Callable[..., Launch], tmp_
             DATAFLOW,
             "source 'file': Dataflow's workers cannot read this machine's files (x.jsonl): use gs:// paths",
         ),
+        (
+            "sources: [{type: file, path: [x.jsonl, '-']}]\nsinks: [{type: duckdb}]",
+            "beam",
+            [],
+            "source 'file': Beam reads files, not standard input ('-'): write it to a file, or run without --runner",
+        ),
         ("sources: [{type: file, path: x}]\nsinks: [{type: duckdb}]", "beam", ["--no_such_option=1"],
          "unknown Beam option --no_such_option"),
         (

@@ -208,13 +208,13 @@ def test_a_file_source_pointing_at_a_directory_fails_the_run_with_one_line(invok
 
 def test_a_file_source_reading_a_pipe_says_why_it_cannot(tmp_path: Path) -> None:
     """``clickflow simulate | clickflow run`` on /dev/stdin: refused, saying what it is (it read
-    "does not exist or is not a file", though it exists)."""
+    "does not exist or is not a file", though it exists) and what reads standard input."""
     path = tmp_path / "p.yaml"
     path.write_text("sources: [{type: file, path: /dev/stdin}]\n" + OK_SINK)
     run = subprocess.run([*CLICKFLOW, "run", "--no-progress", str(path)], input=b'{"session_id": "s"}\n',
                          capture_output=True, timeout=60)  # fmt: skip
     assert run.returncode == 1, run.stderr
-    assert b"'/dev/stdin' is not a regular file: the file source reads files" in run.stderr
+    assert b"'/dev/stdin' is not a regular file: the file source reads files, and standard input as '-'" in run.stderr
     assert b"Traceback" not in run.stderr
 
 

@@ -1,4 +1,5 @@
-"""The ``file`` source: visits from files, local or ``gs://`` (JSON lines or a JSON array, optionally gzip'd).
+"""The ``file`` source: visits from files, local or ``gs://`` (JSON lines or a JSON array, optionally gzip'd),
+or from standard input (``-``), read to its end.
 
 ``gs://`` input needs the ``gcp`` extra (gcloud-aio-storage); see ``gcs``.
 """
@@ -17,15 +18,17 @@ import anyio
 from clickflow.api import AnySource, Message, NoAck, Source, SourceContext, valid_text
 from clickflow.hookspecs import Register, hookimpl
 from clickflow.options import GCS_BUCKET, PositiveInt, SourceOptions
-from clickflow_file.reader import CountingReader, iter_messages, with_content_ids
+from clickflow_file.reader import STDIN, CountingReader, Stdin, iter_messages, with_content_ids
 
+STDIN_NAME = "stdin"
+"""Standard input's name in message ids (``stdin:LINE#FINGERPRINT``) and errors."""
 _GS_OBJECTS = re.compile(rf"gs://{GCS_BUCKET}/.")
 """A ``gs://`` path with a bucket, then an object's name or glob."""
 
 
 class FileSourceOptions(SourceOptions, kw_only=True):
     path: str | list[str]
-    """A path, a glob (** allowed), gs://bucket/glob, or a list of them."""
+    """A path, a glob (** allowed), gs://bucket/glob, ``-`` for standard input, or a list of them."""
     batch_size: PositiveInt = 1000
     """Messages per batch handed to the parser."""
     service_file: str | None = None
@@ -60,7 +63,9 @@ def expand_local(pattern: str) -> list[str]:
         example = pattern.rstrip("/") + "/*.jsonl"
         raise FileNotFoundError(f"{pattern!r} is a directory, not a file: name its files, e.g. {example}")
     if os.path.exists(pattern):  # a pipe (/dev/stdin), a socket, a device
-        raise FileNotFoundError(f"{pattern!r} is not a regular file: the file source reads files; write it to one")
+        raise FileNotFoundError(
+            f"{pattern!r} is not a regular file: the file source reads files, and standard input as {STDIN!r}"
+        )
     raise FileNotFoundError(f"{pattern!r} does not exist")
 
 
@@ -68,7 +73,9 @@ async def expand_paths(patterns: list[str], storage: Any = None) -> list[str]:
     """Every file the patterns name, in order, each once (``storage`` lists ``gs://`` patterns)."""
     files: list[str] = []
     for pattern in patterns:
-        if pattern.startswith("gs://"):
+        if pattern == STDIN:
+            files.append(STDIN)
+        elif pattern.startswith("gs://"):
             from clickflow_file import gcs  # only for gs:// input: it brings gcloud-aio and anyio's threads
 
             files += await gcs.list_matching(storage, pattern)
@@ -98,8 +105,11 @@ class FileSource(Source[FileSourceOptions]):
             done_bytes = 0
             for done, path in enumerate(files):
                 async with _reader(path, storage) as reader:
-                    batches = self._batches(reader, valid_text(path))
-                    while batch := await anyio.to_thread.run_sync(_next_or_empty, batches):
+                    batches = self._batches(reader, STDIN_NAME if path == STDIN else valid_text(path))
+                    # a read of standard input may wait for ever: a stopped run leaves it, and closing
+                    # the reader ends it (see reader.Stdin); a file's read ends soon, and is waited for
+                    abandon = path == STDIN
+                    while batch := await anyio.to_thread.run_sync(_next_or_empty, batches, abandon_on_cancel=abandon):
                         await context.emit(batch, NoAck())
                         progress = done_bytes + reader.bytes_read
                         context.progress(done, len(files), unit="files", bytes_read=progress)
@@ -107,10 +117,13 @@ class FileSource(Source[FileSourceOptions]):
                 context.progress(done + 1, len(files), unit="files", bytes_read=done_bytes)
 
     def _batches(self, reader: CountingReader, path: str) -> Iterator[list[Message]]:
+        """Batches of ``batch_size`` messages; from standard input, also whatever came before it
+        paused, so that the visits of a slow producer are stored as they come."""
         batch: list[Message] = []
+        trickles = reader.trickles
         for message_id, data in with_content_ids(iter_messages(reader.stream, path)):
             batch.append(Message(data, message_id))
-            if len(batch) >= self.options.batch_size:
+            if len(batch) >= self.options.batch_size or (trickles and reader.waits()):
                 yield batch
                 batch = []
         if batch:
@@ -126,6 +139,10 @@ async def _reader(path: str, storage: Any) -> AsyncIterator[CountingReader]:
 
             stream = await stack.enter_async_context(gcs.download(storage, path))
             reader = await anyio.to_thread.run_sync(CountingReader, stream, path)
+        elif path == STDIN:
+            stdin = Stdin()
+            stack.callback(stdin.close)  # if the first read is left waiting for input (CountingReader peeks)
+            reader = await anyio.to_thread.run_sync(CountingReader, stdin, STDIN_NAME, abandon_on_cancel=True)
         else:
             reader = await anyio.to_thread.run_sync(CountingReader.open, path)
         stack.callback(reader.close)

@@ -24,11 +24,13 @@ from apache_beam.pvalue import PBegin
 from clickflow.api import valid_text
 from clickflow.beam import BeamRead, Messages, on_dataflow
 from clickflow_file import FileSourceOptions, expand_local, gcs
-from clickflow_file.reader import CountingReader, iter_messages, with_content_ids
+from clickflow_file.reader import STDIN, CountingReader, iter_messages, with_content_ids
 
 
 class ReadFiles(BeamRead):
     def refusal(self, options: PipelineOptions) -> str | None:
+        if STDIN in self.source.options.patterns():
+            return f"Beam reads files, not standard input ({STDIN!r}): write it to a file, or run without --runner"
         local = [p for p in self.source.options.patterns() if not p.startswith("gs://")]
         if local and on_dataflow(options):
             return f"Dataflow's workers cannot read this machine's files ({local[0]}): use gs:// paths"

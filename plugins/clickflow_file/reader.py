@@ -20,6 +20,8 @@ import io
 import json
 import logging
 import lzma
+import os
+import select
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO, Protocol
@@ -84,6 +86,8 @@ class CountingReader:
                 stream = io.BufferedReader(_AsUtf8(stream, encoding), CHUNK)
                 break
         self.stream: BinaryIO = stream
+        self.trickles = isinstance(raw, Stdin) and stream is buffered
+        """Whether ``waits`` can tell (standard input, neither compressed nor transcoded)."""
 
     @classmethod
     def open(cls, path: str) -> CountingReader:
@@ -94,9 +98,56 @@ class CountingReader:
     def bytes_read(self) -> int:
         return int(self._raw.tell())
 
+    def waits(self) -> bool:
+        """Whether reading on would wait for input: every byte that came is read, and no more is
+        ready. Where ``trickles``: a stream that trickles in is passed on as it comes."""
+        return bool(self._raw.tell() == self.stream.tell() and not self._raw.ready())
+
     def close(self) -> None:
-        self.stream.close()
+        """The raw stream first: a thread still reading standard input (a run stopped while it
+        waited for input) holds the buffer's lock until its read ends, which closing ``Stdin`` does."""
         self._raw.close()
+        self.stream.close()
+
+
+STDIN = "-"
+"""The path that names standard input."""
+
+
+class Stdin(io.RawIOBase):
+    """Standard input, read as it comes and counted as read (a pipe cannot ``tell()``). A read
+    waits at most ``POLL`` seconds at a time, so that ``close()``, from another thread, ends one
+    that is waiting for input: a thread cannot be cancelled, and one left reading would keep the
+    process from exiting."""
+
+    POLL = 0.1
+
+    def __init__(self, fd: int = 0) -> None:
+        if os.isatty(fd):
+            raise OSError(f"path {STDIN!r} reads standard input, which is a terminal: pipe visits in, e.g. "
+                          "clickflow simulate --count 100 | clickflow run PIPELINE")  # fmt: skip
+        self._fd = fd
+        self._count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while True:
+            if self.closed:
+                raise ValueError("standard input was closed while a read waited for it")
+            if select.select([self._fd], [], [], self.POLL)[0]:
+                break
+        size = os.readv(self._fd, [buffer])
+        self._count += size
+        return size
+
+    def tell(self) -> int:
+        return self._count
+
+    def ready(self) -> bool:
+        """Whether a read would return at once (with bytes, or at the end)."""
+        return bool(select.select([self._fd], [], [], 0)[0])
 
 
 class _Readable(Protocol):
