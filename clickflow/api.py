@@ -255,6 +255,11 @@ class SinkContext(Protocol):
     registry: CollectorRegistry
     """Where a sink may register metrics of its own; served on ``/metrics``."""
 
+    def stored_already(self, visits: int) -> None:
+        """Say that writes found ``visits`` stored already and did not store them again (an input
+        read again, a redelivery): the run's summary and ``clickflow_visits_stored_already`` count
+        them, so that a run which parsed visits but stored none of them does not look as if it had."""
+
 
 class Sink(abc.ABC, Generic[SinkOptionsT, BatchT]):
     """Writes row batches durably. ``write`` returning means the rows are stored.

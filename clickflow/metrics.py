@@ -39,6 +39,12 @@ class Metrics:
             "clickflow_dead_letters", "Rejected messages and events", ["source", "reason"], registry=r
         )
         self.rows_written = Counter("clickflow_rows_written", "Rows durably written", ["sink", "table"], registry=r)
+        self.stored_already = Counter(
+            "clickflow_visits_stored_already",
+            "Visits a sink found stored already, and did not store again (an input read again, a redelivery)",
+            ["sink"],
+            registry=r,
+        )
         self.write_seconds = Histogram(
             "clickflow_batch_write_seconds",
             "Time to write one batch, retries included",

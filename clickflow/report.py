@@ -57,6 +57,9 @@ def format_summary(summary: RunSummary) -> str:
     ]
     for table in ("visits", "events", "purchase_items", "dead_letter"):
         lines.append(f"  {table:<15} {summary.rows[table]:>12,}")
+        if table == "visits":
+            for sink, count in sorted(summary.stored_already.items()):
+                lines.append(f"    {f'stored already ({sink})':<24} {count:>9,}  (not stored again)")
     for reason, count in summary.dead_letters.most_common():
         lines.append(f"    {reason:<24} {count:>9,}")
     lines.append(f"  events/s        {summary.events_per_second:>12,.0f}")

@@ -139,6 +139,20 @@ class _Context:
         self._runtime.progress[self._name] = Progress(done, total, unit, bytes_read)
 
 
+class _SinkContext:
+    """The ``SinkContext`` one sink runs with."""
+
+    def __init__(self, runtime: Runtime, sink: AnySink) -> None:
+        self.registry = runtime.metrics.registry
+        self._summary = runtime.summary.stored_already
+        self._name = sink.name
+        self._stored_already = runtime.metrics.stored_already.labels(sink.name)
+
+    def stored_already(self, visits: int) -> None:
+        self._summary[self._name] += visits
+        self._stored_already.inc(visits)
+
+
 class Runtime:
     """One pipeline in this process. ``run()`` once; ``request_stop()`` from a signal handler."""
 
@@ -184,7 +198,8 @@ class Runtime:
                     await sink.open()
                 except Exception as exc:
                     raise PipelineError(f"sink {sink.name!r} could not start: {describe(exc)}") from exc
-                await stack.enter_async_context(_lifespan(f"sink {sink.name!r}", sink.lifespan(self.metrics)))
+                lifespan = sink.lifespan(_SinkContext(self, sink))
+                await stack.enter_async_context(_lifespan(f"sink {sink.name!r}", lifespan))
             for source in self.sources:
                 lifespan = source.lifespan(self._contexts[source.name])
                 await stack.enter_async_context(_lifespan(f"source {source.name!r}", lifespan))

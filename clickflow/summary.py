@@ -14,6 +14,8 @@ class RunSummary:
     """Rows produced, per table (dead_letter included)."""
     dead_letters: Counter[str] = field(default_factory=Counter)
     """Dead letters, per reason."""
+    stored_already: Counter[str] = field(default_factory=Counter)
+    """Visits each sink found stored already, and did not store again, where it can tell (DuckDB)."""
     acknowledged: int = 0
     not_acknowledged: int = 0
     seconds: float = 0.0

@@ -26,6 +26,19 @@ from clickflow.hookspecs import hookimpl
 from clickflow.schema import VisitCol
 
 
+class RecordingSinkContext:
+    """A ``SinkContext`` that keeps what a sink tells it."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry
+
+        self.registry = CollectorRegistry()
+        self.visits_stored_already = 0
+
+    def stored_already(self, visits: int) -> None:
+        self.visits_stored_already += visits
+
+
 @dataclass
 class RecordingAck:
     acked: int = 0

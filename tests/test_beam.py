@@ -93,9 +93,9 @@ def test_beam_writes_exactly_the_rows_of_the_async_runtime(
 def test_a_second_beam_run_adds_nothing(inputs: Path, tmp_path: Path, clickflow_registry: Registry) -> None:
     database = tmp_path / "beam.duckdb"
     text = files_into(inputs / "sample.jsonl", f"type: duckdb, path: '{database}'")
-    for _ in range(2):
-        prepare(parse_pipeline(text, clickflow_registry, "beam.yaml", {}), "beam", []).run()
+    runs = [prepare(parse_pipeline(text, clickflow_registry, "beam.yaml", {}), "beam", []).run() for _ in range(2)]
     assert table_counts(database) == {"visits": 1, "events": 10, "purchase_items": 3, "dead_letter": 0}
+    assert [run.stored_already for run in runs if run] == [{}, {"duckdb": 1}]  # the summary says so
 
 
 def test_command_line_runs_config_files_on_beam(inputs: Path, tmp_path: Path) -> None:

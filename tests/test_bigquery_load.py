@@ -54,10 +54,11 @@ def test_staged_in_cloud_storage_and_loading_again_changes_no_count(
     # small batches: several jobs per table, each of which must be recognised on the second run
     staged = f", staging: gs://{STAGING_BUCKET}/clickflow, batch: {{max_rows: 500}}"
     text = load_pipeline(path, bigquery_env.project, name, staged)
-    for _ in range(2):
+    for stored_already in ({}, {"bigquery_load": expected["visits"]}):
         summary = clickflow_run(pipeline(text))
         assert summary.rows == expected
         assert bigquery_env.counts(name) == expected
+        assert summary.stored_already == stored_already  # the second run's jobs were all done before
     staging = gcs_emulator[1] / STAGING_BUCKET / "clickflow"
     assert not list(staging.rglob("*.json"))  # staged files are removed once loaded
 

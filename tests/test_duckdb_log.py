@@ -13,12 +13,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import anyio
 import pytest
-from prometheus_client import CollectorRegistry
 
 import clickflow_duckdb
 from clickflow.api import RowBatch
@@ -31,6 +29,7 @@ from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions, load_files, logwrite
 from clickflow_duckdb.log import DamagedLog, LogWriter, records
 from clickflow_duckdb.spool import SpoolFiles
 from tests.conftest import table_counts
+from tests.fakes import RecordingSinkContext
 from tests.test_duckdb_sink import parsed
 
 pytestmark = pytest.mark.anyio
@@ -50,12 +49,14 @@ EMPTY = {"visits": 0, "events": 0, "purchase_items": 0, "dead_letter": 0}
 
 
 @asynccontextmanager
-async def logged_sink(path: Path, commit_every: str = "1h") -> AsyncIterator[DuckDBSink]:
+async def logged_sink(
+    path: Path, commit_every: str = "1h", context: RecordingSinkContext | None = None
+) -> AsyncIterator[DuckDBSink]:
     """A sink with a log, open and in its lifespan, as the runtime runs it."""
     sink = DuckDBSink("duckdb", validate_options(DuckDBSinkOptions, {"path": str(path), "commit_every": commit_every}))
     await sink.open()
     try:
-        async with sink.lifespan(SimpleNamespace(registry=CollectorRegistry())):
+        async with sink.lifespan(context or RecordingSinkContext()):
             yield sink
     finally:
         await sink.close()
@@ -111,7 +112,8 @@ async def test_redelivered_messages_are_stored_once_across_logged_batches(
     first = parsed([visit(), "not json", visit()])
     overlapping = parsed([visit(), "not json", visit(), visit()])  # m0..m2 again, m3 new
     db = tmp_path / "db.duckdb"
-    async with logged_sink(db) as sink:
+    context = RecordingSinkContext()
+    async with logged_sink(db, context=context) as sink:
         await write(sink, first)
         await write(sink, first)  # every message in the log already: nothing to log, and no commit
         assert stored(sink) == EMPTY
@@ -123,6 +125,8 @@ async def test_redelivered_messages_are_stored_once_across_logged_batches(
         await write(sink, parsed([visit()], prefix="other"))
         assert logged_batches(db) == 2
     assert table_counts(db) == {"visits": 4, "events": 12, "purchase_items": 4, "dead_letter": 1}
+    # every visit written is stored, or told to the runtime as stored already: 2 + 2 + 3 + 3 + 1 written
+    assert context.visits_stored_already == 11 - 4
 
 
 async def test_a_batch_that_gathered_a_message_the_log_took_meanwhile_is_logged_after_a_commit(

@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clickflow.config import Pipeline
-from clickflow.runtime import PipelineError
+from clickflow.runtime import PipelineError, Runtime
 from clickflow.testing import run_pipeline
 from clickflow_file import expand_paths
 from clickflow_file.reader import iter_array, iter_lines, iter_messages
@@ -241,9 +241,12 @@ def test_rerunning_the_same_files_changes_no_count_and_says_so(
     db = tmp_path / "out.duckdb"
     text = f"sources: [{{type: file, path: '{tmp_path}/*.json*'}}]\nsinks: [{{type: duckdb, path: '{db}'}}]"
     caplog.set_level("INFO")
-    run_pipeline(pipeline(text))
+    assert not run_pipeline(pipeline(text)).stored_already
     assert "stored already" not in caplog.text
-    run_pipeline(pipeline(text))
+    again = Runtime(pipeline(text))
+    assert anyio.run(again.run).stored_already == {"duckdb": expected["visits"]}
+    metric = again.metrics.registry.get_sample_value("clickflow_visits_stored_already_total", {"sink": "duckdb"})
+    assert metric == expected["visits"]
     assert table_counts(db) == expected
     said = [r.getMessage() for r in caplog.records if "stored already" in r.getMessage()]  # the first write's, the rest
     assert all(line.startswith("sink duckdb: ") for line in said)

@@ -44,6 +44,8 @@ def test_visits_piped_in_are_stored_and_the_same_input_piped_again_adds_nothing(
     assert again.returncode == 0, again.stderr
     assert table_counts(tmp_path / "p.duckdb") == counts
     assert b"visits were stored already" in again.stderr
+    assert b"stored already" not in first.stdout
+    assert b"    stored already (duckdb)      2,500  (not stored again)\n" in again.stdout
 
 
 def test_a_slow_producer_s_visits_are_stored_as_they_come_and_a_stop_ends_the_wait(tmp_path: Path) -> None:

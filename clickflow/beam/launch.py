@@ -110,8 +110,9 @@ class Launch:
         result.wait_until_finish()
         summary = summary_of(result)
         if not on_dataflow(self.options):
-            for write in self.writes.values():
-                write.finish(summary.rows)
+            for name, write in self.writes.items():
+                if stored_already := write.finish(summary.rows):
+                    summary.stored_already[name] = stored_already
         summary.seconds = time.perf_counter() - started
         return summary
 

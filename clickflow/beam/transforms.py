@@ -57,9 +57,11 @@ class BeamWrite(beam.PTransform[Tables, None]):
         """Why this sink cannot run with these options (runner, streaming), or None."""
         return None
 
-    def finish(self, rows: Mapping[str, int]) -> None:
+    def finish(self, rows: Mapping[str, int]) -> int:
         """Called in the launching process once a local batch pipeline has finished, with the
-        number of rows each table received."""
+        number of rows each table received; returns the visits found stored already, if it can tell
+        (``SinkContext.stored_already``)."""
+        return 0
 
 
 class ParseVisits(beam.DoFn):

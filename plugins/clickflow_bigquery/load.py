@@ -29,13 +29,15 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Annotated, Any, BinaryIO
 
 import anyio
 from msgspec import Meta
 
-from clickflow.api import RowBatch
+from clickflow.api import RowBatch, SinkContext
 from clickflow.gcp import first_token, token_of
 from clickflow.logs import describe
 from clickflow.options import GCS_BUCKET, BatchLimits, ByteSize, Duration, PositiveInt
@@ -156,6 +158,7 @@ class BigQueryLoadSink(BigQuerySink[BigQueryLoadOptions, LoadBatch]):
 
     type_name = "bigquery_load"
     _spool: str | None = None
+    _context: SinkContext | None = None
 
     async def open(self) -> None:
         await super().open()
@@ -169,6 +172,11 @@ class BigQueryLoadSink(BigQuerySink[BigQueryLoadOptions, LoadBatch]):
 
             self._storage = Storage(service_file=self.options.service_file, session=self.client.session)
             await first_token(token_of(self._storage), "STORAGE_EMULATOR_HOST")
+
+    @asynccontextmanager
+    async def lifespan(self, context: SinkContext) -> AsyncIterator[None]:
+        self._context = context  # told of the visits a job loaded already
+        yield
 
     def new_batch(self) -> LoadBatch:
         assert self._spool is not None, "open() first"
@@ -203,7 +211,10 @@ class BigQueryLoadSink(BigQuerySink[BigQueryLoadOptions, LoadBatch]):
             if submitted:
                 await self._unstage(job_id)
             if "errorResult" not in status:
-                log.info("loaded %d rows into %s (job %s)", len(table_file), destination, job_id)
+                log.info("loaded %d rows into %s (job %s%s)", len(table_file), destination, job_id,
+                         "" if submitted else ", done before")  # fmt: skip
+                if not submitted and table_file.table == "visits" and self._context is not None:  # input read again
+                    self._context.stored_already(len(table_file))
                 return
             if not submitted:  # an earlier attempt failed, loading nothing: try the next id
                 attempt += 1

@@ -117,12 +117,14 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
     _connection: duckdb.DuckDBPyConnection | None = None
     _spool_root: str | None = None
     _log: BatchLog | None = None
+    _context: SinkContext | None = None
+    """The runtime's, from ``lifespan``: writes made outside one (``clickflow dlq replay``) have none."""
 
     async def open(self) -> None:
         self._stored_already = Throttle()
-        """Visits writes found stored already (an input read again, a redelivery), said at most every
-        10 s and at the end: their rows are not stored twice, and a run's summary, which counts what
-        was parsed, does not show them."""
+        """Visits writes found stored already (an input read again, a redelivery), logged at most
+        every 10 s and at the end, and told to the runtime (``SinkContext.stored_already``) while
+        the sink runs: their rows are not stored twice."""
         self._connection = await anyio.to_thread.run_sync(connect, self.options)
         self._spool_root = spool_directory(self.options.path)
         await self._in_thread(insert_left_behind, self.options.path, self._spool_root)
@@ -142,20 +144,21 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
         batch.close()
         if self._log is None:
             assert isinstance(batch, JsonSpool)
-            self._found_stored(await self._in_thread(insert, batch.paths, batch.counts()))
+            self._found_stored(batch.repeated_visits + await self._in_thread(insert, batch.paths, batch.counts()))
             return
         assert isinstance(batch, LogBatch)
-        if not len(batch):  # only messages the log holds: stored already
-            return
-        with anyio.CancelScope(shield=True):  # a batch in the log is in the bookkeeping too
-            if self._log.holding(batch.messages):  # logged while it gathered: once the tables hold it, anti-joined
-                await self.commit()
-            async with self._appending:
-                await self._log.append(batch)
-                self._log.add(batch)
+        if len(batch):  # else only messages the log holds: stored already
+            with anyio.CancelScope(shield=True):  # a batch in the log is in the bookkeeping too
+                if self._log.holding(batch.messages):  # logged while it gathered: once the tables hold it, anti-joined
+                    await self.commit()
+                async with self._appending:
+                    await self._log.append(batch)
+                    self._log.add(batch)
+        self._found_stored(batch.repeated_visits)  # once written: a failed write is written again
 
     @asynccontextmanager
     async def lifespan(self, context: SinkContext) -> AsyncIterator[None]:
+        self._context = context
         every = self.options.commit_every
         if every is None:
             yield
@@ -204,7 +207,11 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
             self._found_stored(stored_already)
 
     def _found_stored(self, visits: int) -> None:
-        if visits and (since_last := self._stored_already.count("visits", visits)) is not None:
+        if not visits:
+            return
+        if self._context is not None:
+            self._context.stored_already(visits)
+        if (since_last := self._stored_already.count("visits", visits)) is not None:
             self._say_stored(since_last)
 
     def _say_stored(self, visits: int) -> None:
@@ -307,11 +314,12 @@ def insert_left_behind(con: duckdb.DuckDBPyConnection, database: str, work: str 
     remove_if_empty(log_directory(database))
 
 
-def load_files(options: DuckDBSinkOptions, paths: Mapping[str, str], counts: Mapping[str, int]) -> None:
-    """``insert`` on a connection of its own (the Beam translation's last step)."""
+def load_files(options: DuckDBSinkOptions, paths: Mapping[str, str], counts: Mapping[str, int]) -> int:
+    """``insert`` on a connection of its own (the Beam translation's last step); returns the visits
+    found stored already."""
     with connect(options) as con:
         insert_left_behind(con, options.path)
-        insert(con, paths, counts)
+        return insert(con, paths, counts)
 
 
 def spool_directory(database: str) -> str:

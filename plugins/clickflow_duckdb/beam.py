@@ -49,10 +49,11 @@ class WriteDuckDB(BeamWrite):
                 >> beam.io.WriteToText(os.path.join(self.shards, table), ".ndjson", coder=beam.coders.BytesCoder())
             )
 
-    def finish(self, rows: Mapping[str, int]) -> None:
+    def finish(self, rows: Mapping[str, int]) -> int:
         paths = {table: os.path.join(self.shards, f"{table}-*.ndjson") for table in TABLE_NAMES}
-        load_files(self.sink.options, paths, rows)
+        stored_already = load_files(self.sink.options, paths, rows)
         shutil.rmtree(self.spool)
+        return stored_already
 
 
 def shard_lines(rows: list[tuple[Any, ...]]) -> bytes:

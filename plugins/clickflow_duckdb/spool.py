@@ -31,12 +31,16 @@ class Spool:
         self._counts = dict.fromkeys(TABLE_NAMES, 0)
         self.messages: set[str] = set()
         """The messages whose rows the batch holds: visit ids, and whole-message dead letters' ids."""
+        self.repeated_visits = 0
+        """Visits left out because their rows were held already (``held``): redelivered."""
 
     def add(self, rows: RowBatch) -> None:
         messages = rows.message_keys()
         held = self.held(messages)
         if held:  # redelivered: their rows are kept once
-            rows = rows.without_messages(held)
+            kept = rows.without_messages(held)
+            self.repeated_visits += len(rows.tables["visits"]) - len(kept.tables["visits"])
+            rows = kept
             messages = [message for message in messages if message not in held]
         self.messages.update(messages)
         for name, table_rows in rows.tables.items():
