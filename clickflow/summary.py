@@ -15,7 +15,7 @@ class RunSummary:
     dead_letters: Counter[str] = field(default_factory=Counter)
     """Dead letters, per reason."""
     stored_already: Counter[str] = field(default_factory=Counter)
-    """Visits each sink found stored already, and did not store again, where it can tell (DuckDB)."""
+    """Visits each sink found stored already, and did not store again, where it can tell (DuckDB, load jobs)."""
     acknowledged: int = 0
     not_acknowledged: int = 0
     seconds: float = 0.0
