@@ -319,6 +319,23 @@ def _check_answers(doc: _Document, built: _Built) -> None:
             doc.problems.append(doc.problem(("sinks", index), problem))
 
 
+def _check_ids(doc: _Document, built: _Built) -> None:
+    """Sources whose message ids are unique only within something each may have its own of (two
+    Pub/Sub sources: two topics) are warned: the sinks key rows on message ids."""
+    first: dict[str, int] = {}
+    for index, (_, component) in enumerate(built["source"]):
+        scope = component.options.ids_unique_within()
+        if scope is None:
+            continue
+        if (other := first.setdefault(scope, index)) != index:
+            why = (
+                f"its message ids, like those of sources[{other}], are unique within {scope} only, and the sinks "
+                "key rows on them: a message from another one with the same id would be taken for a redelivery "
+                "and not stored; give each its own pipeline and sinks"
+            )
+            doc.warnings.append(doc.problem(("sources", index), why, warning=True))
+
+
 def _check_heartbeats(doc: _Document, built: _Built, runtime: RuntimeOptions) -> None:
     """``/healthz`` must not fail while a healthy source waits: a pull held open on a quiet
     subscription, a throttled simulator between visits."""
@@ -366,6 +383,7 @@ def parse_pipeline(
         built: _Built = {"source": list(sources), "sink": list(sinks)}
         _check_shared(doc, built, monitor)
         _check_answers(doc, built)
+        _check_ids(doc, built)
         _check_heartbeats(doc, built, runtime)
     if doc.problems:
         raise ConfigError(doc.problems)

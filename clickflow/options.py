@@ -130,6 +130,13 @@ class PluginOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         below ``runtime.heartbeat_max_age``, or ``/healthz`` would fail whenever traffic pauses."""
         return None
 
+    def ids_unique_within(self) -> str | None:
+        """A source's: what its message ids are unique within, where other sources' ids may come from
+        another one (Pub/Sub's: a topic), or None if no other source's can equal them (files: their
+        paths). Sinks key rows on message ids, so a pipeline with two sources that say the same is
+        warned: two messages with one id would be stored once."""
+        return None
+
     def existing_only(self) -> Self:
         """A sink's options for ``clickflow dlq``, which reads and replays into what is there: with
         none that make a dataset or a table on opening (a mistyped name would be made, and read

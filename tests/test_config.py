@@ -151,6 +151,30 @@ def test_a_sink_spacing_its_writes_longer_than_a_sender_waits_is_refused(
 
 
 @pytest.mark.parametrize(
+    ("sources", "warned"),
+    [
+        (["{type: pubsub_pull, subscription: projects/p/subscriptions/a}"], []),
+        (["{type: pubsub_pull, subscription: projects/p/subscriptions/a}", "{type: file, path: in.jsonl}",
+          "{type: simulator}", "{type: file, path: more.jsonl}"], []),  # ids of their own: paths, content
+        (["{type: pubsub_pull, subscription: projects/p/subscriptions/a}", "{type: file, path: in.jsonl}",
+          "{type: pubsub_pull, subscription: projects/p/subscriptions/b}", "{type: pubsub_push, auth: none}"], [2, 3]),
+    ],
+)  # fmt: skip
+def test_two_pubsub_sources_in_one_pipeline_are_warned_as_their_ids_may_meet(
+    registry: Registry, sources: list[str], warned: list[int]
+) -> None:
+    text = "sinks: [{type: duckdb, path: x.db, commit_every: 1s}]\nmonitor: {port: 0}\nsources:\n"
+    text += "".join(f"  - {source}\n" for source in sources)
+    warnings = [str(w) for w in parse_pipeline(text, registry, "p.yaml", {}).warnings]
+    assert warnings == [
+        f"p.yaml:{4 + index}: sources[{index}]: warning: its message ids, like those of sources[0], are unique "
+        "within a Pub/Sub topic only, and the sinks key rows on them: a message from another one with the same "
+        "id would be taken for a redelivery and not stored; give each its own pipeline and sinks"
+        for index in warned
+    ]
+
+
+@pytest.mark.parametrize(
     ("source", "sink", "warned"),
     [
         ("{type: pubsub_push, auth: none}", "{type: duckdb, path: x.db}", True),

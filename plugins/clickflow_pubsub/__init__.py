@@ -12,6 +12,8 @@ from datetime import timedelta
 from clickflow.api import AnySource
 from clickflow.hookspecs import Register, hookimpl
 
+PUBSUB_IDS = "a Pub/Sub topic"
+"""What Pub/Sub's message ids are unique within (``SourceOptions.ids_unique_within``)."""
 MIN_ACK_DEADLINE, MAX_ACK_DEADLINE = timedelta(seconds=10), timedelta(minutes=10)
 """A subscription's acknowledgement deadline, as Pub/Sub bounds it: how long it waits for a pulled
 message's acknowledgement, or for a push request's answer."""

@@ -35,7 +35,7 @@ from clickflow.gcp import first_token, token_of
 from clickflow.logs import describe
 from clickflow.metrics import shared_metric
 from clickflow.options import HEARTBEAT_EVERY, ByteSize, Duration, PositiveInt, SourceOptions, check_range
-from clickflow_pubsub import MAX_ACK_DEADLINE, MIN_ACK_DEADLINE
+from clickflow_pubsub import MAX_ACK_DEADLINE, MIN_ACK_DEADLINE, PUBSUB_IDS
 from clickflow_pubsub.leases import Lease, Leases
 
 if TYPE_CHECKING:  # imported when the source starts, so loading plugins stays quick
@@ -71,6 +71,9 @@ class PubSubPullOptions(SourceOptions, kw_only=True):
     def heartbeat_within(self) -> timedelta:
         """A pull held open on a quiet subscription reports when it ends empty."""
         return max(self.pull_timeout, HEARTBEAT_EVERY)
+
+    def ids_unique_within(self) -> str:
+        return PUBSUB_IDS
 
 
 def _chunks(ids: list[str]) -> Iterator[list[str]]:

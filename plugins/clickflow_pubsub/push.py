@@ -31,7 +31,7 @@ from clickflow.api import Handler, Message, Source, SourceContext, valid_text
 from clickflow.logs import Throttle, describe
 from clickflow.metrics import shared_metric
 from clickflow.options import HEARTBEAT_EVERY, ByteSize, Duration, SourceOptions, check_range
-from clickflow_pubsub import MAX_ACK_DEADLINE
+from clickflow_pubsub import MAX_ACK_DEADLINE, PUBSUB_IDS
 
 if TYPE_CHECKING:  # aiohttp and asyncio are imported when the source starts: loading plugins stays quick
     import asyncio
@@ -105,6 +105,9 @@ class PubSubPushOptions(SourceOptions, kw_only=True):
 
     def heartbeat_within(self) -> timedelta:
         return HEARTBEAT_EVERY
+
+    def ids_unique_within(self) -> str:
+        return PUBSUB_IDS
 
 
 _CLOCK_RESOLUTION = 0.001
