@@ -5,11 +5,12 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import anyio
 import click
+import msgspec
 from msgspec import Meta
 
 from clickflow.api import AnySource, Message, NoAck, Source, SourceContext, content_id
@@ -128,10 +129,17 @@ class SimulatorSource(Source[SimulatorOptions]):
         return self.finite and not self.options.visits_per_minute
 
     async def run(self, context: SourceContext) -> None:
+        """Message ids are ``simulator:START:INDEX#FINGERPRINT``: a run's visits are timed from its
+        start, so a run at another time has other ids, even for messages whose bytes hold no time (a
+        visit without events, a malformed one), and a run with another seed or format other content."""
+        options = self.options
+        if options.start is None:
+            options = msgspec.structs.replace(options, start=datetime.now(UTC).replace(microsecond=0))
+        assert options.start is not None
+        place = f"simulator:{int(options.start.timestamp())}"
         index = 0
-        async for batch in paced(simulated_messages(self.options), context.heartbeat):
-            # the content is in the id: a run with other visits (another seed, start or time) has other ids
-            messages = [Message(data, content_id(f"simulator:{index + i}", data)) for i, data in enumerate(batch)]
+        async for batch in paced(simulated_messages(options), context.heartbeat):
+            messages = [Message(data, content_id(f"{place}:{index + i}", data)) for i, data in enumerate(batch)]
             index += len(batch)
             await context.emit(messages, NoAck())
             context.progress(index, self.options.count, unit="visits")
