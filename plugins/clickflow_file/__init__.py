@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -20,6 +21,9 @@ from clickflow.hookspecs import Register, hookimpl
 from clickflow.options import GCS_BUCKET, PositiveInt, SourceOptions
 from clickflow_file.reader import STDIN, CountingReader, Stdin, iter_messages, with_content_ids
 
+LINGER_S = 0.05
+"""How long a batch from standard input waits for more when the input pauses: a producer that
+writes a line at a time at 5,000 lines a second made as many batches, 1.3 cores' worth of CPU."""
 STDIN_NAME = "stdin"
 """Standard input's name in message ids (``stdin:LINE#FINGERPRINT``) and errors."""
 _GS_OBJECTS = re.compile(rf"gs://{GCS_BUCKET}/.")
@@ -118,12 +122,17 @@ class FileSource(Source[FileSourceOptions]):
 
     def _batches(self, reader: CountingReader, path: str) -> Iterator[list[Message]]:
         """Batches of ``batch_size`` messages; from standard input, also whatever came before it
-        paused, so that the visits of a slow producer are stored as they come."""
+        paused for ``LINGER_S``, so that the visits of a slow producer are stored as they come, and
+        those of one that writes a line at a time are not each a batch of their own."""
         batch: list[Message] = []
-        trickles = reader.trickles
+        trickles, started = reader.trickles, 0.0
         for message_id, data in with_content_ids(iter_messages(reader.stream, path)):
+            if trickles and not batch:
+                started = time.monotonic()
             batch.append(Message(data, message_id))
-            if len(batch) >= self.options.batch_size or (trickles and reader.waits()):
+            if len(batch) >= self.options.batch_size or (
+                trickles and reader.waits(started + LINGER_S - time.monotonic())
+            ):
                 yield batch
                 batch = []
         if batch:

@@ -22,6 +22,7 @@ import logging
 import lzma
 import os
 import select
+import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO, Protocol
@@ -98,10 +99,15 @@ class CountingReader:
     def bytes_read(self) -> int:
         return int(self._raw.tell())
 
-    def waits(self) -> bool:
+    def waits(self, linger: float = 0.0) -> bool:
         """Whether reading on would wait for input: every byte that came is read, and no more is
-        ready. Where ``trickles``: a stream that trickles in is passed on as it comes."""
-        return bool(self._raw.tell() == self.stream.tell() and not self._raw.ready())
+        ready, after ``linger`` seconds for more to come (slept whole: waking for every line of a
+        producer that writes a line at a time cost as much as the lines). Where ``trickles``."""
+        if self._raw.tell() != self.stream.tell() or self._raw.ready():
+            return False
+        if linger > 0:
+            time.sleep(linger)
+        return not self._raw.ready()
 
     def close(self) -> None:
         """The raw stream first: a thread still reading standard input (a run stopped while it
