@@ -27,7 +27,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from clickflow.api import Acknowledger, AnySink, AnySource, Message, RowBatch
 from clickflow.config import Pipeline, RuntimeOptions, uvloop_installed
 from clickflow.delivery import Delivery, Parsed, SinkFailed, SinkWorker
-from clickflow.logs import describe
+from clickflow.logs import Throttle, describe
 from clickflow.metrics import Metrics
 from clickflow.parser import VisitParser
 from clickflow.quarantine import Quarantine
@@ -140,17 +140,32 @@ class _Context:
 
 
 class _SinkContext:
-    """The ``SinkContext`` one sink runs with."""
+    """The ``SinkContext`` one sink runs with. The visits it says it found stored already go to the
+    summary and the metric, and to the log at most every 10 s, and once more at the end (``said``)."""
 
     def __init__(self, runtime: Runtime, sink: AnySink) -> None:
         self.registry = runtime.metrics.registry
         self._summary = runtime.summary.stored_already
         self._name = sink.name
         self._stored_already = runtime.metrics.stored_already.labels(sink.name)
+        self._lines = Throttle()
 
     def stored_already(self, visits: int) -> None:
+        if visits <= 0:
+            return
         self._summary[self._name] += visits
         self._stored_already.inc(visits)
+        if (since_last := self._lines.count("visits", visits)) is not None:
+            self._say(since_last)
+
+    def said(self) -> None:
+        """The visits left out of the log since its last line, once the sink has written its last."""
+        if unsaid := self._lines.unsaid("visits"):
+            self._say(unsaid)
+
+    def _say(self, visits: int) -> None:
+        log.info("sink %s: %s visits were stored already, and not stored again (an input read again, "
+                 "or a redelivery)", self._name, f"{visits:,}")  # fmt: skip
 
 
 class Runtime:
@@ -198,8 +213,9 @@ class Runtime:
                     await sink.open()
                 except Exception as exc:
                     raise PipelineError(f"sink {sink.name!r} could not start: {describe(exc)}") from exc
-                lifespan = sink.lifespan(_SinkContext(self, sink))
-                await stack.enter_async_context(_lifespan(f"sink {sink.name!r}", lifespan))
+                context = _SinkContext(self, sink)
+                stack.callback(context.said)  # after the lifespan, whose end may write (a last commit)
+                await stack.enter_async_context(_lifespan(f"sink {sink.name!r}", sink.lifespan(context)))
             for source in self.sources:
                 lifespan = source.lifespan(self._contexts[source.name])
                 await stack.enter_async_context(_lifespan(f"source {source.name!r}", lifespan))

@@ -30,7 +30,7 @@ from msgspec import Meta
 from clickflow.api import AnySink, RowBatch, Sink, SinkContext
 from clickflow.dlq import DeadLetterGroup, DeadLetterPage, DeadLetterQuery
 from clickflow.hookspecs import Register, hookimpl
-from clickflow.logs import Throttle, describe
+from clickflow.logs import describe
 from clickflow.options import BatchLimits, ByteSize, Duration, SinkOptions
 from clickflow.parser import VisitContext
 from clickflow_duckdb import deadletters
@@ -121,10 +121,6 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
     """The runtime's, from ``lifespan``: writes made outside one (``clickflow dlq replay``) have none."""
 
     async def open(self) -> None:
-        self._stored_already = Throttle()
-        """Visits writes found stored already (an input read again, a redelivery), logged at most
-        every 10 s and at the end, and told to the runtime (``SinkContext.stored_already``) while
-        the sink runs: their rows are not stored twice."""
         self._connection = await anyio.to_thread.run_sync(connect, self.options)
         self._spool_root = spool_directory(self.options.path)
         await self._in_thread(insert_left_behind, self.options.path, self._spool_root)
@@ -207,16 +203,10 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
             self._found_stored(stored_already)
 
     def _found_stored(self, visits: int) -> None:
-        if not visits:
-            return
-        if self._context is not None:
+        """Visits a write found stored already (an input read again, a redelivery): their rows are
+        not stored twice, and the runtime says how many (``SinkContext.stored_already``)."""
+        if visits and self._context is not None:
             self._context.stored_already(visits)
-        if (since_last := self._stored_already.count("visits", visits)) is not None:
-            self._say_stored(since_last)
-
-    def _say_stored(self, visits: int) -> None:
-        log.info("sink %s: %s visits were stored already, and not stored again (an input read again, "
-                 "or a redelivery)", self.name, f"{visits:,}")  # fmt: skip
 
     # clickflow.dlq.DeadLetterStore: `clickflow dlq list` and `replay`
 
@@ -249,8 +239,6 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
 
     async def close(self) -> None:
         if self._connection is not None:
-            if unsaid := self._stored_already.unsaid("visits"):
-                self._say_stored(unsaid)
             await anyio.to_thread.run_sync(self._connection.close)
             if self._spool_root is not None:
                 shutil.rmtree(self._spool_root, ignore_errors=True)
