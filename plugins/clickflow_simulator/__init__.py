@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -16,7 +16,7 @@ from msgspec import Meta
 from clickflow.api import AnySource, Message, NoAck, Source, SourceContext, content_id
 from clickflow.hookspecs import Register, hookimpl
 from clickflow.options import Duration, OptionsError, PositiveInt, SourceOptions, validate_options
-from clickflow_simulator.generator import Spike, VisitGenerator
+from clickflow_simulator.generator import Spike, VisitGenerator, run_start
 
 __all__ = ["SimulatorSource", "VisitGenerator", "simulated_messages"]
 
@@ -132,11 +132,8 @@ class SimulatorSource(Source[SimulatorOptions]):
         """Message ids are ``simulator:START:INDEX#FINGERPRINT``: a run's visits are timed from its
         start, so a run at another time has other ids, even for messages whose bytes hold no time (a
         visit without events, a malformed one), and a run with another seed or format other content."""
-        options = self.options
-        if options.start is None:
-            options = msgspec.structs.replace(options, start=datetime.now(UTC).replace(microsecond=0))
-        assert options.start is not None
-        place = f"simulator:{int(options.start.timestamp())}"
+        start = run_start(self.options.start)
+        place, options = f"simulator:{int(start.timestamp())}", msgspec.structs.replace(self.options, start=start)
         index = 0
         async for batch in paced(simulated_messages(options), context.heartbeat):
             messages = [Message(data, content_id(f"{place}:{index + i}", data)) for i, data in enumerate(batch)]

@@ -89,6 +89,11 @@ class Spike:
     duration_s: float
 
 
+def run_start(start: datetime | None) -> datetime:
+    """The virtual time of a run's first visit: ``start``, or the second it began."""
+    return start or datetime.now(UTC).replace(microsecond=0)
+
+
 class VisitGenerator:
     """Generates visits as dicts (``visits``) or JSON bytes (``messages``)."""
 
@@ -103,8 +108,7 @@ class VisitGenerator:
     ) -> None:
         self._rng = random.Random(seed)
         self._spike = spike
-        start = start or datetime.now(UTC).replace(microsecond=0)
-        self._start_s = int(start.timestamp())
+        self._start_s = int(run_start(start).timestamp())
         self._spacing_s = 60.0 / visits_per_minute if visits_per_minute else 0.05
         self._wrapped = event_format == "wrapped"
         self._malformed_rate = malformed_rate
