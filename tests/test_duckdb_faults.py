@@ -70,6 +70,50 @@ def test_a_full_disk_fails_the_run_with_one_line_then_a_rerun_completes_exactly(
     assert table_counts(db) == expected_counts(payloads, ids)
 
 
+def _huge_url_visits(count: int, start: int = 0) -> list[bytes]:
+    """Visits whose page URL is a megabyte long, every other one with an event the parser refuses
+    (its dead letter keeps the event, and so the URL)."""
+    visits = []
+    for i in range(start, start + count):
+        url = f"https://e.com/{i}/" + "a" * 1_000_000
+        event = {"event_type": "page_view", "timestamp": "2024-07-01T09:00:00Z", "details": {"page_url": url}}
+        broken = {**event, "timestamp": "yesterday"}
+        visits.append(msgspec.json.encode({"session_id": f"s{i}", "events": [event, broken] if i % 2 else [event]}))
+    return visits
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("sink_options", ["", ", commit_every: 50ms"], ids=["per-batch", "logged"])
+def test_a_batch_of_huge_texts_past_memory_limit_is_stored_in_parts_and_not_again(
+    tmp_path: Path, sink_options: str
+) -> None:
+    """DuckDB keeps a transaction's long texts in memory and fails its commit past ``memory_limit``:
+    such a batch stopped the pipeline, and a stream source would have sent it again for ever."""
+    payloads = _huge_url_visits(80) + list(VisitGenerator(seed=5, malformed_rate=0.1).messages(300))
+    source = tmp_path / "visits.jsonl"
+    source.write_bytes(b"\n".join(payloads) + b"\n")
+    db, pipeline = tmp_path / "huge.duckdb", tmp_path / "p.yaml"
+    pipeline.write_text(
+        f"sources: [{{type: file, path: '{source}'}}]\n"
+        f"sinks: [{{type: duckdb, path: '{db}', memory_limit: 64MB{sink_options}}}]\n"
+    )
+    run = clickflow("run", "--no-progress", str(pipeline))
+    assert run.returncode == 0, run.stderr
+    assert "inserting it in parts" in run.stderr
+    ids = [f"{source}:{n}" for n in range(1, len(payloads) + 1)]
+    expected = expected_counts(payloads, ids)
+    assert table_counts(db) == expected
+    with duckdb.connect(str(db), read_only=True) as con:
+        long_urls = con.execute("SELECT count(*) FROM events WHERE length(page_url) > 1000000").fetchone()
+        long_dead = con.execute("SELECT count(*) FROM dead_letter WHERE length(payload) > 1000000").fetchone()
+    assert long_urls == (80,) and long_dead == (40,)
+
+    again = clickflow("run", "--no-progress", str(pipeline))
+    assert again.returncode == 0, again.stderr
+    assert table_counts(db) == expected
+    assert f"sink duckdb: {expected['visits']} visits were stored already" in again.stderr
+
+
 @pytest.mark.integration
 def test_a_second_run_on_the_same_database_refuses_at_once(tmp_path: Path) -> None:
     db, pipeline = tmp_path / "one.duckdb", tmp_path / "p.yaml"

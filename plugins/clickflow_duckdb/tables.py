@@ -13,6 +13,7 @@ quadratically slow to load; the anti-joins scan numbers, ``visit_key`` and ``dea
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ from clickflow.schema import TABLES, Column, ColumnType, Table
 if TYPE_CHECKING:
     import duckdb
 
+log = logging.getLogger(__name__)
 
 DUCKDB_TYPES: dict[ColumnType, str] = {
     "STRING": "VARCHAR",
@@ -158,20 +160,68 @@ def create_tables(con: duckdb.DuckDBPyConnection) -> None:
 def insert(con: duckdb.DuckDBPyConnection, paths: Mapping[str, str | Sequence[str]], counts: Mapping[str, int]) -> int:
     """Insert spooled rows (``paths``: a file, a glob or a list of files per table) in one transaction, skipping rows
     already stored. ``counts`` are the rows in each table's files. Returns how many of the visits were stored
-    already (with their rows, not inserted again)."""
+    already (with their rows, not inserted again).
+
+    DuckDB holds a transaction's long texts (over about 50 KB each: page URLs a client made huge) in
+    memory until it commits, and fails the commit past ``memory_limit``, whatever it could spill.
+    Such a batch is inserted in parts instead, each a transaction of the visits whose id hashes to
+    it, with all their rows (and the dead letters alike): halved again while a part fails so, up to
+    ``MAX_PARTS``. A visit's rows still commit together, and a part committed before a failure is
+    found stored already by the next attempt."""
 
     def spooled(name: str) -> str:
         return f"({select_spooled(TABLES[name], paths[name])}) b"
 
+    stored_already, parts, split = 0, [(1, 0)], False
+    while parts:
+        of, part = parts.pop()
+        try:
+            stored_already += _insert_part(con, spooled, counts, of, part)
+        except Exception as exc:
+            if of >= MAX_PARTS or not _out_of_memory(exc):
+                raise
+            parts += [(2 * of, part + of), (2 * of, part)]
+            if not split:
+                log.warning("a batch's texts do not fit DuckDB's memory_limit at once; inserting it in parts (%s)",
+                            str(exc).splitlines()[0])  # fmt: skip
+                split = True
+    return stored_already
+
+
+MAX_PARTS = 16
+"""The most parts a batch is inserted in: a batch's bytes are bounded (the sink's ``batch.max_bytes``,
+256MiB by default), so a sixteenth of one fits any workable ``memory_limit``; an out-of-memory error
+that splitting does not cure is raised after at most 31 attempts."""
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    """Whether DuckDB found its ``memory_limit`` full of blocks it could not spill (at a commit its
+    error is a TransactionException, so only its text says so). Other shortages are not a batch's
+    size (JSON's reader needs 32 MiB whatever it reads): parts would not help."""
+    import duckdb
+
+    return isinstance(exc, duckdb.Error) and "failed to pin block" in str(exc)
+
+
+def _insert_part(
+    con: duckdb.DuckDBPyConnection, spooled: Callable[[str], str], counts: Mapping[str, int], of: int, part: int
+) -> int:
+    """One transaction: the spooled rows of the visits (and dead letters) whose id hashes to ``part``
+    of ``of`` parts (all of them when ``of`` is 1). Returns the visits of the part stored already."""
+    if of == 1:
+        where = {"visits": "", "dead_letter": ""}
+    else:
+        where = {key: f" WHERE hash(b.{column}) % {of} = {part}" for key, column in (
+            ("visits", "visit_id"), ("dead_letter", "dead_letter_id"))}  # fmt: skip
     con.begin()
     stored_already = 0
     try:
         if counts["visits"]:
-            stored_already = _insert_visits(con, spooled, counts)
+            stored_already = _insert_visits(con, spooled, counts, where["visits"])
         if counts["dead_letter"]:
             con.execute(
                 f"{insert_into(TABLES['dead_letter'])} SELECT b.* FROM {spooled('dead_letter')} "
-                f"ANTI JOIN dead_letter t ON {MATCHES['dead_letter']}"
+                f"ANTI JOIN dead_letter t ON {MATCHES['dead_letter']}{where['dead_letter']}"
             )
         con.commit()
     except BaseException:
@@ -183,27 +233,34 @@ def insert(con: duckdb.DuckDBPyConnection, paths: Mapping[str, str | Sequence[st
     return stored_already
 
 
-def _insert_visits(con: duckdb.DuckDBPyConnection, spooled: Callable[[str], str], counts: Mapping[str, int]) -> int:
-    """Visits not stored yet, with their events and purchase items; returns how many were."""
+def _insert_visits(
+    con: duckdb.DuckDBPyConnection, spooled: Callable[[str], str], counts: Mapping[str, int], where: str
+) -> int:
+    """Visits not stored yet (of those ``where`` selects), with their events and purchase items;
+    returns how many were."""
+    visits = counts["visits"]
+    if where:
+        (visits,) = con.execute(f"SELECT count(*) FROM {spooled('visits')}{where}").fetchone() or (0,)
     con.execute(
-        f"{insert_into(TABLES['visits'])} SELECT b.* FROM {spooled('visits')} ANTI JOIN visits t ON {MATCHES['visits']}"
+        f"{insert_into(TABLES['visits'])} SELECT b.* FROM {spooled('visits')} "
+        f"ANTI JOIN visits t ON {MATCHES['visits']}{where}"
     )
     (inserted,) = con.fetchone() or (0,)
     if inserted == 0:  # all delivered before, and so were their rows
-        return int(counts["visits"])
-    only_new = ""
-    if inserted < counts["visits"]:  # some delivered before (rarely): undo, then keep the others' rows
+        return int(visits)
+    only_new = where
+    if inserted < visits:  # some delivered before (rarely): undo, then keep the others' rows
         con.rollback()
         con.begin()
         con.execute(
             "CREATE OR REPLACE TEMP TABLE clickflow_new_visits AS "
-            f"SELECT b.visit_id FROM {spooled('visits')} ANTI JOIN visits t ON {MATCHES['visits']}"
+            f"SELECT b.visit_id FROM {spooled('visits')} ANTI JOIN visits t ON {MATCHES['visits']}{where}"
         )
         only_new = " SEMI JOIN clickflow_new_visits n ON b.visit_id = n.visit_id"
         con.execute(f"{insert_into(TABLES['visits'])} SELECT b.* FROM {spooled('visits')}{only_new}")
     for name in ("events", "purchase_items"):
         if counts[name]:
             con.execute(f"{insert_into(TABLES[name])} SELECT b.* FROM {spooled(name)}{only_new}")
-    if only_new:
+    if only_new != where:
         con.execute("DROP TABLE clickflow_new_visits")
-    return int(counts["visits"] - inserted)
+    return int(visits - inserted)
