@@ -15,9 +15,14 @@ import msgspec
 
 Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
+SHARED_URL_CHARS = 4096
+"""The longest page URL the fast path takes, and so the parser's cache of URLs holds between
+batches (a longer one, which only a broken or hostile client sends, goes to the reference rules
+and is not cached): 65,536 cached URLs of a megabyte each would be 64 GB."""
+
 
 class PageViewDetails(msgspec.Struct, gc=False):
-    page_url: str
+    page_url: Annotated[str, msgspec.Meta(max_length=SHARED_URL_CHARS)]
     referrer_url: str | None = None
 
 

@@ -52,6 +52,9 @@ _MICROSECOND = timedelta(microseconds=1)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _TIMESTAMP_CACHE_SIZE = 65_536
 _PAGE_URL_CACHE_SIZE = 65_536
+_CACHED_TIMESTAMP_CHARS = 64
+"""The longest timestamp text cached (ISO-8601 needs 35 at most, but a fraction may run on): the
+caches hold texts between batches, so a stream of long ones must not keep them alive."""
 _NO_EVENTS: list[Any] = []  # a missing "events" is a visit without events; never mutated
 _json_decode = msgspec.json.decode
 _json_encode = msgspec.json.encode
@@ -169,7 +172,8 @@ class VisitParser:
         self._timestamps: dict[str, int] = {}
         self._page_urls: dict[str, str] = {}
         """One string object per distinct page URL: a site has few pages, so rows share them, and
-        whoever counts by page (the live view) compares and hashes each URL once, not per event."""
+        whoever counts by page (the live view) compares and hashes each URL once, not per event.
+        Only the fast path's URLs, of ``fastpath.SHARED_URL_CHARS`` at most."""
         # typed decoders, the one that accepted the latest visit first
         self._decoders: tuple[msgspec.json.Decoder[Any], ...] = (fastpath.wrapped_decoder, fastpath.bare_decoder)
 
@@ -181,6 +185,8 @@ class VisitParser:
                 cached = parse_timestamp_us(value)
             except ValueError:
                 return None
+            if len(value) > _CACHED_TIMESTAMP_CHARS:
+                return cached
             if len(self._timestamps) >= _TIMESTAMP_CACHE_SIZE:
                 self._timestamps.clear()
             self._timestamps[value] = cached

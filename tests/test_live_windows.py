@@ -14,7 +14,7 @@ from clickflow.schema import EVENTS, VISITS, EventCol, VisitCol
 from clickflow_live.alerts import AlertRule, Alerts
 from clickflow_live.api import snapshot
 from clickflow_live.sink import LiveSink, LiveSinkOptions, RecentKeys
-from clickflow_live.windows import MINUTE_US, OTHER, LiveAggregates
+from clickflow_live.windows import KEY_CHARS, MINUTE_US, OTHER, LiveAggregates
 from clickflow_simulator.generator import Spike, VisitGenerator
 
 T0 = int(datetime(2024, 7, 1, 9, 0, tzinfo=UTC).timestamp() * 1e6)
@@ -94,6 +94,23 @@ def test_a_flood_of_unique_pages_is_capped_with_an_other_bucket() -> None:
     assert sum(minute.pages.values()) == minute.page_views == 100_000
     top = aggregates.top_pages(5, 10)
     assert top[0] == (OTHER, 99_900) and len(top) == 10
+
+
+def test_huge_page_urls_and_device_names_are_counted_under_a_cut_key() -> None:
+    """What a client sends is kept by the live view for an hour: a megabyte URL must not be."""
+    aggregates = LiveAggregates()
+    long_prefix = "https://e.com/" + "a" * 1_000_000
+    rows = [page_view(T0 + i, f"{long_prefix}{i}") for i in range(50)] + [page_view(T0, "https://e.com/b")]
+    tables = as_parsed(rows)
+    tables["visits"] = [
+        tuple((*v[: VisitCol.device_type], "d" * 10**6, *v[VisitCol.device_type + 1 :])) for v in tables["visits"]
+    ]
+    aggregates.add(tables, FAR_FUTURE)
+    (minute,) = aggregates.series()
+    cut = long_prefix[: KEY_CHARS - 1] + "…"
+    assert dict(minute.pages) == {cut: 50, "https://e.com/b": 1}
+    assert aggregates.visits_by_device == {"d" * (KEY_CHARS - 1) + "…": 51}
+    assert aggregates.top_pages(5, 10) == [(cut, 50), ("https://e.com/b", 1)]
 
 
 def simulated(seed: int, minutes: int, spike: Spike | None = None) -> list[list[Message]]:

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from clickflow.api import Message, RowBatch
 from clickflow.parser import OVERSIZED_PAYLOAD_BYTES, VisitParser
+from clickflow.schema import EventCol
 from clickflow_simulator.generator import VisitGenerator
 from tests.conftest import VALID_VISIT
 from tests.test_parser_properties import messages as shaped_messages
@@ -134,6 +135,36 @@ def test_many_events_and_long_strings_within_the_limit_are_kept() -> None:
     batch = parse([payload])
     assert batch.counts()["events"] == 20_000
     check_accounted_for([payload], batch)
+
+
+def test_huge_page_urls_and_timestamps_are_stored_whole_and_not_kept_after_their_batch() -> None:
+    """The parser caches URLs and timestamp texts between batches, for their repeats: a stream of
+    unique megabyte-long ones must leave nothing behind once their rows are gone."""
+    import tracemalloc
+
+    parser = VisitParser()
+    parse([msgspec.json.encode(VALID_VISIT)], parser)  # the caches and decoders warm, before measuring
+    long_time = "2024-07-01T09:00:00." + "1" * 100_000
+
+    def visit(i: int) -> bytes:
+        url = f"https://e.com/{i}/" + "a" * 100_000
+        event = {"event_type": "page_view", "timestamp": f"{long_time}{i}", "details": {"page_url": url}}
+        return msgspec.json.encode({"session_id": f"s{i}", "events": [event, event]})
+
+    tracemalloc.start()
+    try:
+        for start in range(0, 200, 50):
+            payloads = [visit(i) for i in range(start, start + 50)]
+            batch = parse(payloads, parser)
+            check_accounted_for(payloads, batch)
+            urls = [row[EventCol.page_url] for row in batch.tables["events"]]
+            assert len(urls) == 100 and all(len(url) > 100_000 for url in urls)
+            assert {row[EventCol.event_timestamp] for row in batch.tables["events"]} == {1719824400_111111}
+            del payloads, batch, urls
+        kept, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert kept < 2_000_000  # 200 URLs and 200 timestamps of 100 KB each would be 40 MB
 
 
 def _mutations(seed: int, count: int) -> list[bytes]:

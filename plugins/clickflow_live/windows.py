@@ -9,8 +9,8 @@ timestamp cannot move the watermark and close every window. Only the newest
 ``keep_minutes`` windows are kept.
 
 Every labelled count is capped (``TopCounter``): past ``cap`` distinct keys, new
-keys go to ``other``, so a flood of unique page URLs or device names costs neither
-memory nor metric labels.
+keys go to ``other``, and a key is cut to ``KEY_CHARS``, so a flood of unique or huge
+page URLs or device names costs neither memory nor metric labels.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from clickflow.schema import DeadLetterCol, EventCol, VisitCol
 
 MINUTE_US = 60_000_000
 OTHER = "other"
+KEY_CHARS = 512
+"""The longest key counted; a longer one (a page URL a client made huge) is cut, marked with "…"."""
 LAGS_KEPT = 2000
 
 _EVENT_TS, _AMOUNT = EventCol.event_timestamp, EventCol.amount
@@ -50,7 +52,10 @@ class TopCounter(Counter[str]):
         self.cap = cap
 
     def count(self, key: str | None, n: int = 1) -> None:
-        key = key if key is not None else "(none)"
+        if key is None:
+            key = "(none)"
+        elif len(key) > KEY_CHARS:
+            key = key[: KEY_CHARS - 1] + "…"
         if key in self or len(self) < self.cap:
             self[key] += n
         else:
