@@ -87,9 +87,12 @@ def test_file_reading_gives_the_async_sources_ids(tmp_path: Path) -> None:
     lines.write_text('{"x": 1}\n\n{"x": 2}\n')
     array.write_text(json.dumps([{"x": 3}, {"x": 4}]))
     gz.write_bytes(gzip.compress(b'{"x": 5}\n'))
-    assert list(read_file(str(lines), 1)) == [[at(f"{lines}:1", b'{"x": 1}')], [at(f"{lines}:3", b'{"x": 2}')]]
-    assert list(read_file(str(array), 10)) == [[at(f"{array}:[0]", b'{"x": 3}'), at(f"{array}:[1]", b'{"x": 4}')]]
-    assert list(read_file(str(gz), 10)) == [[at(f"{gz}:1", b'{"x": 5}')]]
+    assert list(read_file(str(lines), 1, 1 << 20)) == [[at(f"{lines}:1", b'{"x": 1}')], [at(f"{lines}:3", b'{"x": 2}')]]
+    assert list(read_file(str(array), 10, 1 << 20)) == [
+        [at(f"{array}:[0]", b'{"x": 3}'), at(f"{array}:[1]", b'{"x": 4}')]
+    ]
+    assert list(read_file(str(gz), 10, 1 << 20)) == [[at(f"{gz}:1", b'{"x": 5}')]]
+    assert list(read_file(str(array), 10, 8)) == [[at(f"{array}:[0]", b'{"x": 3}')], [at(f"{array}:[1]", b'{"x": 4}')]]
 
 
 def at(place: str, data: bytes) -> tuple[str, bytes]:

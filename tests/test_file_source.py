@@ -19,10 +19,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from clickflow.config import Pipeline
+from clickflow.options import OptionsError, validate_options
 from clickflow.runtime import PipelineError, Runtime
 from clickflow.testing import run_pipeline
-from clickflow_file import expand_paths
-from clickflow_file.reader import iter_array, iter_lines, iter_messages
+from clickflow_file import FileSource, FileSourceOptions, expand_paths
+from clickflow_file.reader import CountingReader, iter_array, iter_lines, iter_messages
 from tests.conftest import table_counts
 
 
@@ -296,6 +297,25 @@ def test_huge_lines_and_payloads_fail_no_batch(tmp_path: Path, pipeline: Callabl
     )
     assert summary.dead_letters == {"invalid_session_id": 1, "too_large": 1}
     assert table_counts(db) == {"visits": 2, "events": 0, "purchase_items": 0, "dead_letter": 2}
+
+
+def test_batches_end_at_batch_bytes_so_large_visits_do_not_fill_memory(tmp_path: Path) -> None:
+    """A batch was 1,000 messages whatever their size: 200 visits of 5 MB held 3.2 GB at once."""
+    visits = [json.dumps({"session_id": f"s{i}", "user_agent": "x" * (300_000 * (i % 5))}).encode() for i in range(60)]
+    source = tmp_path / "large.jsonl"
+    source.write_bytes(b"\n".join(visits) + b"\n")
+    options = validate_options(FileSourceOptions, {"path": str(source), "batch_bytes": "1MiB"})
+    reader = CountingReader.open(str(source))
+    try:
+        batches = list(FileSource("file", options)._batches(reader, str(source)))
+    finally:
+        reader.close()
+    assert [m.data for batch in batches for m in batch] == visits
+    for batch in batches:  # a batch ends with the message that reaches 1 MiB
+        assert sum(len(m.data) for m in batch[:-1]) < 1 << 20
+    assert 18 <= len(batches) < 60
+    with pytest.raises(OptionsError, match="batch_bytes"):
+        validate_options(FileSourceOptions, {"path": str(source), "batch_bytes": "64KiB"})
 
 
 def test_a_file_whose_name_is_not_utf8_is_read_with_a_printable_id(

@@ -18,7 +18,7 @@ import anyio
 
 from clickflow.api import AnySource, Message, NoAck, Source, SourceContext, valid_text
 from clickflow.hookspecs import Register, hookimpl
-from clickflow.options import GCS_BUCKET, PositiveInt, SourceOptions
+from clickflow.options import GCS_BUCKET, ByteSize, PositiveInt, SourceOptions, check_range
 from clickflow_file.reader import STDIN, CountingReader, Stdin, iter_messages, with_content_ids
 
 LINGER_S = 0.05
@@ -35,12 +35,17 @@ class FileSourceOptions(SourceOptions, kw_only=True):
     """A path, a glob (** allowed), gs://bucket/glob, ``-`` for standard input, or a list of them."""
     batch_size: PositiveInt = 1000
     """Messages per batch handed to the parser."""
+    batch_bytes: ByteSize = ByteSize(16 << 20)
+    """A batch also ends once its messages reach this many bytes: what a run holds at once (a
+    batch in each stage and ``runtime.channel_capacity`` between them) stays bounded whatever the
+    visits' sizes. At least 1 MiB; a single message larger than it is a batch of its own."""
     service_file: str | None = None
     """Service-account key for gs://; default: ADC."""
 
     def __post_init__(self) -> None:
         """What ``run`` would only find out after the sinks opened: no path, an empty one, or a
         ``gs://`` one without a bucket and an object's name (or glob) in it."""
+        check_range("batch_bytes", self.batch_bytes, 1 << 20, 1 << 30)
         patterns = self.patterns()
         if not patterns:
             raise ValueError("path names nothing to read: give a path, a glob, gs://bucket/glob or a list of them")
@@ -121,20 +126,24 @@ class FileSource(Source[FileSourceOptions]):
                 context.progress(done + 1, len(files), unit="files", bytes_read=done_bytes)
 
     def _batches(self, reader: CountingReader, path: str) -> Iterator[list[Message]]:
-        """Batches of ``batch_size`` messages; from standard input, also whatever came before it
-        paused for ``LINGER_S``, so that the visits of a slow producer are stored as they come, and
-        those of one that writes a line at a time are not each a batch of their own."""
+        """Batches of ``batch_size`` messages or ``batch_bytes``; from standard input, also whatever
+        came before it paused for ``LINGER_S``, so that the visits of a slow producer are stored as
+        they come, and those of one that writes a line at a time are not each a batch of their own."""
         batch: list[Message] = []
+        size, max_size, max_bytes = 0, self.options.batch_size, self.options.batch_bytes
         trickles, started = reader.trickles, 0.0
         for message_id, data in with_content_ids(iter_messages(reader.stream, path)):
             if trickles and not batch:
                 started = time.monotonic()
             batch.append(Message(data, message_id))
-            if len(batch) >= self.options.batch_size or (
-                trickles and reader.waits(started + LINGER_S - time.monotonic())
+            size += len(data)
+            if (
+                len(batch) >= max_size
+                or size >= max_bytes
+                or (trickles and reader.waits(started + LINGER_S - time.monotonic()))
             ):
                 yield batch
-                batch = []
+                batch, size = [], 0
         if batch:
             yield batch
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Iterator
-from itertools import islice
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
@@ -45,7 +44,7 @@ class ReadFiles(BeamRead):
             | "Match" >> beam.FlatMap(match)
             | "Each once" >> beam.Distinct()
             | "Spread files" >> beam.Reshuffle()
-            | "Read" >> beam.FlatMap(read_file, options.batch_size)
+            | "Read" >> beam.FlatMap(read_file, options.batch_size, options.batch_bytes)
         )
         if on_dataflow(begin.pipeline.options):
             # more workers than files; a local runner would hold every batch in memory here
@@ -67,13 +66,21 @@ def match(pattern: str) -> list[str]:
     return found
 
 
-def read_file(path: str, batch_size: int) -> Iterator[list[tuple[str, bytes]]]:
-    """Every message of one file, in batches (gzip is recognised by its content, as in the async runtime)."""
+def read_file(path: str, batch_size: int, batch_bytes: int) -> Iterator[list[tuple[str, bytes]]]:
+    """Every message of one file, in batches of ``batch_size`` messages or ``batch_bytes`` (gzip is
+    recognised by its content, as in the async runtime)."""
     name = valid_text(path)
     reader = CountingReader(FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED), name)
     try:
-        messages = with_content_ids(iter_messages(reader.stream, name))
-        while batch := list(islice(messages, batch_size)):
+        batch: list[tuple[str, bytes]] = []
+        size = 0
+        for message in with_content_ids(iter_messages(reader.stream, name)):
+            batch.append(message)
+            size += len(message[1])
+            if len(batch) >= batch_size or size >= batch_bytes:
+                yield batch
+                batch, size = [], 0
+        if batch:
             yield batch
     finally:
         reader.close()
