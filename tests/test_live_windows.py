@@ -85,6 +85,19 @@ def test_only_the_newest_windows_are_kept() -> None:
     assert aggregates.late_events == 1
 
 
+def test_a_window_far_behind_the_newest_is_dropped_so_the_series_stays_an_hour() -> None:
+    """A device whose clock is years behind opened a window then, and every minute between it and
+    now was filled in by each scrape and each alert check: millions of minutes, gigabytes."""
+    aggregates = LiveAggregates(keep_minutes=60, allowed_lateness_us=3600 * 10**6)
+    feed(aggregates, -10 * 365 * 86400)  # the first visit, ten years back
+    feed(aggregates, 0, 30, 90)
+    assert counts(aggregates) == {0: 2, 1: 1}
+    feed(aggregates, -10 * 365 * 86400 + 60)  # behind the hour kept: late
+    assert aggregates.late_events == 1
+    feed(aggregates, 3600 * 5 - 600, 3600 * 5)
+    assert list(counts(aggregates)) == list(range(290, 301))  # within the newest hour, gaps filled in
+
+
 def test_a_flood_of_unique_pages_is_capped_with_an_other_bucket() -> None:
     aggregates = LiveAggregates(max_pages=100)
     rows = [page_view(T0 + i, f"https://e.com/{i}") for i in range(100_000)]

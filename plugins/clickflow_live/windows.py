@@ -5,8 +5,8 @@ Page views, purchases and revenue are counted in tumbling one-minute windows of
 lateness; a window whose end is behind the watermark is *closed* (complete) and
 an event for a window already closed or dropped is counted as late instead. Events
 more than ``max_future`` ahead of the wall clock (in a later minute) are counted apart, so one bogus
-timestamp cannot move the watermark and close every window. Only the newest
-``keep_minutes`` windows are kept.
+timestamp cannot move the watermark and close every window. Only the windows of the
+newest ``keep_minutes`` minutes, up to the newest event's, are kept.
 
 Every labelled count is capped (``TopCounter``): past ``cap`` distinct keys, new
 keys go to ``other``, and a key is cut to ``KEY_CHARS``, so a flood of unique or huge
@@ -163,14 +163,20 @@ class LiveAggregates:
             return -(2**63)
         wm = self.watermark_us
         closed_before = wm - wm % MINUTE_US  # the window holding the watermark is still open
+        return max(closed_before, self._kept_from())
+
+    def _kept_from(self) -> int:
+        """The start of the oldest of the ``keep_minutes`` minutes up to the newest event's."""
         assert self.max_event_us is not None
-        kept_from = self.max_event_us - self.max_event_us % MINUTE_US - (self.keep_minutes - 1) * MINUTE_US
-        return max(closed_before, kept_from)
+        return self.max_event_us - self.max_event_us % MINUTE_US - (self.keep_minutes - 1) * MINUTE_US
 
     def _drop_old(self) -> None:
-        if self.max_event_us is None or len(self.minutes) <= self.keep_minutes:
+        """Windows older than the newest ``keep_minutes`` minutes, however few: one a device with a
+        wrong clock opened years back would make ``series`` fill in every minute since."""
+        if self.max_event_us is None:
             return
-        for start in sorted(self.minutes)[: len(self.minutes) - self.keep_minutes]:
+        kept_from = self._kept_from()
+        for start in [start for start in self.minutes if start < kept_from]:
             del self.minutes[start]
 
     def closed(self, start_us: int) -> bool:
