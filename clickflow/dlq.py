@@ -6,7 +6,9 @@ payloads again (a whole message with ``VisitParser.parse``, one event with ``par
 stored visit's context), stores what now parses in every such sink, skipping rows stored before
 (same keys as a first delivery), and only then marks the dead letters replayed. A crash between the
 two leaves them unmarked, and the next replay stores nothing twice and marks them. A replay run
-twice does nothing the second time.
+twice does nothing the second time. It goes a page of dead letters at a time (``PAGE_ROWS``,
+``PAGE_BYTES``), each stored and marked before the next is read, so memory stays bounded however
+many there are; it reads those received before it began, not the dead letters it makes.
 
 ``dead_letter_id`` tells what a dead letter holds: ``VISIT_ID`` a whole message, ``VISIT_ID:INDEX``
 one event of a stored visit, ``TABLE/KEY`` a row a sink refused (not parsed again: its payload is a
@@ -18,8 +20,8 @@ from __future__ import annotations
 import base64
 import time
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from clickflow.api import Message, RowBatch
@@ -34,10 +36,12 @@ _EVENT_INDEX = DeadLetterCol.event_index
 
 @dataclass(frozen=True)
 class DeadLetterQuery:
-    """Which dead letters: not yet replayed, of these reasons (all if empty), received since a time."""
+    """Which dead letters: not yet replayed, of these reasons (all if empty), received since a time
+    (and before one: a replay reads those received before it began, not those it makes)."""
 
     reasons: tuple[str, ...] = ()
     since_us: int | None = None
+    until_us: int | None = None
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,15 @@ class DeadLetterGroup:
 class DeadLetterPage:
     letters: list[StoredDeadLetter]
     held_back: int = 0
-    """Matching dead letters left out because they cannot be marked yet (BigQuery's streaming buffer)."""
+    """Matching dead letters left out because they cannot be marked yet (BigQuery's streaming
+    buffer); given with the first page."""
+
+
+PAGE_ROWS = 5000
+PAGE_BYTES = 32 << 20
+"""A page of dead letters holds at most this many, and stops at the one whose payload takes it to
+this many bytes: a day of a broken client's dead letters is read a page at a time (read whole,
+300,000 of them failed DuckDB's ``memory_limit``)."""
 
 
 @runtime_checkable
@@ -99,8 +111,9 @@ class DeadLetterStore(Protocol):
     async def dead_letter_groups(self, query: DeadLetterQuery) -> list[DeadLetterGroup]:
         """Counts by reason and source, largest first."""
 
-    async def dead_letters(self, query: DeadLetterQuery) -> DeadLetterPage:
-        """The dead letters themselves, oldest first."""
+    def dead_letters(self, query: DeadLetterQuery) -> AsyncIterator[DeadLetterPage]:
+        """The dead letters themselves, oldest first, in pages of ``PAGE_ROWS`` and about
+        ``PAGE_BYTES`` at most; those of a page may be marked before the next is asked for."""
 
     async def visit_contexts(self, visit_ids: list[str]) -> dict[str, VisitContext]:
         """What the stored visits of these ids give their events."""
@@ -142,15 +155,24 @@ class ReplayReport:
 async def replay(
     stores: Sequence[DeadLetterStore], query: DeadLetterQuery, parser: VisitParser, *, dry_run: bool = False
 ) -> ReplayReport:
-    """Parse the stored dead letters again and store what now parses (see the module's docstring)."""
-    first = stores[0]
-    page = await first.dead_letters(query)
-    report = ReplayReport(held_back=page.held_back)
+    """Parse the stored dead letters again and store what now parses (see the module's docstring),
+    a page at a time: each page's rows are stored, then its dead letters marked, before the next."""
+    report = ReplayReport()
     now = time.time_ns() // 1000
+    async for page in stores[0].dead_letters(replace(query, until_us=now)):
+        report.held_back += page.held_back
+        await _replay_page(stores, page.letters, parser, report, now, dry_run)
+    return report
+
+
+async def _replay_page(
+    stores: Sequence[DeadLetterStore], letters: list[StoredDeadLetter], parser: VisitParser, report: ReplayReport,
+    now: int, dry_run: bool,
+) -> None:  # fmt: skip
     rows, replayed = RowBatch(), []
     messages: dict[str, list[StoredDeadLetter]] = {}
     events: list[StoredDeadLetter] = []
-    for letter in page.letters:
+    for letter in letters:
         why = letter.why_not_replayable()
         if why:
             report.not_replayable[letter.reason] += 1
@@ -160,10 +182,10 @@ async def replay(
         else:
             events.append(letter)
 
-    for source, letters in messages.items():
-        parsed = parser.parse([Message(letter.payload, letter.message_id) for letter in letters], source, now)
+    for source, of_source in messages.items():
+        parsed = parser.parse([Message(letter.payload, letter.message_id) for letter in of_source], source, now)
         failing = {row[DeadLetterCol.dead_letter_id] for row in parsed.tables["dead_letter"]}
-        for letter in letters:
+        for letter in of_source:
             if letter.dead_letter_id in failing:
                 report.still_failing[letter.reason] += 1
             else:
@@ -173,7 +195,9 @@ async def replay(
         parsed.tables["dead_letter"] = [r for r in parsed.tables["dead_letter"] if r[_EVENT_INDEX] is not None]
         rows.add(parsed)
 
-    contexts = await first.visit_contexts(sorted({visit_id_for(letter.message_id) for letter in events}))
+    first = stores[0]
+    visit_ids = sorted({visit_id_for(letter.message_id) for letter in events})
+    contexts = await first.visit_contexts(visit_ids) if visit_ids else {}
     for letter in events:
         context = contexts.get(visit_id_for(letter.message_id))
         if context is None:
@@ -195,4 +219,3 @@ async def replay(
             await store.store_replayed(rows)
         for store in stores:
             await store.mark_replayed(replayed, now)
-    return report

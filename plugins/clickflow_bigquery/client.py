@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import AsyncIterator
 from typing import IO, TYPE_CHECKING, Any
 
 import msgspec
@@ -215,23 +216,33 @@ class BigQueryClient:
         """Run a standard-SQL query and return all its rows as dicts of strings (timestamps as
         microseconds), waiting for the job and reading every page. ``parameters`` are named
         (``@name`` in ``sql``): strings, integers, or lists of strings."""
+        return [row async for rows in self.query_pages(sql, parameters) for row in rows]
+
+    async def query_pages(
+        self, sql: str, parameters: dict[str, Any] | None = None, max_rows: int | None = None
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """``query``'s rows a page at a time, as the API gives them (10 MB at most, and at most
+        ``max_rows``): a large result is never held whole."""
         body: dict[str, Any] = {
             "query": sql, "useLegacySql": False, "timeoutMs": TIMEOUT * 1000,
             "formatOptions": {"useInt64Timestamp": True},
         }  # fmt: skip
+        if max_rows is not None:
+            body["maxResults"] = max_rows
         if parameters:
             body["parameterMode"] = "NAMED"
             body["queryParameters"] = [_parameter(name, value) for name, value in parameters.items()]
         result = await self._managed(self._job().query(body, timeout=TIMEOUT))
-        rows = self._rows(result)
+        yield self._rows(result)
         while not result.get("jobComplete", True) or result.get("pageToken"):
             job = self._job(result["jobReference"]["jobId"])
             params = {"timeoutMs": TIMEOUT * 1000, "formatOptions.useInt64Timestamp": "true"}
+            if max_rows is not None:
+                params["maxResults"] = str(max_rows)
             if result.get("pageToken"):
                 params["pageToken"] = result["pageToken"]
             result = await self._managed(job.get_query_results(timeout=TIMEOUT, params=params))
-            rows += self._rows(result)
-        return rows
+            yield self._rows(result)
 
     @staticmethod
     def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:

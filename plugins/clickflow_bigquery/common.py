@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import AsyncIterator
 from typing import Annotated, ClassVar, Self, TypeVar
 
 import msgspec
@@ -100,8 +101,8 @@ class BigQuerySink(Sink[OptionsT, BatchT]):
     async def dead_letter_groups(self, query: DeadLetterQuery) -> list[DeadLetterGroup]:
         return await self._dead_letters().groups(query)
 
-    async def dead_letters(self, query: DeadLetterQuery) -> DeadLetterPage:
-        return await self._dead_letters().letters(query)
+    def dead_letters(self, query: DeadLetterQuery) -> AsyncIterator[DeadLetterPage]:
+        return self._dead_letters().letters(query)
 
     async def visit_contexts(self, visit_ids: list[str]) -> dict[str, VisitContext]:
         return await self._dead_letters().visit_contexts(visit_ids)

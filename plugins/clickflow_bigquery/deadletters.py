@@ -7,10 +7,11 @@ oldest entry, less a margin, are left for a later replay and counted as held bac
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from clickflow.api import RowBatch
-from clickflow.dlq import DeadLetterGroup, DeadLetterPage, DeadLetterQuery, StoredDeadLetter
+from clickflow.dlq import PAGE_ROWS, DeadLetterGroup, DeadLetterPage, DeadLetterQuery, StoredDeadLetter
 from clickflow.parser import VisitContext
 from clickflow_bigquery.client import BigQueryClient
 from clickflow_bigquery.rows import ROW_IDS
@@ -61,15 +62,9 @@ class BigQueryDeadLetters:
             for r in rows
         ]  # fmt: skip
 
-    async def letters(self, query: DeadLetterQuery) -> DeadLetterPage:
+    async def letters(self, query: DeadLetterQuery) -> AsyncIterator[DeadLetterPage]:
+        """One query, read a page of its results at a time (``PAGE_ROWS``, and the API's 10 MB)."""
         until = await self._buffer_cutoff()
-        rows = await self.client.query(
-            f"""SELECT dead_letter_id, UNIX_MICROS(received_at) AS received, source, message_id, event_index,
-                       reason, payload, payload_encoding, payload_bytes
-                FROM {self._table("dead_letter")} WHERE {_MATCHING} AND received_at < TIMESTAMP_MICROS(@until)
-                ORDER BY received_at, dead_letter_id""",
-            self._parameters(query, until=until),
-        )
         held_back = 0
         if until < _NO_CUTOFF:
             held = await self.client.query(
@@ -78,14 +73,27 @@ class BigQueryDeadLetters:
                 self._parameters(query, until=until),
             )
             held_back = int(held[0]["n"])
-        letters = [
-            StoredDeadLetter.from_stored(
-                r["dead_letter_id"], int(r["received"]), r["source"], r["message_id"], _int(r["event_index"]),
-                r["reason"], r["payload"], r["payload_encoding"], _int(r["payload_bytes"]),
-            )
-            for r in rows
-        ]  # fmt: skip
-        return DeadLetterPage(letters, held_back)
+        if query.until_us is not None:
+            until = min(until, query.until_us)
+        pages = self.client.query_pages(
+            f"""SELECT dead_letter_id, UNIX_MICROS(received_at) AS received, source, message_id, event_index,
+                       reason, payload, payload_encoding, payload_bytes
+                FROM {self._table("dead_letter")} WHERE {_MATCHING} AND received_at < TIMESTAMP_MICROS(@until)
+                ORDER BY received_at, dead_letter_id""",
+            self._parameters(query, until=until),
+            max_rows=PAGE_ROWS,
+        )
+        async for rows in pages:
+            letters = [
+                StoredDeadLetter.from_stored(
+                    r["dead_letter_id"], int(r["received"]), r["source"], r["message_id"], _int(r["event_index"]),
+                    r["reason"], r["payload"], r["payload_encoding"], _int(r["payload_bytes"]),
+                )
+                for r in rows
+            ]  # fmt: skip
+            if letters or held_back:
+                yield DeadLetterPage(letters, held_back)
+                held_back = 0
 
     async def _buffer_cutoff(self) -> int:
         """Dead letters received from this time on may still be in the streaming buffer."""

@@ -213,8 +213,11 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
     async def dead_letter_groups(self, query: DeadLetterQuery) -> list[DeadLetterGroup]:
         return await self._in_thread(deadletters.groups, query)
 
-    async def dead_letters(self, query: DeadLetterQuery) -> DeadLetterPage:
-        return DeadLetterPage(await self._in_thread(deadletters.letters, query))
+    async def dead_letters(self, query: DeadLetterQuery) -> AsyncIterator[DeadLetterPage]:
+        after = None
+        while letters := await self._in_thread(deadletters.page, query, after):
+            yield DeadLetterPage(letters)
+            after = letters[-1].received_at_us, letters[-1].dead_letter_id
 
     async def visit_contexts(self, visit_ids: list[str]) -> dict[str, VisitContext]:
         return await self._in_thread(deadletters.visit_contexts, visit_ids)

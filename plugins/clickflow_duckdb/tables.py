@@ -162,9 +162,9 @@ def insert(con: duckdb.DuckDBPyConnection, paths: Mapping[str, str | Sequence[st
     already stored. ``counts`` are the rows in each table's files. Returns how many of the visits were stored
     already (with their rows, not inserted again).
 
-    DuckDB holds a transaction's long texts (over about 50 KB each: page URLs a client made huge) in
-    memory until it commits, and fails the commit past ``memory_limit``, whatever it could spill.
-    Such a batch is inserted in parts instead, each a transaction of the visits whose id hashes to
+    DuckDB holds much of a transaction's text in memory until it commits, and runs out of
+    ``memory_limit`` when a batch is mostly long texts (page URLs a client made huge, the payloads
+    of large malformed messages), whatever it could spill. Such a batch is inserted in parts instead, each a transaction of the visits whose id hashes to
     it, with all their rows (and the dead letters alike): halved again while a part fails so, up to
     ``MAX_PARTS``. A visit's rows still commit together, and a part committed before a failure is
     found stored already by the next attempt."""
@@ -191,16 +191,17 @@ def insert(con: duckdb.DuckDBPyConnection, paths: Mapping[str, str | Sequence[st
 MAX_PARTS = 16
 """The most parts a batch is inserted in: a batch's bytes are bounded (the sink's ``batch.max_bytes``,
 256MiB by default), so a sixteenth of one fits any workable ``memory_limit``; an out-of-memory error
-that splitting does not cure is raised after at most 31 attempts."""
+that splitting does not cure (JSON's reader needs 32 MiB whatever it reads) is raised after at most
+31 attempts."""
 
 
 def _out_of_memory(exc: Exception) -> bool:
-    """Whether DuckDB found its ``memory_limit`` full of blocks it could not spill (at a commit its
-    error is a TransactionException, so only its text says so). Other shortages are not a batch's
-    size (JSON's reader needs 32 MiB whatever it reads): parts would not help."""
+    """Whether DuckDB ran out of its ``memory_limit`` (at a commit its error is a TransactionException,
+    so only its text says so)."""
     import duckdb
 
-    return isinstance(exc, duckdb.Error) and "failed to pin block" in str(exc)
+    text = str(exc)
+    return isinstance(exc, duckdb.Error) and ("Out of Memory" in text or "failed to pin block" in text)
 
 
 def _insert_part(
