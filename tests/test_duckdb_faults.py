@@ -89,24 +89,24 @@ def test_a_batch_of_huge_texts_past_memory_limit_is_stored_in_parts_and_not_agai
 ) -> None:
     """DuckDB keeps a transaction's long texts in memory and fails its commit past ``memory_limit``:
     such a batch stopped the pipeline, and a stream source would have sent it again for ever."""
-    payloads = _huge_url_visits(80) + list(VisitGenerator(seed=5, malformed_rate=0.1).messages(300))
+    payloads = _huge_url_visits(160) + list(VisitGenerator(seed=5, malformed_rate=0.1).messages(300))
     source = tmp_path / "visits.jsonl"
     source.write_bytes(b"\n".join(payloads) + b"\n")
     db, pipeline = tmp_path / "huge.duckdb", tmp_path / "p.yaml"
-    pipeline.write_text(
-        f"sources: [{{type: file, path: '{source}'}}]\n"
-        f"sinks: [{{type: duckdb, path: '{db}', memory_limit: 64MB{sink_options}}}]\n"
+    pipeline.write_text(  # one batch of them all, whenever the sink is free
+        f"sources: [{{type: file, path: '{source}', batch_bytes: 1GiB}}]\n"
+        f"sinks: [{{type: duckdb, path: '{db}', memory_limit: 128MB{sink_options}}}]\n"
     )
     run = clickflow("run", "--no-progress", str(pipeline))
     assert run.returncode == 0, run.stderr
-    assert "inserting it in parts" in run.stderr
+    assert "inserting it in 16 parts" in run.stderr
     ids = [f"{source}:{n}" for n in range(1, len(payloads) + 1)]
     expected = expected_counts(payloads, ids)
     assert table_counts(db) == expected
     with duckdb.connect(str(db), read_only=True) as con:
         long_urls = con.execute("SELECT count(*) FROM events WHERE length(page_url) > 1000000").fetchone()
         long_dead = con.execute("SELECT count(*) FROM dead_letter WHERE length(payload) > 1000000").fetchone()
-    assert long_urls == (80,) and long_dead == (40,)
+    assert long_urls == (160,) and long_dead == (80,)
 
     again = clickflow("run", "--no-progress", str(pipeline))
     assert again.returncode == 0, again.stderr

@@ -55,8 +55,7 @@ Key = tuple[int, str]
 in DuckDB's table: redeliveries are stored once)."""
 
 _AFTER = (  # its first term lets DuckDB skip the row groups read before, by their least and greatest times
-    "received_at >= make_timestamptz($at) "
-    "AND (received_at > make_timestamptz($at) OR dead_letter_id > $id)"
+    "received_at >= make_timestamptz($at) AND (received_at > make_timestamptz($at) OR dead_letter_id > $id)"
 )
 _UP_TO = "(received_at < make_timestamptz($to) OR (received_at = make_timestamptz($to) AND dead_letter_id <= $to_id))"
 

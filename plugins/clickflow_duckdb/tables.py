@@ -164,15 +164,16 @@ def insert(con: duckdb.DuckDBPyConnection, paths: Mapping[str, str | Sequence[st
 
     DuckDB holds much of a transaction's text in memory until it commits, and runs out of
     ``memory_limit`` when a batch is mostly long texts (page URLs a client made huge, the payloads
-    of large malformed messages), whatever it could spill. Such a batch is inserted in parts instead, each a transaction of the visits whose id hashes to
-    it, with all their rows (and the dead letters alike): halved again while a part fails so, up to
-    ``MAX_PARTS``. A visit's rows still commit together, and a part committed before a failure is
-    found stored already by the next attempt."""
+    of large malformed messages), whatever it could spill. Such a batch is inserted in parts
+    instead, each a transaction of the visits whose id hashes to it, with all their rows (and the
+    dead letters alike), ``FIRST_PARTS`` of them, a part halved again while it runs out. A visit's rows
+    still commit together, and a part committed before a failure is found stored already by the
+    next attempt."""
 
     def spooled(name: str) -> str:
         return f"({select_spooled(TABLES[name], paths[name])}) b"
 
-    stored_already, parts, split = 0, [(1, 0)], False
+    stored_already, parts = 0, [(1, 0)]
     while parts:
         of, part = parts.pop()
         try:
@@ -180,19 +181,23 @@ def insert(con: duckdb.DuckDBPyConnection, paths: Mapping[str, str | Sequence[st
         except Exception as exc:
             if of >= MAX_PARTS or not _out_of_memory(exc):
                 raise
-            parts += [(2 * of, part + of), (2 * of, part)]
-            if not split:
-                log.warning("a batch's texts do not fit DuckDB's memory_limit at once; inserting it in parts (%s)",
-                            str(exc).splitlines()[0])  # fmt: skip
-                split = True
+            if of == 1:
+                log.warning("a batch's texts do not fit DuckDB's memory_limit at once; inserting it in %d parts (%s)",
+                            FIRST_PARTS, str(exc).splitlines()[0])  # fmt: skip
+                parts = [(FIRST_PARTS, part) for part in reversed(range(FIRST_PARTS))]
+            else:
+                parts += [(2 * of, part + of), (2 * of, part)]
     return stored_already
 
 
-MAX_PARTS = 16
-"""The most parts a batch is inserted in: a batch's bytes are bounded (the sink's ``batch.max_bytes``,
-256MiB by default), so a sixteenth of one fits any workable ``memory_limit``; an out-of-memory error
-that splitting does not cure (JSON's reader needs 32 MiB whatever it reads) is raised after at most
-31 attempts."""
+FIRST_PARTS = 16
+"""The parts a batch that ran out of memory is inserted in. Halves were not enough: a half that
+committed could still leave DuckDB's checkpoint after it (of everything committed since the last,
+once past 16 MB) out of memory, which is fatal to the database. A batch's bytes are bounded (the
+sink's ``batch.max_bytes``, 256MiB by default), so a sixteenth is at most 16 MiB."""
+MAX_PARTS = 64
+"""A part that still runs out is halved again, up to this many parts; an out-of-memory error that
+parts do not cure (JSON's reader needs 32 MiB whatever it reads) is raised."""
 
 
 def _out_of_memory(exc: Exception) -> bool:
