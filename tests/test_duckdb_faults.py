@@ -14,8 +14,10 @@ import msgspec
 import pytest
 
 from clickflow.api import Message
+from clickflow.options import validate_options
 from clickflow.parser import VisitParser
 from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions
+from clickflow_duckdb.spool import Spool
 from clickflow_simulator.generator import VisitGenerator
 from tests.conftest import VALID_VISIT, table_counts
 from tests.emulators import CLICKFLOW, clickflow, expected_counts
@@ -67,6 +69,44 @@ def test_a_full_disk_fails_the_run_with_one_line_then_a_rerun_completes_exactly(
     rerun = clickflow("run", "--no-progress", str(pipeline))
     assert rerun.returncode == 0, rerun.stderr
     ids = [f"{source}:{n}" for n in range(1, len(payloads) + 1)]
+    assert table_counts(db) == expected_counts(payloads, ids)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("logged", [False, True], ids=["per-batch", "logged"])
+async def test_after_a_fatal_error_the_database_is_opened_again_and_a_retried_write_stores_once(
+    tmp_path: Path, logged: bool
+) -> None:
+    """A fatal DuckDB error (here a checkpoint aborted on purpose, as one out of memory or disk is)
+    invalidates the database: every later write failed, and its retries, until the run ended. The
+    next attempt now opens it again, with what was committed read back from its write-ahead log."""
+    db = tmp_path / "fatal.duckdb"
+    options = {"path": str(db), **({"commit_every": "1h"} if logged else {})}
+    sink = DuckDBSink("duckdb", validate_options(DuckDBSinkOptions, options))
+    payloads = list(VisitGenerator(seed=8, malformed_rate=0.1).messages(40))
+    ids = [f"m{i}" for i in range(40)]
+    halves = [[Message(p, i) for p, i in zip(payloads[at : at + 20], ids[at : at + 20], strict=True)] for at in (0, 20)]
+
+    async def store(batch: Spool) -> None:  # as the runtime's worker does, with the log's commit at once
+        await sink.write(batch)
+        if logged:
+            await sink.commit()
+
+    await sink.open()
+    try:
+        first, second = sink.new_batch(), sink.new_batch()
+        first.add(VisitParser().parse(halves[0], "test", 0))
+        second.add(VisitParser().parse(halves[1], "test", 0))
+        await store(first)
+        assert sink._connection is not None
+        sink._connection.execute("SET debug_checkpoint_abort = 'before_header'")
+        with pytest.raises(duckdb.FatalException):
+            sink._connection.execute("CHECKPOINT")
+        with pytest.raises(duckdb.FatalException, match="invalidated"):
+            await store(second)
+        await store(second)  # the retry
+    finally:
+        await sink.close()
     assert table_counts(db) == expected_counts(payloads, ids)
 
 

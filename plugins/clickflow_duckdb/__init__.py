@@ -119,6 +119,8 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
     _log: BatchLog | None = None
     _context: SinkContext | None = None
     """The runtime's, from ``lifespan``: writes made outside one (``clickflow dlq replay``) have none."""
+    _invalidated = False
+    """DuckDB raised a fatal error: the connection is opened again before the next work (``_reopen``)."""
 
     async def open(self) -> None:
         self._connection = await anyio.to_thread.run_sync(connect, self.options)
@@ -233,8 +235,28 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
         return await anyio.to_thread.run_sync(self._on_cursor, work, *args)
 
     def _on_cursor(self, work: Callable[..., T], *args: Any) -> T:
-        with self._cursor() as cursor:
-            return work(cursor, *args)
+        import duckdb
+
+        if self._invalidated:
+            self._reopen()  # if it cannot yet, this work fails, and is retried as any failed write
+        try:
+            with self._cursor() as cursor:
+                return work(cursor, *args)
+        except duckdb.FatalException:
+            log.warning("sink %s: DuckDB invalidated %s after a fatal error; it is opened again for the next write",
+                        self.name, self.options.path)  # fmt: skip
+            self._invalidated = True
+            raise
+
+    def _reopen(self) -> None:
+        """After a fatal error (a checkpoint out of memory or disk) DuckDB refuses every statement
+        until the database is opened again; opened again, it reads back what was committed from its
+        write-ahead log, so a write retried there stores nothing twice. The invalid connection is
+        closed first: while it is open, connecting returns the same database."""
+        assert self._connection is not None
+        self._connection.close()
+        self._connection = connect(self.options)
+        self._invalidated = False
 
     def _cursor(self) -> duckdb.DuckDBPyConnection:
         assert self._connection is not None, "open() first"
