@@ -23,7 +23,7 @@ import msgspec
 
 from clickflow import fastpath
 from clickflow.api import Message, RowBatch
-from clickflow.fastpath import AddItemToCart, PageView, Purchase, WrappedVisit
+from clickflow.fastpath import REPEATED_CHARS, AddItemToCart, PageView, Purchase, WrappedVisit
 from clickflow.schema import EventCol
 
 REASON_TOO_LARGE = "too_large"
@@ -45,6 +45,7 @@ REASON_INVALID_QUANTITY = "invalid_quantity"
 REASON_MISSING_ORDER_ID = "missing_order_id"
 REASON_INVALID_AMOUNT = "invalid_amount"
 REASON_INVALID_ITEMS = "invalid_items"
+REASON_FIELD_TOO_LONG = "field_too_long"
 
 EVENT_TYPES = frozenset({"page_view", "add_item_to_cart", "purchase"})
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -61,7 +62,7 @@ _json_encode = msgspec.json.encode
 _astuple = msgspec.structs.astuple
 _INDEX_TEXT_SIZE = 256
 _INDEX_TEXT = tuple(str(i) for i in range(_INDEX_TEXT_SIZE))  # "12" without formatting per event
-PARSER_VERSION = "1"
+PARSER_VERSION = "2"
 """The version of the rules below, stored with each dead letter. Raise it when a rule changes, so a
 replay (``clickflow dlq replay``) can tell which rules rejected what."""
 MAX_MESSAGE_BYTES = 10 * 1024 * 1024
@@ -131,6 +132,20 @@ def _item_row(head: Row, index: int, order_id: str, product: Product) -> Row:
 
 def _str(value: Any) -> str | None:
     return value if type(value) is str else None
+
+
+def _repeated_too_long(visit: dict[str, Any]) -> tuple[str, str]:
+    """``field_too_long`` for a visit whose field repeated in each of its rows is over
+    ``REPEATED_CHARS`` (see ``fastpath``); else no reason."""
+    for field in ("session_id", "user_id", "device_type"):
+        value = visit.get(field)
+        if type(value) is str and len(value) > REPEATED_CHARS:
+            return REASON_FIELD_TOO_LONG, _too_long(field, value, "row")
+    return "", ""
+
+
+def _too_long(field: str, value: str, rows: str) -> str:
+    return f"{field} is {len(value):,} characters, over {REPEATED_CHARS}: each of its {rows}s would repeat it"
 
 
 def _payload(data: bytes) -> tuple[str, str]:
@@ -332,6 +347,8 @@ class VisitParser:
                 reason, error = REASON_INVALID_SESSION_ID, "session_id must be a non-empty string"
             elif type(visit.get("events", _NO_EVENTS)) is not list:
                 reason, error = REASON_INVALID_EVENTS, "events must be a list"
+            else:
+                reason, error = _repeated_too_long(visit)
         if reason:
             t["dead_letter"].append(_message_dead_letter(message, visit_id, now, source, reason, error, _payload(data)))
             return
@@ -406,6 +423,8 @@ class VisitParser:
             order_id = details.get("order_id")
             if type(order_id) is not str or not order_id:
                 raise EventRejected(REASON_MISSING_ORDER_ID, "purchase needs a non-empty string order_id")
+            if len(order_id) > REPEATED_CHARS:
+                raise EventRejected(REASON_FIELD_TOO_LONG, _too_long("order_id", order_id, "item"))
             amount = _reference_number(details.get("amount"), REASON_INVALID_AMOUNT, "amount")
             raw_items = details.get("items", [])
             if type(raw_items) is not list:

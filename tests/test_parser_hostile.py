@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from clickflow.api import Message, RowBatch
 from clickflow.parser import OVERSIZED_PAYLOAD_BYTES, VisitParser
-from clickflow.schema import EventCol
+from clickflow.schema import DeadLetterCol, EventCol
 from clickflow_simulator.generator import VisitGenerator
 from tests.conftest import VALID_VISIT
 from tests.test_parser_properties import messages as shaped_messages
@@ -135,6 +135,29 @@ def test_many_events_and_long_strings_within_the_limit_are_kept() -> None:
     batch = parse([payload])
     assert batch.counts()["events"] == 20_000
     check_accounted_for([payload], batch)
+
+
+@pytest.mark.parametrize("field", ["session_id", "user_id", "device_type", "order_id"])
+def test_a_long_field_every_row_repeats_is_a_dead_letter_not_a_multiplied_message(field: str) -> None:
+    """A 390 KB visit of 2,000 events whose session_id was 200 KB made 400 MB of event rows (at 10
+    MB, hundreds of gigabytes: memory and disk gone for one message)."""
+    long = "x" * 200_000
+    purchase = {"event_type": "purchase", "timestamp": "2024-07-01T09:00:00", "details": {"order_id": "O-1"}}
+    items = [{"product_id": f"P-{i}"} for i in range(2000)]
+    view = {"event_type": "page_view", "timestamp": "2024-07-01T09:00:00", "details": {"page_url": "u"}}
+    if field == "order_id":
+        visit = {"session_id": "s", "events": [view, {**purchase, "details": {"order_id": long, "items": items}}]}
+    else:
+        visit = {"session_id": "s", field: long, "events": [view] * 2000}
+    payload = msgspec.json.encode(visit)
+    batch = parse([payload])
+    check_accounted_for([payload], batch)
+    (dead,) = batch.tables["dead_letter"]
+    assert dead[DeadLetterCol.reason] == "field_too_long"
+    assert f"{field} is 200,000 characters, over 256" in dead[DeadLetterCol.error]
+    encoded = sum(len(msgspec.json.encode(rows)) for rows in batch.tables.values())
+    assert encoded < 3 * len(payload)
+    assert batch.counts()["visits"] == (1 if field == "order_id" else 0)
 
 
 def test_huge_page_urls_and_timestamps_are_stored_whole_and_not_kept_after_their_batch() -> None:

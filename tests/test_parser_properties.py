@@ -51,10 +51,10 @@ products = st.builds(
     extra=maybe(json_values),
 )
 details = st.one_of(
-    st.builds(_dict, page_url=maybe(st.sampled_from(["https://e.com/a", "", 5, None])),
+    st.builds(_dict, page_url=maybe(st.sampled_from(["https://e.com/a", "", 5, None, "h" * 4096, "h" * 4097])),
               referrer_url=maybe(st.sampled_from(["https://g.com", "", None, 1]))),
     products,
-    st.builds(_dict, order_id=maybe(st.sampled_from(["O-1", "", None])), amount=maybe(numbers),
+    st.builds(_dict, order_id=maybe(st.sampled_from(["O-1", "", None, "O" * 256, "O" * 257])), amount=maybe(numbers),
               currency=maybe(st.sampled_from(["USD", None, 1])),
               items=maybe(st.lists(products, max_size=3) | json_values)),
     json_values,
@@ -68,9 +68,9 @@ events = st.builds(
 elements = st.one_of(events, events.map(lambda e: {"event": e}), json_values)
 visits = st.builds(
     _dict,
-    session_id=maybe(st.sampled_from(["SID-1", "", None, 12])),
-    user_id=maybe(st.sampled_from(["UID-1", None, 3])),
-    device_type=maybe(st.sampled_from(["mobile", None, True])),
+    session_id=maybe(st.sampled_from(["SID-1", "", None, 12, "S" * 256, "S" * 257])),
+    user_id=maybe(st.sampled_from(["UID-1", None, 3, "U" * 257])),
+    device_type=maybe(st.sampled_from(["mobile", None, True, "d" * 256, "d" * 257])),
     geolocation=maybe(st.sampled_from(["1.5,2.5", "x", None, "100,1"])),
     user_agent=maybe(st.sampled_from(["Mozilla", None])),
     events=maybe(st.lists(elements, max_size=4) | json_values),
