@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clickflow.api import Message, RowBatch
-from clickflow.parser import OVERSIZED_PAYLOAD_BYTES, VisitParser
-from clickflow.schema import DeadLetterCol, EventCol
+from clickflow.parser import MAX_INVALID_EVENTS, OVERSIZED_PAYLOAD_BYTES, VisitParser
+from clickflow.schema import DeadLetterCol, EventCol, VisitCol
 from clickflow_simulator.generator import VisitGenerator
 from tests.conftest import VALID_VISIT
 from tests.test_parser_properties import messages as shaped_messages
@@ -158,6 +158,25 @@ def test_a_long_field_every_row_repeats_is_a_dead_letter_not_a_multiplied_messag
     encoded = sum(len(msgspec.json.encode(rows)) for rows in batch.tables.values())
     assert encoded < 3 * len(payload)
     assert batch.counts()["visits"] == (1 if field == "order_id" else 0)
+
+
+def test_a_visit_of_more_invalid_events_than_the_limit_is_one_dead_letter_not_one_each() -> None:
+    """Each invalid event is a dead letter of about 190 bytes, even ``{}``: a 1 MB message of them
+    made 62 MB of rows, and one of 10 MB took 1.7 GB of memory."""
+    view = b'{"event_type":"page_view","timestamp":"2024-07-01T09:00:00","details":{"page_url":"u"}}'
+    at_limit = b'{"session_id":"s","events":[' + b",".join([view] * 5 + [b"{}"] * MAX_INVALID_EVENTS) + b"]}"
+    flood = b'{"session_id":"s","events":[' + b",".join([view] * 5 + [b"{}"] * 330_000) + b"]}"
+    batch = parse([at_limit, flood])
+    check_accounted_for([at_limit, flood], batch)
+    (visit,) = batch.tables["visits"]
+    assert (visit[VisitCol.event_count], visit[VisitCol.rejected_event_count]) == (5, MAX_INVALID_EVENTS)
+    whole = [row for row in batch.tables["dead_letter"] if row[DeadLetterCol.event_index] is None]
+    assert [(row[DeadLetterCol.reason], row[DeadLetterCol.message_id]) for row in whole] == [
+        ("too_many_invalid_events", "m1")
+    ]
+    assert "more than 1,000 of its 330,005 events are invalid" in whole[0][DeadLetterCol.error]
+    assert batch.counts() == {"visits": 1, "events": 5, "purchase_items": 0, "dead_letter": MAX_INVALID_EVENTS + 1}
+    assert len(msgspec.json.encode(batch.tables["dead_letter"])) < 3 * len(flood)
 
 
 def test_huge_page_urls_and_timestamps_are_stored_whole_and_not_kept_after_their_batch() -> None:
