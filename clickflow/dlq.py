@@ -25,7 +25,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from clickflow.api import Message, RowBatch
-from clickflow.parser import REASON_TOO_LARGE, VisitContext, VisitParser, visit_id_for
+from clickflow.parser import VisitContext, VisitParser, visit_id_for
+from clickflow.rejections import REASON_TOO_LARGE
 from clickflow.schema import DeadLetterCol
 
 if TYPE_CHECKING:

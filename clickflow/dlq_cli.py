@@ -17,7 +17,8 @@ from clickflow.api import AnySink
 from clickflow.config import Pipeline
 from clickflow.dlq import DeadLetterQuery, DeadLetterStore, replay
 from clickflow.logs import describe
-from clickflow.parser import PARSER_VERSION, VisitParser
+from clickflow.parser import VisitParser
+from clickflow.rejections import PARSER_VERSION
 
 _reasons = click.option("--reason", "reasons", multiple=True, help="Only this reason (repeatable).")
 _since = click.option(

@@ -3,7 +3,8 @@
 Every message yields either a ``visits`` row or a message-level dead letter, and
 every element of its ``events`` array yields either an ``events`` row or an
 event-level dead letter. Nothing raises and nothing is dropped. The rules are
-listed in ARCHITECTURE.md; the reason codes are the ``REASON_*`` constants.
+listed in ARCHITECTURE.md; the reason codes, and the dead letters' rows, are
+``clickflow.rejections``'.
 
 Clean visits take a typed fast path (``clickflow.fastpath``); anything it does
 not accept is decided by the reference rules in ``_reference``. Rows are plain
@@ -12,9 +13,8 @@ tuples in the schema's column order (see ``clickflow.schema``).
 
 from __future__ import annotations
 
-import base64
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,29 +24,38 @@ import msgspec
 from clickflow import fastpath
 from clickflow.api import Message, RowBatch
 from clickflow.fastpath import REPEATED_CHARS, AddItemToCart, PageView, Purchase, WrappedVisit
+from clickflow.rejections import (
+    KEPT,
+    OVERSIZED_PAYLOAD_BYTES,
+    REASON_FIELD_TOO_LONG,
+    REASON_INVALID_AMOUNT,
+    REASON_INVALID_DETAILS,
+    REASON_INVALID_EVENT,
+    REASON_INVALID_EVENTS,
+    REASON_INVALID_ITEMS,
+    REASON_INVALID_JSON,
+    REASON_INVALID_PRICE,
+    REASON_INVALID_QUANTITY,
+    REASON_INVALID_SESSION_ID,
+    REASON_INVALID_TIMESTAMP,
+    REASON_INVALID_UTF8,
+    REASON_MISSING_ORDER_ID,
+    REASON_MISSING_PAGE_URL,
+    REASON_MISSING_PRODUCT_ID,
+    REASON_NOT_AN_OBJECT,
+    REASON_TOO_DEEP,
+    REASON_TOO_LARGE,
+    REASON_TOO_MANY_INVALID_EVENTS,
+    REASON_UNKNOWN_EVENT_TYPE,
+    REASON_UNWRITABLE,
+    EventRejected,
+    Row,
+    event_dead_letter,
+    kept_head,
+    kept_text,
+    message_dead_letter,
+)
 from clickflow.schema import EventCol
-
-REASON_TOO_LARGE = "too_large"
-REASON_INVALID_UTF8 = "invalid_utf8"
-REASON_INVALID_JSON = "invalid_json"
-REASON_TOO_DEEP = "too_deep"
-REASON_UNWRITABLE = "unwritable"
-REASON_NOT_AN_OBJECT = "not_an_object"
-REASON_INVALID_SESSION_ID = "invalid_session_id"
-REASON_INVALID_EVENTS = "invalid_events"
-REASON_INVALID_EVENT = "invalid_event"
-REASON_UNKNOWN_EVENT_TYPE = "unknown_event_type"
-REASON_INVALID_TIMESTAMP = "invalid_timestamp"
-REASON_INVALID_DETAILS = "invalid_details"
-REASON_MISSING_PAGE_URL = "missing_page_url"
-REASON_MISSING_PRODUCT_ID = "missing_product_id"
-REASON_INVALID_PRICE = "invalid_price"
-REASON_INVALID_QUANTITY = "invalid_quantity"
-REASON_MISSING_ORDER_ID = "missing_order_id"
-REASON_INVALID_AMOUNT = "invalid_amount"
-REASON_INVALID_ITEMS = "invalid_items"
-REASON_FIELD_TOO_LONG = "field_too_long"
-REASON_TOO_MANY_INVALID_EVENTS = "too_many_invalid_events"
 
 MAX_INVALID_EVENTS = 1000
 """The most events of one visit rejected one by one: each is a dead letter of its own, about 190
@@ -64,31 +73,13 @@ _CACHED_TIMESTAMP_CHARS = 64
 caches hold texts between batches, so a stream of long ones must not keep them alive."""
 _NO_EVENTS: list[Any] = []  # a missing "events" is a visit without events; never mutated
 _json_decode = msgspec.json.decode
-_json_encode = msgspec.json.encode
 _astuple = msgspec.structs.astuple
 _INDEX_TEXT_SIZE = 256
 _INDEX_TEXT = tuple(str(i) for i in range(_INDEX_TEXT_SIZE))  # "12" without formatting per event
-PARSER_VERSION = "2"
-"""The version of the rules below, stored with each dead letter. Raise it when a rule changes, so a
-replay (``clickflow dlq replay``) can tell which rules rejected what."""
 MAX_MESSAGE_BYTES = 10 * 1024 * 1024
 """Pub/Sub's own limit for one message; a larger one becomes a ``too_large`` dead letter."""
-TEXT_PAYLOAD_BYTES = 1024 * 1024
-"""A larger rejected payload is kept in base64, whose length is 4/3 of the bytes whatever they are."""
-OVERSIZED_PAYLOAD_BYTES = 64 * 1024
-"""How much of an oversized message its dead letter keeps (with its size and SHA-256)."""
 
-Row = tuple[Any, ...]
 Product = tuple[str, str | None, str | None, float | None, int | None]
-
-
-class EventRejected(Exception):
-    """Internal signal: this event goes to dead_letter with ``reason``."""
-
-    def __init__(self, reason: str, error: str) -> None:
-        super().__init__(error)
-        self.reason = reason
-        self.error = error
 
 
 def visit_id_for(message_id: str) -> str:
@@ -152,26 +143,6 @@ def _repeated_too_long(visit: dict[str, Any]) -> tuple[str, str]:
 
 def _too_long(field: str, value: str, rows: str) -> str:
     return f"{field} is {len(value):,} characters, over {REPEATED_CHARS}: each of its {rows}s would repeat it"
-
-
-def _payload(data: bytes) -> tuple[str, str]:
-    """A rejected message as text: UTF-8 as it is, or base64 when it is not UTF-8 or is so large
-    that JSON escaping could make its row too long for a sink (DuckDB reads rows of up to 16 MB)."""
-    if len(data) <= TEXT_PAYLOAD_BYTES:
-        try:
-            return data.decode("utf-8"), "utf-8"
-        except UnicodeDecodeError:
-            pass
-    return base64.b64encode(data).decode("ascii"), "base64"
-
-
-def _head(data: bytes) -> tuple[str, str, str]:
-    """For a large message: its size and SHA-256 with what is kept, and the kept first bytes."""
-    note = f"{len(data)} bytes (sha256 {hashlib.sha256(data).hexdigest()})"
-    return note, *_payload(data[:OVERSIZED_PAYLOAD_BYTES])
-
-
-_KEPT = f"the payload holds its first {OVERSIZED_PAYLOAD_BYTES} bytes"
 
 
 def _valid_utf8(data: bytes) -> bool:
@@ -314,12 +285,12 @@ class VisitParser:
         batch = RowBatch()
         data = message.data
         if len(data) > OVERSIZED_PAYLOAD_BYTES:
-            note, *payload = _head(data)
-            error += f" (the message is {note}; {_KEPT})"
+            note, *payload = kept_head(data)
+            error += f" (the message is {note}; {KEPT})"
         else:
-            payload = list(_payload(data))
+            payload = list(kept_text(data))
         visit_id = visit_id_for(message.message_id)
-        row = _message_dead_letter(message, visit_id, received_at_us, source, REASON_UNWRITABLE, error, payload)
+        row = message_dead_letter(message, visit_id, received_at_us, source, REASON_UNWRITABLE, error, payload)
         batch.tables["dead_letter"].append(row)
         return batch
 
@@ -329,10 +300,10 @@ class VisitParser:
         data, message_id = message.data, message.message_id
         reason = error = ""
         if len(data) > self.max_message_bytes:
-            note, *payload = _head(data)
-            error = f"message is {note}, over the {self.max_message_bytes}-byte limit; {_KEPT}"
+            note, *payload = kept_head(data)
+            error = f"message is {note}, over the {self.max_message_bytes}-byte limit; {KEPT}"
             t["dead_letter"].append(
-                _message_dead_letter(message, visit_id, now, source, REASON_TOO_LARGE, error, payload)
+                message_dead_letter(message, visit_id, now, source, REASON_TOO_LARGE, error, payload)
             )
             return
         try:
@@ -356,7 +327,7 @@ class VisitParser:
             else:
                 reason, error = _repeated_too_long(visit)
         if reason:
-            t["dead_letter"].append(_message_dead_letter(message, visit_id, now, source, reason, error, _payload(data)))
+            t["dead_letter"].append(message_dead_letter(message, visit_id, now, source, reason, error, kept_text(data)))
             return
 
         session_id, user_id, device = visit["session_id"], _str(visit.get("user_id")), _str(visit.get("device_type"))
@@ -374,11 +345,11 @@ class VisitParser:
                     for name, rows in t.items():
                         del rows[before[name] :]
                     error = f"more than {MAX_INVALID_EVENTS:,} of its {len(events):,} events are invalid"
-                    t["dead_letter"].append(_message_dead_letter(
-                        message, visit_id, now, source, REASON_TOO_MANY_INVALID_EVENTS, error, _payload(data)
+                    t["dead_letter"].append(message_dead_letter(
+                        message, visit_id, now, source, REASON_TOO_MANY_INVALID_EVENTS, error, kept_text(data)
                     ))  # fmt: skip
                     return
-                t["dead_letter"].append(_event_dead_letter(head, element, exc, source, message_id, now))
+                t["dead_letter"].append(event_dead_letter(head, element, exc, source, message_id, now))
                 continue
             accepted += 1
             start = ts if start is None else min(start, ts)
@@ -402,9 +373,9 @@ class VisitParser:
             self._reference_event(element, head, now, batch.tables["events"], batch.tables["purchase_items"])
         except (msgspec.DecodeError, RecursionError):
             rejected = EventRejected(REASON_INVALID_EVENT, "the stored event is not JSON")
-            batch.tables["dead_letter"].append(_event_dead_letter(head, None, rejected, source, message_id, now))
+            batch.tables["dead_letter"].append(event_dead_letter(head, None, rejected, source, message_id, now))
         except EventRejected as exc:
-            batch.tables["dead_letter"].append(_event_dead_letter(head, element, exc, source, message_id, now))
+            batch.tables["dead_letter"].append(event_dead_letter(head, element, exc, source, message_id, now))
         return batch
 
     def _reference_event(self, element: Any, head6: Row, now: int, events: list[Row], items: list[Row]) -> int:
@@ -466,34 +437,6 @@ class VisitContext:
     session_id: str
     user_id: str | None
     device_type: str | None
-
-
-def _message_dead_letter(
-    message: Message, visit_id: str, now: int, source: str, reason: str, error: str, kept: Sequence[str]
-) -> Row:
-    """A whole message's dead letter; ``kept`` is the payload as stored and its encoding."""
-    return (
-        visit_id,
-        now,
-        source,
-        message.message_id,
-        None,
-        reason,
-        error,
-        *kept,
-        len(message.data),
-        PARSER_VERSION,
-        None,
-    )
-
-
-def _event_dead_letter(head: Row, element: Any, exc: EventRejected, source: str, message_id: str, now: int) -> Row:
-    index = head[EventCol.event_index]
-    payload = _json_encode(element)
-    return (
-        head[EventCol.event_id], now, source, message_id, index, exc.reason, f"event {index}: {exc.error}",
-        payload.decode(), "utf-8", len(payload), PARSER_VERSION, None,
-    )  # fmt: skip
 
 
 def _reference_number(value: Any, reason: str, field: str) -> float | None:

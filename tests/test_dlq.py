@@ -17,7 +17,8 @@ import pytest
 from clickflow.api import Message, RowBatch
 from clickflow.config import Pipeline
 from clickflow.dlq import DeadLetterPage, DeadLetterQuery, DeadLetterStore, ReplayReport, StoredDeadLetter, replay
-from clickflow.parser import PARSER_VERSION, VisitParser
+from clickflow.parser import VisitParser
+from clickflow.rejections import PARSER_VERSION
 from clickflow.schema import DEAD_LETTER, EVENTS, PURCHASE_ITEMS, VISITS, DeadLetterCol
 from clickflow.summary import RunSummary
 from clickflow_simulator import VisitGenerator

@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clickflow.api import Message, RowBatch
-from clickflow.parser import MAX_INVALID_EVENTS, OVERSIZED_PAYLOAD_BYTES, VisitParser
+from clickflow.parser import MAX_INVALID_EVENTS, VisitParser
+from clickflow.rejections import OVERSIZED_PAYLOAD_BYTES
 from clickflow.schema import DeadLetterCol, EventCol, VisitCol
 from clickflow_simulator.generator import VisitGenerator
 from tests.conftest import VALID_VISIT

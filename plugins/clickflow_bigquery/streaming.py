@@ -25,7 +25,7 @@ from msgspec import Meta
 
 from clickflow.api import RowBatch
 from clickflow.options import BatchLimits, ByteSize, Duration, PositiveInt, check_range
-from clickflow.parser import REASON_TOO_LARGE
+from clickflow.rejections import REASON_TOO_LARGE
 from clickflow.schema import TABLE_NAMES, DeadLetterCol
 from clickflow_bigquery.common import BigQueryOptions, BigQuerySink
 from clickflow_bigquery.rows import ROW_ENCODERS, encode_row, rejected_row
