@@ -3,18 +3,29 @@
 ``/metrics`` serves Prometheus text, ``/healthz`` reports whether every running
 source's loop is alive (for an instance group's health check), ``/readyz``
 whether the sinks are connected. Push-style sources mount their routes here too.
+
+Each connection holds a file descriptor, and so do the pipeline's spool files, log
+segments and sockets. Anyone who reaches the port could open connections until the
+process had none left, and a sink that cannot open a file fails the run. So the
+server takes at most ``max_connections`` at once, by default 1,024 or half the
+process's open-file limit, whichever is less; the process first raises its soft
+limit to the hard one, as Go programs do. A connection past the cap is answered 503
+and closed without being read, and counted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from aiohttp.web_protocol import RequestHandler
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 
 from clickflow.api import AnySink, AnySource
 from clickflow.config import MonitorOptions
@@ -24,6 +35,10 @@ from clickflow.runtime import Runtime
 log = logging.getLogger(__name__)
 
 RUNTIME = web.AppKey("runtime", Runtime)
+DEFAULT_MAX_CONNECTIONS = 1024
+FILES_KEPT = 128
+"""Open files a ``max_connections`` set by hand should leave the pipeline, at least (else a warning)."""
+_BUSY = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -80,6 +95,88 @@ def build_app(runtime: Runtime) -> web.Application:
     return app
 
 
+def open_files_limit() -> int:
+    """The process's open-file limit, its soft limit raised to the hard one first where it can be."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit on sockets
+        return 1 << 20
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as exc:  # e.g. macOS refuses an infinite soft limit
+            log.debug("cannot raise the open-file limit to %s: %s", hard, exc)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def connection_cap(options: MonitorOptions) -> int:
+    """The connections the server takes at once (see the module's docstring)."""
+    files = open_files_limit()
+    if options.max_connections is None:
+        return max(1, min(DEFAULT_MAX_CONNECTIONS, files // 2))
+    if files - options.max_connections < FILES_KEPT:
+        log.warning("monitor.max_connections: %d connections leave the pipeline %d of the process's %d open "
+                    "files (ulimit -n); a sink that cannot open a file fails the run", options.max_connections,
+                    max(files - options.max_connections, 0), files)  # fmt: skip
+    return options.max_connections
+
+
+class _ConnectionCap:
+    """The listening socket's protocol factory: aiohttp's handler for each new connection while
+    fewer than ``limit`` are open, else one that answers 503 and closes.
+
+    Connections are counted from the moment they are accepted, not when aiohttp registers them:
+    a loop accepts a burst of connections (up to the listen backlog) before it registers the first,
+    and a flood's bursts went past the cap by hundreds."""
+
+    def __init__(self, handlers: web.Server, limit: int, refused: Counter) -> None:
+        self.open = 0
+        self._handlers = handlers
+        self._limit = limit
+        self._refused = refused
+        self._throttle = Throttle()
+
+    def __call__(self) -> _Counted | _Refused:
+        if self.open < self._limit:
+            self.open += 1
+            return _Counted(self._handlers(), self)
+        self._refused.inc()
+        if (more := self._throttle.allow("connections")) is not None:
+            log.warning("monitor: %d connections open (max_connections): a new one was answered 503%s",
+                        self._limit, more)  # fmt: skip
+        return _Refused()
+
+
+class _Counted:
+    """A connection within the cap: aiohttp's handler, whose methods the transport calls directly
+    (no call in between), and one off the count when the connection is lost."""
+
+    __slots__ = ("_cap", "_handler", "connection_made", "data_received", "eof_received", "pause_writing",
+                 "resume_writing")  # fmt: skip
+
+    def __init__(self, handler: RequestHandler, cap: _ConnectionCap) -> None:
+        self._cap = cap
+        self._handler = handler
+        self.connection_made = handler.connection_made
+        self.data_received = handler.data_received
+        self.eof_received = handler.eof_received
+        self.pause_writing = handler.pause_writing
+        self.resume_writing = handler.resume_writing
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cap.open -= 1
+        self._handler.connection_lost(exc)
+
+
+class _Refused(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
+        transport.write(_BUSY)
+        transport.close()
+
+
 @asynccontextmanager
 async def serve(runtime: Runtime, options: MonitorOptions) -> AsyncIterator[str]:
     """Serve the monitoring app while the block runs; yields its base URL."""
@@ -94,16 +191,25 @@ async def serve(runtime: Runtime, options: MonitorOptions) -> AsyncIterator[str]
         lingering_time=0,
     )
     await runner.setup()
+    assert runner.server is not None
+    registry = runtime.metrics.registry
+    refused = Counter("clickflow_monitor_connections_refused", "Connections answered 503 past max_connections",
+                      registry=registry)  # fmt: skip
+    cap = _ConnectionCap(runner.server, connection_cap(options), refused)
+    Gauge("clickflow_monitor_connections", "Connections open to the server", registry=registry).set_function(
+        lambda: cap.open
+    )
     client_errors = _ClientErrorsAsWarnings()
     logging.getLogger("aiohttp.server").addFilter(client_errors)
+    listening: asyncio.AbstractServer | None = None
     try:
-        site = web.TCPSite(runner, options.host, options.port)
         try:
-            await site.start()
+            factory = cast(Callable[[], asyncio.BaseProtocol], cap)  # its protocols have every method a transport calls
+            listening = await asyncio.get_running_loop().create_server(factory, options.host, options.port)
         except OSError as exc:  # a port in use, a host name that does not resolve or is not this machine's
             why = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)  # < 0: gaierror
             raise OSError(f"monitor: cannot listen on {options.host}:{options.port}: {why}") from exc
-        host, port = runner.addresses[0][:2]
+        host, port = listening.sockets[0].getsockname()[:2]
         url = f"http://{host}:{port}"
         log.info("monitoring on %s (/metrics /healthz /readyz)", url)
         components: list[AnySource | AnySink] = [*runtime.sources, *runtime.sinks]
@@ -112,5 +218,7 @@ async def serve(runtime: Runtime, options: MonitorOptions) -> AsyncIterator[str]
             log.info("serving %s%s", url, path)
         yield url
     finally:
+        if listening is not None:
+            listening.close()  # not wait_closed(): it waits for open connections, which cleanup() closes
         await runner.cleanup()
         logging.getLogger("aiohttp.server").removeFilter(client_errors)
