@@ -63,15 +63,18 @@ class _ClientErrorsAsWarnings(logging.Filter):
     """aiohttp logs a request it cannot parse (the client's error, answered 400) at ERROR with a
     traceback, so anyone who can reach the port could fill the log, and error reporting, with
     them: here they are WARNING lines, one a cause (the parser's error type) every 10 s at most,
-    saying how many were left out."""
+    saying how many were left out. Each is counted in ``bad_requests`` by its cause: aiohttp
+    answers them before any handler or middleware, and its log line is the only sign of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, bad_requests: Counter) -> None:
         super().__init__()
         self._throttle = Throttle()
+        self._bad_requests = bad_requests
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, HttpProcessingError) and 400 <= error.code < 500:
+            self._bad_requests.labels(type(error).__name__).inc()
             more = self._throttle.allow(type(error).__name__)
             if more is None:
                 return False
@@ -199,7 +202,9 @@ async def serve(runtime: Runtime, options: MonitorOptions) -> AsyncIterator[str]
     Gauge("clickflow_monitor_connections", "Connections open to the server", registry=registry).set_function(
         lambda: cap.open
     )
-    client_errors = _ClientErrorsAsWarnings()
+    bad_requests = Counter("clickflow_monitor_bad_requests", "Requests aiohttp could not parse, answered 400, "
+                           "by its error type", ["cause"], registry=registry)  # fmt: skip
+    client_errors = _ClientErrorsAsWarnings(bad_requests)
     logging.getLogger("aiohttp.server").addFilter(client_errors)
     listening: asyncio.AbstractServer | None = None
     try:

@@ -30,6 +30,7 @@ from clickflow.plugins import Registry, load_plugins
 from clickflow.runtime import Runtime
 from clickflow_pubsub.oidc import AuthError, TokenVerifier
 from tests.conftest import table_counts
+from tests.emulators import metric
 from tests.test_pubsub_push import envelope, keys
 from tests.tokens import AUDIENCE, SENDER, key_set, token
 
@@ -295,6 +296,9 @@ async def test_a_malformed_request_is_400_and_one_warning_line_a_cause(
         throttle.next_line.clear()  # as if the interval had passed
         assert await _status(url, MALFORMED_REQUESTS[1]) == 400
         later = [r for r in caplog.records if r.name == "aiohttp.server"][len(again) :]
+        port = int(url.rsplit(":", 1)[1])
+        counted = await asyncio.to_thread(metric, port, "clickflow_monitor_bad_requests_total")
+    assert counted == len(MALFORMED_REQUESTS) + 20 + 1  # every one, logged or not, by cause
     assert sum(runtime.summary.messages.values()) == 0
     assert 3 <= len(first) < len(MALFORMED_REQUESTS)  # several causes, some of them shared
     assert {r.levelname for r in first} == {"WARNING"}
