@@ -46,7 +46,7 @@ class MonitorOptions(OptionGroup, frozen=True, kw_only=True):
     """A connection that has not sent a whole request for this long is closed (slow clients)."""
     max_connections: PositiveInt | None = None
     """Connections open at once, all routes together; a new one past it is answered 503 and closed.
-    None: 1,024, or half the process's open-file limit if that is less (see ``monitor``)."""
+    None: 1,024, or half the process's open-file limit less 128 if that is less (see ``monitor``)."""
 
     def __post_init__(self) -> None:  # 0 turns the timer off: a connection that sends nothing is held for ever
         check_range("idle_timeout", self.idle_timeout, timedelta(milliseconds=1))

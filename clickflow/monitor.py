@@ -7,10 +7,10 @@ whether the sinks are connected. Push-style sources mount their routes here too.
 Each connection holds a file descriptor, and so do the pipeline's spool files, log
 segments and sockets. Anyone who reaches the port could open connections until the
 process had none left, and a sink that cannot open a file fails the run. So the
-server takes at most ``max_connections`` at once, by default 1,024 or half the
-process's open-file limit, whichever is less; the process first raises its soft
-limit to the hard one, as Go programs do. A connection past the cap is answered 503
-and closed without being read, and counted.
+server takes at most ``max_connections`` at once: by default 1,024, or half the
+process's open-file limit less a burst of accepts (``BACKLOG``) if that is less,
+after the process raises its soft limit to the hard one, as Go programs do. A
+connection past the cap is answered 503 and closed without being read, and counted.
 """
 
 from __future__ import annotations
@@ -36,8 +36,12 @@ log = logging.getLogger(__name__)
 
 RUNTIME = web.AppKey("runtime", Runtime)
 DEFAULT_MAX_CONNECTIONS = 1024
+BACKLOG = 128
+"""The listen queue, aiohttp's default. asyncio's loop accepts this many connections at once before
+it makes their protocols, where the cap counts them: so the cap leaves room for one such burst."""
 FILES_KEPT = 128
-"""Open files a ``max_connections`` set by hand should leave the pipeline, at least (else a warning)."""
+"""Open files a ``max_connections`` set by hand should leave the pipeline, besides a burst of
+accepts, at least (else a warning)."""
 _BUSY = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 
@@ -118,11 +122,12 @@ def connection_cap(options: MonitorOptions) -> int:
     """The connections the server takes at once (see the module's docstring)."""
     files = open_files_limit()
     if options.max_connections is None:
-        return max(1, min(DEFAULT_MAX_CONNECTIONS, files // 2))
-    if files - options.max_connections < FILES_KEPT:
-        log.warning("monitor.max_connections: %d connections leave the pipeline %d of the process's %d open "
-                    "files (ulimit -n); a sink that cannot open a file fails the run", options.max_connections,
-                    max(files - options.max_connections, 0), files)  # fmt: skip
+        return max(16, min(DEFAULT_MAX_CONNECTIONS, files // 2 - BACKLOG))
+    left = files - options.max_connections - BACKLOG
+    if left < FILES_KEPT:
+        log.warning("monitor.max_connections: %d connections (and a burst of %d being accepted) leave the "
+                    "pipeline %d of the process's %d open files (ulimit -n); a sink that cannot open a file "
+                    "fails the run", options.max_connections, BACKLOG, max(left, 0), files)  # fmt: skip
     return options.max_connections
 
 
@@ -210,7 +215,9 @@ async def serve(runtime: Runtime, options: MonitorOptions) -> AsyncIterator[str]
     try:
         try:
             factory = cast(Callable[[], asyncio.BaseProtocol], cap)  # its protocols have every method a transport calls
-            listening = await asyncio.get_running_loop().create_server(factory, options.host, options.port)
+            listening = await asyncio.get_running_loop().create_server(
+                factory, options.host, options.port, backlog=BACKLOG
+            )
         except OSError as exc:  # a port in use, a host name that does not resolve or is not this machine's
             why = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)  # < 0: gaierror
             raise OSError(f"monitor: cannot listen on {options.host}:{options.port}: {why}") from exc
