@@ -135,9 +135,10 @@ class _ConnectionCap:
     """The listening socket's protocol factory: aiohttp's handler for each new connection while
     fewer than ``limit`` are open, else one that answers 503 and closes.
 
-    Connections are counted from the moment they are accepted, not when aiohttp registers them:
-    a loop accepts a burst of connections (up to the listen backlog) before it registers the first,
-    and a flood's bursts went past the cap by hundreds."""
+    Connections are counted as their protocols are made, not when aiohttp registers them: a loop
+    makes a burst of protocols before it registers the first, and a flood's bursts went past the
+    cap by hundreds. (asyncio's loop also accepts a burst before it makes their protocols: see
+    ``BACKLOG``.)"""
 
     def __init__(self, handlers: web.Server, limit: int, refused: Counter) -> None:
         self.open = 0

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import gzip
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,28 @@ def test_globs_match_like_local_ones() -> None:
     assert matches("in/**/*.gz", "in/a/b/c.gz")
     assert not matches("in/*.gz", "in/a.gz.tmp")
     assert matches("in/**/*.gz", "in/c.gz") and matches("in/day=[0-9]/*", "in/day=7/x")
+    assert matches("**/a/**/b/**", "a/b") and matches("**/a/**/b/**", "x/a/y/z/b/w")
+    assert not matches("**/a/**/b/**", "b/a") and not matches("**/a/**/b/**", "x/a/y/z")
+
+
+def test_a_pattern_of_many_double_stars_matches_in_steps_bounded_by_its_parts_and_the_names_segments(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each way of splitting the name among the ``**`` was tried afresh: seven of them took 50 s of
+    the event loop for one 40-segment name, and each more about 40 times longer."""
+    calls = 0
+    fnmatchcase = fnmatch.fnmatchcase
+
+    def counted(name: str, pattern: str) -> bool:
+        nonlocal calls
+        calls += 1
+        return fnmatchcase(name, pattern)
+
+    monkeypatch.setattr(fnmatch, "fnmatchcase", counted)
+    name = "/".join(["a"] * 40 + ["y.json"])
+    assert not matches("/".join(["**"] * 9 + ["x.json"]), name)
+    assert matches("/".join(["**"] * 9 + ["y.json"]), name)
+    assert calls <= 2 * 41  # each segment tried once against the last part, in each call
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ the object's size. ``STORAGE_EMULATOR_HOST`` points at an emulator.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import glob
 import io
 import re
@@ -35,16 +36,23 @@ def split(uri: str) -> tuple[str, str]:
 
 def matches(pattern: str, name: str) -> bool:
     """Whether an object name matches a glob as ``glob`` would match a path: segment by segment
-    (``*``, ``?``, ``[...]`` within one), ``**`` standing for any number of segments."""
-    return _match(pattern.split("/"), name.split("/"))
+    (``*``, ``?``, ``[...]`` within one), ``**`` standing for any number of segments.
 
+    Each (pattern part, name segment) pair is decided once: tried afresh for every way of
+    splitting the name between them, a pattern of seven ``**`` took 50 s for one 40-segment name,
+    on the event loop. Now it is at most parts x segments x segments steps."""
+    parts, segments = pattern.split("/"), name.split("/")
 
-def _match(pattern: list[str], name: list[str]) -> bool:
-    if not pattern:
-        return not name
-    if pattern[0] == "**":
-        return any(_match(pattern[1:], name[i:]) for i in range(len(name) + 1))
-    return bool(name) and fnmatch.fnmatchcase(name[0], pattern[0]) and _match(pattern[1:], name[1:])
+    @functools.cache
+    def match(part: int, segment: int) -> bool:
+        if part == len(parts):
+            return segment == len(segments)
+        if parts[part] == "**":
+            return any(match(part + 1, start) for start in range(segment, len(segments) + 1))
+        return (segment < len(segments) and fnmatch.fnmatchcase(segments[segment], parts[part])
+                and match(part + 1, segment + 1))  # fmt: skip
+
+    return match(0, 0)
 
 
 def literal_prefix(name: str) -> str:
