@@ -36,7 +36,7 @@ def test_a_pattern_of_many_double_stars_matches_in_steps_bounded_by_its_parts_an
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Each way of splitting the name among the ``**`` was tried afresh: seven of them took 50 s of
-    the event loop for one 40-segment name, and each more about 40 times longer."""
+    the event loop for one 40-segment name, five 1.1 s (nine, growing alike, over half an hour)."""
     calls = 0
     fnmatchcase = fnmatch.fnmatchcase
 
