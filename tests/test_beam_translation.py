@@ -28,7 +28,7 @@ from clickflow.plugins import Registry
 from clickflow.schema import DEAD_LETTER, TABLES
 from clickflow_bigquery.beam import refused_row
 from clickflow_bigquery.tables import table_resource
-from clickflow_file import expand_local
+from clickflow_file import each_file_once, expand_local
 from clickflow_file.beam import match, read_file
 from clickflow_pubsub.beam import message
 from tests.conftest import REPO, VALID_VISIT
@@ -107,6 +107,8 @@ def test_patterns_match_as_in_the_async_source(tmp_path: Path) -> None:
     pattern = str(tmp_path / "**/*.jsonl")
     assert match(pattern) == expand_local(pattern)
     assert len(match(pattern)) == 3  # "**" also stands for no directory
+    (tmp_path / "a" / "up").symlink_to("..")  # each file found again through it, under longer names
+    assert each_file_once(match(pattern)) == expand_local(str(tmp_path / "**/*.jsonl"))[:3]
     with pytest.raises(FileNotFoundError):
         match(str(tmp_path / "*.nothing"))
 

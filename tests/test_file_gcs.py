@@ -13,7 +13,7 @@ import pytest
 from clickflow.config import Pipeline
 from clickflow.runtime import SourceFailed
 from clickflow.summary import RunSummary
-from clickflow_file.gcs import matches
+from clickflow_file.globs import matches
 from tests.conftest import files_into, table_counts
 from tests.emulators import clickflow
 from tests.gcp_emulators import STAGING_BUCKET, BigQueryEmulator, duckdb_counts, upload

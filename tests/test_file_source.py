@@ -197,6 +197,37 @@ def test_paths_globs_and_lists_expand_in_order(tmp_path: Path) -> None:
     assert [Path(p).relative_to(tmp_path).as_posix() for p in found] == ["a.jsonl", "b.jsonl", "sub/c.jsonl.gz"]
 
 
+def test_a_file_named_through_links_is_read_once_under_its_name_without_links(
+    tmp_path: Path, visit: Callable[..., dict[str, Any]], pipeline: Callable[..., Pipeline]
+) -> None:
+    """Python's ``glob`` follows every link: with ``latest -> 2024-07-01`` beside a link back up, the
+    paths of ``**/*.jsonl`` doubled at each level and the run never started; with the link back up
+    alone it read each file 41 times, and as a name is part of each message's id, stored 41
+    copies of every visit."""
+    day = tmp_path / "in" / "2024-07-01"
+    day.mkdir(parents=True)
+    (day / "visits.jsonl").write_bytes(lines(visit(), visit(session_id="SID-2")))
+    (tmp_path / "in" / "latest").symlink_to("2024-07-01")
+    (day / "up").symlink_to("..")
+    patterns = [f"{tmp_path}/in/latest/visits.jsonl", f"{tmp_path}/in/**/*.jsonl"]
+    found = anyio.run(expand_paths, patterns)
+    assert found == [str(day / "visits.jsonl")]
+    assert anyio.run(expand_paths, patterns[::-1]) == found  # the same name, whatever the order
+    db = tmp_path / "out.duckdb"
+    summary = run_pipeline(pipeline(
+        f"sources: [{{type: file, path: {json.dumps(patterns)}}}]\nsinks: [{{type: duckdb, path: '{db}'}}]"
+    ))  # fmt: skip
+    assert summary.messages == {"file": 2}
+    assert table_counts(db)["visits"] == 2
+
+
+def test_a_file_with_two_names_without_links_is_read_once_under_the_shorter(tmp_path: Path) -> None:
+    (tmp_path / "long-name.jsonl").write_bytes(b"{}\n")
+    os.link(tmp_path / "long-name.jsonl", tmp_path / "a.jsonl")
+    (tmp_path / "b.jsonl").write_bytes(b"{}\n")  # the same bytes, another file: read too
+    assert anyio.run(expand_paths, [f"{tmp_path}/*.jsonl"]) == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+
+
 @pytest.mark.parametrize("pattern", ["missing.jsonl", "nothing-*.jsonl"])
 def test_unmatched_path_is_an_error(tmp_path: Path, pattern: str) -> None:
     with pytest.raises(FileNotFoundError):

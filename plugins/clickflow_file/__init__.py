@@ -19,6 +19,7 @@ import anyio
 from clickflow.api import AnySource, Message, NoAck, Source, SourceContext, valid_text
 from clickflow.hookspecs import Register, hookimpl
 from clickflow.options import GCS_BUCKET, ByteSize, PositiveInt, SourceOptions, check_range
+from clickflow_file import globs
 from clickflow_file.reader import STDIN, CountingReader, Stdin, iter_messages, with_content_ids
 
 LINGER_S = 0.05
@@ -62,7 +63,11 @@ class FileSourceOptions(SourceOptions, kw_only=True):
 def expand_local(pattern: str) -> list[str]:
     """Every local file a pattern names, sorted; an unmatched pattern is an error."""
     if glob.has_magic(pattern):
-        matched = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        if "**" in pattern.split("/"):  # not glob's: it follows links round a loop (see globs)
+            top = os.path.dirname(globs.literal_prefix(pattern))
+            matched = sorted(p for p in globs.files_under(top) if globs.matches(pattern, p))
+        else:
+            matched = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
         if not matched:
             raise FileNotFoundError(f"no file matches {pattern!r}")
         return [os.path.abspath(p) for p in matched]
@@ -78,6 +83,33 @@ def expand_local(pattern: str) -> list[str]:
     raise FileNotFoundError(f"{pattern!r} does not exist")
 
 
+def each_file_once(paths: list[str]) -> list[str]:
+    """``paths`` with each file once, in the order first named. A local file named twice, through a
+    symbolic link (``latest -> 2024-07-01``, a loop that ``**`` follows until paths grow too long)
+    or a hard link, is read once: its name is part of each message's id, so every other name
+    stored its visits again. It keeps the name it has without links if it was named so, else its
+    shortest name (then the first in sort order): the same whatever the patterns' order."""
+    names: dict[object, list[str]] = {}
+    for path in paths:
+        names.setdefault(_identity(path), []).append(path)
+    return [min(same, key=_preferred) for same in names.values()]
+
+
+def _identity(path: str) -> object:
+    if path == STDIN or path.startswith("gs://"):
+        return path
+    try:
+        found = os.stat(path)
+    except OSError:  # gone since it was listed: reading it says so
+        return path
+    return found.st_dev, found.st_ino
+
+
+def _preferred(path: str) -> tuple[bool, int, str]:
+    """A sort key: a name without links first, then the shortest, then the first in order."""
+    return os.path.realpath(path) != path, len(path), path
+
+
 async def expand_paths(patterns: list[str], storage: Any = None) -> list[str]:
     """Every file the patterns name, in order, each once (``storage`` lists ``gs://`` patterns)."""
     files: list[str] = []
@@ -90,7 +122,7 @@ async def expand_paths(patterns: list[str], storage: Any = None) -> list[str]:
             files += await gcs.list_matching(storage, pattern)
         else:
             files += await anyio.to_thread.run_sync(expand_local, pattern)
-    return list(dict.fromkeys(files))
+    return await anyio.to_thread.run_sync(each_file_once, files)
 
 
 class FileSource(Source[FileSourceOptions]):

@@ -19,10 +19,12 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.pvalue import PBegin
+from apache_beam.transforms import combiners
 
 from clickflow.api import valid_text
 from clickflow.beam import BeamRead, Messages, on_dataflow
-from clickflow_file import FileSourceOptions, expand_local, gcs
+from clickflow_file import FileSourceOptions, each_file_once, expand_local, gcs
+from clickflow_file.globs import literal_prefix, matches
 from clickflow_file.reader import STDIN, CountingReader, iter_messages, with_content_ids
 
 
@@ -42,7 +44,8 @@ class ReadFiles(BeamRead):
             begin
             | "Patterns" >> beam.Create(patterns)
             | "Match" >> beam.FlatMap(match)
-            | "Each once" >> beam.Distinct()
+            | "All names" >> combiners.ToList()
+            | "Each once" >> beam.FlatMap(each_file_once)
             | "Spread files" >> beam.Reshuffle()
             | "Read" >> beam.FlatMap(read_file, options.batch_size, options.batch_bytes)
         )
@@ -58,9 +61,9 @@ def match(pattern: str) -> list[str]:
     if not pattern.startswith("gs://"):
         return expand_local(pattern)
     bucket, name = gcs.split(pattern)
-    listing = f"gs://{bucket}/{gcs.literal_prefix(name)}**" if glob.has_magic(name) else pattern
+    listing = f"gs://{bucket}/{literal_prefix(name)}**" if glob.has_magic(name) else pattern
     listed = FileSystems.match([listing])[0].metadata_list
-    found = sorted(m.path for m in listed if gcs.matches(name, gcs.split(m.path)[1]))
+    found = sorted(m.path for m in listed if matches(name, gcs.split(m.path)[1]))
     if not found:
         raise FileNotFoundError(f"no object matches {pattern!r}")
     return found
