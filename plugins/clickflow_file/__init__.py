@@ -92,7 +92,7 @@ def each_file_once(paths: list[str]) -> list[str]:
     names: dict[object, list[str]] = {}
     for path in paths:
         names.setdefault(_identity(path), []).append(path)
-    return [min(same, key=_preferred) for same in names.values()]
+    return [same[0] if len(same) == 1 else min(same, key=_preferred) for same in names.values()]
 
 
 def _identity(path: str) -> object:
