@@ -84,11 +84,11 @@ def expand_local(pattern: str) -> list[str]:
 
 
 def each_file_once(paths: list[str]) -> list[str]:
-    """``paths`` with each file once, in the order first named. A local file named twice, through a
-    symbolic link (``latest -> 2024-07-01``, a loop that ``**`` follows until paths grow too long)
-    or a hard link, is read once: its name is part of each message's id, so every other name
-    stored its visits again. It keeps the name it has without links if it was named so, else its
-    shortest name (then the first in sort order): the same whatever the patterns' order."""
+    """``paths`` with each file once, in the order first named. A local file named twice (by two
+    patterns, through a symbolic link such as ``latest -> 2024-07-01``, or a hard link) is read
+    once: its name is part of each message's id, so every other name stored its visits again. It
+    keeps the name it has without links if it was named so, else its shortest name (then the
+    first in sort order): the same whatever the patterns' order."""
     names: dict[object, list[str]] = {}
     for path in paths:
         names.setdefault(_identity(path), []).append(path)
