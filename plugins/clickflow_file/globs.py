@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import heapq
 import os
 import re
 
@@ -48,34 +49,25 @@ def files_under(top: str) -> list[str]:
     began."""
     found: list[str] = []
     listed: set[tuple[int, int]] = set()
-    links: list[str] = []
-
-    def walk(start: str) -> None:
-        waiting = [start]
-        while waiting:
-            directory = waiting.pop()
-            try:
-                seen = os.stat(directory or os.curdir)
-                if (seen.st_dev, seen.st_ino) in listed:
-                    continue
-                listed.add((seen.st_dev, seen.st_ino))
-                with os.scandir(directory or os.curdir) as scan:
-                    entries = sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name)
-            except OSError:  # gone, or not readable: as glob, nothing under it
+    waiting: list[str] = [top]  # directories to list, depth first
+    links: list[str] = []  # links to directories, a heap: listed by name once no directory waits
+    while waiting or links:
+        directory = waiting.pop() if waiting else heapq.heappop(links)
+        try:
+            seen = os.stat(directory or os.curdir)
+            if (seen.st_dev, seen.st_ino) in listed:
                 continue
-            subdirectories = []
-            for entry in entries:
-                path = os.path.join(directory, entry.name)
-                if entry.is_dir(follow_symlinks=False):
-                    subdirectories.append(path)
-                elif entry.is_symlink() and entry.is_dir():
-                    links.append(path)
-                elif entry.is_file():
-                    found.append(path)
-            waiting += reversed(subdirectories)  # the first name is walked first
-
-    walk(top)
-    while links:
-        links.sort(reverse=True)
-        walk(links.pop())
+            listed.add((seen.st_dev, seen.st_ino))
+            with os.scandir(directory or os.curdir) as scan:
+                entries = sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name, reverse=True)
+        except OSError:  # gone, or not readable: as glob, nothing under it
+            continue
+        for entry in entries:  # last name first: the first is on top of ``waiting``
+            path = os.path.join(directory, entry.name)
+            if entry.is_dir(follow_symlinks=False):
+                waiting.append(path)
+            elif entry.is_symlink() and entry.is_dir():
+                heapq.heappush(links, path)
+            elif entry.is_file():
+                found.append(path)
     return found
