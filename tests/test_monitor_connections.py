@@ -26,9 +26,9 @@ from tests.emulators import CLICKFLOW, REPO, free_port, metric, ready, wait_for
 BUSY = b"HTTP/1.1 503 Service Unavailable\r\n"
 
 
-def _files(limit: int) -> Callable[[], None]:
-    """For ``preexec_fn``: the child's open-file limit, soft and hard."""
-    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+def _files(soft: int, hard: int | None = None) -> Callable[[], None]:
+    """For ``preexec_fn``: the child's open-file limits (the hard one the soft one, if not given)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard or soft))
 
 
 @contextmanager
@@ -135,14 +135,12 @@ async def test_a_connection_past_max_connections_is_answered_503_and_counted(
 
 
 def test_the_soft_open_file_limit_is_raised_to_the_hard_one_and_half_of_it_is_the_default_cap() -> None:
-    def limits() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (200, 500))
-
     code = (
         "from clickflow.config import MonitorOptions\n"
         "from clickflow.monitor import connection_cap\n"
         "import resource\n"
         "print(connection_cap(MonitorOptions()), *resource.getrlimit(resource.RLIMIT_NOFILE))\n"
     )
+    limits = _files(200, 500)
     shown = subprocess.run([sys.executable, "-c", code], preexec_fn=limits, capture_output=True, text=True, check=True)
     assert shown.stdout.split() == [str(500 // 2 - 128), "500", "500"]
