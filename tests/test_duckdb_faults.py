@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import time
@@ -152,6 +153,29 @@ def test_a_batch_of_huge_texts_past_memory_limit_is_stored_in_parts_and_not_agai
     assert again.returncode == 0, again.stderr
     assert table_counts(db) == expected
     assert f"sink duckdb: {expected['visits']} visits were stored already" in again.stderr
+
+
+@pytest.mark.integration
+def test_a_batch_whose_commit_cannot_allocate_a_block_is_stored_in_parts(tmp_path: Path) -> None:
+    """Past ``memory_limit`` a commit may fail with DuckDB's "could not allocate block", without
+    "Out of Memory": such a batch was retried whole until the sink failed. Here thirty messages of
+    4 MB that are not JSON, each kept whole as a dead letter (5.3 MB in base64), in batches of
+    twenty and ten: the second is the one."""
+    payloads = [b"x%03d" % i + b"x" * (4 << 20) for i in range(30)]
+    source = tmp_path / "large.jsonl"
+    source.write_bytes(b"\n".join(payloads) + b"\n")
+    db, pipeline = tmp_path / "large.duckdb", tmp_path / "p.yaml"
+    pipeline.write_text(
+        f"sources: [{{type: file, path: '{source}', batch_bytes: 84MB}}]\n"
+        f"sinks: [{{type: duckdb, path: '{db}', memory_limit: 52MB}}]\n"
+    )
+    run = clickflow("run", "--no-progress", str(pipeline))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "in 16 parts (TransactionContext Error: Failed to commit: could not allocate block" in run.stderr
+    assert table_counts(db) == {"visits": 0, "events": 0, "purchase_items": 0, "dead_letter": 30}
+    with duckdb.connect(str(db), read_only=True) as con:
+        kept = con.execute("SELECT min(length(payload)), max(length(payload)) FROM dead_letter").fetchone()
+    assert kept == (len(base64.b64encode(payloads[0])),) * 2
 
 
 @pytest.mark.integration

@@ -200,13 +200,17 @@ MAX_PARTS = 64
 parts do not cure (JSON's reader needs 32 MiB whatever it reads) is raised."""
 
 
+_OUT_OF_MEMORY = ("Out of Memory", "failed to pin block", "could not allocate block")
+"""What DuckDB says when it runs out of ``memory_limit``: at a commit, without the first."""
+
+
 def _out_of_memory(exc: Exception) -> bool:
     """Whether DuckDB ran out of its ``memory_limit`` (at a commit its error is a TransactionException,
     so only its text says so)."""
     import duckdb
 
     text = str(exc)
-    return isinstance(exc, duckdb.Error) and ("Out of Memory" in text or "failed to pin block" in text)
+    return isinstance(exc, duckdb.Error) and any(words in text for words in _OUT_OF_MEMORY)
 
 
 def _insert_part(
