@@ -79,7 +79,23 @@ _INDEX_TEXT = tuple(str(i) for i in range(_INDEX_TEXT_SIZE))  # "12" without for
 MAX_MESSAGE_BYTES = 10 * 1024 * 1024
 """Pub/Sub's own limit for one message; a larger one becomes a ``too_large`` dead letter."""
 
+MAX_MESSAGE_ID_CHARS = 8192
+"""The longest message id kept as it is: a file's path and line fit, and so does the longest HTTP
+header aiohttp takes. The id is in its visit's row and in each of its dead letters (up to
+``MAX_INVALID_EVENTS`` and one more), so a push request of 1.1 MB with a 1 MB ``messageId`` made a
+gigabyte of rows. A longer one is replaced by ``sha256:`` and 32 hex digits of it (``bounded``),
+the same for every delivery of the message."""
+
 Product = tuple[str, str | None, str | None, float | None, int | None]
+
+
+def bounded(message: Message) -> Message:
+    """``message``, with a digest of its id if that is over ``MAX_MESSAGE_ID_CHARS``."""
+    message_id = message.message_id
+    if len(message_id) <= MAX_MESSAGE_ID_CHARS:
+        return message
+    digest = hashlib.sha256(message_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return Message(message.data, f"sha256:{digest}")
 
 
 def visit_id_for(message_id: str) -> str:
@@ -202,6 +218,8 @@ class VisitParser:
         first, second = self._decoders
         limit = self.max_message_bytes
         for message in messages:
+            if len(message.message_id) > MAX_MESSAGE_ID_CHARS:
+                message = bounded(message)
             visit_id = visit_id_for(message.message_id)
             data = message.data
             visit: fastpath.WrappedVisit | fastpath.BareVisit | None
@@ -283,6 +301,7 @@ class VisitParser:
     def unwritable(self, message: Message, source: str, received_at_us: int, error: str) -> RowBatch:
         """A message no sink could store, as one ``unwritable`` dead letter (only its head if large)."""
         batch = RowBatch()
+        message = bounded(message)
         data = message.data
         if len(data) > OVERSIZED_PAYLOAD_BYTES:
             note, *payload = kept_head(data)

@@ -7,6 +7,7 @@ are exactly the events it carried; and every row encodes to JSON (what every sin
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import random
@@ -20,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clickflow.api import Message, RowBatch
-from clickflow.parser import MAX_INVALID_EVENTS, VisitParser
+from clickflow.parser import MAX_INVALID_EVENTS, MAX_MESSAGE_ID_CHARS, VisitParser
 from clickflow.rejections import OVERSIZED_PAYLOAD_BYTES
 from clickflow.schema import DeadLetterCol, EventCol, VisitCol
 from clickflow_simulator.generator import VisitGenerator
@@ -178,6 +179,29 @@ def test_a_visit_of_more_invalid_events_than_the_limit_is_one_dead_letter_not_on
     assert "more than 1,000 of its 330,005 events are invalid" in whole[0][DeadLetterCol.error]
     assert batch.counts() == {"visits": 1, "events": 5, "purchase_items": 0, "dead_letter": MAX_INVALID_EVENTS + 1}
     assert len(msgspec.json.encode(batch.tables["dead_letter"])) < 3 * len(flood)
+
+
+def test_a_message_id_over_the_limit_is_stored_as_its_digest_in_every_row() -> None:
+    """A push request of 1.1 MB whose ``messageId`` was 1 MB, with a thousand invalid events, made a
+    thousand dead letters that each held the id: a gigabyte of rows, 1.25 GB of memory, and no answer
+    within 28 s. An id the parser must bound comes from whoever sends the push request."""
+    view = {"event_type": "page_view", "timestamp": "2024-07-01T09:00:00", "details": {"page_url": "u"}}
+    payload = msgspec.json.encode({"session_id": "s", "events": [view, *[{**view, "timestamp": "yesterday"}] * 999]})
+    long_id, at_limit = "m" * 1_000_000, "n" * MAX_MESSAGE_ID_CHARS
+    parser = VisitParser()
+    batch = parser.parse([Message(payload, long_id), Message(payload, at_limit)], "push", 0)
+    digest = "sha256:" + hashlib.sha256(long_id.encode()).hexdigest()[:32]
+    (first, second) = batch.tables["visits"]
+    assert (first[VisitCol.message_id], second[VisitCol.message_id]) == (digest, at_limit)
+    assert (first[VisitCol.event_count], first[VisitCol.rejected_event_count]) == (1, 999)
+    ids = collections.Counter(row[DeadLetterCol.message_id] for row in batch.tables["dead_letter"])
+    assert ids == {digest: 999, at_limit: 999}
+    of_long_id = [row for row in batch.tables["dead_letter"] if row[DeadLetterCol.message_id] == digest]
+    assert len(msgspec.json.encode(of_long_id)) < 5 * len(payload)
+    again = parser.parse([Message(payload, long_id)], "push", 0)  # a redelivery: the same visit
+    assert again.tables["visits"][0][VisitCol.visit_id] == first[VisitCol.visit_id]
+    unwritable = parser.unwritable(Message(payload, long_id), "push", 0, "no sink could store it")
+    assert unwritable.tables["dead_letter"][0][DeadLetterCol.message_id] == digest
 
 
 def test_huge_page_urls_and_timestamps_are_stored_whole_and_not_kept_after_their_batch() -> None:
