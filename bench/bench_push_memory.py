@@ -3,8 +3,8 @@
     python bench/bench_push_memory.py [--requests 12] [--pending 128MiB 64MiB]
 
 Pub/Sub takes messages of up to 10 MB, and whoever can publish to the topic chooses what is in
-them. Each burst is ``--requests`` push requests at once, each a 10 MB visit of 119,000 page views
-of 85 bytes (a 14 MB envelope, a million Python objects once parsed), into ``bigquery_streaming``
+them. Each burst is ``--requests`` push requests at once, each a 10 MB visit of as many page views
+as a visit may carry (``parser.MAX_ROWS``; a 14 MB envelope), into ``bigquery_streaming``
 against the fast local stand-in (``standin.py``), as on Cloud Run (``config/push.yaml``). For each
 ``max_pending_bytes`` it prints how many requests were stored (204) and refused (429), and the
 server's peak resident memory (``VmHWM``), beside the same server's after one small visit: what
@@ -25,15 +25,20 @@ from pathlib import Path
 
 from bench_pull import standin  # this folder is on sys.path when run as a script
 
+from clickflow.parser import MAX_ROWS
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.emulators import free_port, ready, wait_for
 
-EVENT = b'{"event_type":"page_view","timestamp":"2024-07-01T09:00:00","details":{"page_url":"u"}}'
-EVENTS = 119_000
+EVENTS = MAX_ROWS
+SIZE = 10_000_000
 
 
-def envelope(number: int, events: int) -> bytes:
-    visit = b'{"session_id":"s%d","events":[%s]}' % (number, b",".join([EVENT] * events))
+def envelope(number: int, events: int, size: int = SIZE) -> bytes:
+    """A push request of a visit of ``events`` page views, with URLs as long as fill ``size`` bytes."""
+    url = b"https://example.com/" + b"p" * max(0, size // events - 100)
+    event = b'{"event_type":"page_view","timestamp":"2024-07-01T09:00:00","details":{"page_url":"%s"}}' % url
+    visit = b'{"session_id":"s%d","events":[%s]}' % (number, b",".join([event] * events))
     message = {"data": base64.b64encode(visit).decode(), "messageId": f"m{number}-{events}"}
     return json.dumps({"message": message, "subscription": "projects/bench/subscriptions/push"}).encode()
 
@@ -89,7 +94,7 @@ def main() -> None:
         work = Path(tmp)
         bodies = [work / f"{n}.json" for n in range(opts.requests + 1)]
         for n, body in enumerate(bodies):
-            body.write_bytes(envelope(n, EVENTS if n else 10))
+            body.write_bytes(envelope(n, EVENTS) if n else envelope(n, 10, 2000))
         size = bodies[1].stat().st_size
         print(f"{opts.requests} push requests at once, each {size / 1e6:.1f} MB ({EVENTS:,} page views)")
         for pending in opts.pending:

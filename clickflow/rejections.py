@@ -37,8 +37,9 @@ REASON_INVALID_AMOUNT = "invalid_amount"
 REASON_INVALID_ITEMS = "invalid_items"
 REASON_FIELD_TOO_LONG = "field_too_long"
 REASON_TOO_MANY_INVALID_EVENTS = "too_many_invalid_events"
+REASON_TOO_MANY_ROWS = "too_many_rows"
 
-PARSER_VERSION = "2"
+PARSER_VERSION = "3"
 """The version of the parser's rules, stored with each dead letter. Raise it when a rule changes, so a
 replay (``clickflow dlq replay``) can tell which rules rejected what."""
 TEXT_PAYLOAD_BYTES = 1024 * 1024

@@ -14,6 +14,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -21,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clickflow.api import Message, RowBatch
-from clickflow.parser import MAX_INVALID_EVENTS, MAX_MESSAGE_ID_CHARS, VisitParser
-from clickflow.rejections import OVERSIZED_PAYLOAD_BYTES
+from clickflow.parser import MAX_INVALID_EVENTS, MAX_MESSAGE_ID_CHARS, MAX_ROWS, VisitParser
+from clickflow.rejections import OVERSIZED_PAYLOAD_BYTES, kept_text
 from clickflow.schema import DeadLetterCol, EventCol, VisitCol
 from clickflow_simulator.generator import VisitGenerator
 from tests.conftest import VALID_VISIT
@@ -167,7 +168,7 @@ def test_a_visit_of_more_invalid_events_than_the_limit_is_one_dead_letter_not_on
     made 62 MB of rows, and one of 10 MB took 1.7 GB of memory."""
     view = b'{"event_type":"page_view","timestamp":"2024-07-01T09:00:00","details":{"page_url":"u"}}'
     at_limit = b'{"session_id":"s","events":[' + b",".join([view] * 5 + [b"{}"] * MAX_INVALID_EVENTS) + b"]}"
-    flood = b'{"session_id":"s","events":[' + b",".join([view] * 5 + [b"{}"] * 330_000) + b"]}"
+    flood = b'{"session_id":"s","events":[' + b",".join([view] * 5 + [b"{}"] * 40_000) + b"]}"
     batch = parse([at_limit, flood])
     check_accounted_for([at_limit, flood], batch)
     (visit,) = batch.tables["visits"]
@@ -176,9 +177,49 @@ def test_a_visit_of_more_invalid_events_than_the_limit_is_one_dead_letter_not_on
     assert [(row[DeadLetterCol.reason], row[DeadLetterCol.message_id]) for row in whole] == [
         ("too_many_invalid_events", "m1")
     ]
-    assert "more than 1,000 of its 330,005 events are invalid" in whole[0][DeadLetterCol.error]
+    assert "more than 1,000 of its 40,005 events are invalid" in whole[0][DeadLetterCol.error]
     assert batch.counts() == {"visits": 1, "events": 5, "purchase_items": 0, "dead_letter": MAX_INVALID_EVENTS + 1}
     assert len(msgspec.json.encode(batch.tables["dead_letter"])) < 3 * len(flood)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["bare", "wrapped"])
+def test_a_visit_of_more_events_and_items_than_the_limit_is_one_dead_letter_not_a_multiplied_message(
+    wrapped: bool,
+) -> None:
+    """A purchase item of 18 bytes is a row of about 250 bytes in memory: a 10 MB message of 550,000
+    of them took 250 MB, and four such push requests at once 1.13 GB."""
+    view = {"event_type": "page_view", "timestamp": "2024-07-01T09:00:00", "details": {"page_url": "u"}}
+    purchase = {**view, "event_type": "purchase", "details": {"order_id": "O", "items": [{"product_id": "p"}]}}
+
+    def visit(*events: dict[str, Any]) -> bytes:
+        return msgspec.json.encode({"session_id": "s", "events": [{"event": e} if wrapped else e for e in events]})
+
+    def with_items(count: int) -> dict[str, Any]:
+        return {**purchase, "details": {"order_id": "O", "items": [{"product_id": "p"}] * count}}
+
+    at_limit = visit(view, with_items(MAX_ROWS - 4), purchase)  # rows: 3 events and MAX_ROWS - 3 items
+    payloads = [
+        at_limit,
+        visit(view, with_items(MAX_ROWS - 3), purchase),  # one row over, counted across purchases
+        visit(*[view] * (MAX_ROWS + 1)),
+        visit(*[view] * MAX_ROWS, {**view, "event_type": "scroll"}),  # to the reference rules, as any unknown event
+        visit({**view, "timestamp": "yesterday"}, with_items(MAX_ROWS)),
+    ]
+    batch = parse(payloads)
+    check_accounted_for(payloads, batch)
+    (stored,) = batch.tables["visits"]
+    assert (stored[VisitCol.message_id], stored[VisitCol.event_count]) == ("m0", 3)
+    assert batch.counts() == {"visits": 1, "events": 3, "purchase_items": MAX_ROWS - 3, "dead_letter": 4}
+    dead = batch.tables["dead_letter"]
+    assert {row[DeadLetterCol.reason] for row in dead} == {"too_many_rows"}
+    assert [row[DeadLetterCol.error] for row in dead] == [
+        "its events (3) and purchase items (49,998) are more than 50,000 rows",
+        "its 50,001 events are more than 50,000 rows",
+        "its 50,001 events are more than 50,000 rows",
+        "its events (2) and purchase items (50,000) are more than 50,000 rows",
+    ]
+    kept = [(row[DeadLetterCol.payload], row[DeadLetterCol.payload_encoding]) for row in dead]
+    assert kept == [kept_text(p) for p in payloads[1:]]  # each message whole
 
 
 def test_a_message_id_over_the_limit_is_stored_as_its_digest_in_every_row() -> None:

@@ -71,10 +71,10 @@ class PubSubPushOptions(SourceOptions, kw_only=True):
     """Request bodies held at once (being read, waiting to enter, waiting to be stored), counted as
     they inflate; a request that would go over is answered 429 (before its body is read if its
     Content-Length says so), so a burst of large messages cannot exhaust memory. Until it is
-    stored a body costs up to about eight times its size, its rows included: a 10 MB message of
-    100,000 small events (14 MB as a push envelope) is a million Python objects. At 128MiB, nine
-    such requests at once took a push pipeline into ``bigquery_streaming`` to 0.8 to 1.09 GB,
-    against Cloud Run's 1 GiB; at 64MiB, four of them, 411 to 517 MB (``bench_push_memory.py``)."""
+    stored a body costs several times its size, its rows included: at 128MiB, nine 10 MB messages
+    of small page views at once took a push pipeline into ``bigquery_streaming`` to up to 1.09 GB,
+    against Cloud Run's 1 GiB, before a visit's rows were bounded (``parser.MAX_ROWS``); since,
+    543 to 575 MB, and at 64MiB 290 to 325 MB (``bench_push_memory.py``)."""
 
     def __post_init__(self) -> None:
         check_range("max_body_bytes", self.max_body_bytes, 1, 4 * MAX_ENVELOPE_BYTES)
