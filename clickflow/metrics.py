@@ -38,6 +38,12 @@ class Metrics:
         self.dead_letters = Counter(
             "clickflow_dead_letters", "Rejected messages and events", ["source", "reason"], registry=r
         )
+        self.repeated = Counter(
+            "clickflow_messages_repeated",
+            "Messages that came again in the batch they were in (parsed once)",
+            ["source"],
+            registry=r,
+        )
         self.rows_written = Counter("clickflow_rows_written", "Rows durably written", ["sink", "table"], registry=r)
         self.stored_already = Counter(
             "clickflow_visits_stored_already",

@@ -55,6 +55,8 @@ def format_summary(summary: RunSummary) -> str:
         f"{ended} in {summary.seconds:.1f}s",
         f"  messages        {messages:>12,}  ({per_source or 'none'})",
     ]
+    if summary.repeated:
+        lines.append(f"    {'repeated in a batch':<24} {summary.repeated:>9,}  (parsed once)")
     for table in ("visits", "events", "purchase_items", "dead_letter"):
         lines.append(f"  {table:<15} {summary.rows[table]:>12,}")
         if table == "visits":

@@ -91,6 +91,7 @@ class _Context:
         self._received = metrics.messages_received.labels(source.name)
         self._heartbeat = metrics.heartbeat.labels(source.name)
         self.events_parsed = metrics.events_parsed.labels(source.name)
+        self.repeated = metrics.repeated.labels(source.name)
         self.acknowledged = {
             ok: metrics.acknowledged.labels(source.name, "ack" if ok else "nack") for ok in (True, False)
         }
@@ -301,8 +302,9 @@ class Runtime:
             await stack.enter_async_context(receive)
             for send in sends:
                 await stack.enter_async_context(send)
-            async for messages, delivery, received_us in receive:
+            async for batch, delivery, received_us in receive:
                 context = self._contexts[delivery.source]
+                messages = self._once_each(batch, context)
                 parts = self._isolate_suspects(messages, delivery) if self._quarantine else [(messages, None)]
                 for part, isolated in parts:
                     rows = self._parse_part(part, isolated, delivery.source, received_us)
@@ -318,6 +320,19 @@ class Runtime:
                     for send in sends:
                         await send.send(parsed)
                 context.parsed()
+
+    def _once_each(self, messages: list[Message], context: _Context) -> list[Message]:
+        """The batch with each message once: two push requests of one message at once (Pub/Sub
+        sending it again while the first waits) share a batch, and the sinks, which drop a
+        message they hold already, stored both copies of it."""
+        if len({message.message_id for message in messages}) == len(messages):
+            return messages
+        first: dict[str, Message] = {}
+        for message in messages:
+            first.setdefault(message.message_id, message)
+        self.summary.repeated += len(messages) - len(first)
+        context.repeated.inc(len(messages) - len(first))
+        return list(first.values())
 
     def _isolate_suspects(self, messages: list[Message], delivery: Delivery) -> list[tuple[list[Message], str | None]]:
         """The batch as parts: its innocent messages together, each suspect alone."""

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 class RunSummary:
     messages: Counter[str] = field(default_factory=Counter)
     """Messages received, per source."""
+    repeated: int = 0
+    """Messages that came again in the batch they were in, and were parsed once."""
     rows: Counter[str] = field(default_factory=Counter)
     """Rows produced, per table (dead_letter included)."""
     dead_letters: Counter[str] = field(default_factory=Counter)

@@ -60,6 +60,8 @@ class ScriptOptions(SourceOptions):
     finite: bool = False
     until_parsed: bool = False
     """Wait after each batch until the parser has handed it to the sinks, then call ``on_parsed``."""
+    repeat: int = 1
+    """Each message this many times in its batch, as push requests of one message at once come."""
 
 
 class ScriptSource(Source[ScriptOptions]):
@@ -88,6 +90,7 @@ class ScriptSource(Source[ScriptOptions]):
             messages = [
                 Message(json.dumps({"session_id": f"S{number}-{i}"}).encode(), f"{self.name}:{number}:{i}")
                 for i in range(self.options.per_batch)
+                for _ in range(self.options.repeat)
             ]
             ack = RecordingAck(redelivers=self.options.redelivers)
             ScriptSource.acks.append(ack)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 import pytest
 
 from clickflow.config import Pipeline
+from clickflow.report import format_summary
 from clickflow.runtime import PipelineError, Runtime
 from clickflow.summary import RunSummary
 from tests import fakes
+from tests.conftest import table_counts
 from tests.fakes import MemorySink, ScriptSource
 
 pytestmark = pytest.mark.anyio
@@ -33,6 +36,25 @@ sinks: [{type: memory, name: fast}, {type: memory, name: slow, gated: true, batc
         "visits": 6, "events": 0, "purchase_items": 0, "dead_letter": 0,
     }  # fmt: skip
     assert runtime.summary.acknowledged == 6
+
+
+async def test_a_message_that_comes_twice_in_one_batch_is_stored_once(
+    fake_pipeline: Callable[[str], Pipeline], tmp_path: Path
+) -> None:
+    """Two push requests of one message at once (Pub/Sub sending it again while the first waits)
+    share a batch: DuckDB, which drops a message it holds already, stored both copies."""
+    db = tmp_path / "repeated.duckdb"
+    runtime = Runtime(fake_pipeline(f"""
+sources: [{{type: script, batches: 2, per_batch: 3, repeat: 2}}]
+sinks: [{{type: duckdb, path: '{db}'}}, {{type: memory}}]
+"""))  # fmt: skip
+    await runtime.run()
+    assert table_counts(db) == {"visits": 6, "events": 0, "purchase_items": 0, "dead_letter": 0}
+    assert fakes.counts(MemorySink.writes, "memory")["visits"] == 6
+    assert [ack.acked for ack in ScriptSource.acks] == [1, 1]  # each batch whole, its copies with it
+    assert (runtime.summary.repeated, runtime.summary.rows["visits"], runtime.summary.acknowledged) == (6, 6, 12)
+    assert runtime.metrics.registry.get_sample_value("clickflow_messages_repeated_total", {"source": "script"}) == 6
+    assert "repeated in a batch              6  (parsed once)" in format_summary(runtime.summary)
 
 
 async def test_a_batch_is_discarded_once_written_not_before(fake_pipeline: Callable[[str], Pipeline]) -> None:
