@@ -14,9 +14,9 @@ from typing import Any
 import anyio
 import pytest
 
-from clickflow.api import Message
+from clickflow.api import Message, content_id
 from clickflow.config import Pipeline
-from clickflow.parser import VisitParser
+from clickflow.parser import VisitParser, visit_id_for
 from clickflow.summary import RunSummary
 from clickflow_bigquery.write import BigQueryWriteOptions, BigQueryWriteSink, WriteBatch
 from tests.conftest import VALID_VISIT, files_into
@@ -178,3 +178,31 @@ def test_rows_bigquery_refuses_become_dead_letters_and_the_rest_is_appended() ->
     assert appended["visits"] == 2 and appended["dead_letter"] == 1
     (dead,) = batch.tables["dead_letter"]
     assert dead[0] == f"visits/{refused}" and dead[5] == "bigquery_rejected" and "row 1 is invalid" in dead[6]
+
+
+@pytest.mark.parametrize("mode", ["default", "pending"])
+@pytest.mark.parametrize("row_format", ["proto", "arrow"])
+def test_a_row_too_large_for_any_request_is_a_dead_letter_of_its_head(
+    bigquery_env: BigQueryEmulator,
+    pipeline: Callable[..., Pipeline],
+    clickflow_run: Callable[[Pipeline], RunSummary],
+    tmp_path: Path,
+    mode: str,
+    row_format: str,
+) -> None:
+    """A message of 9 MB that is not JSON is kept whole as a dead letter, 12 MB in base64: its
+    request was refused ("larger than max", 12,583,503 bytes against the emulator's 11,534,336;
+    BigQuery takes 10 MB), every retry alike, and the sink failed the run."""
+    source = tmp_path / "large.jsonl"
+    source.write_bytes(b"x" * (9 << 20) + b"\n" + json.dumps(VALID_VISIT).encode() + b"\n")
+    name = new_dataset("large")
+    sink = (f"type: bigquery_write, project: {bigquery_env.project}, dataset: {name}, mode: {mode}, "
+            f"row_format: {row_format}, retry: {{attempts: 2, initial_backoff: 10ms}}")  # fmt: skip
+    summary = clickflow_run(pipeline(files_into(source, sink)))
+    assert summary.not_acknowledged == 0 and summary.dead_letters == {"invalid_json": 1}
+    counts = bigquery_env.counts(name)
+    assert (counts["visits"], counts["dead_letter"]) == (1, 1)
+    (dead,) = bigquery_env.query(f"SELECT dead_letter_id, reason, error, payload FROM `{name}.dead_letter`")
+    assert dead["dead_letter_id"] == "dead_letter/" + visit_id_for(content_id(f"{source}:1", b"x" * (9 << 20)))
+    assert dead["reason"] == "too_large" and "is over max_request_bytes" in dead["error"]
+    assert len(dead["payload"]) == 64 * 1024

@@ -17,7 +17,7 @@ from clickflow.schema import Table
 Row = tuple[Any, ...]
 RowFormatName = Literal["proto", "arrow"]
 _PROTO_TYPES = {"STRING": 9, "INT64": 3, "FLOAT64": 1, "TIMESTAMP": 3}  # TYPE_STRING, TYPE_INT64, TYPE_DOUBLE
-_REQUEST_OVERHEAD = 64 * 1024
+REQUEST_OVERHEAD = 64 * 1024
 """Room left in a request for its stream name, schema and framing."""
 
 
@@ -26,6 +26,8 @@ class Chunk:
     rows: list[Row]
     payload: Any
     """``ProtoRows`` or ``ArrowRecordBatch``, ready for a request."""
+    size: int = 0
+    """Bytes of the encoded rows: over a request's limit only for a chunk of one row."""
 
 
 class ProtoFormat:
@@ -55,14 +57,14 @@ class ProtoFormat:
             for row in rows
         ]
         chunks, start, size = [], 0, 0
-        limit = max_bytes - _REQUEST_OVERHEAD
+        limit = max_bytes - REQUEST_OVERHEAD
         for index, data in enumerate(encoded):
             if index > start and size + len(data) > limit:
-                chunks.append(Chunk(rows[start:index], types.ProtoRows(serialized_rows=encoded[start:index])))
+                chunks.append(Chunk(rows[start:index], types.ProtoRows(serialized_rows=encoded[start:index]), size))
                 start, size = index, 0
             size += len(data) + 4
         if start < len(rows):
-            chunks.append(Chunk(rows[start:], types.ProtoRows(serialized_rows=encoded[start:])))
+            chunks.append(Chunk(rows[start:], types.ProtoRows(serialized_rows=encoded[start:]), size))
         return chunks
 
     def data(self, chunk: Chunk, with_schema: bool) -> dict[str, Any]:
@@ -98,11 +100,12 @@ class ArrowFormat:
         while pending:
             part = pending.pop()
             serialized = self._batch(part).serialize().to_pybytes()
-            if len(serialized) > max_bytes - _REQUEST_OVERHEAD and len(part) > 1:
+            if len(serialized) > max_bytes - REQUEST_OVERHEAD and len(part) > 1:
                 middle = len(part) // 2
                 pending += [part[middle:], part[:middle]]
                 continue
-            chunks.append(Chunk(part, types.ArrowRecordBatch(serialized_record_batch=serialized, row_count=len(part))))
+            payload = types.ArrowRecordBatch(serialized_record_batch=serialized, row_count=len(part))
+            chunks.append(Chunk(part, payload, len(serialized)))
         return chunks
 
     def data(self, chunk: Chunk, with_schema: bool) -> dict[str, Any]:

@@ -7,14 +7,20 @@ same thing everywhere.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import re
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
 
+from clickflow.rejections import REASON_TOO_LARGE
 from clickflow.schema import DEAD_LETTER, TABLES, Table
+
+log = logging.getLogger(__name__)
 
 EPOCH = datetime(1970, 1, 1)
 REASON_REJECTED = "bigquery_rejected"
@@ -136,6 +142,20 @@ def rejected_row(
         "replayed_at": None,
     }
     return tuple(values[name] for name in DEAD_LETTER.column_names)
+
+
+KEPT_OF_TOO_LARGE = 64 * 1024
+"""How much of a row too large for any request its dead letter keeps (less, if requests are small)."""
+
+
+def too_large_row(table: str, key: str, row_json: bytes, max_request_bytes: int, sink: str) -> tuple[Any, ...]:
+    """A ``too_large`` dead letter for a row longer than any request may be (a whole message of
+    10 MB kept as a dead letter is 13 MB in base64): its head, size and SHA-256."""
+    digest = hashlib.sha256(row_json).hexdigest()
+    error = f"row of {len(row_json)} bytes is over max_request_bytes (sha256 {digest}); the payload is its head"
+    log.warning("%s: %s row %s is too large for any request; sent to dead_letter", sink, table, key)
+    kept = row_json[: min(KEPT_OF_TOO_LARGE, max_request_bytes // 4)]
+    return rejected_row(table, key, kept, error, sink, time.time_ns() // 1000, REASON_TOO_LARGE)
 
 
 _POSITION = re.compile(r"row starting at position (\d+)")

@@ -12,7 +12,6 @@ with backoff, only the unconfirmed rows go out again.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -25,10 +24,9 @@ from msgspec import Meta
 
 from clickflow.api import RowBatch
 from clickflow.options import BatchLimits, ByteSize, Duration, PositiveInt, check_range
-from clickflow.rejections import REASON_TOO_LARGE
 from clickflow.schema import TABLE_NAMES, DeadLetterCol
 from clickflow_bigquery.common import BigQueryOptions, BigQuerySink
-from clickflow_bigquery.rows import ROW_ENCODERS, encode_row, rejected_row
+from clickflow_bigquery.rows import ROW_ENCODERS, encode_row, rejected_row, too_large_row
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +94,6 @@ _decode_row = msgspec.json.Decoder(_RawRow).decode
 _ROW_START = b'{"insertId":'
 _ROW_SEPARATOR = b"," + _ROW_START
 
-KEPT_OF_TOO_LARGE = 64 * 1024
-"""How much of a row too large for any request its dead letter keeps (less, if requests are small)."""
-
 
 @dataclass
 class InsertBatch:
@@ -129,12 +124,7 @@ class InsertBatch:
                         self.pending["dead_letter"].append(self._too_large(name, row))
 
     def _too_large(self, table: str, row: EncodedRows) -> EncodedRows:
-        key, row_json, kept = row.key, row.json, min(KEPT_OF_TOO_LARGE, self.max_item_bytes // 4)
-        digest = hashlib.sha256(row_json).hexdigest()
-        error = f"row of {len(row_json)} bytes is over max_request_bytes (sha256 {digest}); the payload is its head"
-        log.warning("%s: %s row %s is too large for insertAll; sent to dead_letter", self.sink, table, key)
-        now = time.time_ns() // 1000
-        dead = rejected_row(table, key, row_json[:kept], error, self.sink, now, REASON_TOO_LARGE)
+        dead = too_large_row(table, row.key, row.json, self.max_item_bytes, self.sink)
         return _encoded(dead[DeadLetterCol.dead_letter_id], encode_row("dead_letter", dead))
 
     def __len__(self) -> int:

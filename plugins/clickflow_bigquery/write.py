@@ -34,8 +34,8 @@ from clickflow.api import PermanentWriteError, RowBatch
 from clickflow.options import BatchLimits, ByteSize, Duration, check_range
 from clickflow.schema import TABLE_NAMES, TABLES
 from clickflow_bigquery.common import BigQueryOptions, BigQuerySink
-from clickflow_bigquery.rowformats import Chunk, Row, RowFormat, RowFormatName, row_format
-from clickflow_bigquery.rows import ROW_IDS, encode_row, rejected_row
+from clickflow_bigquery.rowformats import REQUEST_OVERHEAD, Chunk, Row, RowFormat, RowFormatName, row_format
+from clickflow_bigquery.rows import ROW_IDS, encode_row, rejected_row, too_large_row
 
 if TYPE_CHECKING:
     from google.cloud.bigquery_storage_v1.services.big_query_write import BigQueryWriteAsyncClient
@@ -73,6 +73,14 @@ class WriteBatch(RowBatch):
     """Tables appended in full (default mode) or committed (pending mode)."""
     appended: dict[str, int] = field(default_factory=dict)
     """Default mode: how many of a table's rows are appended (refused ones included)."""
+    dead_letter_ids: set[str] = field(default_factory=set)
+    """Of the dead letters the sink made (rows refused, or too large for any request): a retry
+    in pending mode, which appends every row again, makes each once."""
+
+    def add_dead_letter(self, row: Row) -> None:
+        if row[0] not in self.dead_letter_ids:
+            self.dead_letter_ids.add(row[0])
+            self.tables["dead_letter"].append(row)
 
 
 class AppendConnection:
@@ -188,27 +196,38 @@ class BigQueryWriteSink(BigQuerySink[BigQueryWriteOptions, WriteBatch]):
 
     async def _append(self, connection: AppendConnection, table: str, batch: WriteBatch, offsets: bool) -> None:
         """Append ``table``'s rows (in default mode, those not appended by an earlier attempt); rows
-        BigQuery refuses go to the batch's dead letters."""
+        BigQuery refuses, and rows too large for any request, go to the batch's dead letters (the
+        dead letters' own too: so their table is read again once its rows are through)."""
         rows_format, limit = self._formats[table], int(self.options.max_request_bytes)
-        start = 0 if offsets else batch.appended.get(table, 0)
+        position = 0 if offsets else batch.appended.get(table, 0)
         offset = 0
-        for chunk in rows_format.chunks(batch.tables[table][start:], limit):
-            taken = len(chunk.rows)
-            for _ in range(ROW_ERROR_ROUNDS):
-                answer = await connection.append(chunk, offset if offsets else None)
-                if answer.row_errors:
-                    chunk = self._without_refused(table, chunk, answer.row_errors, batch)
-                    if not chunk.rows:
-                        break
-                    continue
-                if answer.error.code:
-                    raise RuntimeError(f"{table}: append failed: {answer.error.message} (code {answer.error.code})")
-                offset += len(chunk.rows)
-                break
-            else:
-                raise RuntimeError(f"{table}: rows still refused after {ROW_ERROR_ROUNDS} rounds")
-            if not offsets:
-                batch.appended[table] = batch.appended.get(table, 0) + taken
+        while position < len(batch.tables[table]):
+            for chunk in rows_format.chunks(batch.tables[table][position:], limit):
+                if chunk.size > limit - REQUEST_OVERHEAD:  # one row, as chunks are cut
+                    (row,) = chunk.rows
+                    batch.add_dead_letter(too_large_row(table, ROW_IDS[table](row), encode_row(table, row), limit,
+                                                        self.name))  # fmt: skip
+                else:
+                    offset += await self._append_chunk(connection, table, chunk, offset if offsets else None, batch)
+                position += len(chunk.rows)
+                if not offsets:
+                    batch.appended[table] = position
+
+    async def _append_chunk(
+        self, connection: AppendConnection, table: str, chunk: Chunk, offset: int | None, batch: WriteBatch
+    ) -> int:
+        """Append one chunk, its refused rows left out; returns how many rows were appended."""
+        for _ in range(ROW_ERROR_ROUNDS):
+            answer = await connection.append(chunk, offset)
+            if answer.row_errors:
+                chunk = self._without_refused(table, chunk, answer.row_errors, batch)
+                if not chunk.rows:
+                    return 0
+                continue
+            if answer.error.code:
+                raise RuntimeError(f"{table}: append failed: {answer.error.message} (code {answer.error.code})")
+            return len(chunk.rows)
+        raise RuntimeError(f"{table}: rows still refused after {ROW_ERROR_ROUNDS} rounds")
 
     def _without_refused(self, table: str, chunk: Chunk, errors: Any, batch: WriteBatch) -> Chunk:
         if table == "dead_letter":
@@ -219,9 +238,7 @@ class BigQueryWriteSink(BigQuerySink[BigQueryWriteOptions, WriteBatch]):
             row = chunk.rows[index]
             key = ROW_IDS[table](row)
             log.warning("BigQuery refused %s row %s, sent to dead_letter: %s", table, key, message)
-            batch.tables["dead_letter"].append(
-                rejected_row(table, key, encode_row(table, row), message, self.name, now)
-            )
+            batch.add_dead_letter(rejected_row(table, key, encode_row(table, row), message, self.name, now))
         kept: list[Row] = [row for index, row in enumerate(chunk.rows) if index not in refused]
         parts = self._formats[table].chunks(kept, int(self.options.max_request_bytes)) if kept else []
         return parts[0] if parts else Chunk([], None)
