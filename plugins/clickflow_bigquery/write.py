@@ -32,7 +32,7 @@ import anyio
 
 from clickflow.api import PermanentWriteError, RowBatch
 from clickflow.options import BatchLimits, ByteSize, Duration, check_range
-from clickflow.schema import TABLE_NAMES, TABLES
+from clickflow.schema import TABLE_NAMES, TABLES, DeadLetterCol
 from clickflow_bigquery.common import BigQueryOptions, BigQuerySink
 from clickflow_bigquery.rowformats import REQUEST_OVERHEAD, Chunk, Row, RowFormat, RowFormatName, row_format
 from clickflow_bigquery.rows import ROW_IDS, encode_row, rejected_row, too_large_row
@@ -78,8 +78,8 @@ class WriteBatch(RowBatch):
     in pending mode, which appends every row again, makes each once."""
 
     def add_dead_letter(self, row: Row) -> None:
-        if row[0] not in self.dead_letter_ids:
-            self.dead_letter_ids.add(row[0])
+        if (key := row[DeadLetterCol.dead_letter_id]) not in self.dead_letter_ids:
+            self.dead_letter_ids.add(key)
             self.tables["dead_letter"].append(row)
 
 
