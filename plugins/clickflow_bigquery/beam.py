@@ -8,7 +8,9 @@ dataset must exist (``clickflow bigquery create-tables PIPELINE`` makes both).
 Rows BigQuery refuses in a streaming insert come back from ``WriteToBigQuery``
 and become ``dead_letter`` rows (reason ``bigquery_rejected``), as in the async
 sink; transient errors are retried by Beam. A dead letter BigQuery refuses has
-nowhere left to go, so it fails the pipeline instead of vanishing. A load job
+nowhere left to go, so it fails the pipeline instead of vanishing; a row longer than
+one request (``max_request_bytes``) becomes a ``too_large`` dead letter of its head
+before it is sent (``within_requests``). A load job
 is all or nothing: Beam retries a failed job, then fails the pipeline.
 """
 
@@ -28,7 +30,7 @@ from apache_beam.pvalue import PCollection
 from clickflow.beam import BeamWrite, Tables
 from clickflow.schema import TABLES
 from clickflow_bigquery.common import BigQueryOptions
-from clickflow_bigquery.rows import ROW_ENCODERS, object_row_id, rejected_row
+from clickflow_bigquery.rows import ROW_ENCODERS, ROW_IDS, encode_row, object_row_id, rejected_row, too_large_row
 from clickflow_bigquery.tables import table_resource
 
 DATA_TABLES = ("visits", "events", "purchase_items")
@@ -50,12 +52,20 @@ class WriteBigQuery(BeamWrite):
         options: BigQueryOptions = self.sink.options
         names = options.table_names()
         streaming = bool(tables["visits"].pipeline.options.view_as(StandardOptions).streaming)
-        refused = []
+        sink, refused = self.sink.name, []
+        limit = int(self.sink.options.max_request_bytes) if self.streaming_inserts else None
         for table in DATA_TABLES:
-            written = as_json(tables[table], table) | self._write(table, streaming)
+            rows = tables[table]
+            if limit:
+                rows, too_large = within_requests(rows, table, sink, limit)
+                refused.append(too_large)
+            written = as_json(rows, table) | self._write(table, streaming)
             if self.streaming_inserts:
-                refused.append(refused_as_dead_letters(written.failed_rows_with_errors, table, self.sink.name))
+                refused.append(refused_as_dead_letters(written.failed_rows_with_errors, table, sink))
         dead_letters = (tables["dead_letter"], *refused) | "All dead letters" >> beam.Flatten()
+        if limit:
+            fitting, too_large = within_requests(dead_letters, "dead_letter", sink, limit)
+            dead_letters = (fitting, too_large) | "Dead letters within requests" >> beam.Flatten()
         written = as_json(dead_letters, "dead_letter") | self._write("dead_letter", streaming)
         if self.streaming_inserts:
             _ = written.failed_rows_with_errors | "Refused dead letters" >> beam.Map(unwritable, names["dead_letter"])
@@ -89,6 +99,42 @@ class WriteBigQuery(BeamWrite):
 def as_json(batches: PCollection[Any], table: str) -> PCollection[Any]:
     """Batches of one table's row tuples as the JSON objects ``WriteToBigQuery`` takes, one per row."""
     return batches | f"JSON {table}" >> beam.FlatMap(json_objects, table)
+
+
+def within_requests(
+    batches: PCollection[Any], table: str, sink: str, max_request_bytes: int
+) -> tuple[PCollection[Any], PCollection[Any]]:
+    """Batches of ``table``'s rows that fit an insertAll request, and batches of ``too_large`` dead
+    letters (their head, size and SHA-256, as the async sink makes them) for the rows that do not:
+    BigQuery refuses such a row (``WriteToBigQuery`` at 9 MB), and a dead letter it refuses fails
+    the pipeline, as a message of 10 MB kept whole as a dead letter (13 MB in base64) would."""
+    split = batches | f"Fit {table}" >> beam.ParDo(_WithinRequests(table, sink, max_request_bytes)).with_outputs(
+        _TOO_LARGE, main="rows"
+    )
+    return split.rows, split[_TOO_LARGE]
+
+
+_TOO_LARGE = "too_large"
+
+
+class _WithinRequests(beam.DoFn):
+    def __init__(self, table: str, sink: str, max_request_bytes: int) -> None:
+        self.table, self.sink, self.limit = table, sink, max_request_bytes
+
+    def process(self, batch: list[tuple[Any, ...]]) -> Iterator[Any]:
+        kept, dead = [], []
+        for row in batch:
+            # JSON writes a character in 6 bytes at most (\u0000): most rows need no encoding to tell
+            if 6 * sum(len(value) for value in row if type(value) is str) + 4096 > self.limit:
+                encoded = encode_row(self.table, row)
+                if len(encoded) > self.limit:
+                    dead.append(too_large_row(self.table, ROW_IDS[self.table](row), encoded, self.limit, self.sink))
+                    continue
+            kept.append(row)
+        if kept:
+            yield kept
+        if dead:
+            yield beam.pvalue.TaggedOutput(_TOO_LARGE, dead)
 
 
 def refused_as_dead_letters(failed: PCollection[Any], table: str, sink: str) -> PCollection[Any]:
