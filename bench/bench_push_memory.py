@@ -1,14 +1,16 @@
-"""The push endpoint's peak memory under a burst of the largest messages, for each ``max_pending_bytes``.
+"""The push endpoint's peak memory under a burst of its costliest messages, for each ``max_pending_bytes``.
 
-    python bench/bench_push_memory.py [--requests 12] [--pending 128MiB 64MiB]
+    python bench/bench_push_memory.py [--requests 14] [--pending 128MiB 64MiB 32MiB]
 
-Pub/Sub takes messages of up to 10 MB, and whoever can publish to the topic chooses what is in
-them. Each burst is ``--requests`` push requests at once, each a 10 MB visit of as many page views
-as a visit may carry (``parser.MAX_ROWS``; a 14 MB envelope), into ``bigquery_streaming``
-against the fast local stand-in (``standin.py``), as on Cloud Run (``config/push.yaml``). For each
-``max_pending_bytes`` it prints how many requests were stored (204) and refused (429), and the
-server's peak resident memory (``VmHWM``), beside the same server's after one small visit: what
-Cloud Run's memory limit (1 GiB in ``deploy/cloudrun``) must hold.
+Whoever can publish to the topic chooses what is in a message. Each burst is ``--requests`` push
+requests at once, each a visit of as many page views as a visit may carry (``parser.MAX_ROWS``),
+whose ``session_id``, ``user_id`` and ``device_type`` are as long as the parser takes them
+(``fastpath.REPEATED_CHARS``): every event row repeats them, so a 4.4 MB message (5.9 MB as an
+envelope) is 50 MB of rows as JSON. Into ``bigquery_streaming`` against the fast local stand-in
+(``standin.py``), as on Cloud Run (``config/push.yaml``). For each ``max_pending_bytes`` it prints
+how many requests were stored (204) and refused (429), and the server's peak resident memory
+(``VmHWM``), beside the same server's after one small visit: what Cloud Run's memory limit (1 GiB
+in ``deploy/cloudrun``) must hold.
 """
 
 from __future__ import annotations
@@ -25,20 +27,20 @@ from pathlib import Path
 
 from bench_pull import standin  # this folder is on sys.path when run as a script
 
+from clickflow.fastpath import REPEATED_CHARS
 from clickflow.parser import MAX_ROWS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.emulators import free_port, ready, wait_for
 
-EVENTS = MAX_ROWS
-SIZE = 10_000_000
+EVENT = b'{"event_type":"page_view","timestamp":"2024-07-01T09:00:00","details":{"page_url":"u"}}'
+LONG = b"x" * (REPEATED_CHARS - 8)
 
 
-def envelope(number: int, events: int, size: int = SIZE) -> bytes:
-    """A push request of a visit of ``events`` page views, with URLs as long as fill ``size`` bytes."""
-    url = b"https://example.com/" + b"p" * max(0, size // events - 100)
-    event = b'{"event_type":"page_view","timestamp":"2024-07-01T09:00:00","details":{"page_url":"%s"}}' % url
-    visit = b'{"session_id":"s%d","events":[%s]}' % (number, b",".join([event] * events))
+def envelope(number: int, events: int = MAX_ROWS - 1) -> bytes:
+    """A push request of a visit of ``events`` page views whose repeated fields are as long as allowed."""
+    ids = b'"session_id":"%s%08d","user_id":"%s%08d","device_type":"%s%08d"' % ((LONG, number) * 3)
+    visit = b'{%s,"events":[%s]}' % (ids, b",".join([EVENT] * events))
     message = {"data": base64.b64encode(visit).decode(), "messageId": f"m{number}-{events}"}
     return json.dumps({"message": message, "subscription": "projects/bench/subscriptions/push"}).encode()
 
@@ -87,16 +89,16 @@ def run(pending: str, bodies: list[Path], small_body: Path, work: Path, bigquery
 
 def main() -> None:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    args.add_argument("--requests", type=int, default=12)
-    args.add_argument("--pending", nargs="+", default=["128MiB", "64MiB"])
+    args.add_argument("--requests", type=int, default=14)
+    args.add_argument("--pending", nargs="+", default=["128MiB", "64MiB", "32MiB"])
     opts = args.parse_args()
     with tempfile.TemporaryDirectory() as tmp, standin(0) as bigquery:
         work = Path(tmp)
         bodies = [work / f"{n}.json" for n in range(opts.requests + 1)]
         for n, body in enumerate(bodies):
-            body.write_bytes(envelope(n, EVENTS) if n else envelope(n, 10, 2000))
+            body.write_bytes(envelope(n) if n else envelope(n, 10))
         size = bodies[1].stat().st_size
-        print(f"{opts.requests} push requests at once, each {size / 1e6:.1f} MB ({EVENTS:,} page views)")
+        print(f"{opts.requests} push requests at once, each {size / 1e6:.1f} MB ({MAX_ROWS - 1:,} page views)")
         for pending in opts.pending:
             print(run(pending, bodies[1:], bodies[0], work, bigquery), flush=True)
 

@@ -67,14 +67,15 @@ class PubSubPushOptions(SourceOptions, kw_only=True):
     time and below the subscription's acknowledgement deadline (at most 10 minutes)."""
     read_timeout: Duration = Duration(seconds=10)
     """How long a request's body may take to arrive; a slower client is answered 408."""
-    max_pending_bytes: ByteSize = ByteSize(64 << 20)
+    max_pending_bytes: ByteSize = ByteSize(32 << 20)
     """Request bodies held at once (being read, waiting to enter, waiting to be stored), counted as
     they inflate; a request that would go over is answered 429 (before its body is read if its
     Content-Length says so), so a burst of large messages cannot exhaust memory. Until it is
-    stored a body costs several times its size, its rows included: at 128MiB, nine 10 MB messages
-    of small page views at once took a push pipeline into ``bigquery_streaming`` to up to 1.09 GB,
-    against Cloud Run's 1 GiB, before a visit's rows were bounded (``parser.MAX_ROWS``); since,
-    543 to 575 MB, and at 64MiB 290 to 325 MB (``bench_push_memory.py``)."""
+    stored a body costs up to about eleven times its size, its rows included: a visit of 50,000
+    events whose ids are 256 characters (a 5.9 MB request) is 50 MB of rows as JSON. Into
+    ``bigquery_streaming``, 22 such requests at once took 1,067 MB at 128MiB (past Cloud Run's 1
+    GiB), 11 took 623 to 784 MB at 64MiB, and at 32MiB 5 take 388 to 490 MB
+    (``bench_push_memory.py``)."""
 
     def __post_init__(self) -> None:
         check_range("max_body_bytes", self.max_body_bytes, 1, 4 * MAX_ENVELOPE_BYTES)
