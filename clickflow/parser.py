@@ -7,8 +7,8 @@ listed in ARCHITECTURE.md; the reason codes, and the dead letters' rows, are
 ``clickflow.rejections``'.
 
 Clean visits take a typed fast path (``clickflow.fastpath``); anything it does
-not accept is decided by the reference rules in ``_reference``. Rows are plain
-tuples in the schema's column order (see ``clickflow.schema``).
+not accept is decided by the reference rules in ``_reference``, which apply ``clickflow.rules``
+to each value. Rows are plain tuples in the schema's column order (see ``clickflow.schema``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from clickflow import fastpath
+from clickflow import fastpath, rules
 from clickflow.api import Message, RowBatch
 from clickflow.fastpath import REPEATED_CHARS, AddItemToCart, PageView, Purchase, WrappedVisit
 from clickflow.rejections import (
@@ -34,14 +34,11 @@ from clickflow.rejections import (
     REASON_INVALID_EVENTS,
     REASON_INVALID_ITEMS,
     REASON_INVALID_JSON,
-    REASON_INVALID_PRICE,
-    REASON_INVALID_QUANTITY,
     REASON_INVALID_SESSION_ID,
     REASON_INVALID_TIMESTAMP,
     REASON_INVALID_UTF8,
     REASON_MISSING_ORDER_ID,
     REASON_MISSING_PAGE_URL,
-    REASON_MISSING_PRODUCT_ID,
     REASON_NOT_AN_OBJECT,
     REASON_TOO_DEEP,
     REASON_TOO_LARGE,
@@ -56,7 +53,6 @@ from clickflow.rejections import (
     kept_text,
     message_dead_letter,
 )
-from clickflow.schema import EventCol
 
 MAX_INVALID_EVENTS = 1000
 """The most events of one visit rejected one by one: each is a dead letter of its own, about 190
@@ -73,7 +69,6 @@ A visit with more is rejected whole (``too_many_rows``), its message kept."""
 EVENT_TYPES = frozenset({"page_view", "add_item_to_cart", "purchase"})
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _TIMESTAMP_CACHE_SIZE = 65_536
 _PAGE_URL_CACHE_SIZE = 65_536
 _CACHED_TIMESTAMP_CHARS = 64
@@ -93,8 +88,6 @@ header aiohttp takes. The id is in its visit's row and in each of its dead lette
 ``MAX_INVALID_EVENTS`` and one more), so a push request of 1.1 MB with a 1 MB ``messageId`` made a
 gigabyte of rows. A longer one is replaced by ``sha256:`` and 32 hex digits of it (``bounded``),
 the same for every delivery of the message."""
-
-Product = tuple[str, str | None, str | None, float | None, int | None]
 
 
 def bounded(message: Message) -> Message:
@@ -131,42 +124,6 @@ def geolocation(value: Any) -> tuple[float | None, float | None]:
     if sep and -90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0:
         return lat, lon
     return None, None
-
-
-# Row builders shared by both paths; ``head`` is the first eight events columns.
-def _page_view_row(head: Row, page_url: str, referrer: str | None, now: int) -> Row:
-    return (*head, page_url, referrer or None, None, None, None, None, None, None, None, None, now)
-
-
-def _cart_row(head: Row, product: Product, now: int) -> Row:
-    return (*head, None, None, *product, None, None, None, now)
-
-
-def _purchase_row(head: Row, order_id: str, amount: float | None, currency: Any, now: int) -> Row:
-    return (*head, None, None, None, None, None, None, None, order_id, amount, currency, now)
-
-
-def _item_row(head: Row, index: int, order_id: str, product: Product) -> Row:
-    event_id, visit_id, session_id = head[EventCol.event_id], head[EventCol.visit_id], head[EventCol.session_id]
-    return (event_id, index, visit_id, order_id, session_id, *product, head[EventCol.event_timestamp])
-
-
-def _str(value: Any) -> str | None:
-    return value if type(value) is str else None
-
-
-def _repeated_too_long(visit: dict[str, Any]) -> tuple[str, str]:
-    """``field_too_long`` for a visit whose field repeated in each of its rows is over
-    ``REPEATED_CHARS`` (see ``fastpath``); else no reason."""
-    for field in ("session_id", "user_id", "device_type"):
-        value = visit.get(field)
-        if type(value) is str and len(value) > REPEATED_CHARS:
-            return REASON_FIELD_TOO_LONG, _too_long(field, value, "row")
-    return "", ""
-
-
-def _too_long(field: str, value: str, rows: str) -> str:
-    return f"{field} is {len(value):,} characters, over {REPEATED_CHARS}: each of its {rows}s would repeat it"
 
 
 def _valid_utf8(data: bytes) -> bool:
@@ -357,13 +314,13 @@ class VisitParser:
             elif type(visit.get("events", _NO_EVENTS)) is not list:
                 reason, error = REASON_INVALID_EVENTS, "events must be a list"
             else:
-                reason, error = _repeated_too_long(visit)
+                reason, error = rules.repeated_too_long(visit)
         if reason:
             t["dead_letter"].append(message_dead_letter(message, visit_id, now, source, reason, error, kept_text(data)))
             return
 
         events = visit.get("events", _NO_EVENTS)
-        items = sum(map(_item_count, events)) if len(events) <= MAX_ROWS else 0
+        items = sum(map(rules.item_count, events)) if len(events) <= MAX_ROWS else 0
         if len(events) + items > MAX_ROWS:
             carried = f"events ({len(events):,}) and purchase items ({items:,})" if items else f"{len(events):,} events"
             error = f"its {carried} are more than {MAX_ROWS:,} rows"
@@ -371,7 +328,11 @@ class VisitParser:
                 message_dead_letter(message, visit_id, now, source, REASON_TOO_MANY_ROWS, error, kept_text(data))
             )
             return
-        session_id, user_id, device = visit["session_id"], _str(visit.get("user_id")), _str(visit.get("device_type"))
+        session_id, user_id, device = (
+            visit["session_id"],
+            rules.text(visit.get("user_id")),
+            rules.text(visit.get("device_type")),
+        )
         start = end = None
         accepted = rejected = 0
         before = {name: len(rows) for name, rows in t.items()}
@@ -396,7 +357,7 @@ class VisitParser:
             end = ts if end is None else max(end, ts)
         lat, lon = geolocation(visit.get("geolocation"))
         t["visits"].append((
-            visit_id, session_id, user_id, device, lat, lon, _str(visit.get("user_agent")),
+            visit_id, session_id, user_id, device, lat, lon, rules.text(visit.get("user_agent")),
             start, end, accepted, rejected, source, message_id, now,
         ))  # fmt: skip
 
@@ -443,16 +404,16 @@ class VisitParser:
             page_url = details.get("page_url")
             if type(page_url) is not str:
                 raise EventRejected(REASON_MISSING_PAGE_URL, "page_view needs a string page_url")
-            events.append(_page_view_row(head, page_url, _str(details.get("referrer_url")), now))
+            events.append(rules.page_view_row(head, page_url, rules.text(details.get("referrer_url")), now))
         elif event_type == "add_item_to_cart":
-            events.append(_cart_row(head, _reference_product(details, "add_item_to_cart"), now))
+            events.append(rules.cart_row(head, rules.product(details, "add_item_to_cart"), now))
         else:
             order_id = details.get("order_id")
             if type(order_id) is not str or not order_id:
                 raise EventRejected(REASON_MISSING_ORDER_ID, "purchase needs a non-empty string order_id")
             if len(order_id) > REPEATED_CHARS:
-                raise EventRejected(REASON_FIELD_TOO_LONG, _too_long("order_id", order_id, "item"))
-            amount = _reference_number(details.get("amount"), REASON_INVALID_AMOUNT, "amount")
+                raise EventRejected(REASON_FIELD_TOO_LONG, rules.too_long("order_id", order_id, "item"))
+            amount = rules.number(details.get("amount"), REASON_INVALID_AMOUNT, "amount")
             raw_items = details.get("items", [])
             if type(raw_items) is not list:
                 raise EventRejected(REASON_INVALID_ITEMS, "purchase items must be a list")
@@ -461,12 +422,12 @@ class VisitParser:
                 if type(item) is not dict:
                     raise EventRejected(REASON_INVALID_ITEMS, f"item {item_index} is not an object")
                 try:
-                    products.append(_reference_product(item, f"item {item_index}"))
+                    products.append(rules.product(item, f"item {item_index}"))
                 except EventRejected as exc:
                     raise EventRejected(REASON_INVALID_ITEMS, exc.error) from None
-            events.append(_purchase_row(head, order_id, amount, _str(details.get("currency")), now))
+            events.append(rules.purchase_row(head, order_id, amount, rules.text(details.get("currency")), now))
             for item_index, product in enumerate(products):
-                items.append((*_item_row(head, item_index, order_id, product), now))
+                items.append((*rules.item_row(head, item_index, order_id, product), now))
         return ts
 
 
@@ -477,37 +438,3 @@ class VisitContext:
     session_id: str
     user_id: str | None
     device_type: str | None
-
-
-def _item_count(element: Any) -> int:
-    """How many purchase items an event of the reference rules carries (0 if it is not a purchase
-    with a list of them), valid or not: what ``MAX_ROWS`` counts."""
-    event = element.get("event", element) if type(element) is dict and "event_type" not in element else element
-    if type(event) is not dict or event.get("event_type") != "purchase":
-        return 0
-    details = event.get("details")
-    items = details.get("items") if type(details) is dict else None
-    return len(items) if type(items) is list else 0
-
-
-def _reference_number(value: Any, reason: str, field: str) -> float | None:
-    if value is None:
-        return None
-    if type(value) is float or type(value) is int:
-        try:
-            return float(value)
-        except OverflowError:
-            pass
-    raise EventRejected(reason, f"{field} must be a number, got {value!r}")
-
-
-def _reference_product(details: dict[str, Any], where: str) -> Product:
-    """Product fields shared by cart events and purchase items."""
-    product_id = details.get("product_id")
-    if type(product_id) is not str or not product_id:
-        raise EventRejected(REASON_MISSING_PRODUCT_ID, f"{where}: product_id must be a non-empty string")
-    price = _reference_number(details.get("price"), REASON_INVALID_PRICE, f"{where}: price")
-    quantity = details.get("quantity")
-    if quantity is not None and not (type(quantity) is int and _INT64_MIN <= quantity <= _INT64_MAX):
-        raise EventRejected(REASON_INVALID_QUANTITY, f"{where}: quantity must be an integer, got {quantity!r}")
-    return product_id, _str(details.get("product_name")), _str(details.get("category")), price, quantity
