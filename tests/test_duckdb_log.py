@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -417,6 +418,48 @@ async def test_a_writer_process_that_dies_fails_one_write_and_its_retry_is_logge
         assert writer_pids() != [pid] and logged_batches(db) == 2
     assert table_counts(db) == {"visits": 3, "events": 9, "purchase_items": 3, "dead_letter": 0}
     assert writer_pids() == []  # closed with the sink
+
+
+DIES_AFTER_SYNC = """
+import os, sys
+sys.path.insert(0, {directory!r})
+import logwriter
+
+real_append, appends = logwriter.Segment.append, 0
+
+def append(self, requests, length):
+    global appends
+    real_append(self, requests, length)
+    appends += 1
+    if appends == 2:
+        os._exit(9)  # killed once the record is synced, before it is answered for
+
+logwriter.Segment.append = append
+logwriter.serve(sys.stdin.buffer, sys.stdout.buffer)
+"""
+
+
+async def test_a_record_synced_by_a_writer_that_died_before_answering_is_cut_off_and_stored_once(
+    tmp_path: Path, visit: Callable[..., dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its batch is given back and logged again: were the record left, a run killed before its
+    next commit would leave the batch twice in its segments, and the next open insert it twice."""
+    script = tmp_path / "dies_after_sync.py"
+    script.write_text(DIES_AFTER_SYNC.format(directory=str(Path(logwriter.__file__).parent)))
+    monkeypatch.setattr(logwriter, "__file__", str(script))
+    db, after_a_kill = tmp_path / "db.duckdb", tmp_path / "killed.duckdb"
+    async with logged_sink(db) as sink:
+        await write(sink, parsed([visit()], prefix="a"))
+        batch = sink.new_batch()
+        batch.add(parsed([visit(), visit()], prefix="b"))
+        with pytest.raises(OSError, match="the log's writer process stopped"):
+            await sink.write(batch)
+        await sink.write(batch)  # the retry, through a new writer (which would die at its second append)
+        assert logged_batches(db) == 2
+        shutil.copytree(f"{db}.log", f"{after_a_kill}.log")  # what a run killed now leaves
+    await reopen(after_a_kill)
+    assert table_counts(after_a_kill) == table_counts(db) == {
+        "visits": 3, "events": 9, "purchase_items": 3, "dead_letter": 0}  # fmt: skip
 
 
 async def test_a_request_cancelled_midway_ends_its_writer_and_the_next_request_starts_another(tmp_path: Path) -> None:

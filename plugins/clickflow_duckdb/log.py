@@ -14,9 +14,11 @@ and inserted when the database is next opened, so an acknowledged batch is never
 
 A record is a header (a magic number, each table's bytes and rows, a CRC-32 of the lines) and
 each table's lines. Only the last record of a segment can be incomplete: a record is appended
-after the one before it was synced, and after a failed append the next batch starts a new
-segment. So a damaged last record was never acknowledged and is dropped; damage before it stops
-the insert with an error, and the segment stays where it is.
+after the one before it was synced, and after a failed append the segment is cut back to its
+acknowledged records (even a record synced by a writer that died before answering for it: its
+batch is logged again) and the next batch starts a new segment. So a damaged last record was
+never acknowledged and is dropped; damage before it stops the insert with an error, and the
+segment stays where it is.
 
 Logged batches never share a message, so the insert's anti-join against the tables drops every
 repeat: a message the log holds when it is added to a batch is left out of it (its rows are
@@ -294,10 +296,10 @@ class BatchLog:
         try:
             size = await self._writer.append(batch.record())
         except OSError as exc:
-            self._close_segment()
+            self._cut_back()
             raise OSError(exc.errno, f"cannot log a batch to {segment}: {exc.strerror}") from exc
         except BaseException:  # cancelled: the writer was stopped with the segment
-            self._close_segment()
+            self._cut_back()
             raise
         self._size += size
 
@@ -335,6 +337,25 @@ class BatchLog:
             raise OSError(exc.errno, f"cannot start a log segment {segment}: {exc.strerror}") from exc
         self._segment, self._size = segment, 0
         return segment
+
+    def _cut_back(self) -> None:
+        """After a failed append (its writer stopped, or answered a failure and cut the segment back
+        itself), the segment truncated to its acknowledged records, synced, and closed. A writer
+        can die between syncing a record and answering for it: the batch is then given back and
+        logged again, and were the whole record left, a killed run's segments would insert it twice."""
+        assert self._segment is not None
+        try:
+            fd = os.open(self._segment, os.O_WRONLY)
+            try:
+                if os.fstat(fd).st_size > self._size:
+                    os.ftruncate(fd, self._size)
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.error("cannot cut %s back to its acknowledged records (%s): if this run is killed before its "
+                      "next commit, a batch it logs again may be inserted twice", self._segment, exc)  # fmt: skip
+        self._close_segment()
 
     def _close_segment(self) -> None:
         """Append no more to the segment; removed if no batch in it was acknowledged."""
@@ -381,8 +402,10 @@ class LogWriter:
             await self.aclose()  # started again for the next request
             raise OSError(errno.EIO, f"the log's writer process stopped ({describe(exc)})") from exc
         except BaseException:  # cancelled midway (the sink shields its writes): the pipe is out of step
-            self._process.kill()
-            self._process = self._replies = None
+            process, self._process, self._replies = self._process, None, None
+            process.kill()
+            with anyio.CancelScope(shield=True):
+                await process.wait()  # gone before its segment is cut back: no write of its lands after
             raise
         if status:
             raise OSError(status, os.strerror(status))
