@@ -45,11 +45,12 @@ def stats(port: int) -> dict[str, float]:
 
 
 @contextmanager
-def standin(messages: int, keys: Path | None = None) -> Iterator[int]:
-    """A stand-in's port, serving ``messages`` to pull (and ``keys`` at /certs, if given)."""
+def standin(messages: int, keys: Path | None = None, *more: str) -> Iterator[int]:
+    """A stand-in's port, serving ``messages`` to pull (and ``keys`` at /certs, if given; ``more``
+    of its options)."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(HERE / "standin.py"), "--port", str(port),
-                                "--messages", str(messages), *(["--keys", str(keys)] if keys else [])])  # fmt: skip
+    command = [sys.executable, str(HERE / "standin.py"), "--port", str(port), "--messages", str(messages), *more]
+    process = subprocess.Popen(command + (["--keys", str(keys)] if keys else []))
     try:
         wait_for(lambda: bool(stats(port)), 60)
         yield port

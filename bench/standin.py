@@ -9,6 +9,8 @@ response built from pre-encoded parts, every message with its own id), then hold
 a second; ``:acknowledge`` and ``:modifyAckDeadline`` are counted. BigQuery: datasets and tables
 exist (with clickflow's schema) and ``insertAll`` accepts everything, counting rows. ``GET /stats``
 returns the counts as JSON, with the times of the first pull and of the last acknowledgement.
+With ``--payload FILE`` every message's data is that file's bytes, and with ``--per-pull N`` a pull
+response holds at most N messages (``bench_pull_memory.py``).
 With ``--keys FILE``, ``GET /certs`` serves that file: the key set that push tokens are checked
 against (``bench_push.py`` signs its tokens with the key).
 """
@@ -35,16 +37,18 @@ PUBLISH_TIME = b"2024-07-01T09:00:00.000Z"
 
 
 class Counts:
-    def __init__(self, total: int, seed: int) -> None:
+    def __init__(self, total: int, seed: int, payload: bytes | None = None, per_pull: int | None = None) -> None:
         self.total = total
         self.served = self.acked = self.modacks = self.pulls = self.rows = self.inserts = 0
         self.first_pull: float | None = None
         self.last_ack: float | None = None
-        visits = VisitGenerator(seed=seed).messages(min(total, DISTINCT_PAYLOADS))
+        self.per_pull = per_pull
+        visits = [payload] if payload is not None else VisitGenerator(seed=seed).messages(min(total, DISTINCT_PAYLOADS))
         self.data = [base64.b64encode(v) for v in visits]
 
     def pull_body(self, wanted: int) -> bytes:
-        """The JSON of a pull response with the next ``wanted`` messages."""
+        """The JSON of a pull response with the next ``wanted`` messages (at most ``per_pull``)."""
+        wanted = min(wanted, self.per_pull or wanted)
         start, end = self.served, min(self.total, self.served + wanted)
         self.served = end
         parts = []
@@ -110,9 +114,11 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response({name: getattr(c, name) for name in fields})
 
 
-def app(total: int, seed: int, keys: bytes) -> web.Application:
+def app(
+    total: int, seed: int, keys: bytes, payload: bytes | None = None, per_pull: int | None = None
+) -> web.Application:
     application = web.Application(client_max_size=64 * 1024 * 1024)
-    application["counts"] = Counts(total, seed)
+    application["counts"] = Counts(total, seed, payload, per_pull)
     application["keys"] = keys
     bigquery = "/bigquery/v2/projects/{project}/datasets/{dataset}"
     application.add_routes([
@@ -132,6 +138,10 @@ if __name__ == "__main__":
     args.add_argument("--messages", type=int, default=200_000)
     args.add_argument("--seed", type=int, default=31)
     args.add_argument("--keys", type=Path, help="a JSON key set to serve at /certs")
+    args.add_argument("--payload", type=Path, help="a file whose bytes are every message's data")
+    args.add_argument("--per-pull", type=int, help="at most this many messages in a pull response")
     opts = args.parse_args()
     keys = opts.keys.read_bytes() if opts.keys else b'{"keys": []}'
-    web.run_app(app(opts.messages, opts.seed, keys), host="127.0.0.1", port=opts.port, print=None, access_log=None)
+    payload = opts.payload.read_bytes() if opts.payload else None
+    application = app(opts.messages, opts.seed, keys, payload, opts.per_pull)
+    web.run_app(application, host="127.0.0.1", port=opts.port, print=None, access_log=None)

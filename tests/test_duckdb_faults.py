@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import duckdb
@@ -17,11 +18,12 @@ import pytest
 from clickflow.api import Message
 from clickflow.options import validate_options
 from clickflow.parser import VisitParser
-from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions
+from clickflow_duckdb import DuckDBSink, DuckDBSinkOptions, tables
 from clickflow_duckdb.spool import Spool
 from clickflow_simulator.generator import VisitGenerator
 from tests.conftest import VALID_VISIT, table_counts
 from tests.emulators import CLICKFLOW, clickflow, expected_counts
+from tests.fakes import RecordingSinkContext
 
 REQUIRED = os.environ.get("CLICKFLOW_REQUIRE_EMULATORS") == "1"
 
@@ -123,59 +125,126 @@ def _huge_url_visits(count: int, start: int = 0) -> list[bytes]:
     return visits
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("sink_options", ["", ", commit_every: 50ms"], ids=["per-batch", "logged"])
-def test_a_batch_of_huge_texts_past_memory_limit_is_stored_in_parts_and_not_again(
-    tmp_path: Path, sink_options: str
+async def write_whole(db: Path, batches: list[list[bytes]], memory_limit: str, logged: bool) -> None:
+    """Each list of payloads written to a sink as one batch (committed at once with a log): the
+    runtime hands a sink at most 4 MiB of messages at a time (``runtime.PART_BYTES``), and a sink
+    gathers those as they come, so only here is a batch's make-up certain."""
+    options = {"path": str(db), "memory_limit": memory_limit, **({"commit_every": "1h"} if logged else {})}
+    sink = DuckDBSink("duckdb", validate_options(DuckDBSinkOptions, options))
+    await sink.open()
+    try:
+        async with sink.lifespan(RecordingSinkContext()):
+            for number, payloads in enumerate(batches):
+                batch = sink.new_batch()
+                batch.add(VisitParser().parse([Message(p, f"{number}:{i}") for i, p in enumerate(payloads)], "test", 0))
+                await sink.write(batch)
+                batch.discard()
+                if logged:
+                    await sink.commit()
+    finally:
+        await sink.close()
+
+
+def _huge_texts() -> list[bytes]:
+    return _huge_url_visits(160) + list(VisitGenerator(seed=5, malformed_rate=0.1).messages(300))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("logged", [False, True], ids=["per-batch", "logged"])
+async def test_a_batch_of_huge_texts_past_memory_limit_is_stored_in_parts_and_not_again(
+    tmp_path: Path, logged: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """DuckDB keeps a transaction's long texts in memory and fails its commit past ``memory_limit``:
     such a batch stopped the pipeline, and a stream source would have sent it again for ever."""
-    payloads = _huge_url_visits(160) + list(VisitGenerator(seed=5, malformed_rate=0.1).messages(300))
-    source = tmp_path / "visits.jsonl"
-    source.write_bytes(b"\n".join(payloads) + b"\n")
-    db, pipeline = tmp_path / "huge.duckdb", tmp_path / "p.yaml"
-    pipeline.write_text(  # one batch of them all, whenever the sink is free
-        f"sources: [{{type: file, path: '{source}', batch_bytes: 1GiB}}]\n"
-        f"sinks: [{{type: duckdb, path: '{db}', memory_limit: 128MB{sink_options}}}]\n"
-    )
-    run = clickflow("run", "--no-progress", str(pipeline))
-    assert run.returncode == 0, run.stderr
-    assert "inserting it in 16 parts" in run.stderr
-    ids = [f"{source}:{n}" for n in range(1, len(payloads) + 1)]
-    expected = expected_counts(payloads, ids)
+    payloads, db = _huge_texts(), tmp_path / "huge.duckdb"
+    await write_whole(db, [payloads], "128MB", logged)
+    assert "inserting it in 16 parts" in caplog.text
+    expected = expected_counts(payloads, [f"0:{i}" for i in range(len(payloads))])
     assert table_counts(db) == expected
     with duckdb.connect(str(db), read_only=True) as con:
         long_urls = con.execute("SELECT count(*) FROM events WHERE length(page_url) > 1000000").fetchone()
         long_dead = con.execute("SELECT count(*) FROM dead_letter WHERE length(payload) > 1000000").fetchone()
     assert long_urls == (160,) and long_dead == (80,)
 
-    again = clickflow("run", "--no-progress", str(pipeline))
-    assert again.returncode == 0, again.stderr
+    await write_whole(db, [payloads], "128MB", logged)  # delivered again
     assert table_counts(db) == expected
-    assert f"sink duckdb: {expected['visits']} visits were stored already" in again.stderr
 
 
 @pytest.mark.integration
-def test_a_batch_whose_commit_cannot_allocate_a_block_is_stored_in_parts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sink_options", ["", ", commit_every: 50ms"], ids=["per-batch", "logged"])
+def test_a_run_of_huge_texts_past_memory_limit_completes_exactly_and_a_rerun_stores_nothing_twice(
+    tmp_path: Path, sink_options: str
+) -> None:
+    """However its batches are made up: logged, the run's last commit ran DuckDB's checkpoint out of
+    memory, which is fatal to the database, and the run failed; it is now opened again and the
+    commit made in parts."""
+    payloads = _huge_texts()
+    source = tmp_path / "visits.jsonl"
+    source.write_bytes(b"\n".join(payloads) + b"\n")
+    db, pipeline = tmp_path / "huge.duckdb", tmp_path / "p.yaml"
+    pipeline.write_text(
+        f"sources: [{{type: file, path: '{source}', batch_bytes: 1GiB}}]\n"
+        f"sinks: [{{type: duckdb, path: '{db}', memory_limit: 128MB{sink_options}}}]\n"
+    )
+    run = clickflow("run", "--no-progress", str(pipeline))
+    assert run.returncode == 0, run.stderr
+    expected = expected_counts(payloads, [f"{source}:{n}" for n in range(1, len(payloads) + 1)])
+    assert table_counts(db) == expected
+
+    again = clickflow("run", "--no-progress", str(pipeline))
+    assert again.returncode == 0, again.stderr
+    assert table_counts(db) == expected
+    assert f"stored already (duckdb)  {expected['visits']:>9,}  (not stored again)" in again.stdout
+
+
+@pytest.mark.anyio
+async def test_a_batch_whose_commit_cannot_allocate_a_block_is_stored_in_parts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Past ``memory_limit`` a commit may fail with DuckDB's "could not allocate block", without
     "Out of Memory": such a batch was retried whole until the sink failed. Here thirty messages of
     4 MB that are not JSON, each kept whole as a dead letter (5.3 MB in base64), in batches of
     twenty and ten: the second is the one."""
     payloads = [b"x%03d" % i + b"x" * (4 << 20) for i in range(30)]
-    source = tmp_path / "large.jsonl"
-    source.write_bytes(b"\n".join(payloads) + b"\n")
-    db, pipeline = tmp_path / "large.duckdb", tmp_path / "p.yaml"
-    pipeline.write_text(
-        f"sources: [{{type: file, path: '{source}', batch_bytes: 84MB}}]\n"
-        f"sinks: [{{type: duckdb, path: '{db}', memory_limit: 52MB}}]\n"
-    )
-    run = clickflow("run", "--no-progress", str(pipeline))
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "in 16 parts (TransactionContext Error: Failed to commit: could not allocate block" in run.stderr
+    db = tmp_path / "large.duckdb"
+    await write_whole(db, [payloads[:20], payloads[20:]], "60MB", logged=False)
+    assert "in 16 parts (TransactionContext Error: Failed to commit: could not allocate block" in caplog.text
     assert table_counts(db) == {"visits": 0, "events": 0, "purchase_items": 0, "dead_letter": 30}
     with duckdb.connect(str(db), read_only=True) as con:
         kept = con.execute("SELECT min(length(payload)), max(length(payload)) FROM dead_letter").fetchone()
     assert kept == (len(base64.b64encode(payloads[0])),) * 2
+
+
+@pytest.mark.anyio
+async def test_after_a_checkpoint_out_of_memory_the_database_is_opened_again_and_the_batch_stored_in_parts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint out of memory is fatal: every part of the batch would fail on the invalid
+    database. The retry opens it again and inserts in parts from the first."""
+    real_part, calls = tables._insert_part, []
+
+    def insert_part(con: duckdb.DuckDBPyConnection, spooled: Any, counts: Any, of: int, part: int) -> int:
+        calls.append(of)
+        if len(calls) == 1:
+            raise duckdb.FatalException("Failed to create checkpoint because of error: failed to pin block of 1 KiB")
+        return real_part(con, spooled, counts, of, part)
+
+    monkeypatch.setattr(tables, "_insert_part", insert_part)
+    payloads = list(VisitGenerator(seed=3).messages(50))
+    messages = [Message(p, f"m{i}") for i, p in enumerate(payloads)]
+    db = tmp_path / "fatal.duckdb"
+    sink = DuckDBSink("duckdb", DuckDBSinkOptions(path=str(db)))
+    await sink.open()
+    try:
+        batch = sink.new_batch()
+        batch.add(VisitParser().parse(messages, "test", 0))
+        with pytest.raises(duckdb.FatalException):
+            await sink.write(batch)
+        await sink.write(batch)  # the sink worker's retry
+    finally:
+        await sink.close()
+    assert calls == [1] + [16] * 16
+    assert table_counts(db) == expected_counts(payloads, [m.message_id for m in messages])
 
 
 @pytest.mark.integration

@@ -36,7 +36,7 @@ from clickflow.parser import VisitContext
 from clickflow_duckdb import deadletters
 from clickflow_duckdb.log import BatchLog, LogBatch, Logged, left_behind, log_directory, remove, remove_if_empty, split
 from clickflow_duckdb.spool import JsonSpool, Spool
-from clickflow_duckdb.tables import MissingTables, create_tables, insert, lacking
+from clickflow_duckdb.tables import MissingTables, create_tables, insert, lacking, out_of_memory
 
 if TYPE_CHECKING:
     import duckdb  # imported where a connection is made: 0.2 s that `clickflow validate` need not pay
@@ -108,6 +108,10 @@ def _check_config(options: DuckDBSinkOptions) -> None:
         raise ValueError(f"memory_limit or settings: DuckDB refuses them: {why}") from None
 
 
+LAST_COMMIT_ATTEMPTS = 3
+"""Tries of a run's last commit, each after DuckDB's last fatal error (any other failure is final)."""
+
+
 class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
     """Writes the four tables into a local DuckDB file, idempotently."""
 
@@ -121,6 +125,8 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
     """The runtime's, from ``lifespan``: writes made outside one (``clickflow dlq replay``) have none."""
     _invalidated = False
     """DuckDB raised a fatal error: the connection is opened again before the next work (``_reopen``)."""
+    _in_parts = False
+    """The last insert's checkpoint ran out of memory, fatally: the next is made in parts from the first."""
 
     async def open(self) -> None:
         self._connection = await anyio.to_thread.run_sync(connect, self.options)
@@ -142,7 +148,8 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
         batch.close()
         if self._log is None:
             assert isinstance(batch, JsonSpool)
-            self._found_stored(batch.repeated_visits + await self._in_thread(insert, batch.paths, batch.counts()))
+            stored_already = await self._in_thread(insert, batch.paths, batch.counts(), self._in_parts)
+            self._found_stored(batch.repeated_visits + stored_already)
             return
         assert isinstance(batch, LogBatch)
         if len(batch):  # else only messages the log holds: stored already
@@ -166,14 +173,23 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
             yield
             tasks.cancel_scope.cancel()
         with anyio.CancelScope(shield=True):
+            await self._last_commit()
+
+    async def _last_commit(self) -> None:
+        """The run's last commit; after a fatal error (a checkpoint out of memory), tried again once
+        the database is opened again, which finds the parts committed before it stored already."""
+        assert self._log is not None
+        for attempt in range(1, LAST_COMMIT_ATTEMPTS + 1):
             try:
                 await self.commit()
+                return
             except Exception as exc:
-                assert self._log is not None
-                raise OSError(
-                    f"cannot insert the batch log ({describe(exc)}); its batches stay in {self._log.directory}, "
-                    "and are inserted when the sink next opens"
-                ) from exc
+                if not self._invalidated or attempt == LAST_COMMIT_ATTEMPTS:
+                    raise OSError(
+                        f"cannot insert the batch log ({describe(exc)}); its batches stay in {self._log.directory}, "
+                        "and are inserted when the sink next opens"
+                    ) from exc
+                log.warning("sink %s: the last commit failed (%s); trying again", self.name, describe(exc))
 
     async def _commit_every(self, seconds: float) -> None:
         failing_since: float | None = None
@@ -197,7 +213,7 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
             async with self._appending:
                 logged = self._log.take()
             try:
-                stored_already = await self._in_thread(insert_logged, logged, self._spool_root)
+                stored_already = await self._in_thread(insert_logged, logged, self._spool_root, self._in_parts)
             except BaseException:
                 self._log.give_back(logged)
                 raise
@@ -241,12 +257,15 @@ class DuckDBSink(Sink[DuckDBSinkOptions, Spool]):
             self._reopen()  # if it cannot yet, this work fails, and is retried as any failed write
         try:
             with self._cursor() as cursor:
-                return work(cursor, *args)
-        except duckdb.FatalException:
+                done = work(cursor, *args)
+        except duckdb.FatalException as exc:
             log.warning("sink %s: DuckDB invalidated %s after a fatal error; it is opened again for the next write",
                         self.name, self.options.path)  # fmt: skip
             self._invalidated = True
+            self._in_parts = out_of_memory(exc)
             raise
+        self._in_parts = False
+        return done
 
     def _reopen(self) -> None:
         """After a fatal error (a checkpoint out of memory or disk) DuckDB refuses every statement
@@ -307,15 +326,17 @@ def connect(options: DuckDBSinkOptions) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def insert_logged(con: duckdb.DuckDBPyConnection, logged: Logged, work: str | None = None) -> int:
-    """Logged batches into the tables, then out of the log, from their copies; batches without
-    one are read back from the log into spool files made in ``work``. Returns how many visits the
-    tables held already."""
+def insert_logged(
+    con: duckdb.DuckDBPyConnection, logged: Logged, work: str | None = None, in_parts: bool = False
+) -> int:
+    """Logged batches into the tables (``insert``), then out of the log, from their copies; batches
+    without one are read back from the log into spool files made in ``work``. Returns how many
+    visits the tables held already."""
     if not logged.segments:
         return 0
     if not logged.copied():  # a killed run's segments, or a batch whose copy could not be written
         logged.copies = [split(logged, work)]  # kept, if the insert fails, for the next commit
-    stored_already = insert(con, logged.copy_paths(), logged.counts)
+    stored_already = insert(con, logged.copy_paths(), logged.counts, in_parts)
     remove(logged)
     return stored_already
 

@@ -157,7 +157,12 @@ def create_tables(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(f"UPDATE {name} SET {key} = {key_value(name, id_column, 'TRY_CAST')} WHERE {key} IS NULL")
 
 
-def insert(con: duckdb.DuckDBPyConnection, paths: Mapping[str, str | Sequence[str]], counts: Mapping[str, int]) -> int:
+def insert(
+    con: duckdb.DuckDBPyConnection,
+    paths: Mapping[str, str | Sequence[str]],
+    counts: Mapping[str, int],
+    in_parts: bool = False,
+) -> int:
     """Insert spooled rows (``paths``: a file, a glob or a list of files per table) in one transaction, skipping rows
     already stored. ``counts`` are the rows in each table's files. Returns how many of the visits were stored
     already (with their rows, not inserted again).
@@ -168,18 +173,25 @@ def insert(con: duckdb.DuckDBPyConnection, paths: Mapping[str, str | Sequence[st
     instead, each a transaction of the visits whose id hashes to it, with all their rows (and the
     dead letters alike), ``FIRST_PARTS`` of them, a part halved again while it runs out. A visit's rows
     still commit together, and a part committed before a failure is found stored already by the
-    next attempt."""
+    next attempt. A checkpoint out of memory is fatal to the database: it must be opened again,
+    and the batch is then inserted in parts from the first (``in_parts``)."""
 
     def spooled(name: str) -> str:
         return f"({select_spooled(TABLES[name], paths[name])}) b"
 
+    import duckdb
+
     stored_already, parts = 0, [(1, 0)]
+    if in_parts:
+        log.warning("inserting a batch in %d parts: the last insert ran DuckDB's checkpoint out of its memory_limit",
+                    FIRST_PARTS)  # fmt: skip
+        parts = [(FIRST_PARTS, part) for part in reversed(range(FIRST_PARTS))]
     while parts:
         of, part = parts.pop()
         try:
             stored_already += _insert_part(con, spooled, counts, of, part)
         except Exception as exc:
-            if of >= MAX_PARTS or not _out_of_memory(exc):
+            if of >= MAX_PARTS or not out_of_memory(exc) or isinstance(exc, duckdb.FatalException):
                 raise
             if of == 1:
                 log.warning("a batch's texts do not fit DuckDB's memory_limit at once; inserting it in %d parts (%s)",
@@ -204,7 +216,7 @@ _OUT_OF_MEMORY = ("Out of Memory", "failed to pin block", "could not allocate bl
 """What DuckDB says when it runs out of ``memory_limit``: at a commit, without the first."""
 
 
-def _out_of_memory(exc: Exception) -> bool:
+def out_of_memory(exc: BaseException) -> bool:
     """Whether DuckDB ran out of its ``memory_limit`` (at a commit its error is a TransactionException,
     so only its text says so)."""
     import duckdb

@@ -74,8 +74,8 @@ class PubSubPushOptions(SourceOptions, kw_only=True):
     stored a body costs up to about eleven times its size, its rows included: a visit of 50,000
     events whose ids are 256 characters (a 5.9 MB request) is 50 MB of rows as JSON. Into
     ``bigquery_streaming``, 22 such requests at once took 1,067 MB at 128MiB (past Cloud Run's 1
-    GiB), 11 took 623 to 784 MB at 64MiB, and at 32MiB 5 take 388 to 490 MB
-    (``bench_push_memory.py``)."""
+    GiB) while a coalesced batch was parsed whole; in parts of 4 MiB (``runtime.PART_BYTES``) they
+    take 532 MB, and at 32MiB the 5 taken peak at 308 to 315 MB (``bench_push_memory.py``)."""
 
     def __post_init__(self) -> None:
         check_range("max_body_bytes", self.max_body_bytes, 1, 4 * MAX_ENVELOPE_BYTES)
