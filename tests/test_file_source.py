@@ -188,6 +188,21 @@ def test_a_file_in_utf_16_or_32_with_its_byte_order_mark_is_read_as_utf_8(encodi
     ]
 
 
+@pytest.mark.parametrize("gzipped", [False, True])
+@pytest.mark.parametrize("text", ['{"a": 1}\r\n{"b": 2}\r\n', '[{"a": 1}, {"b": 2}]'], ids=["lines", "array"])
+def test_a_utf_8_byte_order_mark_is_skipped(text: str, gzipped: bool) -> None:
+    """As Windows PowerShell 5.1's ``Out-File -Encoding utf8`` writes: a file of lines had its first
+    visit dead-lettered as invalid JSON."""
+    import codecs
+
+    from clickflow_file.reader import CountingReader
+
+    data = codecs.BOM_UTF8 + text.encode()
+    reader = CountingReader(io.BytesIO(gzip.compress(data) if gzipped else data), "visits")
+    messages = [data for _, data in iter_messages(reader.stream, "f")]
+    assert messages == [b'{"a": 1}', b'{"b": 2}']
+
+
 def test_paths_globs_and_lists_expand_in_order(tmp_path: Path) -> None:
     for name in ("b.jsonl", "a.jsonl", "sub/c.jsonl.gz"):
         (tmp_path / name).parent.mkdir(exist_ok=True)

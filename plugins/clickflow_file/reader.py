@@ -60,9 +60,9 @@ BYTE_ORDER_MARKS = (  # UTF-32 LE's starts with UTF-16 LE's
 
 
 class CountingReader:
-    """Reads a byte stream, decompressing it if it starts like gzip, bzip2 or xz and transcoding
-    it to UTF-8 if it starts with a UTF-16 or UTF-32 byte-order mark, and counts the bytes read
-    from it (compressed)."""
+    """Reads a byte stream, decompressing it if it starts like gzip, bzip2 or xz, transcoding it to
+    UTF-8 if it starts with a UTF-16 or UTF-32 byte-order mark (and skipping UTF-8's), and counts
+    the bytes read from it (compressed)."""
 
     def __init__(self, raw: Any, path: str) -> None:
         """Owns ``raw`` (``close()`` closes it); ``path`` names it in errors: a stream whose first
@@ -86,6 +86,9 @@ class CountingReader:
             if head.startswith(mark):
                 stream = io.BufferedReader(_AsUtf8(stream, encoding), CHUNK)
                 break
+        else:
+            if head.startswith(codecs.BOM_UTF8):  # as Windows PowerShell 5.1's `Out-File -Encoding utf8` writes
+                stream.read(len(codecs.BOM_UTF8))
         self.stream: BinaryIO = stream
         self.trickles = isinstance(raw, Stdin) and stream is buffered
         """Whether ``waits`` can tell (standard input, neither compressed nor transcoded)."""
@@ -193,10 +196,9 @@ class _AsUtf8(io.RawIOBase):
 
 
 def first_significant_byte(stream: BinaryIO) -> bytes:
-    """Peek past leading whitespace (and a UTF-8 BOM) without consuming it."""
+    """Peek past leading whitespace without consuming it."""
     head = stream.peek(4096)[:4096] if hasattr(stream, "peek") else b""
-    stripped = head.removeprefix(codecs.BOM_UTF8).lstrip()
-    return stripped[:1]
+    return head.lstrip()[:1]
 
 
 def iter_messages(stream: BinaryIO, path: str) -> Iterator[tuple[str, bytes]]:
