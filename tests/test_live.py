@@ -26,6 +26,7 @@ from clickflow.config import Pipeline
 from clickflow.runtime import Runtime
 from clickflow_live.api import snapshot
 from clickflow_live.sink import LiveSink
+from clickflow_live.webhook import shown
 from tests.emulators import CLICKFLOW, free_port, ready, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,7 +82,7 @@ def test_the_live_figures_equal_sql_over_the_same_run(pipeline: Callable[..., Pi
 
 @pytest.mark.parametrize("receiver", ["flaky", "dead"])
 def test_alerts_reach_the_webhook_and_a_dead_one_holds_nothing_up(
-    pipeline: Callable[..., Pipeline], tmp_path: Path, receiver: str
+    pipeline: Callable[..., Pipeline], tmp_path: Path, receiver: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     received: list[dict[str, Any]] = []
     port = free_port()
@@ -92,7 +93,7 @@ def test_alerts_reach_the_webhook_and_a_dead_one_holds_nothing_up(
 
     async def main() -> Runtime:
         runner = web.AppRunner(web.Application())
-        runner.app.router.add_post("/hook", hook)
+        runner.app.router.add_post("/hook/T0/B0/s3cret", hook)  # its path is the secret, as a chat's is
         await runner.setup()
         if receiver == "flaky":
             await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -100,7 +101,7 @@ def test_alerts_reach_the_webhook_and_a_dead_one_holds_nothing_up(
             "sources: [{type: simulator, count: 3000, seed: 4, start: '2024-07-01T00:00:00Z'}]\n"
             f"sinks: [{{type: duckdb, path: '{tmp_path}/w.duckdb'}}, {{type: live, allowed_lateness: 1h,"
             f" alerts: [{{name: busy, kind: threshold, above: 100}}],"
-            f" webhook: {{url: 'http://127.0.0.1:{port}/hook', attempts: 3, timeout: 1s}}}}]\n"
+            f" webhook: {{url: 'http://127.0.0.1:{port}/hook/T0/B0/s3cret', attempts: 3, timeout: 1s}}}}]\n"
             "runtime: {shutdown_timeout: 10s}\nmonitor: {port: 0}\n"
         ))  # fmt: skip
         await runtime.run()  # the sink delivers, or gives up on, its queued alerts before it closes
@@ -118,7 +119,19 @@ def test_alerts_reach_the_webhook_and_a_dead_one_holds_nothing_up(
         assert received[0]["alert"] == "busy" and received[0]["state"] == "firing" and received[0]["value"] > 100
     else:
         assert (sink.webhook.delivered, sink.webhook.failed) == (0, 1)
+        assert f"alert webhook http://127.0.0.1:{port}/…: gave up on busy firing after 3 attempts" in caplog.text
+    assert "s3cret" not in caplog.text
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(
+    ("url", "logged"),
+    [("https://hooks.example.com/services/T0/B0/s3cret", "https://hooks.example.com/…"),
+     ("http://user:s3cret@10.0.0.7:8080/hook?token=s3cret", "http://10.0.0.7:8080/…"),
+     ("http://host:port/s3cret", "http://host/…")],
+)  # fmt: skip
+def test_a_webhooks_url_is_logged_without_its_path_query_or_user(url: str, logged: str) -> None:
+    assert shown(url) == logged
 
 
 @pytest.fixture

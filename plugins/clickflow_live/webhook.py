@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from typing import TYPE_CHECKING, Annotated
+from urllib.parse import urlsplit
 
 import anyio
 from msgspec import Meta
@@ -32,9 +33,21 @@ class WebhookOptions(OptionGroup, frozen=True, kw_only=True):
     queue: PositiveInt = 100
 
 
+def shown(url: str) -> str:
+    """A webhook's URL as logs show it: scheme, host and port. Its path, query and user are often
+    the secret that lets one post (a chat's incoming-webhook URL), and logs travel further."""
+    parts = urlsplit(url)
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not a number: only a request would have found out
+        port = ""
+    return f"{parts.scheme}://{parts.hostname or ''}{port}/…"
+
+
 class Webhook:
     def __init__(self, options: WebhookOptions) -> None:
         self.options = options
+        self.shown = shown(options.url)
         self.delivered = self.failed = self.dropped = 0
         self._send: MemoryObjectSendStream[Transition]
         self._receive: MemoryObjectReceiveStream[Transition]
@@ -78,10 +91,10 @@ class Webhook:
                         return
                     problem = f"HTTP {response.status}"
             except (aiohttp.ClientError, TimeoutError) as exc:
-                problem = describe(exc)
+                problem = describe(exc).replace(self.options.url, self.shown)  # InvalidURL names it
             if attempt < self.options.attempts:
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
         self.failed += 1
         log.error("alert webhook %s: gave up on %s %s after %d attempts: %s",
-                  self.options.url, transition.alert, transition.state, self.options.attempts, problem)  # fmt: skip
+                  self.shown, transition.alert, transition.state, self.options.attempts, problem)  # fmt: skip
