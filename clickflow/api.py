@@ -33,6 +33,30 @@ class Message:
     """Stable across redeliveries, so derived row ids are deterministic."""
 
 
+PART_BYTES = 4 << 20
+"""The most bytes of messages parsed and handed to the sinks at once: rows cost up to about eleven
+times their message (a visit of 50,000 events that each repeat ids of 256 characters), and the
+channels between the stages count batches, not bytes. A batch of ordinary visits (a thousand of
+about 2 KB) is one part."""
+
+
+def parts_of(messages: list[Message]) -> list[list[Message]]:
+    """``messages`` in order, in parts of at most ``PART_BYTES`` (a larger message alone). The runtime
+    parses a batch so; a source whose batches can be large (a pull response) emits them so, and
+    the channels then hold no more."""
+    sizes = [len(message.data) for message in messages]
+    if sum(sizes) <= PART_BYTES:
+        return [messages]
+    parts, start, size = [], 0, 0
+    for end, message_size in enumerate(sizes):
+        if size + message_size > PART_BYTES and end > start:
+            parts.append(messages[start:end])
+            start, size = end, 0
+        size += message_size
+    parts.append(messages[start:])
+    return parts
+
+
 def content_id(place: str, data: bytes) -> str:
     """A message id for a source whose messages come without one (a file's lines, the simulator's
     visits): where the message is, then ``#`` and 16 hex digits of its bytes' SHA-256 (1.4 µs a

@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from clickflow.api import Acknowledger, AnySink, AnySource, Message, RowBatch
+from clickflow.api import Acknowledger, AnySink, AnySource, Message, RowBatch, parts_of
 from clickflow.config import Pipeline, RuntimeOptions, uvloop_installed
 from clickflow.delivery import Delivery, Parsed, SinkFailed, SinkWorker
 from clickflow.logs import Throttle, describe
@@ -306,7 +306,7 @@ class Runtime:
                 context = self._contexts[delivery.source]
                 messages = self._once_each(batch, context)
                 parts = self._isolate_suspects(messages) if self._quarantine else [(messages, None)]
-                parts = [piece for part in parts for piece in _within_part_bytes(*part)]
+                parts = [(piece, isolated) for part, isolated in parts for piece in parts_of(part)]
                 if len(parts) > 1:
                     delivery.split(len(parts))
                 for part, isolated in parts:
@@ -364,30 +364,6 @@ class Runtime:
             self.summary.acknowledged += delivery.messages
         else:
             self.summary.not_acknowledged += delivery.messages
-
-
-PART_BYTES = 4 << 20
-"""A batch is parsed and handed to the sinks in parts of at most this many bytes of messages (or
-one larger message): rows cost up to about eleven times their message (a visit of 50,000 events
-that each repeat ids of 256 characters), and the channels between stages count parts, not bytes.
-Ten such messages in one pull once took a worker to 2.4 GB; a source's batch of ordinary visits
-(a thousand of about 2 KB) is one part."""
-
-
-def _within_part_bytes(messages: list[Message], isolated: str | None) -> list[tuple[list[Message], str | None]]:
-    """A part of a batch as parts of at most ``PART_BYTES`` (a larger message alone)."""
-    sizes = [len(message.data) for message in messages]
-    if sum(sizes) <= PART_BYTES:
-        return [(messages, isolated)]
-    parts: list[tuple[list[Message], str | None]] = []
-    start, size = 0, 0
-    for end, message_size in enumerate(sizes):
-        if size + message_size > PART_BYTES and end > start:
-            parts.append((messages[start:end], isolated))
-            start, size = end, 0
-        size += message_size
-    parts.append((messages[start:], isolated))
-    return parts
 
 
 @asynccontextmanager

@@ -127,7 +127,7 @@ def _huge_url_visits(count: int, start: int = 0) -> list[bytes]:
 
 async def write_whole(db: Path, batches: list[list[bytes]], memory_limit: str, logged: bool) -> None:
     """Each list of payloads written to a sink as one batch (committed at once with a log): the
-    runtime hands a sink at most 4 MiB of messages at a time (``runtime.PART_BYTES``), and a sink
+    runtime hands a sink at most 4 MiB of messages at a time (``api.PART_BYTES``), and a sink
     gathers those as they come, so only here is a batch's make-up certain."""
     options = {"path": str(db), "memory_limit": memory_limit, **({"commit_every": "1h"} if logged else {})}
     sink = DuckDBSink("duckdb", validate_options(DuckDBSinkOptions, options))

@@ -60,3 +60,34 @@ def test_leases_are_taken_at_once_then_extended_at_the_interval_until_max_lease(
     assert leases.due_for_extension(interval=30, max_lease=100) == []
     now[0] += 80  # held for 111s: past max_lease, left to expire and be redelivered
     assert leases.due_for_extension(interval=30, max_lease=100) == []
+
+
+async def test_the_parts_of_a_pull_left_unsent_when_it_is_stopped_are_negatively_acknowledged() -> None:
+    """Leased at once, emitted one after the other: the part being sent is handed back by ``emit``
+    itself, and the ones after it must not wait for their deadlines to come again."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from clickflow.api import Message
+    from clickflow_pubsub.pull import PubSubPullOptions, PubSubPullSource, _Metrics
+
+    sent: list[list[str]] = []
+
+    async def emit(messages: list[Message], ack: object) -> None:
+        if sent:
+            ack.nack(anyio.get_cancelled_exc_class()())  # type: ignore[attr-defined]
+            raise anyio.get_cancelled_exc_class()
+        sent.append([m.message_id for m in messages])
+
+    context = SimpleNamespace(registry=CollectorRegistry(), emit=emit)
+    source = PubSubPullSource("pull", PubSubPullOptions(subscription="projects/p/subscriptions/s"))
+    source._leases, source._to_ack, source._to_nack = Leases(100, 1 << 20), [], []
+    source._ack_wanted, source._metrics = anyio.Event(), _Metrics(context, "pull")  # type: ignore[arg-type]
+    received = [SimpleNamespace(ack_id=f"ack-{n}") for n in range(5)]
+    parts = [[Message(b"x", f"m{n}") for n in part] for part in ([0, 1], [2], [3, 4])]
+    with pytest.raises(anyio.get_cancelled_exc_class()):
+        await source._emit(context, received, parts)  # type: ignore[arg-type]
+    assert sent == [["m0", "m1"]]
+    assert source._to_nack == ["ack-2", "ack-3", "ack-4"] and source._to_ack == []
+    assert source._leases.messages == 2  # the part sent is the pipeline's to settle

@@ -62,6 +62,32 @@ def test_every_published_message_is_in_the_tables_exactly_once(
     assert pubsub_emulator.pull(subscription) == []
 
 
+def test_a_pull_response_is_leased_and_emitted_in_parts_each_settled_on_its_own(
+    pubsub_emulator: PubSubEmulator, pipeline: Callable[..., Pipeline], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ten visits of 4.4 MB in one pull response, emitted whole, took a worker to 2.4 GB: the
+    pipeline's channels count batches, not bytes. Here parts of 4 KB (a few visits)."""
+    from clickflow import api
+
+    monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub_emulator.host)
+    monkeypatch.setattr(api, "PART_BYTES", 4096)
+    subscription, expected = pubsub_emulator.published_visits("parts", 600, seed=3)
+    db = tmp_path / "parts.duckdb"
+    runtime = Runtime(pipeline(
+        f"sources: [{{type: pubsub_pull, subscription: {subscription}}}]\n"
+        f"sinks: [{{type: duckdb, path: '{db}', batch: {{max_age: 200ms}}}}]\n"
+    ))  # fmt: skip
+    anyio.run(run_until_acknowledged, runtime, 600)
+    assert runtime.summary.acknowledged == 600 and runtime.summary.not_acknowledged == 0
+    assert table_counts(db) == expected
+    metrics = runtime.metrics.registry
+    settled = metrics.get_sample_value("clickflow_pubsub_ack_latency_seconds_count", {"source": "pubsub_pull"})
+    assert settled is not None and settled >= 600 * 1000 / 4096  # a lease a part; visits are over 1 KB
+    assert metrics.get_sample_value("clickflow_pubsub_outstanding", {"source": "pubsub_pull"}) == 0
+    time.sleep(1)  # acknowledgements are batched; then nothing may be left to deliver
+    assert pubsub_emulator.pull(subscription) == []
+
+
 HOSTILE_PAYLOADS = [
     b"\xff\xfe\x00 not UTF-8 \xc3\x28",
     b'{"session_id": "S", "events": [' + b"[" * 100_000,

@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from clickflow import runtime as runtime_module
+from clickflow import api
 from clickflow.api import Message
 from clickflow.config import Pipeline
 from clickflow.report import format_summary
@@ -65,7 +65,7 @@ async def test_a_batch_of_many_bytes_is_parsed_and_written_in_parts_and_acknowle
     """Rows cost up to about eleven times their message, and the channels count parts, not bytes:
     ten large messages of one pull, parsed and written together, took a worker to 2.4 GB."""
     size = len(b'{"session_id": "S0-0"}')
-    monkeypatch.setattr(runtime_module, "PART_BYTES", 2 * size)  # two of the script's messages
+    monkeypatch.setattr(api, "PART_BYTES", 2 * size)  # two of the script's messages
     runtime = Runtime(fake_pipeline("""
 sources: [{type: script, batches: 2, per_batch: 5}]
 sinks: [{type: memory, batch: {max_rows: 1}}]
@@ -84,11 +84,11 @@ sinks: [{type: memory, batch: {max_rows: 1}}]
 def test_a_part_holds_messages_within_part_bytes_or_one_larger_message(
     sizes: list[int], parts: list[list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runtime_module, "PART_BYTES", 4)
+    monkeypatch.setattr(api, "PART_BYTES", 4)
     messages = [Message(bytes(size), str(number)) for number, size in enumerate(sizes)]
-    cut = runtime_module._within_part_bytes(messages, None)
-    assert [[len(m.data) for m in part] for part, _ in cut] == parts
-    assert [m for part, _ in cut for m in part] == messages
+    cut = api.parts_of(messages)
+    assert [[len(m.data) for m in part] for part in cut] == parts
+    assert [m for part in cut for m in part] == messages
 
 
 async def test_a_batch_is_discarded_once_written_not_before(fake_pipeline: Callable[[str], Pipeline]) -> None:

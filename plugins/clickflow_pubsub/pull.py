@@ -6,7 +6,9 @@ acknowledgements under load, never extends deadlines and holds shutdown on a
 pending pull. Here:
 
 - ``pull_concurrency`` loops pull while there is room under the outstanding
-  limits (flow control), and heartbeat on every round trip;
+  limits (flow control), and heartbeat on every round trip; a pull's messages
+  enter the pipeline in parts of at most 4 MiB (``api.parts_of``), each leased
+  and settled on its own;
 - every held message's deadline is set to ``ack_deadline`` within a second of
   its receipt (the subscription's own deadline may be shorter), then extended
   every ``ack_deadline / 2`` for up to ``max_lease`` (lease management), so slow
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import anyio
 from msgspec import Meta
 
-from clickflow.api import Message, Source, SourceContext
+from clickflow.api import Message, Source, SourceContext, parts_of
 from clickflow.gcp import first_token, token_of
 from clickflow.logs import describe
 from clickflow.metrics import shared_metric
@@ -193,10 +195,26 @@ class PubSubPullSource(Source[PubSubPullOptions]):
             if not received:
                 continue
             messages = [Message(item.message.data, item.message.message_id) for item in received]
-            lease = self._leases.add([item.ack_id for item in received], sum(len(m.data) for m in messages))
             self._metrics.pulled.inc(len(messages))
-            self._metrics.outstanding.set(self._leases.messages)
-            await context.emit(messages, _BatchAck(self, lease))
+            await self._emit(context, received, parts_of(messages))
+
+    async def _emit(self, context: SourceContext, received: list[Any], parts: list[list[Message]]) -> None:
+        """A pull's messages, leased at once and emitted in parts (``parts_of``): a pull response
+        may hold many large messages, and the pipeline's channels count batches. A part left
+        unsent when the pull is stopped is negatively acknowledged, so it comes again soon."""
+        leases, start = [], 0
+        for part in parts:
+            ack_ids = [item.ack_id for item in received[start : start + len(part)]]
+            leases.append(self._leases.add(ack_ids, sum(len(message.data) for message in part)))
+            start += len(part)
+        self._metrics.outstanding.set(self._leases.messages)
+        for number, (part, lease) in enumerate(zip(parts, leases, strict=True)):
+            try:
+                await context.emit(part, _BatchAck(self, lease))  # a part it cannot send, it nacks
+            except BaseException:
+                for unsent in leases[number + 1 :]:
+                    self._settle(unsent, acknowledged=False)
+                raise
 
     def _settle(self, lease: Lease, acknowledged: bool) -> None:
         self._leases.remove(lease)

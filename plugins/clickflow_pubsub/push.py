@@ -74,7 +74,7 @@ class PubSubPushOptions(SourceOptions, kw_only=True):
     stored a body costs up to about eleven times its size, its rows included: a visit of 50,000
     events whose ids are 256 characters (a 5.9 MB request) is 50 MB of rows as JSON. Into
     ``bigquery_streaming``, 22 such requests at once took 1,067 MB at 128MiB (past Cloud Run's 1
-    GiB) while a coalesced batch was parsed whole; in parts of 4 MiB (``runtime.PART_BYTES``) they
+    GiB) while a coalesced batch was parsed whole; in parts of 4 MiB (``api.PART_BYTES``) they
     take 532 MB, and at 32MiB the 5 taken peak at 308 to 315 MB (``bench_push_memory.py``)."""
 
     def __post_init__(self) -> None:
