@@ -404,7 +404,7 @@ class LogWriter:
         except BaseException:  # cancelled midway (the sink shields its writes): the pipe is out of step
             process, self._process, self._replies = self._process, None, None
             process.kill()
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):  # a hung disk must not hang a stop
                 await process.wait()  # gone before its segment is cut back: no write of its lands after
             raise
         if status:
