@@ -20,7 +20,7 @@ from clickflow.api import AnySource, Message, NoAck, Source, SourceContext, vali
 from clickflow.hookspecs import Register, hookimpl
 from clickflow.options import GCS_BUCKET, ByteSize, PositiveInt, SourceOptions, check_range
 from clickflow_file import globs
-from clickflow_file.reader import STDIN, CountingReader, Stdin, iter_messages, with_content_ids
+from clickflow_file.reader import STDIN, CountingReader, Stdin, batched, iter_messages, with_content_ids
 
 LINGER_S = 0.05
 """How long a batch from standard input waits for more when the input pauses: a producer that
@@ -161,23 +161,18 @@ class FileSource(Source[FileSourceOptions]):
         """Batches of ``batch_size`` messages or ``batch_bytes``; from standard input, also whatever
         came before it paused for ``LINGER_S``, so that the visits of a slow producer are stored as
         they come, and those of one that writes a line at a time are not each a batch of their own."""
-        batch: list[Message] = []
-        size, max_size, max_bytes = 0, self.options.batch_size, self.options.batch_bytes
-        trickles, started = reader.trickles, 0.0
-        for message_id, data in with_content_ids(iter_messages(reader.stream, path)):
-            if trickles and not batch:
+        started = 0.0
+
+        def paused(first: bool) -> bool:
+            nonlocal started
+            if first:
                 started = time.monotonic()
-            batch.append(Message(data, message_id))
-            size += len(data)
-            if (
-                len(batch) >= max_size
-                or size >= max_bytes
-                or (trickles and reader.waits(started + LINGER_S - time.monotonic()))
-            ):
-                yield batch
-                batch, size = [], 0
-        if batch:
-            yield batch
+            return reader.waits(started + LINGER_S - time.monotonic())
+
+        messages = with_content_ids(iter_messages(reader.stream, path))
+        cut = paused if reader.trickles else None
+        for batch in batched(messages, self.options.batch_size, self.options.batch_bytes, cut):
+            yield [Message(data, message_id) for message_id, data in batch]
 
 
 @asynccontextmanager

@@ -25,7 +25,7 @@ from clickflow.api import valid_text
 from clickflow.beam import BeamRead, Messages, on_dataflow
 from clickflow_file import FileSourceOptions, each_file_once, expand_local, gcs
 from clickflow_file.globs import literal_prefix, matches
-from clickflow_file.reader import STDIN, CountingReader, iter_messages, with_content_ids
+from clickflow_file.reader import STDIN, CountingReader, batched, iter_messages, with_content_ids
 
 
 class ReadFiles(BeamRead):
@@ -75,15 +75,6 @@ def read_file(path: str, batch_size: int, batch_bytes: int) -> Iterator[list[tup
     name = valid_text(path)
     reader = CountingReader(FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED), name)
     try:
-        batch: list[tuple[str, bytes]] = []
-        size = 0
-        for message in with_content_ids(iter_messages(reader.stream, name)):
-            batch.append(message)
-            size += len(message[1])
-            if len(batch) >= batch_size or size >= batch_bytes:
-                yield batch
-                batch, size = [], 0
-        if batch:
-            yield batch
+        yield from batched(with_content_ids(iter_messages(reader.stream, name)), batch_size, batch_bytes)
     finally:
         reader.close()

@@ -222,6 +222,24 @@ def with_content_ids(messages: Iterable[tuple[str, bytes]]) -> Iterator[tuple[st
         yield content_id(place, data), data
 
 
+def batched(
+    messages: Iterable[tuple[str, bytes]], size: int, max_bytes: int, cut: Callable[[bool], bool] | None = None
+) -> Iterator[list[tuple[str, bytes]]]:
+    """``(id, bytes)`` messages in batches of ``size`` messages or ``max_bytes``, whichever comes
+    first, or sooner where ``cut(first)`` says so, asked after each message (``first``: it began its
+    batch). The file source's (which cuts where standard input pauses) and Beam's."""
+    batch: list[tuple[str, bytes]] = []
+    held = 0
+    for message in messages:
+        batch.append(message)
+        held += len(message[1])
+        if len(batch) >= size or held >= max_bytes or (cut is not None and cut(len(batch) == 1)):
+            yield batch
+            batch, held = [], 0
+    if batch:
+        yield batch
+
+
 def unreadable(path: str, count: int, exc: BaseException) -> OSError:
     return OSError(f"{path}: unreadable after {count} messages: {describe(exc)}")
 
