@@ -40,20 +40,20 @@ channels between the stages count batches, not bytes. A batch of ordinary visits
 about 2 KB) is one part."""
 
 
-def parts_of(messages: list[Message]) -> list[list[Message]]:
-    """``messages`` in order, in parts of at most ``PART_BYTES`` (a larger message alone). The runtime
-    parses a batch so; a source whose batches can be large (a pull response) emits them so, and
-    the channels then hold no more."""
+def parts_of(messages: list[Message]) -> list[tuple[list[Message], int]]:
+    """``messages`` in order, in parts of at most ``PART_BYTES`` (a larger message alone), each with
+    its bytes. The runtime parses a batch so; a source whose batches can be large (a pull response)
+    emits them so, and the channels then hold no more."""
     sizes = [len(message.data) for message in messages]
-    if sum(sizes) <= PART_BYTES:
-        return [messages]
+    if (total := sum(sizes)) <= PART_BYTES:
+        return [(messages, total)]
     parts, start, size = [], 0, 0
     for end, message_size in enumerate(sizes):
         if size + message_size > PART_BYTES and end > start:
-            parts.append(messages[start:end])
+            parts.append((messages[start:end], size))
             start, size = end, 0
         size += message_size
-    parts.append(messages[start:])
+    parts.append((messages[start:], size))
     return parts
 
 

@@ -306,10 +306,10 @@ class Runtime:
                 context = self._contexts[delivery.source]
                 messages = self._once_each(batch, context)
                 parts = self._isolate_suspects(messages) if self._quarantine else [(messages, None)]
-                parts = [(piece, isolated) for part, isolated in parts for piece in parts_of(part)]
-                if len(parts) > 1:
-                    delivery.split(len(parts))
-                for part, isolated in parts:
+                pieces = [(piece, size, isolated) for part, isolated in parts for piece, size in parts_of(part)]
+                if len(pieces) > 1:
+                    delivery.split(len(pieces))
+                for part, size, isolated in pieces:
                     rows = self._parse_part(part, isolated, delivery.source, received_us)
                     for table, table_rows in rows.tables.items():
                         summary.rows[table] += len(table_rows)
@@ -319,7 +319,7 @@ class Runtime:
                         summary.dead_letters.update(reasons)
                         for reason, count in reasons.items():  # labelled once a reason, not once a dead letter
                             metrics.dead_letters.labels(delivery.source, reason).inc(count)
-                    parsed = Parsed(rows, delivery, sum(len(m.data) for m in part), isolated)
+                    parsed = Parsed(rows, delivery, size, isolated)
                     for send in sends:
                         await send.send(parsed)
                 context.parsed()

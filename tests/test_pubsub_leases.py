@@ -85,7 +85,7 @@ async def test_the_parts_of_a_pull_left_unsent_when_it_is_stopped_are_negatively
     source._leases, source._to_ack, source._to_nack = Leases(100, 1 << 20), [], []
     source._ack_wanted, source._metrics = anyio.Event(), _Metrics(context, "pull")  # type: ignore[arg-type]
     received = [SimpleNamespace(ack_id=f"ack-{n}") for n in range(5)]
-    parts = [[Message(b"x", f"m{n}") for n in part] for part in ([0, 1], [2], [3, 4])]
+    parts = [([Message(b"x", f"m{n}") for n in part], len(part)) for part in ([0, 1], [2], [3, 4])]
     with pytest.raises(anyio.get_cancelled_exc_class()):
         await source._emit(context, received, parts)  # type: ignore[arg-type]
     assert sent == [["m0", "m1"]]

@@ -198,17 +198,16 @@ class PubSubPullSource(Source[PubSubPullOptions]):
             self._metrics.pulled.inc(len(messages))
             await self._emit(context, received, parts_of(messages))
 
-    async def _emit(self, context: SourceContext, received: list[Any], parts: list[list[Message]]) -> None:
+    async def _emit(self, context: SourceContext, received: list[Any], parts: list[tuple[list[Message], int]]) -> None:
         """A pull's messages, leased at once and emitted in parts (``parts_of``): a pull response
         may hold many large messages, and the pipeline's channels count batches. A part left
         unsent when the pull is stopped is negatively acknowledged, so it comes again soon."""
         leases, start = [], 0
-        for part in parts:
-            ack_ids = [item.ack_id for item in received[start : start + len(part)]]
-            leases.append(self._leases.add(ack_ids, sum(len(message.data) for message in part)))
+        for part, size in parts:
+            leases.append(self._leases.add([item.ack_id for item in received[start : start + len(part)]], size))
             start += len(part)
         self._metrics.outstanding.set(self._leases.messages)
-        for number, (part, lease) in enumerate(zip(parts, leases, strict=True)):
+        for number, ((part, _), lease) in enumerate(zip(parts, leases, strict=True)):
             try:
                 await context.emit(part, _BatchAck(self, lease))  # a part it cannot send, it nacks
             except BaseException:
