@@ -59,10 +59,17 @@ def too_long(field: str, value: str, rows: str) -> str:
     return f"{field} is {len(value):,} characters, over {REPEATED_CHARS}: each of its {rows}s would repeat it"
 
 
+def unwrapped(element: Any) -> Any:
+    """An element of ``events`` as its event: ``{"event": {...}}`` unwrapped, anything else as it is."""
+    if type(element) is dict and "event_type" not in element and "event" in element:
+        return element["event"]
+    return element
+
+
 def item_count(element: Any) -> int:
     """How many purchase items an event of the reference rules carries (0 if it is not a purchase
     with a list of them), valid or not: what ``MAX_ROWS`` counts."""
-    event = element.get("event", element) if type(element) is dict and "event_type" not in element else element
+    event = unwrapped(element)
     if type(event) is not dict or event.get("event_type") != "purchase":
         return 0
     details = event.get("details")
